@@ -1,0 +1,75 @@
+"""Shared linear algebra and RoPE helpers used by every method (plain PyTorch, CPU and GPU).
+
+RoPE convention: the one of Llama/Qwen2/Mistral in transformers ("rotate half"): the first
+``rotary_dim`` features of a head are split in two halves ``(x1, x2)`` and position ``p`` maps them to
+``(x1 cos - x2 sin, x2 cos + x1 sin)`` with angles ``p * inv_freq``. A rotation by ``-p`` undoes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_inv_freq(config) -> torch.Tensor:
+    """Inverse frequencies (float32, length ``rotary_dim // 2``) of a config's RoPE.
+
+    Uses transformers' own initialisation functions for scaled RoPE types (linear, llama3, yarn, ...),
+    and the default formula ``theta ** (-2i / rotary_dim)`` otherwise. The post-processing attention
+    factor some RoPE types apply to cos/sin is deliberately ignored: it multiplies every key by the same
+    constant, which a rotation by ``-p`` followed by ``+p`` (what the caches do) leaves untouched.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"unsupported rope_type {rope_type!r}; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        return inv_freq.float()
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    rotary_dim = int(head_dim * factor)
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)).float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of shape ``positions.shape + (2 * len(inv_freq),)`` in float32."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` features of ``x`` (``[..., T, head_dim]``); ``cos``/``sin`` broadcast
+    against ``x[..., :rotary_dim]``. Computed in float32, returned in ``x.dtype``. Pass ``-sin`` to undo."""
+    rotary_dim = cos.shape[-1]
+    xr = x[..., :rotary_dim].float()
+    half = rotary_dim // 2
+    rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    out = (xr * cos + rotated * sin).to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rotary_dim:]), dim=-1)
+
+
+def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factorisation ``x ≈ left @ right`` (Eckart–Young), batched over leading dims.
+
+    ``x`` is ``[..., T, D]``; returns ``left = U_r`` (``[..., T, r]``, orthonormal columns) and
+    ``right = S_r V_r^T`` (``[..., r, D]``), both in ``x.dtype``; the SVD itself runs in float32 (float64
+    for float64 input). ``rank`` is clamped to ``min(T, D)``. The Frobenius error of the product equals
+    the root of the sum of the squared discarded singular values.
+    """
+    work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u, s, vh = torch.linalg.svd(x.to(work_dtype), full_matrices=False)
+    rank = min(rank, s.shape[-1])
+    left = u[..., :rank]
+    right = s[..., :rank, None] * vh[..., :rank, :]
+    return left.to(x.dtype).contiguous(), right.to(x.dtype).contiguous()
+
+
+def tensor_nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors' elements (``None`` counts as 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

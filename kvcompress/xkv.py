@@ -1,0 +1,506 @@
+"""xKV: cross-layer SVD compression of the KV cache (Chang et al., "xKV: Cross-Layer SVD for KV-Cache
+Compression", 2025), as a real ``transformers.Cache`` that stores the factors and frees the full tensors.
+
+The maths
+---------
+Take ``G`` adjacent attention layers (a *group*). For one batch row, stack the group's keys of ``T``
+prompt tokens side by side: ``K_g = [K_1 | K_2 | ... | K_G]``, a ``T x (G*H*d)`` matrix (``H`` KV heads of
+dim ``d``). Adjacent layers share their dominant singular vectors, so a truncated SVD
+
+    K_g ≈ U_r (S_r V_r^T) = A [B_1 | B_2 | ... | B_G]
+
+keeps one token-side factor ``A`` (``T x r``, shared by the group) and one small reconstruction matrix
+``B_l`` (``r x H*d``) per layer; layer ``l``'s keys are ``A @ B_l``. Values are factored the same way,
+separately, with their own rank. By Eckart–Young the Frobenius error is the root of the sum of the
+discarded squared singular values, the least any rank-``r`` factorisation can reach.
+
+Per group and batch row, ``T`` compressed tokens cost ``T*(r_k + r_v) + G*(r_k + r_v)*H*d`` elements
+instead of ``2*G*T*H*d``; tokens kept exact (first ``sink`` tokens, last ``window`` tokens, everything that
+arrives during decode) cost ``2*H*d`` per layer each. ``XKVCache.nbytes()`` measures the tensors held; the
+docs give the formula and tests check one against the other.
+
+RoPE
+----
+Keys are compressed *before* RoPE, where their low-rank structure lives (the paper's choice). Models
+hand the cache keys that are already rotated, and no positions. The cache therefore numbers the tokens
+of each batch row by their slot ``p = 0, 1, 2, ...`` in the cache, un-rotates a key by ``-p`` before the
+SVD and rotates the reconstruction by ``+p`` on read. The two rotations are inverse, so with full rank
+the round trip is exact whatever the model's true positions are. For compression quality what matters
+is that the slot differs from the model's position by a constant per row: then the un-rotated keys of
+that row are the true pre-RoPE keys times one fixed orthogonal matrix (a rotation by that constant),
+which has the same singular values and so compresses exactly as well. That holds for plain prompts
+(slot = position) and for left-padded batches (transformers gives the real tokens positions
+``slot - num_pads``). Padding tokens themselves are masked by attention and their keys only spend a
+little rank. ``pre_rope=False`` compresses the rotated keys as they come (measured in docs/xkv.md).
+
+What stays exact, and when compression happens
+-----------------------------------------------
+At the end of every multi-token update of a group's last layer (the prefill, or the prompt of a later
+turn on the same cache), every token of the group's exact tail that is older than the ``window`` most
+recent ones is compressed into a new *segment*, except the first ``sink`` tokens of the sequence, which
+stay exact forever. Tokens generated one at a time stay exact until the next multi-token update folds
+them in (so a conversation's earlier answers get compressed when the user's next turn arrives). Layers of
+a group that run before its last layer keep their prefill exact for the few layers until then.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from .models import text_config
+from .ops import apply_rope, rope_cos_sin, rope_inv_freq, tensor_nbytes, truncated_svd
+
+Rank = int | float | None
+
+
+@dataclass
+class _Segment:
+    """Tokens ``[start, start + length)`` of every layer of a group, held as shared token factors."""
+
+    start: int
+    length: int
+    key_factor: torch.Tensor  # [B, length, r_k], shared by the group's layers
+    value_factor: torch.Tensor  # [B, length, r_v]
+
+
+@dataclass
+class _Group:
+    """The state a group of layers shares: its compressed segments, in token order."""
+
+    layer_indices: list[int]
+    segments: list[_Segment] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(tensor_nbytes(s.key_factor, s.value_factor) for s in self.segments)
+
+
+class XKVLayer(CacheLayerMixin):
+    """One attention layer of an :class:`XKVCache`.
+
+    Holds, in token order: ``sink_keys/values`` (exact, ``[B, H, s, d]``), one pair of reconstruction
+    matrices per segment of its group (``[B, r, H*d]``), and ``keys/values``, the exact tail
+    (``[B, H, t, d]``). ``update`` returns the whole sequence's keys and values for attention, the
+    compressed part rebuilt from the factors.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    # crop can drop exact tail tokens but cannot undo a compression: transformers' assisted decoding,
+    # which needs a full rollback, refuses this cache with its own clear error.
+    is_croppable = False
+
+    def __init__(self, cache: "XKVCache", layer_idx: int, group: _Group, position_in_group: int):
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+        self.group = group
+        self.position_in_group = position_in_group
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
+        self.key_rights: list[torch.Tensor] = []  # one [B, r_k, H*d] per segment of the group
+        self.value_rights: list[torch.Tensor] = []
+
+    # -- the cache_utils contract -------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = key_states.shape[0]
+        empty = key_states[..., :0, :]
+        self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()
+        self.sink_keys, self.sink_values = empty.clone(), value_states[..., :0, :].clone()
+        self.is_initialized = True
+
+    def check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Raise (before any state changes) if the incoming states do not fit this layer."""
+        cache = self._cache
+        for name, states, head_dim in (
+            ("key_states", key_states, cache.head_dim),
+            ("value_states", value_states, cache.value_head_dim),
+        ):
+            if not isinstance(states, torch.Tensor) or states.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D tensor [batch, kv_heads, tokens, head_dim]")
+            if states.shape[1] != cache.num_kv_heads or states.shape[3] != head_dim:
+                raise ValueError(
+                    f"{name} of layer {self.layer_idx} has shape {tuple(states.shape)}; the config gives "
+                    f"kv_heads={cache.num_kv_heads} and head_dim={head_dim}"
+                )
+        if key_states.shape[0] != value_states.shape[0] or key_states.shape[2] != value_states.shape[2]:
+            raise ValueError("key_states and value_states must have the same batch size and token count")
+        if self.is_initialized:
+            for name, states in (("key_states", key_states), ("value_states", value_states)):
+                if states.dtype != self.dtype:
+                    raise TypeError(
+                        f"{name}.dtype is {states.dtype} but layer {self.layer_idx} of this XKVCache holds "
+                        f"{self.dtype}; allowed: {self.dtype} (use a new cache for another dtype)"
+                    )
+                if states.device != self.device:
+                    raise ValueError(
+                        f"{name}.device is {states.device} but layer {self.layer_idx} of this XKVCache lives "
+                        f"on {self.device}; allowed: {self.device}"
+                    )
+            if key_states.shape[0] != self.batch_size:
+                raise ValueError(
+                    f"batch size of key_states is {key_states.shape[0]} but this XKVCache holds "
+                    f"{self.batch_size} rows; allowed: {self.batch_size} (use a new cache for another batch)"
+                )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new tokens to the exact tail and return the whole sequence's keys and values.
+
+        When this is the last layer of its group and more than one token arrived, the group is
+        compressed after the full keys/values to return have been built: the prefill itself attends
+        over exact states, as in the paper.
+        """
+        self.check_states(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        full_keys, full_values = self.full_states()
+        if key_states.shape[-2] > 1 and self.position_in_group == len(self.group.layer_indices) - 1:
+            self._cache._compress_group(self.group)
+        return full_keys, full_values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        compressed = sum(s.length for s in self.group.segments[: len(self.key_rights)])
+        return self.sink_keys.shape[-2] + compressed + self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.sink_keys = self.sink_values = None
+        self.key_rights, self.value_rights = [], []
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens; only exact tail tokens can be dropped."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.keys = self.keys[..., :tokens_to_remove, :]
+        self.values = self.values[..., :tokens_to_remove, :]
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self.key_rights = [fn(t) for t in self.key_rights]
+        self.value_rights = [fn(t) for t in self.value_rights]
+        self.batch_size = self.keys.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    # -- xKV -----------------------------------------------------------------------------------------
+    def full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole sequence's keys and values ``[B, H, T, d]``, compressed segments rebuilt."""
+        keys, values = [self.sink_keys], [self.sink_values]
+        for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
+            keys.append(self._cache._rebuild_keys(segment, key_right))
+            values.append(self._cache._rebuild(segment.value_factor, value_right, self._cache.value_head_dim))
+        keys.append(self.keys)
+        values.append(self.values)
+        if len(keys) == 2 and keys[0].shape[-2] == 0:
+            return self.keys, self.values
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this layer holds (the group's shared factors are counted by the cache)."""
+        if not self.is_initialized:
+            return 0
+        return tensor_nbytes(self.keys, self.values, self.sink_keys, self.sink_values, *self.key_rights,
+                             *self.value_rights)
+
+
+def _resolve_rank(name: str, rank: Rank, width: int) -> int:
+    """Absolute rank for a group of feature width ``width``; validates the user's value."""
+    if rank is None:
+        return width
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise TypeError(f"{name} must be an int in [1, {width}], a float in (0, 1] or None, got {rank!r}")
+    if isinstance(rank, float):
+        if not 0.0 < rank <= 1.0:
+            raise ValueError(f"{name}={rank} as a fraction must be in (0, 1] (fraction of the group's width {width})")
+        return max(1, math.ceil(rank * width))
+    if not 1 <= rank <= width:
+        raise ValueError(
+            f"{name}={rank} is out of range: allowed ranks are 1..{width} (group_size * kv_heads * head_dim), "
+            "a float in (0, 1], or None for full rank"
+        )
+    return rank
+
+
+def _layer_types(cfg, num_layers: int) -> list[str]:
+    """Per-layer attention types, inferred as transformers' ``DynamicCache(config=...)`` does."""
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return list(layer_types)
+    if getattr(cfg, "sliding_window", None) is not None:
+        return ["sliding_attention"] * num_layers
+    if getattr(cfg, "attention_chunk_size", None) is not None:
+        return ["chunked_attention"] * num_layers
+    return ["full_attention"] * num_layers
+
+
+def default_group_size(num_layers: int, requested: int = 4) -> int:
+    """The divisor of ``num_layers`` nearest ``requested`` (ties go to the larger group: more sharing).
+
+    SmolLM2's 30 layers give 5; Llama-3's 32 give 4.
+    """
+    divisors = [g for g in range(1, num_layers + 1) if num_layers % g == 0]
+    return min(divisors, key=lambda g: (abs(g - requested), -g))
+
+
+class XKVCache(Cache):
+    """Cross-layer SVD (xKV) KV cache: groups of adjacent layers share one low-rank token factor.
+
+    Use it like any cache::
+
+        cache = XKVCache(model.config)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+        print(cache.nbytes())
+
+    Args:
+        config: the model's config (or the model). Must be a decoder with ``num_key_value_heads``.
+        group_size: adjacent attention layers per group; must divide the number of full-attention
+            layers. ``None`` (default) picks the divisor nearest 4 (SmolLM2's 30 layers: 5).
+        rank_k, rank_v: rank of the keys' / values' group SVD: an int in ``[1, group_size*kv_heads*head_dim]``,
+            a float in (0, 1] (fraction of that width, rounded up), or ``None`` for full rank (lossless:
+            reproduces ``DynamicCache`` up to float rounding). A segment shorter than the rank keeps
+            rank = its length.
+        window: most recent prompt tokens kept exact at each compression (>= 0).
+        sink: first tokens of the sequence kept exact (>= 0).
+        pre_rope: compress keys before RoPE (default, as the paper) or as rotated (``False``).
+        min_compress_tokens: a segment is only made when at least this many tokens are due (>= 1):
+            short later turns then stay exact instead of spending a segment's fixed factor cost.
+
+    Sliding-window layers (configs with ``layer_types``) are kept as stock
+    ``DynamicSlidingWindowLayer``s and are not grouped.
+    """
+
+    def __init__(
+        self,
+        config,
+        group_size: int | None = None,
+        rank_k: Rank = 0.25,
+        rank_v: Rank = 0.375,
+        window: int = 64,
+        sink: int = 4,
+        pre_rope: bool = True,
+        min_compress_tokens: int = 32,
+    ):
+        cfg = text_config(config)
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise ValueError("XKVCache supports decoder-only models; got an encoder-decoder config")
+        num_layers = getattr(cfg, "num_hidden_layers", None)
+        num_heads = getattr(cfg, "num_attention_heads", None)
+        if not num_layers or not num_heads:
+            raise ValueError(
+                f"unsupported config {type(cfg).__name__}: XKVCache needs num_hidden_layers and "
+                "num_attention_heads (a decoder-only transformer with multi-head/grouped-query attention)"
+            )
+        if hasattr(cfg, "kv_lora_rank"):
+            raise ValueError(
+                f"unsupported model type {getattr(cfg, 'model_type', '?')!r}: MLA models (DeepSeek-V2/V3) already "
+                "cache a latent; use kvcompress.mla.MLALatentCache"
+            )
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+        self.value_head_dim = self.head_dim
+        for name, value in (("window", window), ("sink", sink), ("min_compress_tokens", min_compress_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "min_compress_tokens" else 0):
+                low = 1 if name == "min_compress_tokens" else 0
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(pre_rope, bool):
+            raise TypeError(f"pre_rope must be True or False, got {pre_rope!r}")
+
+        layer_types = _layer_types(cfg, num_layers)
+        allowed_types = ("full_attention", "sliding_attention", "chunked_attention")
+        unknown = sorted({t for t in layer_types if t not in allowed_types})
+        if unknown:
+            raise ValueError(f"unsupported layer_types {unknown}; XKVCache handles {list(allowed_types)}")
+        full_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+        if not full_layers:
+            raise ValueError(
+                f"unsupported config: all {num_layers} layers are sliding-window layers (sliding_window="
+                f"{getattr(cfg, 'sliding_window', None)}); XKVCache compresses full-attention layers only"
+            )
+        if group_size is None:
+            group_size = default_group_size(len(full_layers))
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if len(full_layers) % group_size:
+            divisors = [g for g in range(1, len(full_layers) + 1) if len(full_layers) % g == 0]
+            raise ValueError(
+                f"group_size={group_size} does not divide the {len(full_layers)} full-attention layers; "
+                f"allowed: {divisors} (or None for the divisor nearest 4)"
+            )
+        width = group_size * self.num_kv_heads * self.head_dim
+        self.group_size = group_size
+        self.rank_k = _resolve_rank("rank_k", rank_k, width)
+        self.rank_v = _resolve_rank("rank_v", rank_v, group_size * self.num_kv_heads * self.value_head_dim)
+        self.window, self.sink, self.pre_rope = window, sink, pre_rope
+        self.min_compress_tokens = min_compress_tokens
+        self.params = dict(group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink,
+                           pre_rope=pre_rope, min_compress_tokens=min_compress_tokens)
+        self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
+
+        self.groups = [_Group(full_layers[i : i + group_size]) for i in range(0, len(full_layers), group_size)]
+        layers: list[CacheLayerMixin] = [None] * num_layers  # type: ignore[list-item]
+        for group in self.groups:
+            for position, layer_idx in enumerate(group.layer_indices):
+                layers[layer_idx] = XKVLayer(self, layer_idx, group, position)
+        for i, layer_type in enumerate(layer_types):
+            if layer_type != "full_attention":
+                window_size = cfg.sliding_window if layer_type == "sliding_attention" else cfg.attention_chunk_size
+                layers[i] = DynamicSlidingWindowLayer(sliding_window=window_size)
+        super().__init__(layers=layers)
+
+    # -- memory ---------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds (exact parts, shared factors, reconstruction matrices,
+        stock sliding layers), measured from the tensors themselves."""
+        total = sum(group.nbytes() for group in self.groups)
+        for layer in self.layers:
+            if isinstance(layer, XKVLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "is_initialized", False):
+                total += tensor_nbytes(layer.keys, layer.values)
+        return total
+
+    # -- batch operations touch the shared factors once ---------------------------------------------
+    def _map_group_factors(self, fn) -> None:
+        for group in self.groups:
+            for segment in group.segments:
+                segment.key_factor, segment.value_factor = fn(segment.key_factor), fn(segment.value_factor)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_group_factors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_group_factors(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_group_factors(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens of every layer. Only exact (tail) tokens can be
+        dropped; asking for more raises before anything changes."""
+        if tokens_to_remove < 0:
+            for layer in self.layers:
+                if isinstance(layer, XKVLayer) and layer.is_initialized and -tokens_to_remove > layer.keys.shape[-2]:
+                    raise ValueError(
+                        f"cannot crop {-tokens_to_remove} tokens: layer {layer.layer_idx} keeps only "
+                        f"{layer.keys.shape[-2]} exact tokens, the rest is compressed and cannot be cut; allowed: "
+                        f"0..{layer.keys.shape[-2]}"
+                    )
+        super().crop(tokens_to_remove)
+
+    def reset(self) -> None:
+        super().reset()
+        for group in self.groups:
+            group.segments = []
+
+    # -- compression -------------------------------------------------------------------------------
+    def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
+        """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``."""
+        positions = torch.arange(start, start + keys.shape[1], device=keys.device)
+        cos, sin = rope_cos_sin(self._inv_freq, positions)
+        return apply_rope(keys, cos[:, None, :], sign * sin[:, None, :])
+
+    def _rebuild(self, factor: torch.Tensor, right: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """``factor @ right`` as ``[B, H, T, d]``."""
+        rebuilt = torch.matmul(factor, right)  # [B, T, H*d]
+        return rebuilt.view(*rebuilt.shape[:2], -1, head_dim).transpose(1, 2)
+
+    def _rebuild_keys(self, segment: _Segment, right: torch.Tensor) -> torch.Tensor:
+        keys = torch.matmul(segment.key_factor, right)
+        keys = keys.view(*keys.shape[:2], self.num_kv_heads, self.head_dim)  # [B, T, H, d]
+        if self.pre_rope:
+            keys = self._rope(keys, segment.start, +1.0)
+        return keys.transpose(1, 2)
+
+    def _compress_group(self, group: _Group) -> None:
+        """Move every exact tail token older than ``window`` (past the sinks) into a new segment."""
+        layers: list[XKVLayer] = [self.layers[i] for i in group.layer_indices]  # type: ignore[misc]
+        first = layers[0]
+        tail = first.keys.shape[-2]
+        if any(layer.keys.shape[-2] != tail for layer in layers):
+            raise RuntimeError("layers of an xKV group disagree on their token count")  # a bug, not user input
+        to_sink = min(max(self.sink - first.sink_keys.shape[-2], 0), tail)
+        to_compress = max(tail - to_sink - self.window, 0)
+        if to_compress < self.min_compress_tokens:
+            to_compress = 0
+        if to_sink == 0 and to_compress == 0:
+            return
+        start = first.get_seq_length() - tail + to_sink  # slot of the first token to compress
+        new_segment, rights = None, None
+        if to_compress:
+            chunk = slice(to_sink, to_sink + to_compress)
+            keys = [layer.keys[:, :, chunk].transpose(1, 2) for layer in layers]  # [B, T, H, d] each
+            if self.pre_rope:
+                keys = [self._rope(k, start, -1.0) for k in keys]
+            stacked_keys = torch.cat([k.flatten(2) for k in keys], dim=-1)  # [B, T, G*H*d]
+            stacked_values = torch.cat([layer.values[:, :, chunk].transpose(1, 2).flatten(2) for layer in layers], -1)
+            key_factor, key_right = truncated_svd(stacked_keys, self.rank_k)
+            value_factor, value_right = truncated_svd(stacked_values, self.rank_v)
+            new_segment = _Segment(start, to_compress, key_factor, value_factor)
+            rights = (key_right.chunk(len(layers), dim=-1), value_right.chunk(len(layers), dim=-1))
+        # Everything is computed: commit to all layers at once.
+        for i, layer in enumerate(layers):
+            if to_sink:
+                layer.sink_keys = torch.cat([layer.sink_keys, layer.keys[:, :, :to_sink]], dim=-2)
+                layer.sink_values = torch.cat([layer.sink_values, layer.values[:, :, :to_sink]], dim=-2)
+            if new_segment is not None:
+                layer.key_rights.append(rights[0][i].contiguous())
+                layer.value_rights.append(rights[1][i].contiguous())
+            cut = to_sink + to_compress
+            layer.keys = layer.keys[:, :, cut:].clone()
+            layer.values = layer.values[:, :, cut:].clone()
+        if new_segment is not None:
+            group.segments.append(new_segment)
+
+    def expected_nbytes(self) -> int:
+        """The memory formula evaluated on the current token counts (docs/xkv.md); ``nbytes()`` must equal it.
+
+        Per group, per batch row, with element size ``e``:
+        ``e * [sum_segments T_s*(r_k,s + r_v,s) + G*(r_k,s + r_v,s)*H*d  +  G*T_exact*2*H*d]``.
+        """
+        total = 0
+        for group in self.groups:
+            layer: XKVLayer = self.layers[group.layer_indices[0]]  # type: ignore[assignment]
+            if not layer.is_initialized:
+                continue
+            e, b, hd = layer.keys.element_size(), layer.batch_size, self.num_kv_heads * self.head_dim
+            g = len(group.layer_indices)
+            for s in group.segments:
+                rk, rv = s.key_factor.shape[-1], s.value_factor.shape[-1]
+                total += e * b * (s.length * (rk + rv) + g * (rk + rv) * hd)
+            exact = layer.sink_keys.shape[-2] + layer.keys.shape[-2]
+            total += e * b * g * exact * 2 * hd
+        for layer in self.layers:
+            if not isinstance(layer, XKVLayer) and getattr(layer, "is_initialized", False):
+                total += tensor_nbytes(layer.keys, layer.values)
+        return total
