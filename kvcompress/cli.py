@@ -13,6 +13,7 @@ import sys
 # verb -> module implementing it
 VERBS: dict[str, str] = {
     "demo": "kvcompress.demo",
+    "methods": "kvcompress.methods_cli",
 }
 
 
