@@ -1,0 +1,454 @@
+"""MLA (multi-head latent attention, DeepSeek-V2/V3): a latent-only cache and absorbed decode.
+
+The maths
+---------
+DeepSeek's attention compresses every token ``t`` into a normalised latent ``c_t`` (``kv_lora_rank``
+values, ``r``) and one rotated RoPE key ``k^R_t`` (``qk_rope_head_dim``, ``p``) shared by all heads. Head
+``h``'s key and value are rebuilt from the latent with the two halves of ``kv_b_proj``::
+
+    k_h,t = [W_UK_h c_t ; k^R_t]        (W_UK_h: nope x r)
+    v_h,t = W_UV_h c_t                  (W_UV_h: v x r)
+
+Stock ``transformers`` caches only ``(c, k^R)`` but runs ``kv_b_proj`` over *every cached token* at every
+step to rebuild all heads' keys and values: ``H * (nope + v) * T`` elements written and read per layer and
+step. Matrix products associate, so with query ``q_h = [q^N_h ; q^R_h]``::
+
+    q_h . k_h,t  = (W_UK_h^T q^N_h) . c_t  +  q^R_h . k^R_t       (W_UK folded into the query)
+    sum_t a_h,t v_h,t = W_UV_h (sum_t a_h,t c_t)                  (W_UV applied after the weighted sum)
+
+The *absorbed* path therefore maps each query into latent space once (``q_latent_h = W_UK_h^T q^N_h``,
+``r`` values), scores it against the cached ``c`` and ``k^R`` (every head reads the same cache, like
+multi-query attention with head dim ``r + p``), takes the softmax, sums the latents with those weights and
+only then applies ``W_UV_h`` and ``o_proj``. Per step and layer it reads the cache once, ``T * (r + p)``
+elements, and never materialises a per-head key or value. It is exact in real arithmetic; in floating
+point it differs from the stock path by rounding only (tests: fp32 logits within 1e-4, same tokens).
+
+Prefill (more than ``max_absorbed_tokens`` new tokens) is compute-bound and keeps the stock recipe:
+expand the latent with ``kv_b_proj`` and call the model's attention implementation, which gives results
+bitwise equal to the unpatched model.
+
+``MLALatentCache`` holds per layer exactly ``c`` ``[B, 1, T, r]`` and ``k^R`` ``[B, 1, T, p]``:
+``nbytes() = layers * B * T * (r + p) * element_size``.
+
+Which transformers versions
+---------------------------
+In transformers 5.17 through 5.24 DeepSeek-V2/V3 attention hands the cache the latent (``[B, 1, S, r]``
+and ``[B, 1, S, p]``), so ``MLALatentCache`` also works on an unpatched model (without the speed-up).
+Older versions handed the cache decompressed per-head K/V; the cache cannot recover the latent from them
+without ``kv_b_proj``'s weights, so it *refuses* them with a ValueError saying so. A model patched with
+:func:`patch_mla` never hits that case on any version: the patched forward computes the latent itself and
+only ever passes the latent to the cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .models import text_config
+from .ops import tensor_nbytes
+from .patch import PatchHandle, replace_forward, set_attribute
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+_STATE_ATTRIBUTE = "kvcompress_mla"
+
+
+def _mla_config(config):
+    """The text config of a DeepSeek-V2/V3 model or config; raises ValueError for anything else."""
+    cfg = text_config(config)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model type {model_type!r} for MLA latent caching; supported: {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    return cfg
+
+
+# -- the cache ----------------------------------------------------------------------------------------
+class MLALatentLayer(DynamicLayer):
+    """One layer of an :class:`MLALatentCache`: the latent ``c`` (``keys``, ``[B, 1, T, kv_lora_rank]``) and
+    the rotated RoPE key (``values``, ``[B, 1, T, qk_rope_head_dim]``), appended token by token.
+
+    The names ``keys``/``values`` are the ones ``cache_utils`` layers use (crop, reorder, batch ops and
+    offloading work on them unchanged); :attr:`latent` and :attr:`rope_key` say what they hold.
+    """
+
+    def __init__(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        return self.keys if self.is_initialized else None
+
+    @property
+    def rope_key(self) -> torch.Tensor | None:
+        return self.values if self.is_initialized else None
+
+    def check_states(self, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
+        """Raise (before any state changes) unless the states are this layer's latent and RoPE key."""
+        for name, states, width in (("latent", latent, self.kv_lora_rank), ("rope key", rope_key, self.qk_rope_head_dim)):
+            if not isinstance(states, torch.Tensor) or states.dim() != 4:
+                raise ValueError(f"MLALatentCache expects the {name} as a 4-D tensor [batch, 1, tokens, {width}]")
+        if latent.shape[1] != 1 or rope_key.shape[1] != 1:
+            raise ValueError(
+                f"layer {self.layer_idx} got states of shapes {tuple(latent.shape)} and {tuple(rope_key.shape)}: "
+                "per-head (decompressed) keys/values, as older transformers versions' DeepSeek attention passes. "
+                "MLALatentCache stores only the latent and cannot recover it without kv_b_proj; patch the model "
+                "with kvcompress.mla.patch_mla(model) (it passes the latent on any version) or use DynamicCache"
+            )
+        if latent.shape[-1] != self.kv_lora_rank or rope_key.shape[-1] != self.qk_rope_head_dim:
+            raise ValueError(
+                f"cache/model mismatch at layer {self.layer_idx}: got latent width {latent.shape[-1]} and rope key "
+                f"width {rope_key.shape[-1]}, but this MLALatentCache was built for kv_lora_rank="
+                f"{self.kv_lora_rank} and qk_rope_head_dim={self.qk_rope_head_dim}; build it from this model's config"
+            )
+        if latent.shape[0] != rope_key.shape[0] or latent.shape[2] != rope_key.shape[2]:
+            raise ValueError("the latent and the rope key must have the same batch size and token count")
+        if latent.dtype != rope_key.dtype:
+            raise TypeError(f"the latent ({latent.dtype}) and the rope key ({rope_key.dtype}) must share a dtype")
+        if self.is_initialized:
+            if latent.dtype != self.keys.dtype:
+                raise TypeError(
+                    f"dtype mismatch at layer {self.layer_idx}: the model produced {latent.dtype} but this "
+                    f"MLALatentCache holds {self.keys.dtype}; allowed: {self.keys.dtype} (use a new cache for another dtype)"
+                )
+            if latent.device != self.keys.device:
+                raise ValueError(
+                    f"device mismatch at layer {self.layer_idx}: the model runs on {latent.device} but this "
+                    f"MLALatentCache lives on {self.keys.device}; allowed: {self.keys.device}"
+                )
+            if self.keys.numel() and latent.shape[0] != self.keys.shape[0]:
+                raise ValueError(
+                    f"batch size {latent.shape[0]} does not match the {self.keys.shape[0]} rows this MLALatentCache "
+                    "holds; use a new cache for another batch"
+                )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``key_states`` (the latent) and ``value_states`` (the rope key); return the whole sequence's."""
+        self.check_states(key_states, value_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def nbytes(self) -> int:
+        """Bytes of the latent and RoPE-key tensors this layer holds."""
+        return tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
+
+
+class MLALatentCache(Cache):
+    """KV cache for DeepSeek-V2/V3 that holds, per layer and token, only the latent ``c`` and the rotated
+    RoPE key: ``layers * batch * tokens * (kv_lora_rank + qk_rope_head_dim) * element_size`` bytes, nothing
+    per head (DeepSeek-V2-Lite: 576 values per token and layer instead of 16 heads * (192 + 128) = 5120).
+
+    Use it with a model patched by :func:`patch_mla` for absorbed decode::
+
+        handle = patch_mla(model)
+        cache = MLALatentCache(model.config)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        print(cache.nbytes())
+
+    It also works on an unpatched model on transformers >= 5.17 (same memory, stock speed).
+
+    Args:
+        config: the model or its config; must be a DeepSeek-V2/V3 (``model_type`` deepseek_v2 / deepseek_v3).
+    """
+
+    def __init__(self, config):
+        cfg = _mla_config(config)
+        self.num_layers = cfg.num_hidden_layers
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        layers = [MLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim) for i in range(self.num_layers)]
+        super().__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise ValueError(
+                f"cache/model mismatch: layer_idx {layer_idx!r} but this MLALatentCache has {self.num_layers} "
+                f"layers (0..{self.num_layers - 1}); build it from this model's config"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_module(self, module: torch.nn.Module) -> None:
+        """Raise ValueError if ``module`` (a DeepSeek attention) does not produce what this cache holds."""
+        if module.kv_lora_rank != self.kv_lora_rank or module.qk_rope_head_dim != self.qk_rope_head_dim:
+            raise ValueError(
+                f"cache/model mismatch: the model's attention has kv_lora_rank={module.kv_lora_rank} and "
+                f"qk_rope_head_dim={module.qk_rope_head_dim}, this MLALatentCache was built for kv_lora_rank="
+                f"{self.kv_lora_rank} and qk_rope_head_dim={self.qk_rope_head_dim}; build it from this model's config"
+            )
+        if not 0 <= module.layer_idx < self.num_layers:
+            raise ValueError(
+                f"cache/model mismatch: attention layer {module.layer_idx} but this MLALatentCache has "
+                f"{self.num_layers} layers; build it from this model's config"
+            )
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds, measured from the tensors themselves."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def expected_nbytes(self) -> int:
+        """The memory formula on the current token counts: ``sum_layers B * T * (r + p) * element_size``."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys.numel():
+                batch, _, tokens, _ = layer.keys.shape
+                total += batch * tokens * (self.kv_lora_rank + self.qk_rope_head_dim) * layer.keys.element_size()
+        return total
+
+
+# -- absorbed attention ----------------------------------------------------------------------------------
+def absorbed_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_rope: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of latent-space queries over the cached latents: ``softmax(scale * (q_latent c^T + q_rope k_rope^T) + mask) c``.
+
+    Every head attends over the same ``c_kv``/``k_rope`` (one shared "KV head" of width ``r + p``), so all
+    heads' queries are stacked into one matrix per batch row and scored with a single batched matmul;
+    nothing of size ``heads x tokens x head_dim`` is ever formed.
+
+    Args:
+        q_latent: ``[B, H, S, r]``, the no-RoPE query part already multiplied by ``W_UK`` (latent space).
+        q_rope: ``[B, H, S, p]``, the rotated RoPE part of the query.
+        c_kv: ``[B, T, r]`` (or ``[B, 1, T, r]``), the normalised latents of all ``T`` tokens.
+        k_rope: ``[B, T, p]`` (or ``[B, 1, T, p]``), their rotated RoPE keys.
+        mask: ``None`` (causal, the ``S`` queries being the last ``S`` of the ``T`` tokens), a boolean
+            ``[B or 1, 1, S, T]`` tensor (True = attend) or an additive float mask of that shape.
+        scale: the softmax scale (the module's ``scaling``).
+
+    Returns:
+        ``out_latent`` ``[B, H, S, r]``: per head, the attention-weighted sum of latents (apply ``W_UV`` next).
+        Scores and softmax run in float32 (float64 for float64 inputs); the matmuls in the inputs' dtype.
+    """
+    batch, heads, queries, rank = q_latent.shape
+    if c_kv.dim() == 4:
+        c_kv, k_rope = c_kv.flatten(1, 2), k_rope.flatten(1, 2)
+    tokens = c_kv.shape[1]
+    q_latent = q_latent.reshape(batch, heads * queries, rank)
+    q_rope = q_rope.reshape(batch, heads * queries, q_rope.shape[-1])
+    scores = torch.baddbmm(torch.bmm(q_rope, k_rope.transpose(1, 2)), q_latent, c_kv.transpose(1, 2))
+    work = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 (float64 stays float64)
+    scores = scores.view(batch, heads, queries, tokens).to(work) * scale
+    lowest = torch.finfo(work).min  # not -inf: a fully masked row gives uniform weights, not NaN (as eager)
+    if mask is None:
+        if queries > 1:
+            # query i is token tokens - queries + i: it sees keys up to and including itself
+            rows = torch.arange(tokens - queries, tokens, device=scores.device)[:, None]
+            allowed = torch.arange(tokens, device=scores.device)[None, :] <= rows
+            scores = scores.masked_fill(~allowed, lowest)
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask[..., -tokens:], lowest)
+    else:
+        scores = scores + mask[..., -tokens:].to(work)
+    weights = torch.softmax(scores, dim=-1).to(c_kv.dtype)
+    out = torch.bmm(weights.view(batch, heads * queries, tokens), c_kv)
+    return out.view(batch, heads, queries, rank)
+
+
+@dataclass
+class AbsorbedWeights:
+    """The two halves of one attention's ``kv_b_proj`` arranged for the absorbed path, built at patch time.
+
+    ``w_uk`` is ``[H, nope, r]`` (query side: ``q_latent_h = q^N_h @ w_uk[h]``) and ``w_uv_t`` is
+    ``[H, r, v]`` (output side: ``o_h = out_latent_h @ w_uv_t[h]``). Both are views of ``kv_b_proj.weight``:
+    no extra memory. Folding them further into ``q_proj``/``o_proj`` would save one small matmul each but
+    make those weights ``r / nope`` = 4x larger (V2-Lite), more bytes per decode step, so it is not done.
+    The views are rebuilt only if the weight tensor itself is replaced (``model.to(...)``).
+    """
+
+    w_uk: torch.Tensor
+    w_uv_t: torch.Tensor
+    source: torch.Tensor  # the kv_b_proj.weight they view
+    builds: int = 1
+
+    @staticmethod
+    def views(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = module.kv_b_proj.weight.detach()
+        per_head = weight.view(module.num_heads, module.qk_nope_head_dim + module.v_head_dim, module.kv_lora_rank)
+        return per_head[:, : module.qk_nope_head_dim], per_head[:, module.qk_nope_head_dim :].transpose(1, 2)
+
+    @classmethod
+    def build(cls, module: torch.nn.Module) -> "AbsorbedWeights":
+        w_uk, w_uv_t = cls.views(module)
+        return cls(w_uk, w_uv_t, module.kv_b_proj.weight)
+
+    def current(self, module: torch.nn.Module) -> "AbsorbedWeights":
+        weight = module.kv_b_proj.weight
+        if weight is not self.source or weight.data_ptr() != self.w_uk.data_ptr():
+            self.w_uk, self.w_uv_t = self.views(module)
+            self.source = weight
+            self.builds += 1
+        return self
+
+
+@dataclass
+class _MLAState:
+    weights: AbsorbedWeights
+    max_absorbed_tokens: int
+    rope: str  # "complex" (V2), "half" or "interleave" (V3)
+    modeling: object  # the module's modeling file (eager_attention_forward, RoPE helpers)
+    absorbed_calls: int = 0
+    expanded_calls: int = 0
+
+
+def _rotate(state: _MLAState, module, q_rot, k_rot, position_embeddings):
+    """The model's own RoPE on the query and key RoPE parts (the functions of its modeling file)."""
+    if position_embeddings is None:
+        raise ValueError("DeepSeek attention needs position_embeddings (passed by the decoder layer)")
+    if state.rope == "complex":
+        return state.modeling.apply_rotary_emb(q_rot, k_rot, position_embeddings.to(q_rot.device))
+    cos, sin = position_embeddings
+    if state.rope == "interleave":
+        return state.modeling.apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
+    return state.modeling.apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+
+
+def _mla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    """Forward of a patched DeepSeek-V2/V3 attention (bound to the module): absorbed for short inputs
+    (decode), stock expansion for long ones (prefill). The cache only ever receives the latent."""
+    state: _MLAState = getattr(self, _STATE_ATTRIBUTE)
+    if args:  # positional call: name the arguments as the stock forward would
+        bound = inspect.signature(type(self).forward).bind(self, hidden_states, *args, **kwargs)
+        kwargs = {k: v for k, v in bound.arguments.items() if k not in ("self", "hidden_states", "kwargs")}
+        kwargs.update(bound.arguments.get("kwargs", {}))
+    attention_mask = kwargs.pop("attention_mask", None)
+    position_embeddings = kwargs.pop("position_embeddings", None)
+    cache = kwargs.pop("cache", None)
+    legacy_cache = kwargs.pop("past_key_values", None)
+    cache = cache if cache is not None else legacy_cache
+    implementation = self.config._attn_implementation
+    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation {implementation!r} is not supported by the absorbed MLA path; allowed: "
+            f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)} (remove the patch to use {implementation!r})"
+        )
+    if isinstance(cache, MLALatentCache):
+        cache.check_module(self)
+
+    batch, length = hidden_states.shape[:-1]
+    if self.q_lora_rank is None:
+        q = self.q_proj(hidden_states)
+    else:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+    q = q.view(batch, length, -1, self.qk_head_dim).transpose(1, 2)
+    q_nope, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+    compressed = self.kv_a_proj_with_mqa(hidden_states)
+    latent, k_rot = torch.split(compressed, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+    latent = self.kv_a_layernorm(latent).view(batch, 1, length, self.kv_lora_rank)
+    k_rot = k_rot.view(batch, 1, length, self.qk_rope_head_dim)
+    q_rot, k_rot = _rotate(state, self, q_rot, k_rot, position_embeddings)
+
+    if cache is not None:
+        latent, k_rot = cache.update(latent, k_rot, self.layer_idx)
+        if latent.dim() != 4 or latent.shape[1] != 1 or latent.shape[-1] != self.kv_lora_rank:
+            raise ValueError(
+                f"the cache ({type(cache).__name__}) returned states of shape {tuple(latent.shape)} for layer "
+                f"{self.layer_idx}; the MLA path needs the latent [batch, 1, tokens, {self.kv_lora_rank}]: use "
+                "MLALatentCache or DynamicCache"
+            )
+
+    if length <= state.max_absorbed_tokens and not self.training:
+        state.absorbed_calls += 1
+        weights = state.weights.current(self)
+        heads = q_nope.shape[1]
+        # [B, H, S, nope] -> [H, B*S, nope] @ [H, nope, r]: every head's query moved into latent space
+        q_heads = q_nope.transpose(0, 1).reshape(heads, batch * length, self.qk_nope_head_dim)
+        q_latent = torch.bmm(q_heads, weights.w_uk).view(heads, batch, length, self.kv_lora_rank).transpose(0, 1)
+        out_latent = absorbed_attention(q_latent, q_rot, latent, k_rot, attention_mask, self.scaling)
+        # [B, H, S, r] -> [H, B*S, r] @ [H, r, v] -> [B, S, H*v]
+        out_heads = out_latent.transpose(0, 1).reshape(heads, batch * length, self.kv_lora_rank)
+        out = torch.bmm(out_heads, weights.w_uv_t).view(heads, batch, length, self.v_head_dim)
+        out = out.permute(1, 2, 0, 3).reshape(batch, length, heads * self.v_head_dim)
+        return self.o_proj(out), None
+
+    # Prefill: the stock recipe (expand the latent per head, the configured attention kernel).
+    state.expanded_calls += 1
+    kv = self.kv_b_proj(latent).view(batch, latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+    k_nope, value_states = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+    key_states = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+    query_states = torch.cat((q_nope, q_rot), dim=-1)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, state.modeling.eager_attention_forward)
+    attn_output, attn_weights = attention(
+        self, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+    )
+    attn_output = attn_output.reshape(batch, length, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def mla_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The DeepSeek-V2/V3 attention modules of ``model`` (those with ``kv_b_proj`` and ``kv_a_proj_with_mqa``)."""
+    return [m for m in model.modules() if hasattr(m, "kv_b_proj") and hasattr(m, "kv_a_proj_with_mqa")]
+
+
+def patch_mla(model: torch.nn.Module, max_absorbed_tokens: int = 16) -> PatchHandle:
+    """Install absorbed MLA attention on every DeepSeek-V2/V3 attention of ``model``.
+
+    Forwards of at most ``max_absorbed_tokens`` new tokens (decode steps, short follow-up turns) take the
+    absorbed path and never run ``kv_b_proj`` on the cache; longer ones (prefill) expand the latent like the
+    stock model. ``handle.remove()`` restores the stock forward exactly. Works with ``MLALatentCache`` and
+    with transformers' ``DynamicCache`` (which holds the same latent on transformers >= 5.17).
+
+    Args:
+        model: a DeepSeek-V2/V3 model (``model_type`` deepseek_v2 / deepseek_v3) using the ``eager`` or
+            ``sdpa`` attention implementation.
+        max_absorbed_tokens: an int >= 1.
+
+    Returns:
+        A :class:`~kvcompress.patch.PatchHandle`; also a context manager.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    cfg = _mla_config(model)
+    if isinstance(max_absorbed_tokens, bool) or not isinstance(max_absorbed_tokens, int) or max_absorbed_tokens < 1:
+        raise ValueError(f"max_absorbed_tokens must be an int >= 1, got {max_absorbed_tokens!r}")
+    implementation = getattr(cfg, "_attn_implementation", None) or "eager"
+    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation {implementation!r} is not supported by patch_mla; allowed: "
+            f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)} (load the model with attn_implementation='sdpa')"
+        )
+    modules = mla_attention_modules(model)
+    if not modules:
+        raise ValueError(f"no DeepSeek MLA attention (kv_b_proj) found in {type(model).__name__}")
+    if any(hasattr(m, _STATE_ATTRIBUTE) for m in modules):
+        raise ValueError("this model is already patched by patch_mla; call remove() on that handle first")
+    states = []
+    for module in modules:
+        modeling = sys.modules[type(module).__module__]
+        if cfg.model_type == "deepseek_v2":
+            rope = "complex"
+        else:
+            rope = "interleave" if getattr(cfg, "rope_interleave", False) else "half"
+        needed = {"complex": "apply_rotary_emb", "half": "apply_rotary_pos_emb",
+                  "interleave": "apply_rotary_pos_emb_interleave"}[rope]
+        if not hasattr(modeling, needed) or not hasattr(modeling, "eager_attention_forward"):
+            raise ValueError(
+                f"unsupported transformers version: {modeling.__name__} lacks {needed} / eager_attention_forward; "
+                "patch_mla supports transformers 5.17 to 5.24"
+            )
+        states.append(_MLAState(AbsorbedWeights.build(module), max_absorbed_tokens, rope, modeling))
+    # Everything is validated and built: now change the model.
+    handle = PatchHandle(model, "mla")
+    for module, state in zip(modules, states):
+        set_attribute(module, _STATE_ATTRIBUTE, state, handle)
+        replace_forward(module, _mla_forward, handle)
+    return handle
