@@ -155,8 +155,8 @@ def _install_generate(model: torch.nn.Module, method: Method, params: dict[str, 
 
     @functools.wraps(stock)
     def generate(self, *args, **kwargs):
+        reason = _caller_cache_choice(self, args, kwargs)  # judged on the caller's own keywords
         kwargs = _native_cache_kwargs(kwargs)
-        reason = _caller_cache_choice(self, args, kwargs)
         if reason is None:
             cache = method.build(self, **params)
             kwargs[GENERATE_CACHE_KWARG] = cache
