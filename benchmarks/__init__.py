@@ -1,0 +1,1 @@
+"""Benchmarks of kvcompress (RULER accuracy, speed and memory); importable from a source checkout."""

@@ -1,0 +1,108 @@
+"""Summary of RULER results: a markdown table (accuracy per task, average, cache bytes, ratio to
+``dynamic``) and a PNG plot of average accuracy against cache ratio, for our methods and peers alike.
+
+The ratio of a method is its mean cache bytes over the samples it shares with the reference method
+(``dynamic``, or kvpress's ``no_press`` for peers' runs without it) divided by the reference's mean
+bytes over the same samples; accuracy is RULER's (mean score x 100) per task, and the average is the
+plain mean over the tasks run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .generate import TASKS
+
+REFERENCES = ("dynamic", "kvpress:no_press")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per method: ``method, tool, n, tasks{task: acc}, average, cache_bytes, ratio``."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_method[r["method"]].append(r)
+    ref_label = next((m for m in REFERENCES if m in by_method), None)
+    ref_bytes = {r["id"]: r["cache_bytes"] for r in by_method.get(ref_label, [])}
+    rows = []
+    for method, recs in by_method.items():
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for r in recs:
+            per_task[r["task"]].append(r["score"])
+        tasks = {t: 100.0 * sum(v) / len(v) for t, v in per_task.items()}
+        shared = [r for r in recs if r["id"] in ref_bytes]
+        ratio = None
+        if shared and ref_label is not None:
+            ours = sum(r["cache_bytes"] for r in shared) / len(shared)
+            theirs = sum(ref_bytes[r["id"]] for r in shared) / len(shared)
+            ratio = ours / theirs if theirs else None
+        rows.append(dict(method=method, tool=recs[0].get("tool", "?"), n=len(recs), tasks=tasks,
+                         average=sum(tasks.values()) / len(tasks),
+                         cache_bytes=sum(r["cache_bytes"] for r in recs) / len(recs), ratio=ratio))
+    # the reference first, then by falling cache ratio (least compressed first)
+    rows.sort(key=lambda row: (row["method"] != ref_label, -(row["ratio"] if row["ratio"] is not None else 2.0)))
+    return rows
+
+
+def _short(task: str) -> str:
+    return (task.replace("niah_", "").replace("single_", "s").replace("multikey_", "mk").replace("multivalue", "mv")
+            .replace("multiquery", "mq"))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a markdown table (task columns in RULER's order, abbreviated: s1 = niah_single_1 ...)."""
+    tasks = [t for t in TASKS if any(t in row["tasks"] for row in rows)]
+    head = ["method", "tool", "n"] + [_short(t) for t in tasks] + ["avg", "cache MiB/sample", "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"`{row['method']}`", row["tool"], str(row["n"])]
+        cells += [f"{row['tasks'][t]:.1f}" if t in row["tasks"] else "-" for t in tasks]
+        cells += [f"**{row['average']:.1f}**", f"{row['cache_bytes'] / 2**20:.2f}",
+                  f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    legend = ", ".join(f"{_short(t)} = {t}" for t in tasks if _short(t) != t)
+    return "\n".join(lines) + ("\n\n" + legend + "\n" if legend else "\n")
+
+
+def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | None:
+    """Average accuracy against cache ratio, one point per method (needs matplotlib: the bench extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'kvcompress[bench]'): no plot written")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"kvcompress": "o", "kvpress": "s"}
+    for row in rows:
+        if row["ratio"] is None:
+            continue
+        ax.scatter(row["ratio"], row["average"], marker=markers.get(row["tool"], "^"), s=50,
+                   color="tab:blue" if row["tool"] == "kvcompress" else "tab:orange")
+        ax.annotate(row["method"], (row["ratio"], row["average"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    for tool, marker in markers.items():
+        ax.scatter([], [], marker=marker, color="tab:blue" if tool == "kvcompress" else "tab:orange", label=tool)
+    ax.set_xlabel("cache bytes / dynamic cache bytes (lower = more compressed)")
+    ax.set_ylabel("RULER average accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: list[dict], out_dir: str | Path, title: str = "RULER") -> tuple[Path, Path | None]:
+    """Write ``summary.md`` and ``accuracy_vs_ratio.png`` into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    md = out_dir / "summary.md"
+    md.write_text(f"# {title}\n\n" + markdown_table(rows))
+    return md, plot(rows, out_dir / "accuracy_vs_ratio.png", title)
