@@ -27,12 +27,13 @@ import functools
 import logging
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation.utils import ALL_CACHE_NAMES
 
-from .registry import Method, get_method
+if TYPE_CHECKING:  # registry.py imports method modules, which import this one: import it where used
+    from .registry import Method
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ def patch_model(model: torch.nn.Module, method: str | Method, /, **params: Any) 
         raise TypeError(f"model must be a transformers model with generate(), got {type(model).__name__}")
     if getattr(model, "config", None) is None:
         raise TypeError(f"model must have a config, got {type(model).__name__} without one")
+    from .registry import get_method
+
     spec = get_method(method)
     spec.check_family(model)
     resolved = spec.resolve_params(params)

@@ -348,3 +348,46 @@ register_method(
     cache_class="kvcompress.xkv.XKVCache",
     doc="docs/xkv.md",
 )
+
+
+def _mla_params() -> tuple[Param, ...]:
+    from .mla import patch_mla
+
+    d = signature_defaults(patch_mla)
+    return (
+        Param("max_absorbed_tokens", d["max_absorbed_tokens"],
+              "forwards of at most this many new tokens take the absorbed path (patch_model only)",
+              (Range(int, low=1),)),
+    )
+
+
+def _build_mla(model_or_config, max_absorbed_tokens: int):
+    from .mla import MLALatentCache
+
+    return MLALatentCache(model_or_config)  # max_absorbed_tokens belongs to the attention patch
+
+
+def _install_mla(model, handle, max_absorbed_tokens: int) -> None:
+    from .mla import patch_mla
+
+    # patch_mla validates (attention implementation, ...) before it changes anything, then records its
+    # own undo steps; removing the outer handle removes it.
+    handle.add_undo(patch_mla(model, max_absorbed_tokens=max_absorbed_tokens).remove)
+
+
+def _mla_families() -> tuple[str, ...]:
+    from .mla import SUPPORTED_MODEL_TYPES
+
+    return tuple(SUPPORTED_MODEL_TYPES)
+
+
+register_method(
+    "mla",
+    summary="DeepSeek MLA: cache only the latent and RoPE key; absorbed attention for decode",
+    build=_build_mla,
+    params=_mla_params(),
+    families=_mla_families(),
+    install=_install_mla,
+    cache_class="kvcompress.mla.MLALatentCache",
+    doc="docs/mla.md",
+)

@@ -222,7 +222,7 @@ def test_patching_twice_names_the_active_handle():
     [
         ("deepseek_v2", "xkv", {}, ValueError, r"'xkv' does not support model_type='deepseek_v2'; supported model "
                                                r"types: llama, qwen2, mistral"),
-        ("llama", "nope", {}, ValueError, r"unknown method 'nope'; known methods: dynamic, xkv"),
+        ("llama", "nope", {}, ValueError, r"unknown method 'nope'; known methods: dynamic, xkv, "),
         ("llama", "xkv", dict(rank=4), TypeError, r"no parameter 'rank'; allowed parameters: group_size, rank_k"),
         ("llama", "xkv", dict(window=-3), ValueError, r"window=-3 is out of range; allowed: int >= 0"),
         ("llama", "xkv", dict(group_size=3), ValueError, r"group_size=3 does not divide the 4 full-attention layers"),
@@ -314,3 +314,22 @@ def test_smollm2_chat_pipeline_with_xkv(smollm2):
         assert cache.nbytes() == cache.expected_nbytes() < 0.5 * exact_bytes
     assert answer.strip()
     assert model_state(model) == state and active_patch(model) is None
+
+
+def test_mla_patch_installs_absorbed_attention_and_removes_it():
+    """patch_model(model, 'mla') installs the absorbed attention (its decode steps take that path) and the
+    MLALatentCache together; remove() takes both away."""
+    from kvcompress.mla import mla_attention_modules
+
+    model = tiny_model("deepseek_v2")
+    ids = prompt_ids(24, seed=9)
+    reference = run_generate(model, ids)
+    with patch_model(model, "mla", max_absorbed_tokens=4) as handle:
+        got = run_generate(model, ids)
+        states = [getattr(m, "kvcompress_mla") for m in mla_attention_modules(model)]
+        assert states and all(s.expanded_calls == 1 and s.absorbed_calls == 4 for s in states)  # prefill, 4 steps
+        assert type(handle.last_cache).__name__ == "MLALatentCache"
+    assert torch.equal(got.sequences, reference.sequences)
+    assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got.logits, reference.logits))
+    assert not any(hasattr(m, "kvcompress_mla") for m in mla_attention_modules(model))
+    assert_same_outputs(run_generate(model, ids), reference)
