@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DynamicCache
 
-from kvcompress.mla import MLALatentCache, patch_mla
+from kvcompress.mla import MLALatentCache, absorbed_attention, patch_mla
 
 V2_LITE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
                qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_hidden_layers=27,
@@ -155,6 +155,58 @@ def profile_step(model, cache, batch: int, device: str, steps: int = 3) -> dict:
             "top": [(name[:90], us / 1000 / steps) for name, us in top]}
 
 
+def cuda_ms(fn, iters: int = 30) -> float:
+    """Mean ms of ``fn()`` on the GPU (CUDA events, after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+@torch.no_grad()
+def attention_breakdown(cfg, batch: int, tokens: int, dtype, device: str) -> dict:
+    """One layer's absorbed attention at this size, piece by piece (GPU ms), with the bandwidth the two
+    latent-reading products reach, next to the cache append (torch.cat, as DynamicLayer does) and a
+    split-K variant of the output product (chunks of 1024 tokens; needs tokens % 1024 == 0) that shows
+    how far a better reduction over the tokens could go."""
+    heads, r, p = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    g = torch.Generator(device=device).manual_seed(2)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
+    q_latent, q_rope = rand(batch, heads, 1, r), rand(batch, heads, 1, p)
+    c, k = rand(batch, tokens, r), rand(batch, tokens, p)
+    cache_c, new_c = rand(batch, 1, tokens, r), rand(batch, 1, 1, r)
+    qs, qr = q_latent.reshape(batch, heads, r), q_rope.reshape(batch, heads, p)
+    scores = torch.baddbmm(torch.bmm(qr, k.transpose(1, 2)), qs, c.transpose(1, 2), beta=0.1, alpha=0.1)
+    weights = torch.softmax(scores, -1, dtype=torch.float32).to(dtype)
+    latent_bytes = batch * tokens * r * c.element_size()
+    out = {
+        "absorbed_attention_ms": cuda_ms(lambda: absorbed_attention(q_latent, q_rope, c, k, None, 0.1)),
+        "scores_ms": cuda_ms(lambda: torch.baddbmm(torch.bmm(qr, k.transpose(1, 2)), qs, c.transpose(1, 2),
+                                                   beta=0.1, alpha=0.1)),
+        "softmax_ms": cuda_ms(lambda: torch.softmax(scores, -1, dtype=torch.float32).to(dtype)),
+        "weights_times_latent_ms": cuda_ms(lambda: torch.bmm(weights, c)),
+        "cache_append_ms": cuda_ms(lambda: torch.cat([cache_c, new_c], dim=-2)),
+        "latent_read_floor_ms": 1000 * latent_bytes / 4.0e12,
+    }
+    if tokens % 1024 == 0:
+        n = tokens // 1024
+        c_chunks = c.view(batch * n, 1024, r)
+
+        def split_k():
+            w = weights.view(batch, heads, n, 1024).transpose(1, 2).reshape(batch * n, heads, 1024)
+            return torch.bmm(w, c_chunks).view(batch, n, heads, r).sum(1, dtype=torch.float32)
+
+        out["weights_times_latent_splitk_ms"] = cuda_ms(split_k)
+    out["weights_times_latent_GBps"] = latent_bytes / out["weights_times_latent_ms"] / 1e6
+    out["scores_GBps"] = latent_bytes / out["scores_ms"] / 1e6
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -195,8 +247,8 @@ def main() -> None:
                 fill(cache, cfg, batch, context, dtype, device)
                 row[f"{mode}_cache_bytes"] = cache_bytes(cache)
                 row[mode] = decode(model, cache, batch, args.steps, args.warmup, device, args.budget)
-                if mode == "absorbed" and not args.no_profile and device == "cuda" and context == max(contexts):
-                    row["profile"] = profile_step(model, cache, batch, device)
+                if not args.no_profile and device == "cuda" and context == max(contexts):
+                    row[f"{mode}_profile"] = profile_step(model, cache, batch, device)
             except torch.OutOfMemoryError:
                 row[mode] = {"skipped": "out of GPU memory"}
             finally:
@@ -205,6 +257,12 @@ def main() -> None:
                 del cache
                 if device == "cuda":
                     torch.cuda.empty_cache()
+        if device == "cuda" and not args.no_profile:
+            try:
+                row["attention_breakdown"] = attention_breakdown(cfg, batch, context, dtype, device)
+            except torch.OutOfMemoryError:
+                row["attention_breakdown"] = {"skipped": "out of GPU memory"}
+            torch.cuda.empty_cache()
         if "ms" in row.get("stock", {}) and "ms" in row.get("absorbed", {}):
             row["speedup"] = row["stock"]["ms"] / row["absorbed"]["ms"]
         row["floor_ms"] = 1000 * (weights + row.get("absorbed_cache_bytes", 0)) / bandwidth
@@ -230,12 +288,18 @@ def main() -> None:
               f"| {cell(s, 'peak_gib', '{:.2f}')} / {cell(a, 'peak_gib', '{:.2f}')} "
               f"| {cell(s, 'transient_gib', '{:.2f}')} / {cell(a, 'transient_gib', '{:.2f}')} |")
     for r in rows:
-        if "profile" in r:
-            p = r["profile"]
-            print(f"\nprofile, absorbed, context {r['context']}, batch {r['batch']}: wall {p['wall_ms']:.1f} ms/step, "
-                  f"CUDA kernels busy {p['kernel_busy_ms']:.1f} ms/step, {p['kernels_per_step']:.0f} kernels/step")
-            for name, ms in p["top"]:
-                print(f"  {ms:7.2f} ms  {name}")
+        for mode in ("stock", "absorbed"):
+            if f"{mode}_profile" in r:
+                p = r[f"{mode}_profile"]
+                print(f"\nprofile, {mode}, context {r['context']}, batch {r['batch']}: wall {p['wall_ms']:.1f} ms/step "
+                      f"under the profiler, CUDA kernels busy {p['kernel_busy_ms']:.1f} ms/step, "
+                      f"{p['kernels_per_step']:.0f} kernels/step")
+                for name, ms in p["top"]:
+                    print(f"  {ms:7.2f} ms  {name}")
+        if "attention_breakdown" in r:
+            print(f"\none layer's absorbed attention, context {r['context']}, batch {r['batch']} (GPU ms): "
+                  + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in r["attention_breakdown"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

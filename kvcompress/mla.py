@@ -233,7 +233,8 @@ def absorbed_attention(
 
     Returns:
         ``out_latent`` ``[B, H, S, r]``: per head, the attention-weighted sum of latents (apply ``W_UV`` next).
-        Scores and softmax run in float32 (float64 for float64 inputs); the matmuls in the inputs' dtype.
+        Scores and mask are in the inputs' dtype and the softmax in float32 (float64 for float64 inputs),
+        as in transformers' eager attention.
     """
     batch, heads, queries, rank = q_latent.shape
     if c_kv.dim() == 4:
@@ -241,10 +242,10 @@ def absorbed_attention(
     tokens = c_kv.shape[1]
     q_latent = q_latent.reshape(batch, heads * queries, rank)
     q_rope = q_rope.reshape(batch, heads * queries, q_rope.shape[-1])
-    scores = torch.baddbmm(torch.bmm(q_rope, k_rope.transpose(1, 2)), q_latent, c_kv.transpose(1, 2))
-    work = torch.promote_types(scores.dtype, torch.float32)  # softmax in float32 (float64 stays float64)
-    scores = scores.view(batch, heads, queries, tokens).to(work) * scale
-    lowest = torch.finfo(work).min  # not -inf: a fully masked row gives uniform weights, not NaN (as eager)
+    # scale * (q_latent c^T + q_rope k_rope^T) in two kernels, in the inputs' dtype (as eager attention)
+    scores = torch.baddbmm(torch.bmm(q_rope, k_rope.transpose(1, 2)), q_latent, c_kv.transpose(1, 2),
+                           beta=scale, alpha=scale).view(batch, heads, queries, tokens)
+    lowest = torch.finfo(scores.dtype).min  # not -inf: a fully masked row gives uniform weights, not NaN (as eager)
     if mask is None:
         if queries > 1:
             # query i is token tokens - queries + i: it sees keys up to and including itself
@@ -254,8 +255,9 @@ def absorbed_attention(
     elif mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask[..., -tokens:], lowest)
     else:
-        scores = scores + mask[..., -tokens:].to(work)
-    weights = torch.softmax(scores, dim=-1).to(c_kv.dtype)
+        scores = scores + mask[..., -tokens:].to(scores.dtype)
+    work = torch.float64 if scores.dtype == torch.float64 else torch.float32  # softmax in float32 (or float64)
+    weights = torch.softmax(scores, dim=-1, dtype=work).to(c_kv.dtype)
     out = torch.bmm(weights.view(batch, heads * queries, tokens), c_kv)
     return out.view(batch, heads, queries, rank)
 
@@ -367,7 +369,8 @@ def _mla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         state.absorbed_calls += 1
         weights = state.weights.current(self)
         heads = q_nope.shape[1]
-        # [B, H, S, nope] -> [H, B*S, nope] @ [H, nope, r]: every head's query moved into latent space
+        # [B, H, S, nope] -> [H, B*S, nope] @ [H, nope, r]: every head's query moved into latent space.
+        # (For S = 1 the reshapes are views: bmm reads the strided query and weights in place.)
         q_heads = q_nope.transpose(0, 1).reshape(heads, batch * length, self.qk_nope_head_dim)
         q_latent = torch.bmm(q_heads, weights.w_uk).view(heads, batch, length, self.kv_lora_rank).transpose(0, 1)
         out_latent = absorbed_attention(q_latent, q_rot, latent, k_rot, attention_mask, self.scaling)
