@@ -64,6 +64,14 @@ class PatchHandle:
         self.active = False
         self.last_cache = None
 
+    def __deepcopy__(self, memo) -> "PatchHandle":
+        # A copy would undo changes on the original model, and a deep-copied patched model would keep
+        # reporting to this handle: refuse instead of copying something that cannot be right.
+        raise TypeError(
+            f"{self!r} cannot be copied: copy.deepcopy a model before patching it or after handle.remove(), "
+            "then patch the copy"
+        )
+
     def __enter__(self) -> "PatchHandle":
         return self
 

@@ -333,3 +333,16 @@ def test_mla_patch_installs_absorbed_attention_and_removes_it():
     assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(got.logits, reference.logits))
     assert not any(hasattr(m, "kvcompress_mla") for m in mla_attention_modules(model))
     assert_same_outputs(run_generate(model, ids), reference)
+
+
+def test_deepcopy_of_a_patched_model_is_refused_and_fine_after_remove():
+    import copy
+
+    model = tiny_model("llama")
+    handle = patch_model(model, "dynamic")
+    with pytest.raises(TypeError, match=r"cannot be copied: copy.deepcopy a model before patching it"):
+        copy.deepcopy(model)
+    handle.remove()
+    clone = copy.deepcopy(model)
+    with patch_model(clone, "xkv"):
+        assert active_patch(model) is None
