@@ -85,6 +85,17 @@ def test_every_method_round_trips_through_make_cache(name):
         assert cache.nbytes() == cache.expected_nbytes()
 
 
+@pytest.mark.parametrize("name, family", [(n, f) for n in list_methods()
+                                          for f in (get_method(n).families or TINY_FAMILIES) if f in TINY_FAMILIES])
+def test_every_declared_family_really_works(name, family):
+    """A declaration's families are a promise: each one the tests can build runs a prefill and a decode step."""
+    model = tiny_model(family)
+    prompt = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(3))
+    cache, logits = prefilled(model, prompt, name, **SHORT_PROMPT_PARAMS.get(name, {}))
+    model(logits[:, -1:].argmax(-1), **{cache_key(model): cache})
+    assert cache.get_seq_length() == 21
+
+
 def test_dynamic_is_exactly_the_stock_cache():
     model = tiny_model("llama")
     prompt = torch.randint(3, 160, (1, 12), generator=torch.Generator().manual_seed(1))
