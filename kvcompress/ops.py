@@ -57,17 +57,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factorisation ``x ≈ left @ right`` (Eckart–Young), batched over leading dims.
 
-    ``x`` is ``[..., T, D]``; returns ``left = U_r`` (``[..., T, r]``, orthonormal columns) and
-    ``right = S_r V_r^T`` (``[..., r, D]``), both in ``x.dtype``; the SVD itself runs in float32 (float64
-    for float64 input). ``rank`` is clamped to ``min(T, D)``. The Frobenius error of the product equals
-    the root of the sum of the squared discarded singular values.
+    ``x`` is ``[..., T, D]``; returns ``left = U_r S_r`` (``[..., T, r]``) and ``right = V_r^T``
+    (``[..., r, D]``, orthonormal rows), both in ``x.dtype``. ``rank`` is clamped to ``min(T, D)``. The
+    Frobenius error of the product is the root of the sum of the squared discarded singular values.
+
+    For the tall matrices a KV cache gives (tokens ``T`` >= features ``D``) the right singular vectors come
+    from the eigen-decomposition of the ``D x D`` Gram matrix ``x^T x`` in float64, and ``left = x V_r``:
+    the same factors as an SVD up to float64 rounding, at a fraction of the cost (a tall SVD is slow on CPU
+    and much slower with cuSOLVER on a GPU). Wide matrices use ``torch.linalg.svd`` in float32/float64.
     """
+    t, d = x.shape[-2], x.shape[-1]
+    rank = min(rank, t, d)
+    if t >= d:
+        x64 = x.to(torch.float64)
+        _, eigenvectors = torch.linalg.eigh(x64.mT @ x64)  # ascending eigenvalues
+        right64 = eigenvectors[..., -rank:].flip(-1).mT  # [..., r, D], leading directions first
+        left64 = x64 @ right64.mT
+        return left64.to(x.dtype).contiguous(), right64.to(x.dtype).contiguous()
     work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     u, s, vh = torch.linalg.svd(x.to(work_dtype), full_matrices=False)
-    rank = min(rank, s.shape[-1])
-    left = u[..., :rank]
-    right = s[..., :rank, None] * vh[..., :rank, :]
-    return left.to(x.dtype).contiguous(), right.to(x.dtype).contiguous()
+    left = u[..., :rank] * s[..., None, :rank]
+    return left.to(x.dtype).contiguous(), vh[..., :rank, :].to(x.dtype).contiguous()
 
 
 def tensor_nbytes(*tensors: torch.Tensor | None) -> int:
