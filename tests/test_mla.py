@@ -122,6 +122,37 @@ def test_prefill_is_bitwise_stock_and_dynamic_cache_works():
     assert torch.equal(ref_seqs[1], seqs[1]) and max_diff(ref_logits, logits) < 1e-4
 
 
+def test_short_padded_prompt_is_absorbed_and_matches_stock():
+    """A prompt of <= max_absorbed_tokens goes through the absorbed path too (causal + padding mask)."""
+    model = make_model("deepseek_v2", {})
+    ids, mask = left_padded_prompts([6, 4])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD,
+              eos_token_id=None, return_dict_in_generate=True, output_logits=True)
+    ref = model.generate(**kw, **{cache_kwarg(model): DynamicCache(config=model.config)})
+    with patch_mla(model):
+        got = model.generate(**kw, **{cache_kwarg(model): MLALatentCache(model.config)})
+        state = mla_attention_modules(model)[0].kvcompress_mla
+        assert state.expanded_calls == 0 and state.absorbed_calls == 5
+    assert torch.equal(ref.sequences, got.sequences) and max_diff(ref.logits, got.logits) < 1e-4
+
+
+def test_positional_call_matches_stock():
+    """The patched forward also accepts the stock forward's positional argument order."""
+    model = make_model("deepseek_v2", {})
+    attn = mla_attention_modules(model)[1]
+    hidden = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    position_ids = torch.arange(5)[None].expand(2, -1)
+    rope = model.model.rotary_emb(hidden, position_ids)
+    names = list(inspect.signature(type(attn).forward).parameters)[2:5]  # after self, hidden_states
+    values = {"attention_mask": None, "position_embeddings": rope, "cache": None, "past_key_values": None}
+    args = [values[n] for n in names]
+    with torch.no_grad():
+        ref, _ = attn(hidden, *args)
+        with patch_mla(model):
+            got, _ = attn(hidden, *args)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_beam_search_matches_stock():
     model = make_model("deepseek_v3", {"q_lora_rank": 16})
     ids, mask = left_padded_prompts([20, 17])
@@ -229,7 +260,7 @@ def test_decode_never_calls_kv_b_proj(family, overrides):
         absorbed = prefill_then_decode(MLALatentCache(model.config))
     assert absorbed["prefill"] == [24] * layers
     assert absorbed["decode"] == []
-    # absorbed weights were prepared at patch time, never rebuilt per step
+    # leaving the with-block removed the patch's state from every module
     assert all(m.__dict__.get("kvcompress_mla") is None for m in mla_attention_modules(model))
 
 
