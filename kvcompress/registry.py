@@ -389,5 +389,5 @@ register_method(
     families=_mla_families(),
     install=_install_mla,
     cache_class="kvcompress.mla.MLALatentCache",
-    doc="kvcompress/mla.py (module docstring)",
+    doc="docs/mla.md",
 )
