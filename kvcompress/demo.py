@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=4096, help="haystack length in tokens (default 4096)")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="needle key/number seed (default 0)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import DynamicCache
 
     from .models import load_smollm2
+    from .patch import GENERATE_CACHE_KWARG
     from .needle import encode_chat, needle_prompt
     from .xkv import XKVCache
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         cache = make()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+            out = model.generate(**inputs, **{GENERATE_CACHE_KWARG: cache}, max_new_tokens=args.max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
         answer = tokenizer.decode(out[0, prompt_tokens:], skip_special_tokens=True).strip()

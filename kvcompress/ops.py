@@ -45,10 +45,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the first ``cos.shape[-1]`` features of ``x`` (``[..., T, head_dim]``); ``cos``/``sin`` broadcast
     against ``x[..., :rotary_dim]``. Computed in float32, returned in ``x.dtype``. Pass ``-sin`` to undo."""
     rotary_dim = cos.shape[-1]
-    xr = x[..., :rotary_dim].float()
     half = rotary_dim // 2
-    rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
-    out = (xr * cos + rotated * sin).to(x.dtype)
+    xr = x[..., :rotary_dim].float()
+    out = xr * cos
+    # rotate_half(x) * sin without materialising rotate_half: (-x2, x1) * (sin1, sin2)
+    out[..., :half] -= xr[..., half:] * sin[..., :half]
+    out[..., half:] += xr[..., :half] * sin[..., half:]
+    out = out.to(x.dtype)
     if rotary_dim == x.shape[-1]:
         return out
     return torch.cat((out, x[..., rotary_dim:]), dim=-1)

@@ -363,6 +363,7 @@ class XKVCache(Cache):
         self.params = dict(group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink,
                            pre_rope=pre_rope, min_compress_tokens=min_compress_tokens)
         self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
         self.groups = [_Group(full_layers[i : i + group_size]) for i in range(0, len(full_layers), group_size)]
         layers: list[CacheLayerMixin] = [None] * num_layers  # type: ignore[list-item]
@@ -378,8 +379,9 @@ class XKVCache(Cache):
     # -- memory ---------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds (exact parts, shared factors, reconstruction matrices,
-        stock sliding layers), measured from the tensors themselves."""
+        stock sliding layers, the RoPE tables of compressed segments), measured from the tensors themselves."""
         total = sum(group.nbytes() for group in self.groups)
+        total += sum(tensor_nbytes(*table) for table in self._rope_tables.values())
         for layer in self.layers:
             if isinstance(layer, XKVLayer):
                 total += layer.nbytes()
@@ -420,15 +422,25 @@ class XKVCache(Cache):
 
     def reset(self) -> None:
         super().reset()
+        self._rope_tables.clear()
         for group in self.groups:
             group.segments = []
 
     # -- compression -------------------------------------------------------------------------------
     def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
-        """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``."""
-        positions = torch.arange(start, start + keys.shape[1], device=keys.device)
-        cos, sin = rope_cos_sin(self._inv_freq, positions)
-        return apply_rope(keys, cos[:, None, :], sign * sin[:, None, :])
+        """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``.
+
+        The cos/sin table of a segment is built once and shared by every layer and every decode step
+        (float32, ``T x rotary_dim`` each); it is part of what the cache holds and ``nbytes()`` counts it.
+        """
+        key = (start, keys.shape[1], keys.device)
+        table = self._rope_tables.get(key)
+        if table is None:
+            positions = torch.arange(start, start + keys.shape[1], device=keys.device)
+            cos, sin = rope_cos_sin(self._inv_freq, positions)
+            table = self._rope_tables[key] = (cos[:, None, :], sin[:, None, :])
+        cos, sin = table
+        return apply_rope(keys, cos, sin if sign > 0 else -sin)
 
     def _rebuild(self, factor: torch.Tensor, right: torch.Tensor, head_dim: int) -> torch.Tensor:
         """``factor @ right`` as ``[B, H, T, d]``."""
@@ -486,9 +498,14 @@ class XKVCache(Cache):
         """The memory formula evaluated on the current token counts (docs/xkv.md); ``nbytes()`` must equal it.
 
         Per group, per batch row, with element size ``e``:
-        ``e * [sum_segments T_s*(r_k,s + r_v,s) + G*(r_k,s + r_v,s)*H*d  +  G*T_exact*2*H*d]``.
+        ``e * [sum_segments T_s*(r_k,s + r_v,s) + G*(r_k,s + r_v,s)*H*d  +  G*T_exact*2*H*d]``,
+        plus, with ``pre_rope``, one float32 cos/sin table per segment shared by all layers:
+        ``4 * 2 * T_s * rotary_dim``.
         """
         total = 0
+        if self.pre_rope:
+            segments = self.groups[0].segments if self.groups else []
+            total += sum(4 * 2 * s.length * 2 * len(self._inv_freq) for s in segments)
         for group in self.groups:
             layer: XKVLayer = self.layers[group.layer_indices[0]]  # type: ignore[assignment]
             if not layer.is_initialized:
