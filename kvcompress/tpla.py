@@ -166,6 +166,7 @@ class TPLALayer(DynamicLayer):
     def __init__(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int):
         super().__init__()
         self.layer_idx, self.shards, self.width, self.rope_dim = layer_idx, shards, width, rope_dim
+        self.source: str | None = None  # "tpla" (a patch_tpla forward) or "stock" (an unpatched model)
 
     def check_states(self, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
         """Raise (before any state changes) unless the states are this layer's shard slices."""
@@ -187,9 +188,40 @@ class TPLALayer(DynamicLayer):
                 raise ValueError(f"batch size {latent.shape[0]} does not match the {self.keys.shape[0]} rows this "
                                  "TPLACache holds; use a new cache for another batch")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, tpla: bool = False, **kwargs):
+        """Append the held shards' slices (from a TPLA forward, ``tpla=True``) and return
+        every token's. From an unpatched model (the stock latent ``[B, 1, S, r]``, simulated caches only) the
+        latent is cut into the same per-shard slices and handed back whole: TPLA's memory layout, exact
+        stock attention (no per-shard softmax; that needs :func:`patch_tpla`)."""
+        source = "tpla" if tpla else "stock"
+        if self.source is not None and source != self.source:
+            raise ValueError(f"TPLACache layer {self.layer_idx} was filled by a {self.source} forward and now gets "
+                             f"a {source} one: use a new cache after patching or unpatching the model")
+        if source == "stock":
+            n, r = len(self.shards), self.width * len(self.shards)
+            if n == 1 and self.shards != (0,) or not (isinstance(key_states, torch.Tensor) and key_states.dim() == 4
+                                                      and key_states.shape[1] == 1 and key_states.shape[-1] == r):
+                raise ValueError(
+                    f"TPLACache layer {self.layer_idx} got states of shape "
+                    f"{tuple(getattr(key_states, 'shape', ()))} from an unpatched model; a rank's cache (shard="
+                    f"{self.shards[0]}) or per-head states need the model patched with kvcompress.tpla.patch_tpla"
+                )
+            batch, _, length, _ = key_states.shape
+            key_states = key_states.view(batch, length, n, self.width).transpose(1, 2).contiguous()
+            value_states = value_states.expand(batch, n, length, value_states.shape[-1]).contiguous()
         self.check_states(key_states, value_states)
-        return super().update(key_states, value_states, *args, **kwargs)
+        self.source = source
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if source == "stock":  # the unpatched model needs the whole latent and one RoPE key back
+            batch, n, tokens, width = keys.shape
+            keys = keys.transpose(1, 2).reshape(batch, 1, tokens, n * width)
+            values = values[:, :1]
+        return keys, values
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.source = None
 
     def shard_nbytes(self, shard: int) -> int:
         """Bytes shard ``shard`` holds in this layer, measured from its tensor slices."""
@@ -392,9 +424,10 @@ def _tpla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
 
     w = state.weights
     x, k_rot = torch.split(F.linear(hidden_states, w.kv_a_weight, w.kv_a_bias), [self.kv_lora_rank, self.qk_rope_head_dim], -1)
-    # RMSNorm without weight on the FULL rotated latent (g is folded into kv_b), as the stock norm computes it
-    x32 = x.to(torch.float32)
-    z = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + w.eps)).to(x.dtype)
+    # RMSNorm without weight on the FULL rotated latent (g is folded into kv_b), in float32 as the stock norm
+    # (float64 for float64 models, where the stock norm's float32 rounding would hide the folding's exactness)
+    xw = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    z = (xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + w.eps)).to(x.dtype)
     k_rot = k_rot.view(batch, 1, length, self.qk_rope_head_dim)
     q_rot, k_rot = _rotate(state, self, q_rot, k_rot, position_embeddings)
 
@@ -404,7 +437,7 @@ def _tpla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         z = z[:, state.shard : state.shard + 1]
     latent, rope_key = z.contiguous(), k_rot.expand(batch, n, length, self.qk_rope_head_dim).contiguous()
     if cache is not None:
-        latent, rope_key = cache.update(latent, rope_key, self.layer_idx)
+        latent, rope_key = cache.update(latent, rope_key, self.layer_idx, tpla=True)
 
     if length <= state.max_absorbed_tokens and not self.training:
         state.tpla_calls += 1
