@@ -13,3 +13,5 @@ __all__ = ["XKVCache", "default_group_size", "__version__"]
 __all__ += ["get_method", "list_methods", "make_cache", "register_method", "PatchHandle", "patch_model"]
 from .mla import MLALatentCache, absorbed_attention, patch_mla
 __all__ += ["MLALatentCache", "absorbed_attention", "patch_mla"]
+from .tpla import TPLACache, patch_tpla
+__all__ += ["TPLACache", "patch_tpla"]

@@ -391,3 +391,54 @@ register_method(
     cache_class="kvcompress.mla.MLALatentCache",
     doc="docs/mla.md",
 )
+
+
+def _tpla_params() -> tuple[Param, ...]:
+    from .tpla import ROTATIONS, patch_tpla
+
+    d = signature_defaults(patch_tpla)
+    return (
+        Param("num_shards", d["num_shards"], "latent shards N (each caches kv_lora_rank/N + the RoPE key)",
+              (Range(int, low=1),), note="must divide kv_lora_rank"),
+        Param("rotation", d["rotation"], "orthogonal transform folded in before slicing",
+              (Range(str, choices=tuple(r for r in ROTATIONS if r is not None)),), none_ok=True,
+              note="hadamard needs kv_lora_rank a power of two"),
+        Param("max_absorbed_tokens", d["max_absorbed_tokens"],
+              "forwards of at most this many new tokens take the TPLA path (patch_model only)", (Range(int, low=1),)),
+        Param("distributed", d["distributed"], "one torch.distributed rank per shard (world size = num_shards)",
+              (Range(bool),)),
+    )
+
+
+def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool):
+    from .tpla import TPLACache
+
+    shard = None
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("tpla: distributed=True needs torch.distributed initialised (init_process_group) first")
+        if dist.get_world_size() != num_shards:
+            raise ValueError(f"tpla: world size {dist.get_world_size()} != num_shards={num_shards}")
+        shard = dist.get_rank()
+    return TPLACache(model_or_config, num_shards=num_shards, rotation=rotation, shard=shard)
+
+
+def _install_tpla(model, handle, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool) -> None:
+    from .tpla import patch_tpla
+
+    handle.add_undo(patch_tpla(model, num_shards=num_shards, rotation=rotation,
+                               max_absorbed_tokens=max_absorbed_tokens, distributed=distributed).remove)
+
+
+register_method(
+    "tpla",
+    summary="TPLA: MLA latent split over N shards, per-shard softmax decode (tensor-parallel latent attention)",
+    build=_build_tpla,
+    params=_tpla_params(),
+    families=_mla_families(),
+    install=_install_tpla,
+    cache_class="kvcompress.tpla.TPLACache",
+    doc="docs/tpla.md",
+)
