@@ -13,6 +13,8 @@ import sys
 # verb -> module implementing it
 VERBS: dict[str, str] = {
     "demo": "kvcompress.demo",
+    "ruler": "kvcompress.ruler_cli",
+    "bench": "kvcompress.bench_cli",
     "methods": "kvcompress.methods_cli",
 }
 

@@ -257,17 +257,23 @@ def test_report_accuracy_and_ratio(tmp_path):
             _rec("dynamic", "cwe", 2, 1.0, 200),
             _rec("xkv", "vt", 0, 0.0, 25), _rec("xkv", "vt", 1, 1.0, 75), _rec("xkv", "cwe", 2, 0.5, 50),
             _rec("kvpress:snapkv:0.75", "vt", 0, 1.0, 25, "kvpress")]
-    rows = {r["method"]: r for r in report.summarize(recs)}
+    rows = {r["method"]: r for r in report.summarize(recs[:6])}
     assert rows["dynamic"]["tasks"] == {"vt": 75.0, "cwe": 100.0} and rows["dynamic"]["average"] == 87.5
     assert rows["xkv"]["ratio"] == pytest.approx(0.25)
     assert rows["xkv"]["average"] == pytest.approx((50.0 + 50.0) / 2)
+    rows = {r["method"]: r for r in report.summarize(recs)}
     assert rows["kvpress:snapkv:0.75"]["ratio"] == pytest.approx(0.25)  # compared on the shared sample only
+    assert rows["dynamic"]["average"] == 75.0  # averaged over the tasks every method has (vt only)
     assert report.summarize(recs)[0]["method"] == "dynamic"
+    assert report.common_ids(recs) == {"vt/1024/0"}
+    same = {r["method"]: r for r in report.summarize(recs, report.common_ids(recs))}
+    assert same["dynamic"]["n"] == 1 and same["dynamic"]["average"] == 100.0 and same["xkv"]["average"] == 0.0
     md, png = report.write_report(recs, tmp_path, "t")
     text = md.read_text()
     assert "| `xkv` | kvcompress | 3 |" in text and "0.250" in text
+    assert "The same 1 samples for every method" in text
     if png is not None:
-        assert png.stat().st_size > 1000
+        assert png.stat().st_size > 1000 and (tmp_path / "accuracy_vs_ratio_same_samples.png").exists()
 
 
 # -- the real model ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 The ratio of a method is its mean cache bytes over the samples it shares with the reference method
 (``dynamic``, or kvpress's ``no_press`` for peers' runs without it) divided by the reference's mean
 bytes over the same samples; accuracy is RULER's (mean score x 100) per task, and the average is the
-plain mean over the tasks run.
+mean over the tasks every method of the table has. When methods finished different samples (a run
+cut short), a second table and plot restrict every method to the samples all of them finished.
 """
 
 from __future__ import annotations
@@ -17,11 +18,24 @@ from .generate import TASKS
 REFERENCES = ("dynamic", "kvpress:no_press")
 
 
-def summarize(records: list[dict]) -> list[dict]:
-    """One row per method: ``method, tool, n, tasks{task: acc}, average, cache_bytes, ratio``."""
+def common_ids(records: list[dict]) -> set[str]:
+    """The sample ids that every method in ``records`` finished."""
+    per_method: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        per_method[r["method"]].add(r["id"])
+    return set.intersection(*per_method.values()) if per_method else set()
+
+
+def summarize(records: list[dict], ids: set[str] | None = None) -> list[dict]:
+    """One row per method: ``method, tool, n, tasks{task: acc}, average, cache_bytes, ratio``.
+
+    ``ids`` restricts every method to those samples. ``average`` is the mean accuracy over the tasks
+    that *every* row has (``shared_tasks``), so rows of runs cut short stay comparable.
+    """
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        by_method[r["method"]].append(r)
+        if ids is None or r["id"] in ids:
+            by_method[r["method"]].append(r)
     ref_label = next((m for m in REFERENCES if m in by_method), None)
     ref_bytes = {r["id"]: r["cache_bytes"] for r in by_method.get(ref_label, [])}
     rows = []
@@ -37,8 +51,11 @@ def summarize(records: list[dict]) -> list[dict]:
             theirs = sum(ref_bytes[r["id"]] for r in shared) / len(shared)
             ratio = ours / theirs if theirs else None
         rows.append(dict(method=method, tool=recs[0].get("tool", "?"), n=len(recs), tasks=tasks,
-                         average=sum(tasks.values()) / len(tasks),
                          cache_bytes=sum(r["cache_bytes"] for r in recs) / len(recs), ratio=ratio))
+    shared = [t for t in TASKS if all(t in row["tasks"] for row in rows)]
+    for row in rows:
+        row["shared_tasks"] = shared
+        row["average"] = sum(row["tasks"][t] for t in shared) / len(shared) if shared else float("nan")
     # the reference first, then by falling cache ratio (least compressed first)
     rows.sort(key=lambda row: (row["method"] != ref_label, -(row["ratio"] if row["ratio"] is not None else 2.0)))
     return rows
@@ -61,7 +78,9 @@ def markdown_table(rows: list[dict]) -> str:
                   f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     legend = ", ".join(f"{_short(t)} = {t}" for t in tasks if _short(t) != t)
-    return "\n".join(lines) + ("\n\n" + legend + "\n" if legend else "\n")
+    shared = rows[0]["shared_tasks"] if rows else []
+    note = "" if shared == tasks else f"avg: mean over the tasks every row has ({', '.join(_short(t) for t in shared)}). "
+    return "\n".join(lines) + "\n\n" + note + legend + "\n"
 
 
 def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | None:
@@ -103,6 +122,13 @@ def write_report(records: list[dict], out_dir: str | Path, title: str = "RULER")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
+    text = f"# {title}\n\nEvery sample each method finished:\n\n" + markdown_table(rows)
+    png = plot(rows, out_dir / "accuracy_vs_ratio.png", title)
+    ids = common_ids(records)
+    if any(row["n"] != len(ids) for row in rows) and ids:
+        same = summarize(records, ids)
+        text += f"\nThe same {len(ids)} samples for every method:\n\n" + markdown_table(same)
+        plot(same, out_dir / "accuracy_vs_ratio_same_samples.png", f"{title} (same {len(ids)} samples)")
     md = out_dir / "summary.md"
-    md.write_text(f"# {title}\n\n" + markdown_table(rows))
-    return md, plot(rows, out_dir / "accuracy_vs_ratio.png", title)
+    md.write_text(text)
+    return md, png

@@ -1,0 +1,64 @@
+"""Speed and memory of methods against the stock cache, measured in the same run.
+
+Example (CPU): kvcompress bench --model smollm2 --context 1024 --new-tokens 16 \\
+    --methods dynamic,xkv:rank_k=0.25:rank_v=0.375 --out results/bench
+
+Writes bench.json, bench.md and bench.png under --out. The benchmark code lives in the source
+checkout's benchmarks/ directory (see benchmarks/speed.py for what each figure means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "prefill/decode time, cache bytes and peak memory of methods, as ratios to the stock cache"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        choices=["smollm2", "llama-3.1-8b", "deepseek-v2-lite", "deepseek-v3-attn"],
+                        help="the real SmolLM2, or a random-weight shape (default smollm2)")
+    parser.add_argument("--layers", type=int, default=None, help="cut a random-weight shape to this many layers")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--context", type=int, default=4096, help="prompt tokens per row (default 4096)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    parser.add_argument("--methods", default="dynamic,xkv",
+                        help="comma list of name[:param=value...]; dynamic is always measured too")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per method, best kept (default 2)")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="memory budget for the largest batch/context estimate (default: the GPU's memory)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--out", default="results/bench", help="output directory (default results/bench)")
+    parser.add_argument("--stem", default=None, help="output file name stem (default bench_<model>_<device>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .ruler_cli import load_benchmark_module
+
+    speed = load_benchmark_module("speed")
+    runner = load_benchmark_module("ruler.runner")
+    methods = runner.parse_methods(args.methods)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    budget = args.budget_gib
+    if budget is None and device.startswith("cuda"):
+        budget = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+    print(f"loading {args.model} on {device} ({dtype}) ...", flush=True)
+    model = speed.load_model(args.model, device, dtype, args.layers)
+    stem = args.stem or f"bench_{args.model}_{device.split(':')[0]}"
+    try:
+        out = speed.bench(model, methods, batch=args.batch, context=args.context, new_tokens=args.new_tokens,
+                          repeats=args.repeats, budget_gib=budget,
+                          on_result=lambda partial: speed.write_outputs(partial, args.out, stem))
+    except KeyboardInterrupt:
+        print(f"interrupted: the methods measured so far are in {args.out}/{stem}.json", file=sys.stderr)
+        raise
+    paths = speed.write_outputs(out, args.out, stem)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
