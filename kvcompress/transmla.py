@@ -13,20 +13,22 @@ pair ``p`` (dims ``p`` and ``p + d/2`` of a head) turns by ``w_p * position``. E
 1. *RoRoPE*. For a block ``b`` of ``f`` adjacent pairs (``f = freq_fold``; ``f = 1`` is plain RoRoPE) the
    ``G f`` two-dimensional components ``(k[g, p], k[g, p + d/2])`` of the key all turn by the same angle if
    their frequencies are taken equal (exact for ``f = 1``; FreqFold approximates the block's frequencies by
-   their geometric mean). Any orthogonal ``U_b`` mixing them, applied alike to both coordinates, then
-   commutes with RoPE. ``U_b`` is the PCA basis of the calibration keys (eigenvectors of
-   ``sum_t a_t a_t^T + b_t b_t^T``). Together the ``U_b`` form an orthogonal ``Omega`` (``D x D``) and
-   ``s_i = (Omega E_i q_i) . (Omega k)`` with RoPE acting on each rotated component.
-2. ``rope_dim / 2`` rotated components keep RoPE: their keys form DeepSeek's one shared ``k_rot`` and each
-   head's query gets its own ``q_rot``. Which ones: every layer must use the same frequencies (DeepSeek has
-   one RoPE table), so each block ``b`` gets ``n_b`` slots, allotted greedily by the summed score
-   ``lambda_key * E|q|^2 * (1 - sinc(w_b L))`` (key energy, query energy, and how much the rotation moves
-   over ``L = max_position_embeddings`` tokens), and each layer keeps its top ``n_b`` components of block
-   ``b``. The other components lose RoPE and join the no-RoPE keys ``k_nope`` (``D - rope_dim`` dims).
+   their geometric mean). Any invertible ``A_b`` mixing them, applied alike to both coordinates, then
+   commutes with RoPE, and ``q . k = (A_b^-T q) . (A_b k)``. The paper takes ``A_b = U_b``, the orthogonal
+   PCA basis of the calibration keys (``rorope_basis="key"``). The default ``"qk"`` takes
+   ``A_b = W^T L^T`` with ``Cq = L L^T`` (query second moment over the block, all heads) and
+   ``L^T Ck L = W S W^T``: queries come out white and keys uncorrelated, so ``S_c`` is component ``c``'s
+   share of the score energy. Together the blocks give ``s_i = (B E_i q_i) . (A k)`` with ``B = A^-T``.
+2. ``rope_dim / 2`` components keep RoPE: their keys form DeepSeek's one shared ``k_rot`` and each head's
+   query gets its own ``q_rot``. Which ones: every layer must use the same frequencies (DeepSeek has one
+   RoPE table), so each block ``b`` gets ``n_b`` slots, allotted greedily by the component score summed
+   over layers, energy times ``1 - sinc(w_b L)`` (how far RoPE turns over ``L = max_position_embeddings``
+   tokens), and each layer keeps its top ``n_b`` components of block ``b``. The other components lose
+   RoPE and join the no-RoPE keys ``k_nope`` (``D - rope_dim`` dims).
 3. *Low-rank latent*. With ``alpha = ||V|| / ||k_nope||`` (balanced KV, calibration norms), PCA of
    ``x = [alpha k_nope; V]`` (second moment, so biases are included) keeps ``r = kv_lora_rank - 1``
    directions ``P``: the latent is ``y = P^T x``; ``k_nope ~ P_K y / alpha``, ``V ~ P_V y``. Head ``i``'s
-   no-RoPE key is ``(S_nope Omega E_i)^T P_K y / alpha`` (``d`` dims) so its no-RoPE query is simply the
+   no-RoPE key is ``(S_nope B E_i)^T P_K y / alpha`` (``d`` dims) so its no-RoPE query is simply the
    original ``q_i``: ``qk_nope_head_dim = v_head_dim = d``, ``qk_rope_head_dim = rope_dim``.
 4. *Softmax scale*. DeepSeek scales by ``(d + rope_dim)^-1/2``; queries are multiplied by
    ``sqrt((d + rope_dim) / d)`` (and by the source RoPE's attention factor squared) so scores are unchanged.
@@ -302,48 +304,67 @@ def _block_frequencies(src: _Source, fold: int) -> torch.Tensor:
 
 
 @dataclass
-class _LayerPCA:
-    """RoRoPE bases of one layer: per block, components sorted by importance (rows of ``bases[b]``)."""
+class _LayerBasis:
+    """RoRoPE bases of one layer. Per block ``b``: ``keys[b]`` (rows: components, applied to the key
+    coordinates of the block) and ``queries[b] = keys[b]^-T`` (applied to query coordinates), so that
+    ``(queries q) . (keys k) = q . k``; rows sorted by importance, whose values are ``scores[b]``."""
 
-    bases: list[torch.Tensor]  # [G f, G f] orthogonal, row c = component c
-    scores: torch.Tensor  # [blocks, G f], importance of each component (for the slot allotment)
+    keys: list[torch.Tensor]  # [G f, G f] each
+    queries: list[torch.Tensor]
+    scores: torch.Tensor  # [blocks, G f]
 
 
-def _rorope_pca(src: _Source, wk: torch.Tensor, wq: torch.Tensor, moment: torch.Tensor, fold: int,
-                block_freq: torch.Tensor) -> _LayerPCA:
+def _rorope_basis(src: _Source, wk: torch.Tensor, wq: torch.Tensor, moment: torch.Tensor, fold: int,
+                  block_freq: torch.Tensor, basis: str) -> _LayerBasis:
+    """Per block of ``fold`` RoPE pairs, a change of basis of the ``G fold`` key components that commutes
+    with RoPE (it mixes whole 2-D components, the same way for both coordinates).
+
+    ``basis="key"`` (the paper's RoRoPE): the orthogonal PCA basis of the keys, ``sum_t a a^T + b b^T``.
+    ``basis="qk"``: with ``Cq = L L^T`` the queries' second moment over the block (all query heads, each on
+    its group's components) and ``L^T Ck L = W S W^T``, keys use ``A = W^T L^T`` and queries ``A^-T =
+    W^T L^-1``: query components come out white and key components uncorrelated with energies ``S``, so
+    ``S_c`` is component ``c``'s share of the score energy ``E (q . k)^2``.
+    Components are ranked by energy times ``1 - sinc(w_b L)`` (how much RoPE moves over ``L`` tokens).
+    """
     d, half, rep = src.head_dim, src.head_dim // 2, src.heads // src.kv_heads
     key_moment = wk @ moment @ wk.T  # [D, D]
-    query_energy = []  # per query head: [d] second moment of each coordinate
-    for i in range(src.heads):
-        rows = wq[i * d : (i + 1) * d]
-        query_energy.append(((rows @ moment) * rows).sum(dim=1))
+    query_moments = [wq[i * d : (i + 1) * d] @ moment @ wq[i * d : (i + 1) * d].T for i in range(src.heads)]
     context = float(getattr(src.config, "max_position_embeddings", 4096) or 4096)
-    bases, scores = [], []
+    keys, queries, scores = [], [], []
     for b, comps in enumerate(_blocks(src, fold)):
         a_idx = torch.tensor([g * d + p for g, p in comps])
-        cov = key_moment[a_idx][:, a_idx] + key_moment[a_idx + half][:, a_idx + half]
-        _, vecs = torch.linalg.eigh(cov)
-        basis = vecs.T.flip(0)  # rows: components, largest key energy first
-        key_e = ((basis @ cov) * basis).sum(dim=1)
-        # Query energy of component c summed over heads: head i sees its group's coordinates of the row.
-        q_e = torch.zeros(len(comps), dtype=torch.float64)
+        ck = key_moment[a_idx][:, a_idx] + key_moment[a_idx + half][:, a_idx + half]
+        cq = torch.zeros_like(ck)
         for i in range(src.heads):
-            g_i = i // rep
-            cols = [n for n, (g, _) in enumerate(comps) if g == g_i]
-            pair_energy = torch.tensor([query_energy[i][comps[n][1]] + query_energy[i][comps[n][1] + half] for n in cols])
-            q_e += (basis[:, cols] ** 2) @ pair_energy
+            own = [n for n, (g, _) in enumerate(comps) if g == i // rep]
+            pairs = torch.tensor([comps[n][1] for n in own])
+            block = query_moments[i][pairs][:, pairs] + query_moments[i][pairs + half][:, pairs + half]
+            cq[torch.tensor(own)[:, None], torch.tensor(own)[None, :]] += block
+        if basis == "key":
+            energy, vecs = torch.linalg.eigh(ck)
+            key_rows = vecs.T
+            query_rows = key_rows
+            query_e = ((key_rows @ cq) * key_rows).sum(dim=1)
+            energy = energy.clamp_min(0) * query_e.clamp_min(0)
+        else:
+            eye = torch.eye(len(comps), dtype=torch.float64)
+            chol = torch.linalg.cholesky(cq + eye * (1e-9 * float(cq.diagonal().mean()) + 1e-30))
+            energy, vecs = torch.linalg.eigh(chol.T @ ck @ chol)
+            key_rows = vecs.T @ chol.T
+            query_rows = torch.linalg.solve_triangular(chol, vecs, upper=False).T  # W^T L^-1
         wl = float(block_freq[b]) * context
         motion = 1.0 - math.sin(wl) / wl if wl > 0 else 0.0
-        score = key_e.clamp_min(0) * q_e.clamp_min(0) * motion
+        score = energy.clamp_min(0) * motion
         order = torch.argsort(score, descending=True, stable=True)
-        bases.append(basis[order])
+        keys.append(key_rows[order])
+        queries.append(query_rows[order])
         scores.append(score[order])
-    return _LayerPCA(bases, torch.stack(scores))
+    return _LayerBasis(keys, queries, torch.stack(scores))
 
 
-def _allot_slots(pcas: list[_LayerPCA], rope_pairs: int, per_block: int) -> list[int]:
+def _allot_slots(bases: list[_LayerBasis], rope_pairs: int, per_block: int) -> list[int]:
     """Greedy: how many RoPE slots each block gets, by the component score summed over layers."""
-    total = torch.stack([p.scores for p in pcas]).sum(dim=0)  # [blocks, G f]
+    total = torch.stack([b.scores for b in bases]).sum(dim=0)  # [blocks, G f]
     counts = [0] * total.shape[0]
     for _ in range(rope_pairs):
         best, best_gain = None, -1.0
@@ -359,44 +380,55 @@ def _rope_positions(slot: int, rope_dim: int, interleave: bool) -> tuple[int, in
     return (2 * slot, 2 * slot + 1) if interleave else (slot, slot + rope_dim // 2)
 
 
-def _rotation(src: _Source, pca: _LayerPCA, fold: int, counts: list[int], rope_dim: int, interleave: bool):
-    """``(rope_rows [rope_dim, D], nope_rows [D - rope_dim, D])``: the rows of ``Omega`` that keep RoPE (in
-    DeepSeek's layout) and those that do not."""
+@dataclass
+class _Split:
+    """Rows (over the ``D`` key-space coordinates) of the layer's key and query transforms, split into
+    the components that keep RoPE (in DeepSeek's ``k_rot`` layout) and those that do not."""
+
+    key_rope: torch.Tensor  # [rope_dim, D]
+    key_nope: torch.Tensor  # [D - rope_dim, D]
+    query_rope: torch.Tensor
+    query_nope: torch.Tensor
+
+
+def _split(src: _Source, basis: _LayerBasis, fold: int, counts: list[int], rope_dim: int, interleave: bool) -> _Split:
     d, half, D = src.head_dim, src.head_dim // 2, src.key_dim
-    rope_rows = torch.zeros(rope_dim, D, dtype=torch.float64)
-    nope_rows = []
+    rope = [torch.zeros(rope_dim, D, dtype=torch.float64) for _ in range(2)]
+    nope = [[], []]
     slot = 0
     for b, comps in enumerate(_blocks(src, fold)):
         a_cols = torch.tensor([g * d + p for g, p in comps])
         for c in range(len(comps)):
-            row_a = torch.zeros(D, dtype=torch.float64)
-            row_b = torch.zeros(D, dtype=torch.float64)
-            row_a[a_cols] = pca.bases[b][c]
-            row_b[a_cols + half] = pca.bases[b][c]
             if c < counts[b]:
                 pa, pb = _rope_positions(slot, rope_dim, interleave)
-                rope_rows[pa], rope_rows[pb] = row_a, row_b
                 slot += 1
-            else:
-                nope_rows += [row_a, row_b]
-    nope = torch.stack(nope_rows) if nope_rows else torch.zeros(0, D, dtype=torch.float64)
-    return rope_rows, nope
+            for which, rows in enumerate((basis.keys[b], basis.queries[b])):
+                row_a = torch.zeros(D, dtype=torch.float64)
+                row_b = torch.zeros(D, dtype=torch.float64)
+                row_a[a_cols] = rows[c]
+                row_b[a_cols + half] = rows[c]
+                if c < counts[b]:
+                    rope[which][pa], rope[which][pb] = row_a, row_b
+                else:
+                    nope[which] += [row_a, row_b]
+    stacked = [torch.stack(n) if n else torch.zeros(0, D, dtype=torch.float64) for n in nope]
+    return _Split(rope[0], stacked[0], rope[1], stacked[1])
 
 
 def _spectral_norm(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix, ord=2)) if matrix.numel() else 0.0
 
 
-def _convert_layer(src: _Source, layer, moment: torch.Tensor, rope_rows: torch.Tensor, nope_rows: torch.Tensor,
-                   kv_lora_rank: int, balance_kv: bool, norm_eps: float) -> tuple[dict[str, torch.Tensor], dict]:
+def _convert_layer(src: _Source, layer, moment: torch.Tensor, split: _Split, kv_lora_rank: int, balance_kv: bool,
+                   norm_eps: float) -> tuple[dict[str, torch.Tensor], dict]:
     """The DeepSeek-V3 attention weights of one layer (float64) and some statistics of the fit."""
     attn = layer.self_attn
     d, H, G, D = src.head_dim, src.heads, src.kv_heads, src.key_dim
-    rep, rope_dim = H // G, rope_rows.shape[0]
+    rep, rope_dim = H // G, split.key_rope.shape[0]
     wq, wk, wv = _augmented(attn.q_proj), _augmented(attn.k_proj), _augmented(attn.v_proj)
 
     # Low-rank latent: PCA of [alpha k_nope; V] (second moment of the augmented input, so biases count).
-    knope = nope_rows @ wk  # [D - rope_dim, hidden + 1]
+    knope = split.key_nope @ wk  # [D - rope_dim, hidden + 1]
     k_energy = float(torch.trace(knope @ moment @ knope.T)) if knope.numel() else 0.0
     v_energy = float(torch.trace(wv @ moment @ wv.T))
     alpha = math.sqrt(v_energy / k_energy) if balance_kv and k_energy > 0 and v_energy > 0 else 1.0
@@ -418,7 +450,7 @@ def _convert_layer(src: _Source, layer, moment: torch.Tensor, rope_rows: torch.T
     kv_a = torch.zeros(kv_lora_rank + rope_dim, src.hidden + 1, dtype=torch.float64)
     kv_a[:rank] = latent
     kv_a[rank, -1] = anchor
-    kv_a[kv_lora_rank:] = rope_rows @ wk
+    kv_a[kv_lora_rank:] = split.key_rope @ wk
     kv_a_norm = torch.full((kv_lora_rank,), norm_const, dtype=torch.float64)
     kv_a_norm[rank] = 0.0
 
@@ -429,8 +461,8 @@ def _convert_layer(src: _Source, layer, moment: torch.Tensor, rope_rows: torch.T
         embed = torch.zeros(D, d, dtype=torch.float64)  # E_i: query coordinates -> key space at group g
         embed[g * d : (g + 1) * d] = torch.eye(d, dtype=torch.float64)
         q_i = wq[i * d : (i + 1) * d]
-        q_rows += [q_scale * q_i, q_scale * (rope_rows @ embed @ q_i)]
-        k_block = (nope_rows @ embed).T @ decode_k  # [d, r]
+        q_rows += [q_scale * q_i, q_scale * (split.query_rope @ embed @ q_i)]
+        k_block = (split.query_nope @ embed).T @ decode_k  # [d, r]
         v_block = decode_v[g * d : (g + 1) * d]  # [d, r]
         zero = torch.zeros(d, 1, dtype=torch.float64)
         kv_b_rows += [torch.cat([k_block, zero], 1), torch.cat([v_block, zero], 1)]
@@ -464,8 +496,8 @@ def _convert_layer(src: _Source, layer, moment: torch.Tensor, rope_rows: torch.T
     else:
         weights[prefix + "q_proj.weight"] = query[:, :-1]
     stats = {"kv_energy_kept": kept_energy, "balance_alpha": alpha,
-             "rope_key_energy": float(torch.trace(rope_rows @ wk @ moment @ wk.T @ rope_rows.T)
-                                      / max(torch.trace(wk @ moment @ wk.T), 1e-300))}
+             "nope_key_share": k_energy / max(k_energy + float(torch.trace(kv_a[kv_lora_rank:] @ moment
+                                                                                  @ kv_a[kv_lora_rank:].T)), 1e-300)}
     return weights, stats
 
 
@@ -526,6 +558,7 @@ def convert_gqa_to_mla(
     *,
     tokenizer=None,
     freq_fold: int = 1,
+    rorope_basis: str = "qk",
     balance_kv: bool = True,
     rope_interleave: bool = True,
     recovery_steps: int = 0,
@@ -550,11 +583,14 @@ def convert_gqa_to_mla(
             component keeps its RoPE: lossless).
         calibration: token ids ``[sequences, tokens]`` (or a list of 1-D tensors) whose activations choose
             the bases. ``None``: :func:`calibration_tokens` (8 x 512 tokens of Python's bundled docs when a
-            ``tokenizer`` is given, else text sampled from the model with a fixed seed). Not used by the
-            lossless setting.
+            ``tokenizer`` is given, else text sampled from the model with a fixed seed). Optional in the
+            lossless setting (any bases are exact there; without data it uses the identity moments).
         tokenizer: tokenizer for the default calibration text.
         freq_fold: FreqFold, number of adjacent RoPE frequencies treated as one (divides ``d / 2``);
             1 = exact frequencies.
+        rorope_basis: ``"qk"`` (default): per frequency block, the basis that whitens the queries and
+            decorrelates the keys, ranking components by their share of the score energy; ``"key"``: the
+            paper's orthogonal PCA of the keys alone. Both commute with RoPE.
         balance_kv: scale no-RoPE keys to the values' norm before the joint PCA (the paper's BKV).
         rope_interleave: DeepSeek's ``rope_interleave`` layout for the converted config.
         recovery_steps: if > 0, that many steps of :func:`distill_from_teacher` on the calibration tokens.
@@ -567,13 +603,16 @@ def convert_gqa_to_mla(
 
     Raises:
         TypeError: unsupported model type/architecture or dtype (float16), bad ``calibration`` type.
-        ValueError: ``kv_lora_rank``, ``rope_dim`` or ``freq_fold`` out of range, odd head dim, dynamic RoPE.
+        ValueError: ``kv_lora_rank``, ``rope_dim``, ``freq_fold``, ``rorope_basis`` or ``recovery_steps``
+            out of range, odd head dim, sequence-length-dependent RoPE.
     """
     from transformers import AutoModelForCausalLM
 
     src = _inspect_source(model)
     param = next(model.parameters())
     kv_lora_rank, rope_dim = _check_settings(src, kv_lora_rank, rope_dim, freq_fold, param.dtype)
+    if rorope_basis not in ("qk", "key"):
+        raise ValueError(f"rorope_basis must be 'qk' or 'key', got {rorope_basis!r}")
     if not isinstance(recovery_steps, int) or isinstance(recovery_steps, bool) or recovery_steps < 0:
         raise ValueError(f"recovery_steps must be an int >= 0, got {recovery_steps!r}")
     lossless = rope_dim == src.key_dim and kv_lora_rank == 2 * src.key_dim - rope_dim + 1 and freq_fold == 1
@@ -598,8 +637,8 @@ def convert_gqa_to_mla(
     block_freq = _block_frequencies(src, freq_fold)
     wks = [_augmented(layer.self_attn.k_proj) for layer in src.layers]
     wqs = [_augmented(layer.self_attn.q_proj) for layer in src.layers]
-    pcas = [_rorope_pca(src, wk, wq, m, freq_fold, block_freq) for wk, wq, m in zip(wks, wqs, moments)]
-    counts = _allot_slots(pcas, rope_dim // 2, src.kv_heads * freq_fold)
+    bases = [_rorope_basis(src, wk, wq, m, freq_fold, block_freq, rorope_basis) for wk, wq, m in zip(wks, wqs, moments)]
+    counts = _allot_slots(bases, rope_dim // 2, src.kv_heads * freq_fold)
     slot_freq = torch.cat([block_freq[b].repeat(n) for b, n in enumerate(counts)])
 
     config = _deepseek_config(src, kv_lora_rank, rope_dim, slot_freq, rope_interleave)
@@ -611,11 +650,11 @@ def convert_gqa_to_mla(
     from tqdm.auto import tqdm
 
     state, layer_stats = {}, []
-    for index, (layer, moment, pca) in enumerate(
-        tqdm(list(zip(src.layers, moments, pcas)), desc="converting layers", disable=not progress)
+    for index, (layer, moment, basis) in enumerate(
+        tqdm(list(zip(src.layers, moments, bases)), desc="converting layers", disable=not progress)
     ):
-        rope_rows, nope_rows = _rotation(src, pca, freq_fold, counts, rope_dim, rope_interleave)
-        weights, stats = _convert_layer(src, layer, moment, rope_rows, nope_rows, kv_lora_rank, balance_kv, norm_eps)
+        split = _split(src, basis, freq_fold, counts, rope_dim, rope_interleave)
+        weights, stats = _convert_layer(src, layer, moment, split, kv_lora_rank, balance_kv, norm_eps)
         layer_stats.append(stats)
         prefix = f"model.layers.{index}."
         state |= {prefix + k: v for k, v in weights.items()}
@@ -642,7 +681,8 @@ def convert_gqa_to_mla(
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = model.generation_config
     new.transmla_info = {
-        "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim, "freq_fold": freq_fold, "balance_kv": balance_kv,
+        "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim, "freq_fold": freq_fold, "rorope_basis": rorope_basis,
+        "balance_kv": balance_kv,
         "lossless": lossless, "rope_slots_per_block": counts,
         "cache_elements_per_token": {"source": kv_elements_per_token(model), "converted": kv_elements_per_token(new)},
         "layers": layer_stats, "calibration_tokens": 0 if tokens is None else tokens.numel(), "recovery_losses": [],

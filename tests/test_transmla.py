@@ -100,11 +100,13 @@ def test_llama_with_attention_bias_uses_q_lora_anchor_and_stays_exact():
         torch.testing.assert_close(converted(ids).logits, source(ids).logits, atol=2e-5, rtol=1e-4)
 
 
-def test_rorope_rotation_with_calibration_is_still_exact(calibration):
-    """With calibration data the RoRoPE bases are real PCA rotations mixing heads; with every component
-    keeping RoPE they must commute with RoPE exactly, and the full-rank latent PCA loses nothing."""
+@pytest.mark.parametrize("basis", ["qk", "key"])
+def test_rorope_rotation_with_calibration_is_still_exact(calibration, basis):
+    """With calibration data the RoRoPE bases really mix heads (the paper's orthogonal key PCA, or our
+    query-whitening basis with its inverse transpose on the queries); with every component keeping RoPE
+    they must commute with RoPE exactly, and the full-rank latent PCA loses nothing."""
     source = sharp_model("qwen2")
-    converted = convert_gqa_to_mla(source, calibration=calibration, progress=False)
+    converted = convert_gqa_to_mla(source, calibration=calibration, rorope_basis=basis, progress=False)
     kv_a = converted.model.layers[0].self_attn.kv_a_proj_with_mqa.weight
     rope = kv_a[converted.config.kv_lora_rank :]
     k_proj = source.model.layers[0].self_attn.k_proj.weight
@@ -289,6 +291,7 @@ def test_convert_with_recovery_steps_records_losses(calibration):
         ({"rope_dim": 0}, r"rope_dim"),
         ({"freq_fold": 3}, r"freq_fold must divide head_dim/2 = 8: allowed \[1, 2, 4, 8\]"),
         ({"recovery_steps": -1}, r"recovery_steps must be an int >= 0"),
+        ({"rorope_basis": "pca"}, r"rorope_basis must be 'qk' or 'key'"),
     ],
 )
 def test_bad_settings_raise_value_error(kwargs, match):
@@ -332,10 +335,12 @@ def test_smollm2_lossless_and_a_2x_smaller_cache(smollm2):
     del lossless
 
     cal = calibration_tokens(model, tokenizer, num_sequences=2, seq_len=256, progress=False)
-    small = convert_gqa_to_mla(model, kv_lora_rank=96, rope_dim=32, calibration=cal, progress=False)
-    assert kv_elements_per_token(model) / kv_elements_per_token(small) == 3.0
+    small = convert_gqa_to_mla(model, kv_lora_rank=128, rope_dim=64, calibration=cal, progress=False)
+    assert kv_elements_per_token(model) / kv_elements_per_token(small) == 2.0
     with torch.no_grad():
         logits = small(ids).logits
     nll_ref = F.cross_entropy(reference[0, :-1], ids[0, 1:]).item()
     nll = F.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
-    assert math.isfinite(nll) and nll < nll_ref + 1.5  # degraded but still a language model
+    # Lossy without recovery training (docs/transmla.md: +0.7 nats on 512 held-out tokens), but still a
+    # language model: far below the uniform guess's log(vocab) = 10.8 nats.
+    assert math.isfinite(nll) and nll_ref < nll < nll_ref + 1.5
