@@ -9,13 +9,20 @@ MLA caches per token the normalised latent ``c = g * n`` (``n = x / rms(x)``, ``
 ``s_h,t = q_lat_h . c_t + q^R_h . k^R_t`` with ``q_lat_h = W_UK_h^T q^N_h`` and outputs
 ``W_UV_h sum_t softmax(scale s_h)_t c_t``.
 
-**Folding (exact).** With an orthogonal ``Q`` (``r x r``: identity, Hadamard or PCA) TPLA caches
-``z = Q^T n`` instead of ``c`` and uses ``W'_b = W_b diag(g) Q`` instead of ``kv_b_proj``'s ``W_b``:
-``W'_b z = W_b diag(g) Q Q^T n = W_b c``. ``z`` comes straight out of folded weights: the latent rows of
-``kv_a_proj`` become ``Q^T W_a`` and the norm is an RMSNorm *without* weight, because
-``rms(Q^T x) = rms(x)`` for orthogonal ``Q``; so ``z = Q^T x / rms(Q^T x) = Q^T n`` and decode pays
-nothing for the rotation. ``g`` has to move into ``kv_b_proj`` first: an elementwise weight does not
-commute with a rotation.
+**Rotation (exact).** With an orthogonal ``Q`` (``r x r``: identity, Hadamard or PCA) TPLA caches
+``z = Q^T c`` and uses ``W'_b = W_b Q`` instead of ``kv_b_proj``'s ``W_b``: ``W'_b z = W_b Q Q^T c = W_b c``.
+``W'_b`` (hence the absorbed ``W'_UK``, ``W'_UV``) is folded once at patch time; the latent side costs one
+``r x r`` matmul per *new* token and layer (DeepSeek-V3: 0.26 M multiply-adds, against 4.1 M for
+``kv_a_proj`` and ``H * T * (r/N + p)`` = 1.3 G for a shard's attention at 32K), nothing per cached token.
+
+Why not fold ``Q`` into ``kv_a_proj`` too (zero cost)? The norm weight ``g`` multiplies elementwise
+after the RMS division and does not commute with ``Q``; folding would mean caching ``Q^T n`` (``n = x /
+rms(x)``, exact because ``rms(Q^T x) = rms(x)``) and moving ``g`` into ``W'_b = W_b diag(g) Q``. That is
+exact in real arithmetic but not in floating point when ``g`` is far from uniform: a channel that ``g``
+suppresses can dominate ``n`` and, once rotated, every coordinate of ``z``; the useful signal is then
+rounded away. TransMLA-converted models are the extreme case (an anchor channel ``10^4`` times larger
+than the rest with ``g = 0``): folded that way, SmolLM2's perplexity at ``N = 1`` moved from 27.54 to
+27.95 with Hadamard. Rotating ``c`` itself keeps ``N = 1`` equal to MLA to rounding for every model.
 
 **The norm is exact.** The RMSNorm is computed on the *full* latent of the new token(s) before
 slicing: every shard computes the whole ``kv_a_proj`` output of the new token (a ``hidden x (r + p)``
@@ -32,7 +39,7 @@ coordinates) and a full copy of ``k^R`` (replicated, see below), and holds the c
 and the output is ``o_h = sum_i o^i_h`` (one all-reduce of ``H * v_head_dim`` values per token and layer,
 then ``o_proj``). The exact score is ``sum_i q'_lat[S_i] . z[S_i] + q^R . k^R``; shard ``i``'s softmax
 misses the other shards' latent terms. **That per-shard softmax is TPLA's only approximation**; with
-``N = 1`` it is absorbed MLA exactly (the folded rotation changes rounding only). It is also exact when
+``N = 1`` it is absorbed MLA exactly (the rotation changes rounding only). It is also exact when
 the latent of every token lies in one shard's coordinates (the other shards contribute ``z = 0``), which
 is what PCA aims for on latents of low effective rank.
 
@@ -139,11 +146,11 @@ def default_calibration(config, sequences: int = 4, tokens: int = 128, seed: int
 
 @torch.no_grad()
 def calibration_latents(model: torch.nn.Module, calibration: torch.Tensor) -> list[torch.Tensor]:
-    """Per attention layer, the normalised unweighted latents ``n = x / rms(x)`` (``[tokens, r]``, float64)
-    that ``calibration`` (token ids ``[sequences, tokens]``) produces in ``model``.
+    """Per attention layer, the latents ``c`` the model caches (``[tokens, r]``, float64) for ``calibration``
+    (token ids ``[sequences, tokens]``).
 
     Computed from the decoder layers' inputs (``output_hidden_states``), no hooks: layer ``l``'s latent is
-    ``kv_a_proj(input_layernorm(hidden_states[l]))``, normalised without the norm weight.
+    ``kv_a_layernorm(kv_a_proj(input_layernorm(hidden_states[l]))[:r])``.
     """
     device = next(model.parameters()).device
     out = model(input_ids=calibration.to(device), output_hidden_states=True, use_cache=False)
@@ -151,9 +158,8 @@ def calibration_latents(model: torch.nn.Module, calibration: torch.Tensor) -> li
     latents = []
     for layer, hidden in zip(layers, out.hidden_states):
         attn = layer.self_attn
-        x = attn.kv_a_proj_with_mqa(layer.input_layernorm(hidden))[..., : attn.kv_lora_rank].to(torch.float64)
-        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + attn.kv_a_layernorm.variance_epsilon)
-        latents.append(n.reshape(-1, attn.kv_lora_rank))
+        x = attn.kv_a_proj_with_mqa(layer.input_layernorm(hidden))[..., : attn.kv_lora_rank]
+        latents.append(attn.kv_a_layernorm(x).to(torch.float64).reshape(-1, attn.kv_lora_rank))
     return latents
 
 
@@ -324,39 +330,31 @@ def tpla_attention(
 # -- folded weights and the patched forward ---------------------------------------------------------
 @dataclass
 class TPLAWeights:
-    """One attention's folded weights, restricted to the shards this process holds (float64 maths, stored
-    in the module's dtype).
+    """One attention's TPLA weights, restricted to the shards this process holds (float64 maths, stored in
+    the module's dtype).
 
-    ``kv_a_weight``/``kv_a_bias``: ``kv_a_proj_with_mqa`` with its latent rows replaced by ``Q^T W_a`` (every
-    shard computes the full latent of new tokens, so this is not sliced). ``kv_b``: ``W_b diag(g) Q``
+    ``rotation``: ``Q`` (``[r, r]``; ``None`` for the identity): new tokens' latents become ``z = Q^T c``
+    (every shard rotates the full latent of new tokens, so it is not sliced). ``kv_b``: ``W_b Q``
     restricted to the held columns, ``[H * (nope + v), n * w]``; ``w_uk`` (``[H, nope, n*w]``) and ``w_uv_t``
     (``[H, n*w, v]``) are views of it.
     """
 
-    kv_a_weight: torch.Tensor
-    kv_a_bias: torch.Tensor | None
+    rotation: torch.Tensor | None
     kv_b: torch.Tensor
     w_uk: torch.Tensor
     w_uv_t: torch.Tensor
-    eps: float
 
     @classmethod
-    def fold(cls, module: torch.nn.Module, rotation: torch.Tensor, columns: slice) -> "TPLAWeights":
-        r = module.kv_lora_rank
-        dtype = module.kv_b_proj.weight.dtype
-        q = rotation.to(module.kv_b_proj.weight.device, torch.float64)
-        w_a = module.kv_a_proj_with_mqa.weight.detach().to(torch.float64)
-        kv_a_weight = torch.cat((q.T @ w_a[:r], w_a[r:])).to(dtype)
-        bias = module.kv_a_proj_with_mqa.bias
-        kv_a_bias = None
-        if bias is not None:
-            b = bias.detach().to(torch.float64)
-            kv_a_bias = torch.cat((q.T @ b[:r], b[r:])).to(dtype)
-        g = module.kv_a_layernorm.weight.detach().to(torch.float64)
-        kv_b = ((module.kv_b_proj.weight.detach().to(torch.float64) * g) @ q)[:, columns].to(dtype).contiguous()
+    def fold(cls, module: torch.nn.Module, rotation: torch.Tensor | None, columns: slice) -> "TPLAWeights":
+        weight = module.kv_b_proj.weight.detach()
+        if rotation is None:
+            kv_b = weight[:, columns].contiguous()
+        else:
+            q = rotation.to(weight.device, torch.float64)
+            kv_b = (weight.to(torch.float64) @ q)[:, columns].to(weight.dtype).contiguous()
+            rotation = q.to(weight.dtype)
         per_head = kv_b.view(module.num_heads, module.qk_nope_head_dim + module.v_head_dim, -1)
-        return cls(kv_a_weight, kv_a_bias, kv_b, per_head[:, : module.qk_nope_head_dim],
-                   per_head[:, module.qk_nope_head_dim :].transpose(1, 2), module.kv_a_layernorm.variance_epsilon)
+        return cls(rotation, kv_b, per_head[:, : module.qk_nope_head_dim], per_head[:, module.qk_nope_head_dim :].transpose(1, 2))
 
 
 @dataclass
@@ -423,11 +421,10 @@ def _tpla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     q_nope, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
     w = state.weights
-    x, k_rot = torch.split(F.linear(hidden_states, w.kv_a_weight, w.kv_a_bias), [self.kv_lora_rank, self.qk_rope_head_dim], -1)
-    # RMSNorm without weight on the FULL rotated latent (g is folded into kv_b), in float32 as the stock norm
-    # (float64 for float64 models, where the stock norm's float32 rounding would hide the folding's exactness)
-    xw = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    z = (xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + w.eps)).to(x.dtype)
+    x, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim], -1)
+    z = self.kv_a_layernorm(x)  # the model's own norm on the FULL latent of the new tokens: exact, no local norm
+    if w.rotation is not None:
+        z = z @ w.rotation  # rows: z^T = c^T Q, i.e. z = Q^T c
     k_rot = k_rot.view(batch, 1, length, self.qk_rope_head_dim)
     q_rot, k_rot = _rotate(state, self, q_rot, k_rot, position_embeddings)
 
@@ -478,7 +475,7 @@ def patch_tpla(
     """Install TPLA attention on every DeepSeek-V2/V3 attention of ``model``; use it with a :class:`TPLACache`.
 
     The rotation is computed once (Hadamard; or PCA of each layer's latents on ``calibration``) and folded
-    into copies of ``kv_a_proj``/``kv_b_proj`` kept on the module; the model's own parameters are not
+    into a copy of ``kv_b_proj`` (the held columns) kept on the module; the model's own parameters are not
     changed, and ``handle.remove()`` restores the stock forward exactly.
 
     Args:
@@ -527,7 +524,7 @@ def patch_tpla(
 
     r = cfg.kv_lora_rank
     if rotation is None:
-        rotations = [torch.eye(r, dtype=torch.float64)] * len(modules)
+        rotations = [None] * len(modules)
     elif rotation == "hadamard":
         rotations = [hadamard_rotation(r)] * len(modules)
     else:

@@ -206,7 +206,7 @@ def test_pca_rotation_orthogonal_sorted_deterministic():
 
 
 def test_calibration_latents_are_the_models_latents():
-    """The PCA input is the latent the model caches, divided by the norm weight (n = c / g)."""
+    """The PCA input is exactly the latent the model caches."""
     model = tpla_model()
     ids, _ = prompt_batch()
     latents = calibration_latents(model, ids)
@@ -214,8 +214,24 @@ def test_calibration_latents_are_the_models_latents():
     with torch.no_grad():
         model(input_ids=ids, **{"past_key_values": ref})
     for layer, latent in zip(ref.layers, latents):
-        g = model.model.layers[layer.layer_idx].self_attn.kv_a_layernorm.weight
-        assert torch.allclose(latent.view(2, ids.shape[1], R).float() * g, layer.latent[:, 0], atol=1e-5)
+        assert torch.allclose(latent.view(2, ids.shape[1], R).float(), layer.latent[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "pca"])
+def test_rotation_exact_with_a_suppressed_giant_channel(rotation):
+    """A latent channel 10^4 times larger than the rest with norm weight 0 (TransMLA's norm anchor) must not
+    cost precision: the rotation acts on the weighted latent c, so N = 1 still equals MLA to fp32 rounding."""
+    model = tpla_model()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.kv_a_proj_with_mqa.weight[R - 1] *= 1e4
+            attn.kv_a_layernorm.weight[R - 1] = 0.0
+    ids, mask = prompt_batch()
+    ref_tokens, ref_logits = mla_reference(model, ids, mask)
+    tokens, logits, _ = tpla_run(model, ids, mask, 1, rotation)
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max() < 1e-4
 
 
 # -- memory --------------------------------------------------------------------------------------------
