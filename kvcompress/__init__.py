@@ -15,3 +15,5 @@ from .mla import MLALatentCache, absorbed_attention, patch_mla
 __all__ += ["MLALatentCache", "absorbed_attention", "patch_mla"]
 from .tpla import TPLACache, patch_tpla
 __all__ += ["TPLACache", "patch_tpla"]
+from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token
+__all__ += ["convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token"]
