@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--needle-lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--needle-prompts", type=int, default=8)
-    parser.add_argument("--answer-tokens", type=int, default=12)
+    parser.add_argument("--answer-tokens", type=int, default=24)
     parser.add_argument("--recovery-steps", type=int, default=0)
     parser.add_argument("--recovery-lr", type=float, default=5e-5)
     parser.add_argument("--recovery-batch", type=int, default=4)

@@ -110,13 +110,12 @@ def _inspect_source(model) -> _Source:
         raise ValueError(f"head_dim must be even for RoPE pairs, got head_dim={head_dim}")
     if getattr(config, "mlp_bias", False):
         raise ValueError("mlp_bias=True is not representable: DeepSeek-V3's dense MLP has no biases")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        pass  # DeepSeek-V3's MLP takes hidden_act from the config, copied below
     params = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in _SUPPORTED_ROPE_TYPES:
         raise ValueError(
-            f"source rope_type {rope_type!r} changes with the sequence length; supported: {_SUPPORTED_ROPE_TYPES}"
+            f"source rope_type {rope_type!r} is not supported (it depends on the sequence length, or is unknown); "
+            f"supported: {_SUPPORTED_ROPE_TYPES}"
         )
     if (params.get("partial_rotary_factor") or 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported (every head dim must be rotary)")
