@@ -18,6 +18,7 @@ and experts off), optionally cut to ``layers`` layers (per-layer costs are uncha
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -217,6 +218,9 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
             continue
         best = None
         for _ in range(repeats):
+            # caches with reference cycles (a layer points back to its cache) outlive ``del`` until the
+            # cycle collector runs: collect first, or the baseline would include the previous run's cache
+            gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
