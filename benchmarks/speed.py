@@ -306,10 +306,11 @@ def plot(out: dict, path: str | Path) -> Path | None:
     rows = [r for r in out["results"] if "skipped" not in r]
     keys = [("cache_bytes_ratio", "cache bytes"), ("peak_bytes_ratio", "peak memory"),
             ("decode_ms_ratio", "decode ms/step"), ("prefill_s_ratio", "prefill s")]
+    keys = [(k, label) for k, label in keys if any(r.get(k) is not None for r in rows)]  # drop unmeasured
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     width = 0.8 / len(keys)
     for j, (key, label) in enumerate(keys):
-        ax.bar([i + j * width for i in range(len(rows))], [r[key] or 0 for r in rows], width, label=label)
+        ax.bar([i + j * width for i in range(len(rows))], [r.get(key) or 0 for r in rows], width, label=label)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([r["method"].replace(":", "\n") for r in rows], fontsize=7)
