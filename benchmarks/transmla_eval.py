@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     parser.add_argument("--needle-prompts", type=int, default=8)
     parser.add_argument("--answer-tokens", type=int, default=24)
     parser.add_argument("--recovery-steps", type=int, default=0)
-    parser.add_argument("--recovery-lr", type=float, default=5e-5)
+    parser.add_argument("--recovery-lr", type=float, default=1e-4)
     parser.add_argument("--recovery-batch", type=int, default=4)
     parser.add_argument("--json", default=None, help="write all rows to this JSON file")
     args = parser.parse_args(argv)

@@ -561,7 +561,7 @@ def convert_gqa_to_mla(
     balance_kv: bool = True,
     rope_interleave: bool = True,
     recovery_steps: int = 0,
-    recovery_lr: float = 5e-5,
+    recovery_lr: float = 1e-4,
     progress: bool = True,
 ):
     r"""Convert a Llama/Qwen2/Mistral causal LM into a ``DeepseekV3ForCausalLM`` with latent attention.
@@ -569,8 +569,8 @@ def convert_gqa_to_mla(
     Per token and layer the converted model caches ``kv_lora_rank + rope_dim`` numbers (DeepSeek's latent
     ``c_kv`` and the shared RoPE key) instead of ``2 * num_key_value_heads * head_dim``. The module
     docstring of ``kvcompress.transmla`` derives the construction; in short, per layer
-    :math:`q_i \cdot k_{g(i)} = (\Omega E_i q_i)\cdot(\Omega k)` with RoRoPE's orthogonal :math:`\Omega`
-    (PCA per RoPE frequency block, commuting with RoPE), ``rope_dim / 2`` rotated components keep RoPE,
+    :math:`q_i \cdot k_{g(i)} = (A^{-T} E_i q_i)\cdot(A k)` with RoRoPE's change of basis :math:`A`
+    (per block of RoPE frequencies, so it commutes with RoPE), ``rope_dim / 2`` components keep RoPE,
     and the rest plus the values are compressed by one PCA ``[alpha k_nope; V] ~ P P^T [alpha k_nope; V]``
     with ``kv_lora_rank - 1`` directions (one latent entry anchors the latent RMSNorm).
 
@@ -712,7 +712,7 @@ def distill_from_teacher(
     teacher,
     tokens: torch.Tensor,
     steps: int = 50,
-    lr: float = 5e-5,
+    lr: float = 1e-4,
     temperature: float = 1.0,
     batch_size: int = 1,
     progress: bool = True,
