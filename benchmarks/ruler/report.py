@@ -83,6 +83,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + note + legend + "\n"
 
 
+def _label(method: str) -> str:
+    """A short plot label: ``xkv:rank_k=0.25:rank_v=0.375`` -> ``xkv k.25 v.375``, ``kvpress:snapkv:0.6`` -> ``snapkv .6``."""
+    text = method.replace("kvpress:", "").replace("rank_k=", "k").replace("rank_v=", "v").replace(":", " ")
+    return text.replace("0.", ".")
+
+
 def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | None:
     """Average accuracy against cache ratio, one point per method (needs matplotlib: the bench extra)."""
     try:
@@ -95,17 +101,21 @@ def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | Non
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"kvcompress": "o", "kvpress": "s"}
+    placed: list[tuple[float, float]] = []
     for row in rows:
         if row["ratio"] is None:
             continue
-        ax.scatter(row["ratio"], row["average"], marker=markers.get(row["tool"], "^"), s=50,
+        x, y = row["ratio"], row["average"]
+        ax.scatter(x, y, marker=markers.get(row["tool"], "^"), s=50,
                    color="tab:blue" if row["tool"] == "kvcompress" else "tab:orange")
-        ax.annotate(row["method"], (row["ratio"], row["average"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
+        # stack the labels of points that (nearly) coincide instead of printing them on top of each other
+        crowd = sum(1 for px, py in placed if abs(px - x) < 0.08 and abs(py - y) < 4)
+        placed.append((x, y))
+        ax.annotate(_label(row["method"]), (x, y), fontsize=7, xytext=(4, 3 - 9 * crowd), textcoords="offset points")
     for tool, marker in markers.items():
         ax.scatter([], [], marker=marker, color="tab:blue" if tool == "kvcompress" else "tab:orange", label=tool)
     ax.set_xlabel("cache bytes / dynamic cache bytes (lower = more compressed)")
-    ax.set_ylabel("RULER average accuracy (%)")
+    ax.set_ylabel("RULER accuracy (%), mean over shared tasks")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
