@@ -290,3 +290,33 @@ def test_smollm2_lengths_and_a_real_answer(smollm2, tmp_path):
     rec = out["dynamic"][0]
     assert rec["score"] == 1.0, rec["prediction"]  # SmolLM2 finds a single needle at 1k with the stock cache
     assert json.loads(ResultsFile(tmp_path, "dynamic").path.read_text().splitlines()[0])["id"] == rec["id"]
+
+
+def test_runner_patches_models_for_methods_with_an_install_step(tiny, tmp_path):
+    """mla changes the attention forward: the runner goes through patch_model and restores the model."""
+    _, tokenizer, samples = tiny
+    model = tiny_model("deepseek_v2", max_position_embeddings=4096)
+    forwards = [layer.self_attn.forward for layer in model.model.layers]
+    assert runner.install_method_needed(runner.parse_methods("mla")[0])
+    assert not runner.install_method_needed(runner.parse_methods("xkv")[0])
+    out = runner.run_ruler(model, tokenizer, samples[:1], runner.parse_methods("dynamic,mla"), tmp_path,
+                           max_new_tokens=2, progress=False)
+    assert out["mla"][0]["cache_bytes"] > 0 and out["mla"][0]["id"] == samples[0]["id"]
+    assert [layer.self_attn.forward for layer in model.model.layers] == forwards  # patch removed
+    from kvcompress.patch import active_patch
+
+    assert active_patch(model) is None
+
+
+def test_kvpress_adapter_validates_and_splits_without_kvpress():
+    from benchmarks.ruler.peers import kvpress_eval as K
+
+    assert K.make_press("no_press") is None
+    for bad, match in (("snapkv", "ratio"), ("snapkv:1.5", r"\[0, 1\)"), ("h2o:0.5", "one of")):
+        with pytest.raises(ValueError, match=match):
+            K.make_press(bad)
+    sample = {"id": "x", "question": "\nWhat is it?"}
+    assert K.split_prompt("<u>ctx text\nWhat is it?</u> The answer is", sample) == \
+        ("<u>ctx text", "\nWhat is it?</u> The answer is")
+    with pytest.raises(ValueError, match="question not found"):
+        K.split_prompt("no question here", sample)
