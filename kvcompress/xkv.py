@@ -454,6 +454,20 @@ class XKVCache(Cache):
             keys = self._rope(keys, segment.start, +1.0)
         return keys.transpose(1, 2)
 
+    def _factors_save_memory(self, tokens: int, group_size: int) -> bool:
+        """Whether factors of ``tokens`` tokens are smaller than the exact states they replace.
+
+        A truncated rank that is a large fraction of the group's width can cost more than it saves on a
+        short segment (``T*r + G*r*H*d >= G*T*H*d``); such a segment stays exact. Full rank (``None`` for
+        both) is always factored: it exists to verify the factorisation, not to save memory.
+        """
+        if self.params["rank_k"] is None and self.params["rank_v"] is None:
+            return True
+        rank_k, rank_v = min(self.rank_k, tokens), min(self.rank_v, tokens)
+        hd = self.num_kv_heads * self.head_dim
+        factored = (rank_k + rank_v) * (tokens + group_size * hd)
+        return factored < 2 * group_size * tokens * hd
+
     def _compress_group(self, group: _Group) -> None:
         """Move every exact tail token older than ``window`` (past the sinks) into a new segment."""
         layers: list[XKVLayer] = [self.layers[i] for i in group.layer_indices]  # type: ignore[misc]
@@ -463,7 +477,7 @@ class XKVCache(Cache):
             raise RuntimeError("layers of an xKV group disagree on their token count")  # a bug, not user input
         to_sink = min(max(self.sink - first.sink_keys.shape[-2], 0), tail)
         to_compress = max(tail - to_sink - self.window, 0)
-        if to_compress < self.min_compress_tokens:
+        if to_compress < self.min_compress_tokens or not self._factors_save_memory(to_compress, len(layers)):
             to_compress = 0
         if to_sink == 0 and to_compress == 0:
             return

@@ -158,6 +158,21 @@ def test_truncated_rank_nbytes_equals_formula_and_frees_full_tensors():
     assert cache.get_seq_length() == prompt + new - 1
 
 
+def test_segment_that_would_not_save_memory_stays_exact():
+    config = tiny_config("llama")  # group width 2 * 2 * 16 = 64
+    model = tiny_model("llama")
+    ids = torch.randint(3, 160, (1, 40), generator=torch.Generator().manual_seed(0))
+    wasteful = XKVCache(config, group_size=2, rank_k=0.9, rank_v=0.9, window=4, sink=2)  # 58+58 of 64
+    model(input_ids=ids, past_key_values=wasteful)
+    assert all(not group.segments for group in wasteful.groups)
+    dense = DynamicCache(config=config)
+    model(input_ids=ids, past_key_values=dense)
+    assert wasteful.nbytes() == sum(l.keys.nbytes + l.values.nbytes for l in dense.layers)
+    thrifty = XKVCache(config, group_size=2, rank_k=8, rank_v=8, window=4, sink=2)
+    model(input_ids=ids, past_key_values=thrifty)
+    assert all(len(group.segments) == 1 for group in thrifty.groups) and thrifty.nbytes() < wasteful.nbytes()
+
+
 def test_truncated_rank_degrades_gracefully():
     """Lower rank, larger error; every rank reproduces the first generated token exactly (prefill is exact)."""
     model = tiny_model("llama", seed=8)
