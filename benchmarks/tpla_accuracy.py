@@ -34,8 +34,8 @@ from kvcompress.tpla import TPLACache, patch_tpla
 ROTATIONS = (None, "hadamard", "pca")
 
 
-def configs(shards):
-    return [(n, rot) for n in shards for rot in ROTATIONS]
+def configs(shards, rotations=ROTATIONS):
+    return [(n, rot) for n in shards for rot in rotations]
 
 
 # -- tiny model with planted latent structure ----------------------------------------------------------
@@ -134,12 +134,12 @@ def run_smollm2(args):
     model = convert_gqa_to_mla(source, kv_lora_rank=args.latent, rope_dim=args.rope_dim, calibration=calibration)
     model.eval()
     del source
-    heldout = calibration_tokens(model, tokenizer, args.ppl_windows, args.ppl_window, split="heldout")
+    heldout = calibration_tokens(model, tokenizer, args.ppl_windows, args.ppl_window, split="heldout") if args.ppl_windows else None
     rows = []
 
     def measure(name, n, rot, make_cache):
         start = time.time()
-        ppl = chunked_perplexity(model, heldout, args.ppl_prefill, args.chunk, make_cache)
+        ppl = chunked_perplexity(model, heldout, args.ppl_prefill, args.chunk, make_cache) if args.ppl_windows else float("nan")
         needle = (needle_accuracy(model, tokenizer, args.needle_length, args.needle_prompts, args.answer_tokens, make_cache)
                   if args.needle_prompts else float("nan"))
         rows.append(dict(model=f"smollm2-transmla kv{args.latent} rope{args.rope_dim}", scheme=name, shards=n,
@@ -149,7 +149,8 @@ def run_smollm2(args):
     if not args.skip_mla:
         with patch_mla(model):
             measure("mla", 1, None, lambda: MLALatentCache(model.config))
-    for n, rot in tqdm(configs(args.shards), desc="smollm2"):
+    rotations = [None if r == "none" else r for r in args.rotations]
+    for n, rot in tqdm(configs(args.shards, rotations), desc="smollm2"):
         with patch_tpla(model, num_shards=n, rotation=rot, calibration=calibration[:, : args.calib_len]):
             measure("tpla", n, rot, lambda: TPLACache(model.config, num_shards=n, rotation=rot))
     return rows
@@ -160,6 +161,8 @@ def main(argv=None):
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rotations", nargs="+", choices=["none", "hadamard", "pca"], default=["none", "hadamard", "pca"],
+                        help="smollm2 only")
     parser.add_argument("--latent", type=int, default=None, help="kv_lora_rank (tiny: 64, smollm2: 128)")
     # tiny
     parser.add_argument("--batch", type=int, default=4)
