@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DynamicCache
 
 from kvcompress.mla import MLALatentCache, absorbed_attention, patch_mla
+from kvcompress.ops import tensor_nbytes
 
 V2_LITE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
                qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, num_hidden_layers=27,
@@ -70,8 +71,8 @@ def fill(cache, cfg, batch: int, tokens: int, dtype, device) -> None:
 
 
 def cache_bytes(cache) -> int:
-    return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
-               for l in cache.layers if l.is_initialized)
+    """Every layer's keys/values bytes, the same count for both caches (stock holds the same latent)."""
+    return sum(tensor_nbytes(l.keys, l.values) for l in cache.layers if l.is_initialized)
 
 
 def sync(device: str) -> None:

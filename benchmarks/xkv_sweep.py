@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvcompress.demo import cache_nbytes
+from kvcompress.ops import cache_nbytes
 from kvcompress.models import load_smollm2
 from kvcompress.needle import encode_chat, needle_prompt
 from kvcompress.xkv import XKVCache

@@ -20,19 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes held by a kvcompress cache (``nbytes()``) or a stock transformers cache (its layers' tensors)."""
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if getattr(layer, "is_initialized", False) and t is not None)
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from transformers import DynamicCache
 
     from .models import load_smollm2
+    from .ops import cache_nbytes
     from .patch import GENERATE_CACHE_KWARG
     from .needle import encode_chat, needle_prompt
     from .xkv import XKVCache

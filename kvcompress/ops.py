@@ -86,3 +86,12 @@ def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def tensor_nbytes(*tensors: torch.Tensor | None) -> int:
     """Bytes held by the given tensors' elements (``None`` counts as 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of the tensors a cache holds: ``cache.nbytes()`` for kvcompress caches, else the sum of every
+    layer's ``keys``/``values`` (stock transformers caches)."""
+    if callable(getattr(cache, "nbytes", None)):
+        return int(cache.nbytes())
+    return sum(tensor_nbytes(getattr(layer, "keys", None), getattr(layer, "values", None))
+               for layer in getattr(cache, "layers", []))
