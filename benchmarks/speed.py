@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.plotting import pyplot, save_figure
+
 SHAPES = ("smollm2", "llama-3.1-8b", "deepseek-v2-lite", "deepseek-v3-attn")
 
 
@@ -295,13 +297,8 @@ def markdown(out: dict) -> str:
 
 def plot(out: dict, path: str | Path) -> Path | None:
     """Bars of each method's ratios to dynamic (cache bytes, peak memory, decode time, prefill time)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'kvcompress[bench]'): no plot written")
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [r for r in out["results"] if "skipped" not in r]
     keys = [("cache_bytes_ratio", "cache bytes"), ("peak_bytes_ratio", "peak memory"),
@@ -318,12 +315,7 @@ def plot(out: dict, path: str | Path) -> Path | None:
     s = out["setup"]
     ax.set_title(f"{s['device']}: batch {s['batch']}, context {s['context']}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(out: dict, out_dir: str | Path, stem: str = "bench") -> dict[str, Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ..plotting import pyplot, save_figure
 from .generate import TASKS
 
 REFERENCES = ("dynamic", "kvpress:no_press")
@@ -91,13 +92,8 @@ def _label(method: str) -> str:
 
 def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | None:
     """Average accuracy against cache ratio, one point per method (needs matplotlib: the bench extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'kvcompress[bench]'): no plot written")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"kvcompress": "o", "kvpress": "s"}
@@ -119,12 +115,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | Non
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(records: list[dict], out_dir: str | Path, title: str = "RULER") -> tuple[Path, Path | None]:
