@@ -57,26 +57,57 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((out, x[..., rotary_dim:]), dim=-1)
 
 
-def truncated_svd(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+SVD_METHODS = ("auto", "exact", "gram32", "randomized")
+
+
+def resolve_svd_method(method: str, device: torch.device | str) -> str:
+    """The route ``truncated_svd`` takes for ``method`` on ``device``: ``"auto"`` is ``"exact"`` on the CPU
+    and ``"gram32"`` on accelerators, where float64 eigen-decompositions are slow (float64 runs at a small
+    fraction of the float32 rate on GPUs); see docs/performance.md for the measured costs."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd_method must be one of {list(SVD_METHODS)}, got {method!r}")
+    if method != "auto":
+        return method
+    return "exact" if torch.device(device).type == "cpu" else "gram32"
+
+
+def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factorisation ``x ≈ left @ right`` (Eckart–Young), batched over leading dims.
 
     ``x`` is ``[..., T, D]``; returns ``left = U_r S_r`` (``[..., T, r]``) and ``right = V_r^T``
     (``[..., r, D]``, orthonormal rows), both in ``x.dtype``. ``rank`` is clamped to ``min(T, D)``. The
     Frobenius error of the product is the root of the sum of the squared discarded singular values.
 
-    For the tall matrices a KV cache gives (tokens ``T`` >= features ``D``) the right singular vectors come
-    from the eigen-decomposition of the ``D x D`` Gram matrix ``x^T x`` in float64, and ``left = x V_r``:
-    the same factors as an SVD up to float64 rounding, at a fraction of the cost (a tall SVD is slow on CPU
-    and much slower with cuSOLVER on a GPU). Wide matrices use ``torch.linalg.svd`` in float32/float64.
+    ``method`` (one of ``SVD_METHODS``; ``"auto"`` resolves with ``resolve_svd_method``):
+
+    - ``"exact"``: for the tall matrices a KV cache gives (tokens ``T`` >= features ``D``) the right
+      singular vectors come from the eigen-decomposition of the ``D x D`` Gram matrix ``x^T x`` in float64,
+      and ``left = x V_r``: the same factors as an SVD up to float64 rounding, at a fraction of the cost (a
+      tall SVD is slow on CPU and much slower with cuSOLVER on a GPU). Wide matrices use
+      ``torch.linalg.svd`` in float32/float64.
+    - ``"gram32"``: the same Gram route in float32. Squaring the matrix squares its condition number, so
+      directions whose singular values are below ~1e-3.5 of the largest lose accuracy; those are the
+      discarded ones at the ranks xKV uses, and the product's error stays at the optimum (measured in
+      docs/performance.md).
+    - ``"randomized"``: Halko et al.'s randomised range finder (``torch.svd_lowrank``, ``r + 16`` samples,
+      2 power iterations) in float32: only matrix products and small factorisations, so it is the fastest
+      on GPUs, at a few percent more error than the optimum. Not deterministic across devices.
     """
+    method = resolve_svd_method(method, x.device)
     t, d = x.shape[-2], x.shape[-1]
     rank = min(rank, t, d)
+    if method == "randomized" and rank < min(t, d):
+        work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        u, s, v = torch.svd_lowrank(work, q=min(rank + 16, t, d), niter=2)
+        left = u[..., :rank] * s[..., None, :rank]
+        return left.to(x.dtype).contiguous(), v[..., :rank].mT.to(x.dtype).contiguous()
     if t >= d:
-        x64 = x.to(torch.float64)
-        _, eigenvectors = torch.linalg.eigh(x64.mT @ x64)  # ascending eigenvalues
-        right64 = eigenvectors[..., -rank:].flip(-1).mT  # [..., r, D], leading directions first
-        left64 = x64 @ right64.mT
-        return left64.to(x.dtype).contiguous(), right64.to(x.dtype).contiguous()
+        gram_dtype = torch.float32 if method == "gram32" and x.dtype != torch.float64 else torch.float64
+        xw = x.to(gram_dtype)
+        _, eigenvectors = torch.linalg.eigh(xw.mT @ xw)  # ascending eigenvalues
+        right = eigenvectors[..., -rank:].flip(-1).mT  # [..., r, D], leading directions first
+        left = xw @ right.mT
+        return left.to(x.dtype).contiguous(), right.to(x.dtype).contiguous()
     work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     u, s, vh = torch.linalg.svd(x.to(work_dtype), full_matrices=False)
     left = u[..., :rank] * s[..., None, :rank]

@@ -314,6 +314,7 @@ register_method(
 
 
 def _xkv_params() -> tuple[Param, ...]:
+    from .ops import SVD_METHODS
     from .xkv import XKVCache
 
     d = signature_defaults(XKVCache)
@@ -330,6 +331,8 @@ def _xkv_params() -> tuple[Param, ...]:
         Param("pre_rope", d["pre_rope"], "compress keys before RoPE (True) or as rotated", (Range(bool),)),
         Param("min_compress_tokens", d["min_compress_tokens"], "fewest tokens worth a new compressed segment",
               (Range(int, low=1),)),
+        Param("svd_method", d["svd_method"], "factorisation route: auto, exact, gram32, randomized",
+              (Range(str, choices=SVD_METHODS),), note="auto = exact on CPU, gram32 on GPU"),
     )
 
 

@@ -52,7 +52,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .models import text_config
-from .ops import apply_rope, rope_cos_sin, rope_inv_freq, tensor_nbytes, truncated_svd
+from .ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, tensor_nbytes, truncated_svd
 
 Rank = int | float | None
 
@@ -292,6 +292,9 @@ class XKVCache(Cache):
         pre_rope: compress keys before RoPE (default, as the paper) or as rotated (``False``).
         min_compress_tokens: a segment is only made when at least this many tokens are due (>= 1):
             short later turns then stay exact instead of spending a segment's fixed factor cost.
+        svd_method: how the group factorisation is computed (``kvcompress.ops.SVD_METHODS``): ``"auto"``
+            (exact float64 on the CPU, float32 Gram on GPUs), ``"exact"``, ``"gram32"`` or ``"randomized"``;
+            see ``kvcompress.ops.truncated_svd`` and docs/performance.md for cost and error.
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -307,6 +310,7 @@ class XKVCache(Cache):
         sink: int = 4,
         pre_rope: bool = True,
         min_compress_tokens: int = 32,
+        svd_method: str = "auto",
     ):
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
@@ -332,6 +336,9 @@ class XKVCache(Cache):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(pre_rope, bool):
             raise TypeError(f"pre_rope must be True or False, got {pre_rope!r}")
+        if svd_method not in SVD_METHODS:
+            raise ValueError(f"svd_method must be one of {list(SVD_METHODS)}, got {svd_method!r}")
+        self.svd_method = svd_method
 
         layer_types = _layer_types(cfg, num_layers)
         allowed_types = ("full_attention", "sliding_attention", "chunked_attention")
@@ -361,7 +368,7 @@ class XKVCache(Cache):
         self.window, self.sink, self.pre_rope = window, sink, pre_rope
         self.min_compress_tokens = min_compress_tokens
         self.params = dict(group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink,
-                           pre_rope=pre_rope, min_compress_tokens=min_compress_tokens)
+                           pre_rope=pre_rope, min_compress_tokens=min_compress_tokens, svd_method=svd_method)
         self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -490,8 +497,8 @@ class XKVCache(Cache):
                 keys = [self._rope(k, start, -1.0) for k in keys]
             stacked_keys = torch.cat([k.flatten(2) for k in keys], dim=-1)  # [B, T, G*H*d]
             stacked_values = torch.cat([layer.values[:, :, chunk].transpose(1, 2).flatten(2) for layer in layers], -1)
-            key_factor, key_right = truncated_svd(stacked_keys, self.rank_k)
-            value_factor, value_right = truncated_svd(stacked_values, self.rank_v)
+            key_factor, key_right = truncated_svd(stacked_keys, self.rank_k, self.svd_method)
+            value_factor, value_right = truncated_svd(stacked_values, self.rank_v, self.svd_method)
             new_segment = _Segment(start, to_compress, key_factor, value_factor)
             rights = (key_right.chunk(len(layers), dim=-1), value_right.chunk(len(layers), dim=-1))
         # Everything is computed: commit to all layers at once.

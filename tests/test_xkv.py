@@ -299,3 +299,41 @@ def test_smollm2_needle_2k_same_answer_as_stock(smollm2):
     assert prompt.answer in answers[0], answers[0]
     assert prompt.answer in answers[1], answers[1]
     assert sizes[0] / sizes[1] > 3.0, sizes
+
+
+@pytest.mark.parametrize("method", ["exact", "gram32", "randomized"])
+def test_truncated_svd_methods_reach_near_optimal_error(method):
+    from kvcompress.ops import truncated_svd
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(600, 128, generator=g) * torch.exp(-torch.arange(128) / 16.0)
+    rank = 24
+    optimum = torch.linalg.svdvals(x.double())[rank:].pow(2).sum().sqrt()
+    left, right = truncated_svd(x, rank, method)
+    assert left.shape == (600, rank) and right.shape == (rank, 128)
+    err = (x.double() - left.double() @ right.double()).norm() / optimum
+    assert err < (1.0001 if method != "randomized" else 1.05), err
+    # right factors have orthonormal rows in every route
+    torch.testing.assert_close(right @ right.T, torch.eye(rank), atol=1e-4, rtol=0)
+
+
+def test_svd_method_is_validated_and_used(monkeypatch):
+    from kvcompress import ops, xkv
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=64, vocab_size=64)
+    with pytest.raises(ValueError, match="svd_method must be one of"):
+        XKVCache(config, svd_method="qr")
+    assert ops.resolve_svd_method("auto", "cpu") == "exact"
+    assert ops.resolve_svd_method("auto", "cuda") == "gram32"
+    seen = []
+    real = ops.truncated_svd
+    monkeypatch.setattr(xkv, "truncated_svd", lambda x, r, m: seen.append(m) or real(x, r, m))
+    cache = XKVCache(config, group_size=2, rank_k=4, rank_v=4, window=2, sink=1, min_compress_tokens=1,
+                     svd_method="randomized")
+    k = torch.randn(1, 2, 40, 8)
+    for layer in range(2):
+        cache.update(k, k.clone(), layer)
+    assert seen == ["randomized", "randomized"]
