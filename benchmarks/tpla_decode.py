@@ -150,39 +150,51 @@ def _distributed_worker(rank: int, args, init_file: str, out_file: str) -> None:
     try:
         for batch in args.batches:
             for tokens in args.contexts:
-                # every rank draws the same full tensors (same seed) and keeps its slices
-                generator = torch.Generator(device=device).manual_seed(0)
-                full = make_inputs(args, batch, tokens, H, r, device, dtype, generator)
-                o_proj = (torch.randn(args.hidden, H * args.v, generator=generator, device=device) * (H * args.v) ** -0.5).to(dtype)
                 heads = slice(rank * hv, (rank + 1) * hv)
                 cols = slice(rank * w, (rank + 1) * w)
-                o_rows = o_proj[:, rank * hv * args.v:(rank + 1) * hv * args.v].contiguous()
-                # plain TP: this rank's heads, the FULL latent
-                tp = dict(q_nope=full["q_nope"][:, heads].contiguous(), q_rope=full["q_rope"][:, heads].contiguous(),
-                          w_uk=full["w_uk"][heads].contiguous(), w_uv_t=full["w_uv_t"][heads].contiguous(),
-                          latent=full["latent"], rope_key=full["rope_key"])
-                # TPLA: every head, this rank's latent slice (+ the replicated rope key)
-                tpla = dict(q_nope=full["q_nope"], q_rope=full["q_rope"], w_uk=full["w_uk"][..., cols].contiguous(),
-                            w_uv_t=full["w_uv_t"][:, cols].contiguous(), latent=full["latent"][..., cols].contiguous(),
-                            rope_key=full["rope_key"])
+
+                def draw():
+                    # every rank draws the same full tensors (same seed) and keeps its slices
+                    generator = torch.Generator(device=device).manual_seed(0)
+                    full = make_inputs(args, batch, tokens, H, r, device, dtype, generator)
+                    o_proj = (torch.randn(args.hidden, H * args.v, generator=generator, device=device)
+                              * (H * args.v) ** -0.5).to(dtype)
+                    return full, o_proj
+
                 reference = None
                 if rank == 0:  # simulated N-shard TPLA on one device, for the equality check
+                    full, o_proj = draw()
                     q_latent = torch.bmm(full["q_nope"].transpose(0, 1), full["w_uk"]).transpose(0, 1).unsqueeze(2)
                     shards = full["latent"].view(batch, tokens, n, w).transpose(1, 2)
                     out = tpla_attention(q_latent, full["q_rope"].unsqueeze(2), shards,
                                          full["rope_key"].unsqueeze(1).expand(-1, n, -1, -1), None, scale)
                     per_head = torch.bmm(out.squeeze(2).transpose(0, 1), full["w_uv_t"])  # [H, B, v]
                     reference = per_head.transpose(0, 1).reshape(batch, H * args.v) @ o_proj.T
-                del full, o_proj
+                    del full, o_proj, q_latent, shards, out, per_head
 
-                def tp_step():
-                    out = shard_step(scale=scale, **tp).transpose(0, 1).reshape(batch, hv * args.v)
+                def build(name):
+                    """One scheme's per-rank state, built alone so its memory can be measured alone."""
+                    full, o_proj = draw()
+                    o_rows = o_proj[:, rank * hv * args.v:(rank + 1) * hv * args.v].contiguous()
+                    if name == "tp":  # plain TP: this rank's heads, the FULL latent
+                        state = dict(q_nope=full["q_nope"][:, heads].contiguous(),
+                                     q_rope=full["q_rope"][:, heads].contiguous(),
+                                     w_uk=full["w_uk"][heads].contiguous(), w_uv_t=full["w_uv_t"][heads].contiguous(),
+                                     latent=full["latent"], rope_key=full["rope_key"])
+                    else:  # TPLA: every head, this rank's latent slice (+ the replicated rope key)
+                        state = dict(q_nope=full["q_nope"], q_rope=full["q_rope"],
+                                     w_uk=full["w_uk"][..., cols].contiguous(), w_uv_t=full["w_uv_t"][:, cols].contiguous(),
+                                     latent=full["latent"][..., cols].contiguous(), rope_key=full["rope_key"])
+                    return state, o_rows
+
+                def tp_step(state, o_rows):
+                    out = shard_step(scale=scale, **state).transpose(0, 1).reshape(batch, hv * args.v)
                     hidden = out @ o_rows.T
                     dist.all_reduce(hidden)
                     return hidden
 
-                def tpla_step():
-                    partial = shard_step(scale=scale, **tpla)  # [H, B, v]: this shard's part of every head
+                def tpla_step(state, o_rows):
+                    partial = shard_step(scale=scale, **state)  # [H, B, v]: this shard's part of every head
                     mine = torch.empty(hv, batch, args.v, device=device, dtype=dtype)
                     dist.reduce_scatter_tensor(mine, partial.contiguous())  # summed outputs of this rank's heads
                     hidden = mine.transpose(0, 1).reshape(batch, hv * args.v) @ o_rows.T
@@ -190,10 +202,20 @@ def _distributed_worker(rank: int, args, init_file: str, out_file: str) -> None:
                     return hidden
 
                 result = {}
-                for name, step, state in (("tp", tp_step, tp), ("tpla", tpla_step, tpla)):
+                for name, step_fn in (("tp", tp_step), ("tpla", tpla_step)):
                     if use_cuda:
                         torch.cuda.synchronize(device)
+                        torch.cuda.empty_cache()
+                        base = torch.cuda.memory_allocated(device)  # rank 0's reference output and nothing else
+                    state, o_rows = build(name)
+                    if use_cuda:
+                        torch.cuda.synchronize(device)
+                        resident = torch.cuda.memory_allocated(device) - base
                         torch.cuda.reset_peak_memory_stats(device)
+
+                    def step():
+                        return step_fn(state, o_rows)
+
                     out = step()
                     dist.barrier()
                     ms = timed(step, device, args.warmup, args.iters)
@@ -201,8 +223,10 @@ def _distributed_worker(rank: int, args, init_file: str, out_file: str) -> None:
                     dist.all_gather(times, torch.tensor([ms], device=device))
                     cache_bytes = (state["latent"].numel() + state["rope_key"].numel()) * state["latent"].element_size()
                     result[name] = dict(ms_per_rank=[t.item() for t in times], cache_bytes=cache_bytes,
-                                        peak_bytes=torch.cuda.max_memory_allocated(device) if use_cuda else None,
+                                        resident_bytes=resident if use_cuda else None,
+                                        peak_bytes=(torch.cuda.max_memory_allocated(device) - base) if use_cuda else None,
                                         out=out)
+                    del state, o_rows
                 if rank == 0:
                     err = (result["tpla"]["out"].float() - reference.float()).abs().max().item()
                     ref_scale = reference.float().abs().max().item()
@@ -210,11 +234,12 @@ def _distributed_worker(rank: int, args, init_file: str, out_file: str) -> None:
                         res = result[name]
                         rows.append(dict(mode="distributed", scheme=name, shards=n, batch=batch, tokens=tokens,
                                          ms=max(res["ms_per_rank"]), ms_per_rank=res["ms_per_rank"],
-                                         cache_bytes_per_rank=res["cache_bytes"], peak_bytes_rank0=res["peak_bytes"],
+                                         cache_bytes_per_rank=res["cache_bytes"],
+                                         resident_bytes_rank0=res["resident_bytes"], peak_bytes_rank0=res["peak_bytes"],
                                          max_abs_err_vs_simulated=err if name == "tpla" else None,
                                          ref_max_abs=ref_scale if name == "tpla" else None))
                     rows[-1]["speedup_vs_tp"] = rows[-2]["ms"] / rows[-1]["ms"]
-                del tp, tpla, result
+                del result, reference
                 if use_cuda:
                     torch.cuda.empty_cache()
         if rank == 0:
@@ -252,6 +277,9 @@ def main(argv=None) -> None:
         if row.get("max_abs_err_vs_simulated") is not None:
             extra += f"  err vs simulated {row['max_abs_err_vs_simulated']:.3g} (|ref| {row['ref_max_abs']:.3g})"
         cache = row.get("cache_bytes", row.get("cache_bytes_per_rank"))
+        if row.get("peak_bytes_rank0") is not None and row["mode"] == "distributed":
+            extra += (f"  resident {row['resident_bytes_rank0'] / 2**20:.1f} MiB"
+                      f"  peak {row['peak_bytes_rank0'] / 2**20:.1f} MiB (rank 0, this scheme alone)")
         print(f"{row['scheme']:5s} N={row['shards']} B={row['batch']:2d} T={row['tokens']:6d}  {row['ms']:8.3f} ms"
               f"  cache/shard {cache / 2**20:8.1f} MiB{extra}")
     if args.json:
