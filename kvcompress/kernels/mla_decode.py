@@ -1,0 +1,397 @@
+"""Absorbed MLA decode attention over the latent cache: a Triton kernel and its plain-PyTorch reference.
+
+The maths
+---------
+For batch row ``b``, head ``h`` and new query ``i`` (of ``S``; decode has ``S = 1``), with the query
+already moved into latent space (``q_lat = W_UK^T q^N``, ``r`` values) and its rotated RoPE part ``q^R``
+(``p`` values), every head attends over the same cached latents ``c_t`` (``r``) and RoPE keys
+``k^R_t`` (``p``)::
+
+    s_t   = scale * (q_lat . c_t + q^R . k^R_t)
+    out   = sum_t softmax(s)_t c_t                  ([B, H, S, r], latent space: apply W_UV next)
+
+over the valid tokens of row ``b``: ``t`` in ``[kv_start, kv_start + kv_len)`` (left padding, ragged
+batches, a preallocated cache of which only the first ``kv_len`` tokens are filled). Tokens outside that
+range do not exist for the row. Inside it, query ``i`` is token ``kv_start + kv_len - S + i`` and sees keys up
+to itself (causal), and ``key_mask[b, t] == False`` masks key ``t`` (padding inside the range). A masked
+key gets the score ``-1e30`` rather than ``-inf``, like transformers' eager attention (``finfo.min``): a
+row whose every key is masked (a padding query) averages its keys uniformly instead of giving NaN.
+
+The kernel (FlashMLA / flash-decoding style)
+--------------------------------------------
+All heads share the latent, so a program takes a block of ``BLOCK_M`` query rows (``rows = H * S``, row
+``h * S + i``), loads each ``[BLOCK_T, r]`` latent tile and ``[BLOCK_T, p]`` RoPE tile once and uses it for
+all of them with two ``tl.dot`` (scores) and one ``tl.dot`` (weighted sum), with an online softmax in
+float32. The sequence is split into chunks (``grid = (row blocks, chunks, B)``, enough programs to fill
+the GPU even at batch 1); each chunk writes its normalised partial output and log-sum-exp, and a second
+small kernel merges them (``out = sum_c exp(lse_c - max) o_c / sum_c exp(lse_c - max)``). Products
+accumulate in float32 (fp32 inputs use IEEE fp32 dots, not TF32); the output has the inputs' dtype.
+
+Bytes floor: one decode step must read the cache once, ``B * T * (r + p) * element_size`` bytes
+(``T`` the valid tokens), plus the queries and outputs (``B * H * S * (2 r + p)`` elements, small) and the
+partials (``B * H * S * chunks * (r + 1)`` float32, kept small by the chunk heuristic). Lengths and
+starts are device tensors and are never read on the host, so a call does no host synchronisation and,
+with fixed tensor shapes (a fixed-capacity cache plus ``kv_lengths``), can be captured in a CUDA graph.
+
+The reference (:func:`mla_decode_attention_reference`) computes the same thing in float32 (float64 for
+float64 inputs) with dense masks; it is the CPU path and the definition the kernel is tested against.
+:func:`mla_decode_attention` dispatches: the kernel when :func:`kvcompress.kernels.triton_usable` says
+so, else the reference.
+"""
+
+import functools
+import math
+import os
+
+import torch
+
+from . import triton_usable
+
+try:  # Triton is optional: without it (CPU-only installs) the reference is the only path
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # ImportError, or a broken install without a GPU toolchain
+    _HAVE_TRITON = False
+
+MASKED_SCORE = -1.0e30  # a masked key's score: finite, so an all-masked row averages uniformly (as eager)
+
+__all__ = ["mla_decode_attention", "mla_decode_attention_reference", "key_mask_from_attention_mask"]
+
+
+# -- validation -----------------------------------------------------------------------------------
+def _as_3d(name: str, cache: torch.Tensor) -> torch.Tensor:
+    """``[B, T, d]``, or ``[B, 1, T, d]`` flattened (a view: the caches hold ``[B, 1, T, d]``)."""
+    if not isinstance(cache, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cache).__name__}")
+    if cache.dim() == 4 and cache.shape[1] == 1:
+        return cache.flatten(1, 2)
+    if cache.dim() != 3:
+        raise ValueError(f"{name} must be [batch, tokens, width] or [batch, 1, tokens, width], got {tuple(cache.shape)}")
+    return cache
+
+
+def _check(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask, out):
+    """Validate shapes, dtypes and devices (never values: that would need a host sync). Returns 3-D caches."""
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, queries, width], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    latent, rope_key = _as_3d("latent", latent), _as_3d("rope_key", rope_key)
+    batch, heads, queries, rank = q_latent.shape
+    if tuple(q_rope.shape[:3]) != (batch, heads, queries):
+        raise ValueError(f"q_rope {tuple(q_rope.shape)} must match q_latent {tuple(q_latent.shape)} in batch, heads, queries")
+    if latent.shape[0] != batch or latent.shape[2] != rank:
+        raise ValueError(f"latent {tuple(latent.shape)} must be [batch={batch}, tokens, r={rank}] (q_latent's batch and width)")
+    if rope_key.shape[0] != batch or rope_key.shape[1] != latent.shape[1] or rope_key.shape[2] != q_rope.shape[3]:
+        raise ValueError(f"rope_key {tuple(rope_key.shape)} must be [batch={batch}, tokens={latent.shape[1]}, "
+                         f"p={q_rope.shape[3]}]")
+    if latent.shape[1] < 1:
+        raise ValueError("latent holds no tokens; attention needs at least one")
+    allowed = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("latent", latent), ("rope_key", rope_key)):
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} has dtype {t.dtype}; allowed: {list(allowed)}")
+        if t.dtype != latent.dtype:
+            raise TypeError(f"{name} is {t.dtype} but latent is {latent.dtype}; all four inputs must share a dtype")
+        if t.device != latent.device:
+            raise ValueError(f"{name} is on {t.device} but latent is on {latent.device}; all inputs must share a device")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    for name, t in (("kv_lengths", kv_lengths), ("kv_starts", kv_starts)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != batch:
+            raise ValueError(f"{name} must be a 1-D tensor of {batch} token counts (one per batch row), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.device != latent.device:
+            raise ValueError(f"{name} is on {t.device} but latent is on {latent.device}; pass it as a device tensor")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or \
+                tuple(key_mask.shape) != (batch, latent.shape[1]):
+            raise ValueError(f"key_mask must be a bool tensor [batch={batch}, tokens={latent.shape[1]}] (True = attend), "
+                             f"got {tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__}"
+                             f"{'' if not isinstance(key_mask, torch.Tensor) else ' ' + str(key_mask.dtype)}")
+        if key_mask.device != latent.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but latent is on {latent.device}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(q_latent.shape) or \
+                out.dtype != q_latent.dtype or out.device != q_latent.device:
+            raise ValueError(f"out must be a {q_latent.dtype} tensor of shape {tuple(q_latent.shape)} on {q_latent.device}")
+    return latent, rope_key
+
+
+# -- reference ------------------------------------------------------------------------------------
+def mla_decode_attention_reference(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    rope_key: torch.Tensor,
+    scale: float,
+    kv_lengths: torch.Tensor | None = None,
+    kv_starts: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch absorbed MLA attention with the kernel's semantics (the CPU path and the kernel's
+    definition): ``softmax(scale * (q_latent c^T + q_rope k_rope^T)) c`` over each row's valid tokens.
+
+    Args:
+        q_latent: ``[B, H, S, r]``, queries in latent space (``W_UK^T q^N``).
+        q_rope: ``[B, H, S, p]``, the rotated RoPE part of the queries.
+        latent: ``[B, T, r]`` (or ``[B, 1, T, r]``), the cached latents.
+        rope_key: ``[B, T, p]`` (or ``[B, 1, T, p]``), the cached rotated RoPE keys.
+        scale: the softmax scale.
+        kv_lengths: ``None`` (``T - kv_start``) or int ``[B]`` on the inputs' device: valid tokens per row.
+        kv_starts: ``None`` (0) or int ``[B]``: the first valid token per row (left padding).
+        key_mask: ``None`` or bool ``[B, T]``: False masks a key inside the valid range (score -1e30).
+        out: optional ``[B, H, S, r]`` tensor of the inputs' dtype to write into.
+
+    Returns:
+        ``[B, H, S, r]`` in the inputs' dtype, computed in float32 (float64 for float64 inputs). Query ``i``
+        sees keys ``t < kv_start + kv_len - (S - 1 - i)`` (causal); a row with no valid token gives zeros.
+    """
+    latent, rope_key = _check(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask, out)
+    batch, heads, queries, rank = q_latent.shape
+    tokens, device = latent.shape[1], latent.device
+    work = torch.float64 if latent.dtype == torch.float64 else torch.float32
+    q = q_latent.to(work).reshape(batch, heads * queries, rank)
+    qr = q_rope.to(work).reshape(batch, heads * queries, q_rope.shape[-1])
+    c = latent.to(work)
+    scores = (q @ c.transpose(1, 2) + qr @ rope_key.to(work).transpose(1, 2)) * scale
+    scores = scores.view(batch, heads, queries, tokens)
+    t = torch.arange(tokens, device=device)
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_starts is None else kv_starts.long().clamp(min=0)
+    end = torch.full_like(start, tokens) if kv_lengths is None else start + kv_lengths.long()
+    end = end.clamp(max=tokens)
+    in_range = (t[None, :] >= start[:, None]) & (t[None, :] < end[:, None])  # [B, T]
+    # query i is token end - S + i: it sees keys t < end - (S - 1 - i)
+    behind = (queries - 1 - torch.arange(queries, device=device))[None, :, None]
+    allowed = t[None, None, :] < (end[:, None, None] - behind)  # [B, S, T]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    scores = scores.masked_fill(~allowed[:, None], MASKED_SCORE)
+    scores = scores.masked_fill(~in_range[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row without valid tokens: all -inf -> 0
+    result = (weights.view(batch, heads * queries, tokens) @ c).view(batch, heads, queries, rank)
+    result = result.to(q_latent.dtype)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def key_mask_from_attention_mask(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """The per-key bool mask ``[batch, tokens]`` (True = attend) the kernel takes, from transformers'
+    4-D attention mask ``[B or 1, 1, S, >= tokens]`` (bool, True = attend; or additive float, 0 = attend and
+    ``finfo.min`` = masked). The last query row is used: under causal + padding masking (what transformers
+    builds for DeepSeek) it sees every existing key, so it is exactly the padding mask; the kernel applies
+    causality itself. No host synchronisation."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise ValueError(f"attention mask must be a 4-D tensor [batch, 1, queries, tokens], got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    last = mask[:, 0, -1, -tokens:]
+    if mask.dtype != torch.bool:  # additive: anything above half the dtype's lowest value counts as attend
+        last = last > torch.finfo(mask.dtype).min / 2
+    return last.expand(batch, tokens)
+
+
+# -- the Triton kernels ---------------------------------------------------------------------------
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _mla_decode_chunk_kernel(
+        Q, QR, C, KR, MASK, STARTS, LENS, O_PART, LSE_PART,
+        stride_qb, stride_qh, stride_qs, stride_qd,
+        stride_rb, stride_rh, stride_rs, stride_rd,
+        stride_cb, stride_ct, stride_cd,
+        stride_kb, stride_kt, stride_kd,
+        stride_mb, stride_mt,
+        n_tokens, n_rows, n_queries, n_chunks, chunk_len, scale_log2,
+        R: tl.constexpr, P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_LENS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """One (row block, chunk, batch row): online softmax over the chunk's tokens, normalised partial
+        output and log2-sum-exp written to O_PART / LSE_PART."""
+        row_block = tl.program_id(0)
+        chunk = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        head = rows // n_queries
+        qi = rows % n_queries
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_p = tl.arange(0, BLOCK_P)
+        r_ok = offs_r < R
+        p_ok = offs_p < P
+        q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qs + offs_r[None, :] * stride_qd,
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        qr = tl.load(QR + b * stride_rb + head[:, None] * stride_rh + qi[:, None] * stride_rs + offs_p[None, :] * stride_rd,
+                     mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+        start = 0
+        if HAS_STARTS:
+            start = tl.maximum(tl.load(STARTS + b).to(tl.int32), 0)
+        end = n_tokens
+        if HAS_LENS:
+            end = tl.minimum(start + tl.load(LENS + b).to(tl.int32), n_tokens)
+        lo = tl.maximum(chunk * chunk_len, start)
+        hi = tl.minimum(chunk * chunk_len + chunk_len, end)
+        row_end = end - (n_queries - 1 - qi)  # causal: query i is token end - S + i
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        for t0 in range(lo, hi, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < hi
+            c = tl.load(C + b * stride_cb + offs_t[:, None] * stride_ct + offs_r[None, :] * stride_cd,
+                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+            kr = tl.load(KR + b * stride_kb + offs_t[:, None] * stride_kt + offs_p[None, :] * stride_kd,
+                         mask=t_ok[:, None] & p_ok[None, :], other=0.0)
+            if IEEE:  # fp32 inputs: exact fp32 products (the default on NVIDIA would be TF32)
+                s = tl.dot(q, tl.trans(c), input_precision="ieee")
+                s += tl.dot(qr, tl.trans(kr), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(c))
+                s += tl.dot(qr, tl.trans(kr))
+            s = s * scale_log2  # log2 domain: exp2 below
+            allowed = offs_t[None, :] < row_end[:, None]
+            if HAS_MASK:
+                keep = tl.load(MASK + b * stride_mb + offs_t * stride_mt, mask=t_ok, other=0)
+                allowed = allowed & (keep != 0)[None, :]
+            s = tl.where(allowed, s, -1.0e30)
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has a token in range
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            m_i = m_new
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        part = (b * n_rows + rows) * n_chunks + chunk
+        tl.store(O_PART + part[:, None] * R + offs_r[None, :], o, mask=row_ok[:, None] & r_ok[None, :])
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+    @triton.jit
+    def _mla_decode_merge_kernel(
+        O_PART, LSE_PART, OUT,
+        stride_ob, stride_oh, stride_os, stride_od,
+        n_rows, n_queries, n_chunks,
+        R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """One (row, batch row): merge the chunks' partial outputs by their log-sum-exp."""
+        row = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        base = (b * n_rows + row) * n_chunks
+        offs_c = tl.arange(0, BLOCK_C)
+        lse_all = tl.load(LSE_PART + base + offs_c, mask=offs_c < n_chunks, other=float("-inf"))
+        top = tl.max(lse_all, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # no valid token at all: weights 0, output 0
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        total = tl.sum(tl.exp2(lse_all - top), 0)
+        acc = tl.zeros([BLOCK_R], tl.float32)
+        for c in range(0, n_chunks):  # one [r] partial at a time: a [chunks, r] tile would not fit in registers
+            w = tl.exp2(tl.load(LSE_PART + base + c) - top)
+            acc += w * tl.load(O_PART + (base + c) * R + offs_r, mask=r_ok, other=0.0)
+        acc = acc / tl.where(total > 0, total, 1.0)
+        head = row // n_queries
+        qi = row % n_queries
+        tl.store(OUT + b * stride_ob + head * stride_oh + qi * stride_os + offs_r * stride_od,
+                 acc.to(OUT.dtype.element_ty), mask=r_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def plan(batch: int, rows: int, tokens: int, device: torch.device, block_m: int = 16, block_t: int = 32,
+         min_chunk: int = 256) -> tuple[int, int]:
+    """``(chunks, chunk_len)``: split the tokens so that ``row blocks * chunks * batch`` programs fill
+    about two waves of the GPU's SMs, with at least ``min_chunk`` tokens per chunk (partials stay a small
+    fraction of the bytes read). ``chunk_len`` is a multiple of ``block_t`` and every chunk is non-empty.
+    Depends only on shapes, so a captured decode step keeps its launch configuration."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    programs = batch * math.ceil(rows / block_m)
+    chunks = max(1, min(math.ceil(2 * sms / programs), math.ceil(tokens / min_chunk)))
+    chunk_len = math.ceil(math.ceil(tokens / chunks) / block_t) * block_t
+    return math.ceil(tokens / chunk_len), chunk_len
+
+
+def _config(dtype: torch.dtype, rank: int) -> dict:
+    """Block sizes: BLOCK_M = 16 query rows (tl.dot's minimum, = V2-Lite's 16 heads), latent tiles of
+    32 tokens (16 for 4-byte types, to keep the [BLOCK_T, r] tile in the same shared memory)."""
+    wide = dtype in (torch.float32, torch.float64)
+    return {"block_m": 16, "block_t": 16 if wide or rank > 512 else 32, "num_warps": 4, "num_stages": 2}
+
+
+def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask, out,
+                    block_m=None, block_t=None, num_warps=None, num_stages=None, min_chunk=256):
+    if latent.dtype == torch.float64:
+        raise TypeError("the Triton MLA decode kernel takes float16/bfloat16/float32; use the reference for float64")
+    batch, heads, queries, rank = q_latent.shape
+    tokens, p = latent.shape[1], rope_key.shape[2]
+    rows = heads * queries
+    cfg = _config(latent.dtype, rank)
+    block_m = block_m or cfg["block_m"]
+    block_t = block_t or cfg["block_t"]
+    chunks, chunk_len = plan(batch, rows, tokens, latent.device, block_m, block_t, min_chunk)
+    o_part = torch.empty(batch * rows * chunks * rank, dtype=torch.float32, device=latent.device)
+    lse_part = torch.empty(batch * rows * chunks, dtype=torch.float32, device=latent.device)
+    if out is None:
+        out = torch.empty_like(q_latent)
+    mask = key_mask.view(torch.uint8) if key_mask is not None else latent  # dummy pointer when unused
+    mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
+    starts = kv_starts if kv_starts is not None else latent
+    lens = kv_lengths if kv_lengths is not None else latent
+    grid = (math.ceil(rows / block_m), chunks, batch)
+    _mla_decode_chunk_kernel[grid](
+        q_latent, q_rope, latent, rope_key, mask, starts, lens, o_part, lse_part,
+        *q_latent.stride(), *q_rope.stride(), *latent.stride(), *rope_key.stride(), *mask_strides,
+        tokens, rows, queries, chunks, chunk_len, float(scale) * 1.4426950408889634,
+        R=rank, P=p, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_R=_pow2(rank), BLOCK_P=_pow2(p),
+        HAS_MASK=key_mask is not None, HAS_STARTS=kv_starts is not None, HAS_LENS=kv_lengths is not None,
+        IEEE=latent.dtype == torch.float32,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
+    )
+    _mla_decode_merge_kernel[(rows, batch)](
+        o_part, lse_part, out, *out.stride(), rows, queries, chunks,
+        R=rank, BLOCK_R=_pow2(rank), BLOCK_C=_pow2(chunks, 2), num_warps=4,
+    )
+    return out
+
+
+def mla_decode_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    rope_key: torch.Tensor,
+    scale: float,
+    kv_lengths: torch.Tensor | None = None,
+    kv_starts: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Absorbed MLA decode attention, ``[B, H, S, r]``: the Triton kernel when
+    :func:`kvcompress.kernels.triton_usable` says so for ``latent`` (CUDA + Triton, or Triton's CPU
+    interpreter), else :func:`mla_decode_attention_reference`. Arguments and semantics are the
+    reference's (see there and the module docstring); float64 always takes the reference."""
+    latent3, rope3 = _check(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask, out)
+    if _HAVE_TRITON and latent3.dtype != torch.float64 and triton_usable(latent3):
+        return _triton_forward(q_latent, q_rope, latent3, rope3, scale, kv_lengths, kv_starts, key_mask, out)
+    return mla_decode_attention_reference(q_latent, q_rope, latent3, rope3, scale, kv_lengths, kv_starts, key_mask, out)
