@@ -56,6 +56,21 @@ from .ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, tensor_nb
 
 Rank = int | float | None
 
+# The exact tail lives in a preallocated buffer that grows geometrically, so appending a decoded token is
+# one in-place write (amortised O(1)) instead of a torch.cat that copies the whole tail every step.
+_TAIL_ALIGN = 256  # capacities are multiples of this many tokens
+_TAIL_GROWTH = 1.25
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def tail_capacity(needed: int, capacity: int) -> int:
+    """Capacity (tokens) of the exact-tail buffer that must hold ``needed`` tokens and holds ``capacity``:
+    ``max(needed, 1.25 * capacity)`` rounded up to a multiple of 256, so ``n`` appends cost O(n) copies."""
+    return max(_round_up(max(needed, 1), _TAIL_ALIGN), _round_up(math.ceil(capacity * _TAIL_GROWTH), _TAIL_ALIGN))
+
 
 @dataclass
 class _Segment:
@@ -85,6 +100,15 @@ class XKVLayer(CacheLayerMixin):
     matrices per segment of its group (``[B, r, H*d]``), and ``keys/values``, the exact tail
     (``[B, H, t, d]``). ``update`` returns the whole sequence's keys and values for attention, the
     compressed part rebuilt from the factors.
+
+    The tail is a view of the first ``t`` tokens of a preallocated buffer (``[B, H, capacity, d]``) that
+    grows geometrically (:func:`tail_capacity`); ``nbytes()`` counts the ``t`` valid tokens,
+    ``reserved_nbytes()`` the allocated storage.
+
+    Fused decode (:func:`kvcompress.xkv.patch_xkv`): while ``defer_decode`` is set (by the patch's hook on
+    the attention module, for the duration of its forward), a one-token update of a layer that has
+    compressed segments returns only the exact tail and records it in ``deferred``; the patched attention
+    function then reads the factors through :meth:`decode_parts` instead of rebuilt keys and values.
     """
 
     is_sliding = False
@@ -103,13 +127,72 @@ class XKVLayer(CacheLayerMixin):
         self.sink_values: torch.Tensor | None = None
         self.key_rights: list[torch.Tensor] = []  # one [B, r_k, H*d] per segment of the group
         self.value_rights: list[torch.Tensor] = []
+        self.defer_decode = False
+        self.deferred: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- the exact tail: a growable buffer, ``keys``/``values`` are views of its valid part -----------
+    @property
+    def keys(self) -> torch.Tensor | None:
+        buffer = self.__dict__.get("_key_buffer")
+        return None if buffer is None else buffer[..., : self._tail_len, :]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        # Assigning a tensor makes it the whole buffer (full): the next append reallocates.
+        self._key_buffer = value
+        self._tail_len = 0 if value is None else value.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        buffer = self.__dict__.get("_value_buffer")
+        return None if buffer is None else buffer[..., : self._tail_len, :]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is not None and self.__dict__.get("_key_buffer") is not None and value.shape[-2] != self._tail_len:
+            raise ValueError(f"values hold {value.shape[-2]} tokens but keys hold {self._tail_len}; assign keys first")
+        self._value_buffer = value
+
+    def tail_capacity(self) -> int:
+        """Tokens the exact-tail buffer can hold before it must grow (0 before the first update)."""
+        buffer = self.__dict__.get("_key_buffer")
+        return 0 if buffer is None else buffer.shape[-2]
+
+    def _reallocate_tail(self, capacity: int) -> None:
+        """Move the valid tail into fresh buffers of ``capacity`` tokens (grow, or shrink after compression)."""
+        keys, values = self.keys, self.values
+        new_keys = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+        new_values = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+        new_keys[..., : self._tail_len, :].copy_(keys)
+        new_values[..., : self._tail_len, :].copy_(values)
+        self._key_buffer, self._value_buffer = new_keys, new_values
+
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        needed = self._tail_len + key_states.shape[-2]
+        if needed > self.tail_capacity():
+            self._reallocate_tail(tail_capacity(needed, self.tail_capacity()))
+        self._key_buffer[..., self._tail_len : needed, :].copy_(key_states)
+        self._value_buffer[..., self._tail_len : needed, :].copy_(value_states)
+        self._tail_len = needed
+
+    def _drop_tail_front(self, count: int) -> None:
+        """Forget the first ``count`` tail tokens (moved to the sinks or a segment); the buffer is rebuilt at a
+        small capacity, which also frees the prefill's storage once it is compressed."""
+        remaining_keys, remaining_values = self.keys[..., count:, :], self.values[..., count:, :]
+        remaining = remaining_keys.shape[-2]
+        capacity = tail_capacity(remaining + 1, 0)
+        new_keys = remaining_keys.new_empty(*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1])
+        new_values = remaining_values.new_empty(*remaining_values.shape[:2], capacity, remaining_values.shape[-1])
+        new_keys[..., :remaining, :].copy_(remaining_keys)
+        new_values[..., :remaining, :].copy_(remaining_values)
+        self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
 
     # -- the cache_utils contract -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = key_states.shape[0]
         empty = key_states[..., :0, :]
-        self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()
+        self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()  # capacity 0: grows on append
         self.sink_keys, self.sink_values = empty.clone(), value_states[..., :0, :].clone()
         self.is_initialized = True
 
@@ -155,12 +238,18 @@ class XKVLayer(CacheLayerMixin):
         When this is the last layer of its group and more than one token arrived, the group is
         compressed after the full keys/values to return have been built: the prefill itself attends
         over exact states, as in the paper.
+
+        With ``defer_decode`` set (fused decode, see the class docstring), a one-token update of a layer
+        with compressed segments returns the exact tail only and records it in ``deferred``.
         """
         self.check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append_tail(key_states, value_states)
+        self.deferred = None
+        if self.defer_decode and key_states.shape[-2] == 1 and self.key_rights:
+            self.deferred = (self.keys, self.values)
+            return self.deferred
         full_keys, full_values = self.full_states()
         if key_states.shape[-2] > 1 and self.position_in_group == len(self.group.layer_indices) - 1:
             self._cache._compress_group(self.group)
@@ -181,6 +270,7 @@ class XKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_rights, self.value_rights = [], []
+        self.deferred = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -189,13 +279,14 @@ class XKVLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self.keys = self.keys[..., :tokens_to_remove, :]
-        self.values = self.values[..., :tokens_to_remove, :]
+        self._tail_len = max(self._tail_len + tokens_to_remove, 0)  # the buffer keeps its capacity
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        self.keys, self.values = fn(self.keys), fn(self.values)
+        length = self._tail_len  # fn maps whole buffers (capacity kept); the valid length is unchanged
+        self._key_buffer, self._value_buffer = fn(self._key_buffer), fn(self._value_buffer)
+        self._tail_len = length
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.key_rights = [fn(t) for t in self.key_rights]
         self.value_rights = [fn(t) for t in self.value_rights]
@@ -229,6 +320,13 @@ class XKVLayer(CacheLayerMixin):
             return 0
         return tensor_nbytes(self.keys, self.values, self.sink_keys, self.sink_values, *self.key_rights,
                              *self.value_rights)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated by this layer: as ``nbytes()`` but counting the tail buffers' whole capacity."""
+        if not self.is_initialized:
+            return 0
+        return tensor_nbytes(self._key_buffer, self._value_buffer, self.sink_keys, self.sink_values,
+                             *self.key_rights, *self.value_rights)
 
 
 def _resolve_rank(name: str, rank: Rank, width: int) -> int:
@@ -396,6 +494,18 @@ class XKVCache(Cache):
                 total += tensor_nbytes(layer.keys, layer.values)
         return total
 
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated: as ``nbytes()`` but counting the exact-tail buffers' whole capacity (the growable
+        storage keeps up to 25% + 256 tokens of headroom per layer)."""
+        total = sum(group.nbytes() for group in self.groups)
+        total += sum(tensor_nbytes(*table) for table in self._rope_tables.values())
+        for layer in self.layers:
+            if isinstance(layer, XKVLayer):
+                total += layer.reserved_nbytes()
+            elif getattr(layer, "is_initialized", False):
+                total += tensor_nbytes(layer.keys, layer.values)
+        return total
+
     # -- batch operations touch the shared factors once ---------------------------------------------
     def _map_group_factors(self, fn) -> None:
         for group in self.groups:
@@ -509,9 +619,7 @@ class XKVCache(Cache):
             if new_segment is not None:
                 layer.key_rights.append(rights[0][i].contiguous())
                 layer.value_rights.append(rights[1][i].contiguous())
-            cut = to_sink + to_compress
-            layer.keys = layer.keys[:, :, cut:].clone()
-            layer.values = layer.values[:, :, cut:].clone()
+            layer._drop_tail_front(to_sink + to_compress)
         if new_segment is not None:
             group.segments.append(new_segment)
 
