@@ -43,6 +43,7 @@ only ever passes the latent to the cache.
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 from dataclasses import dataclass
 
@@ -70,7 +71,158 @@ def _mla_config(config):
 
 
 # -- the cache ----------------------------------------------------------------------------------------
-class MLALatentLayer(DynamicLayer):
+GROWTH_FACTOR = 1.25  # capacity grows geometrically: amortised O(1) copies per appended token
+GROWTH_GRANULE = 256  # capacities are multiples of this many tokens
+
+
+class GrowableLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys``/``values`` (``[B, n, T, d]``) live in preallocated storage.
+
+    ``DynamicLayer`` concatenates the whole cache with each new token (``O(T)`` bytes copied per step);
+    here a step writes its tokens in place into spare capacity. When capacity runs out the storage grows
+    to ``max(needed, 1.25 * capacity)`` rounded up to a multiple of 256 tokens, so the copies are
+    amortised ``O(1)`` per token and the number of reallocations is logarithmic in the length. With
+    ``max_cache_len`` the storage is allocated once at that capacity (static shapes, e.g. for CUDA graphs)
+    and exceeding it raises.
+
+    ``keys``/``values`` are views of the valid tokens (``[:, :, :T]``), so every ``cache_utils`` operation
+    written against them still works; assigning a tensor to them replaces the storage with it (capacity =
+    its length). ``nbytes()`` counts the valid tokens only (the cache's formula, comparable with
+    ``DynamicCache``); ``reserved_nbytes()`` counts the allocated storage; ``reallocations`` counts growths.
+    """
+
+    def __init__(self, max_cache_len: int | None = None):
+        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be None (grow as needed) or an int >= 1, got {max_cache_len!r}")
+        self.max_cache_len = max_cache_len
+        self._key_storage: torch.Tensor | None = None
+        self._value_storage: torch.Tensor | None = None
+        self._length = 0
+        self.reallocations = 0
+        super().__init__()
+
+    # keys/values: views of the valid part; assignment (cache_utils' offload, prefetch, ...) replaces storage
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._key_storage is None else self._key_storage[:, :, : self._length]
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        self._key_storage = tensor
+        self._length = 0 if tensor is None or tensor.dim() < 2 else tensor.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._value_storage is None else self._value_storage[:, :, : self._length]
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        if tensor is not None and tensor.dim() >= 2 and self._key_storage is not None and tensor.shape[-2] != self._length:
+            raise ValueError(f"values of {tensor.shape[-2]} tokens assigned to a layer holding {self._length} keys; "
+                             "assign keys first, then values of the same length")
+        self._value_storage = tensor
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the storage can hold before it must grow."""
+        return 0 if self._key_storage is None or self._key_storage.dim() < 2 else self._key_storage.shape[-2]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._key_storage = self._value_storage = None
+        self._length = 0
+        self.is_initialized = True
+
+    def _grow(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self.max_cache_len is not None:
+            if needed > self.max_cache_len:
+                raise ValueError(f"layer {getattr(self, 'layer_idx', '?')}: {needed} tokens do not fit max_cache_len="
+                                 f"{self.max_cache_len}; build the cache with a larger max_cache_len (or None to grow)")
+            capacity = self.max_cache_len
+        else:
+            wanted = max(needed, math.ceil(GROWTH_FACTOR * self.capacity))
+            capacity = -(-wanted // GROWTH_GRANULE) * GROWTH_GRANULE
+        batch, n = key_states.shape[:2]
+        keys = key_states.new_empty(batch, n, capacity, key_states.shape[-1])
+        values = value_states.new_empty(batch, value_states.shape[1], capacity, value_states.shape[-1])
+        if self._length:
+            keys[:, :, : self._length] = self.keys
+            values[:, :, : self._length] = self.values
+        self._key_storage, self._value_storage = keys, values
+        self.reallocations += 1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens after the valid ones (growing the storage if needed); return views of all."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        needed = self._length + new
+        store = self._key_storage
+        # empty (fresh, reset or cropped to 0): storage of another batch/dtype/device cannot be reused
+        stale = store is None or (self._length == 0 and (
+            store.shape[:2] != key_states.shape[:2] or store.shape[-1] != key_states.shape[-1]
+            or store.dtype != key_states.dtype or store.device != key_states.device))
+        if stale:
+            self._key_storage = self._value_storage = None
+        if stale or needed > self.capacity:
+            self._grow(needed, key_states, value_states)
+        self._key_storage[:, :, self._length : needed] = key_states
+        self._value_storage[:, :, self._length : needed] = value_states
+        self._length = needed
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self._key_storage = self._value_storage = None
+        self._length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (a negative int, transformers 5.24), or keep the first
+        ``tokens_to_remove`` (a non-negative int: the older ``max_length`` meaning). Storage is kept."""
+        if not self.is_initialized:
+            return
+        if tokens_to_remove < 0:
+            self._length = max(0, self._length + tokens_to_remove)
+        else:
+            self._length = min(self._length, tokens_to_remove)
+
+    def _rebuild(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New storage of the current capacity holding ``keys``/``values`` (a new batch), valid part only."""
+        capacity = max(self.capacity, keys.shape[-2])
+        self._key_storage = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+        self._value_storage = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+        self._key_storage[:, :, : keys.shape[-2]] = keys
+        self._value_storage[:, :, : values.shape[-2]] = values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch rows (beam search) in place: same storage, same capacity."""
+        if self._length:
+            idx = beam_idx.to(self._key_storage.device)
+            self._key_storage[:, :, : self._length] = self.keys.index_select(0, idx)
+            self._value_storage[:, :, : self._length] = self.values.index_select(0, idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._length:
+            self._rebuild(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._length:
+            self._rebuild(self.keys[indices, ...], self.values[indices, ...])
+
+    def nbytes(self) -> int:
+        """Bytes of the valid tokens' keys and values (what ``DynamicLayer`` would hold)."""
+        return tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the allocated storage (valid tokens + spare capacity)."""
+        return tensor_nbytes(self._key_storage, self._value_storage) if self.is_initialized else 0
+
+
+class MLALatentLayer(GrowableLayer):
     """One layer of an :class:`MLALatentCache`: the latent ``c`` (``keys``, ``[B, 1, T, kv_lora_rank]``) and
     the rotated RoPE key (``values``, ``[B, 1, T, qk_rope_head_dim]``), appended token by token.
 
@@ -78,8 +230,8 @@ class MLALatentLayer(DynamicLayer):
     offloading work on them unchanged); :attr:`latent` and :attr:`rope_key` say what they hold.
     """
 
-    def __init__(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int):
-        super().__init__()
+    def __init__(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int, max_cache_len: int | None = None):
+        super().__init__(max_cache_len)
         self.layer_idx = layer_idx
         self.kv_lora_rank = kv_lora_rank
         self.qk_rope_head_dim = qk_rope_head_dim
@@ -136,13 +288,6 @@ class MLALatentLayer(DynamicLayer):
         self.check_states(key_states, value_states)
         return super().update(key_states, value_states, *args, **kwargs)
 
-    def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
-
-    def nbytes(self) -> int:
-        """Bytes of the latent and RoPE-key tensors this layer holds."""
-        return tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
 
 
 class MLALatentCache(Cache):
@@ -159,16 +304,23 @@ class MLALatentCache(Cache):
 
     It also works on an unpatched model on transformers >= 5.17 (same memory, stock speed).
 
+    Each layer keeps its tokens in preallocated storage that grows geometrically (see
+    :class:`GrowableLayer`): a decode step writes one token in place instead of re-copying the cache.
+    ``nbytes()`` counts the valid tokens (the formula), ``reserved_nbytes()`` the allocated storage.
+
     Args:
         config: the model or its config; must be a DeepSeek-V2/V3 (``model_type`` deepseek_v2 / deepseek_v3).
+        max_cache_len: ``None`` (grow as needed) or the fixed capacity in tokens, allocated at the first
+            update (static storage shapes; more tokens raise ValueError).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, max_cache_len: int | None = None):
         cfg = _mla_config(config)
         self.num_layers = cfg.num_hidden_layers
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_rope_head_dim = cfg.qk_rope_head_dim
-        layers = [MLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim) for i in range(self.num_layers)]
+        layers = [MLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim, max_cache_len)
+                  for i in range(self.num_layers)]
         super().__init__(layers=layers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -194,8 +346,12 @@ class MLALatentCache(Cache):
             )
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds, measured from the tensors themselves."""
+        """Bytes of every valid token's latent and RoPE key, measured from the tensors themselves."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the allocated storage (valid tokens + spare capacity), >= :meth:`nbytes`."""
+        return sum(layer.reserved_nbytes() for layer in self.layers)
 
     def expected_nbytes(self) -> int:
         """The memory formula on the current token counts: ``sum_layers B * T * (r + p) * element_size``."""
@@ -260,6 +416,32 @@ def absorbed_attention(
     weights = torch.softmax(scores, dim=-1, dtype=work).to(c_kv.dtype)
     out = torch.bmm(weights.view(batch, heads * queries, tokens), c_kv)
     return out.view(batch, heads, queries, rank)
+
+
+def latent_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_rope: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`absorbed_attention` through the Triton decode kernel when it can run
+    (:func:`kvcompress.kernels.triton_usable`; not float64), else :func:`absorbed_attention` itself.
+
+    The kernel reads the cache once for all heads and takes the mask as a per-key padding mask (the last
+    query row of ``mask``) plus causality inside the new tokens, which is what transformers builds for
+    DeepSeek (causal + padding); it computes scores in float32 where the plain path rounds them to the
+    inputs' dtype first. Same arguments and result as :func:`absorbed_attention`.
+    """
+    from .kernels import triton_usable
+
+    if c_kv.dtype != torch.float64 and triton_usable(c_kv):
+        from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
+
+        key_mask = key_mask_from_attention_mask(mask, q_latent.shape[0], c_kv.shape[-2])
+        return mla_decode_attention(q_latent, q_rope, c_kv, k_rope, scale, key_mask=key_mask)
+    return absorbed_attention(q_latent, q_rope, c_kv, k_rope, mask, scale)
 
 
 @dataclass
@@ -373,7 +555,7 @@ def _mla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         # (For S = 1 the reshapes are views: bmm reads the strided query and weights in place.)
         q_heads = q_nope.transpose(0, 1).reshape(heads, batch * length, self.qk_nope_head_dim)
         q_latent = torch.bmm(q_heads, weights.w_uk).view(heads, batch, length, self.kv_lora_rank).transpose(0, 1)
-        out_latent = absorbed_attention(q_latent, q_rot, latent, k_rot, attention_mask, self.scaling)
+        out_latent = latent_attention(q_latent, q_rot, latent, k_rot, attention_mask, self.scaling)
         # [B, H, S, r] -> [H, B*S, r] @ [H, r, v] -> [B, S, H*v]
         out_heads = out_latent.transpose(0, 1).reshape(heads, batch * length, self.kv_lora_rank)
         out = torch.bmm(out_heads, weights.w_uv_t).view(heads, batch, length, self.v_head_dim)
