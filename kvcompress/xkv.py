@@ -314,6 +314,21 @@ class XKVLayer(CacheLayerMixin):
             return self.keys, self.values
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
+    def decode_parts(self) -> list:
+        """The layer's tokens in order as :mod:`kvcompress.kernels.xkv_decode` parts: the sinks
+        (``ExactPart``), one ``FactoredPart`` per segment (with its RoPE table when ``pre_rope``), the tail."""
+        from .kernels.xkv_decode import ExactPart, FactoredPart
+
+        parts = [ExactPart(self.sink_keys, self.sink_values)]
+        for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
+            cos = sin = None
+            if self._cache.pre_rope:
+                cos, sin = self._cache._rope_table(segment.start, segment.length, segment.key_factor.device)
+                cos, sin = cos[:, 0, :], sin[:, 0, :]
+            parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
+        parts.append(ExactPart(self.keys, self.values))
+        return parts
+
     def nbytes(self) -> int:
         """Bytes of the tensors this layer holds (the group's shared factors are counted by the cache)."""
         if not self.is_initialized:
@@ -544,19 +559,20 @@ class XKVCache(Cache):
             group.segments = []
 
     # -- compression -------------------------------------------------------------------------------
-    def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
-        """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``.
-
-        The cos/sin table of a segment is built once and shared by every layer and every decode step
-        (float32, ``T x rotary_dim`` each); it is part of what the cache holds and ``nbytes()`` counts it.
-        """
-        key = (start, keys.shape[1], keys.device)
+    def _rope_table(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[T, 1, rotary_dim]`` (float32) of slots ``start..start+T``, built once per segment and
+        shared by every layer and every decode step; part of what the cache holds (``nbytes()`` counts it)."""
+        key = (start, length, device)
         table = self._rope_tables.get(key)
         if table is None:
-            positions = torch.arange(start, start + keys.shape[1], device=keys.device)
+            positions = torch.arange(start, start + length, device=device)
             cos, sin = rope_cos_sin(self._inv_freq, positions)
             table = self._rope_tables[key] = (cos[:, None, :], sin[:, None, :])
-        cos, sin = table
+        return table
+
+    def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
+        """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``."""
+        cos, sin = self._rope_table(start, keys.shape[1], keys.device)
         return apply_rope(keys, cos, sin if sign > 0 else -sin)
 
     def _rebuild(self, factor: torch.Tensor, right: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -650,3 +666,133 @@ class XKVCache(Cache):
             if not isinstance(layer, XKVLayer) and getattr(layer, "is_initialized", False):
                 total += tensor_nbytes(layer.keys, layer.values)
         return total
+
+
+# -- fused decode: patch_xkv -------------------------------------------------------------------------
+XKV_ATTENTION_PREFIX = "kvcompress_xkv_"  # + the implementation it falls back to, e.g. "kvcompress_xkv_sdpa"
+_LAYER_ATTR = "_kvcompress_xkv_layer"  # set on an attention module for the duration of its forward
+_FALLBACK_ATTR = "_kvcompress_xkv_fallback"  # the attention function used when not decoding fused
+
+
+def _fallback_attention(module: torch.nn.Module, implementation: str):
+    """The attention function ``implementation`` resolves to for ``module`` (eager: its modeling file's)."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(f"{type(module).__name__}'s module has no eager_attention_forward to fall back to")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention function registered by :func:`patch_xkv` (transformers' ``AttentionInterface`` contract).
+
+    On a decode step of an :class:`XKVLayer` with compressed segments, ``key``/``value`` are only the exact
+    tail that the layer's ``update`` returned (and recorded in ``layer.deferred``): attention then runs over
+    the layer's sinks, factored segments and tail with
+    :func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`, without rebuilding keys or values. Every
+    other call (prefill, layers without segments, other caches) goes to the model's previous attention
+    implementation unchanged.
+    """
+    layer = module.__dict__.get(_LAYER_ATTR)
+    if layer is None or layer.deferred is None or key is not layer.deferred[0]:
+        return module.__dict__[_FALLBACK_ATTR](module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
+    from .kernels.xkv_decode import valid_mask_from_attention_mask, xkv_decode_attention
+
+    layer.deferred = None
+    if kwargs.get("softcap") is not None or dropout:
+        raise ValueError("patch_xkv's fused decode supports neither attention softcapping nor dropout; "
+                         "remove the patch (handle.remove()) for this model")
+    parts = layer.decode_parts()
+    total = sum(part.length for part in parts)
+    if attention_mask is not None and attention_mask.dim() == 2:  # flash-attention style [B, T] padding mask
+        valid = attention_mask[:, -total:].bool().expand(query.shape[0], total).contiguous()
+    else:
+        valid = valid_mask_from_attention_mask(attention_mask, query.shape[0], total)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return xkv_decode_attention(query, parts, scale, valid), None
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Self-attention modules of a transformers decoder (they carry ``layer_idx`` and GQA grouping)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+            and hasattr(m, "num_key_value_groups")]
+
+
+def patch_xkv(model: torch.nn.Module):
+    """Make ``model`` decode over :class:`XKVCache` factors without rebuilding keys and values.
+
+    Switches the model's attention implementation to ``"kvcompress_xkv_<previous>"`` (registered with
+    transformers' ``AttentionInterface`` and ``AttentionMaskInterface``; masks and every non-fused call stay
+    those of the previous implementation) and adds a forward pre-hook and hook on each attention module:
+    while the module runs with an ``XKVCache``, the layer's ``defer_decode`` is set, so a one-token update
+    returns only the exact tail and :func:`xkv_attention_forward` attends over the factors
+    (:func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`: Triton on CUDA, PyTorch otherwise). Other
+    caches, the prefill and unpatched models run exactly as before.
+
+    Returns:
+        a :class:`kvcompress.patch.PatchHandle`; ``remove()`` (or leaving ``with``) restores the previous
+        implementation and removes the hooks.
+
+    Raises:
+        TypeError: ``model`` is not a transformers model with ``set_attn_implementation``.
+        ValueError: no attention modules found, or the model is already patched by ``patch_xkv``.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .patch import PatchHandle, set_attribute
+
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "set_attn_implementation", None)):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    previous = config._attn_implementation or "sdpa"
+    if previous.startswith(XKV_ATTENTION_PREFIX):
+        raise ValueError(f"model is already patched by patch_xkv (attention implementation {previous!r}); "
+                         "remove that handle first")
+    modules = _attention_modules(model)
+    if not modules:
+        raise ValueError(f"no attention modules with layer_idx found in {type(model).__name__}")
+    name = XKV_ATTENTION_PREFIX + previous
+    mask_source = "sdpa" if previous not in ALL_MASK_ATTENTION_FUNCTIONS else previous
+    fallbacks = [_fallback_attention(module, previous) for module in modules]  # raises before any change
+    ALL_ATTENTION_FUNCTIONS.register(name, xkv_attention_forward)  # global and idempotent: left registered
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_source])
+
+    handle = PatchHandle(model, description=f"xkv fused decode on {type(model).__name__}")
+    try:
+        def pre_hook(module, args, kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if isinstance(cache, XKVCache) and module.layer_idx < len(cache.layers):
+                layer = cache.layers[module.layer_idx]
+                if isinstance(layer, XKVLayer):
+                    layer.defer_decode, layer.deferred = True, None
+                    module.__dict__[_LAYER_ATTR] = layer
+
+        def post_hook(module, args, kwargs, output):
+            # always_call: also after an exception, so a layer never stays deferred for an unpatched reader
+            layer = module.__dict__.pop(_LAYER_ATTR, None)
+            if layer is not None:
+                layer.defer_decode, layer.deferred = False, None
+
+        for module, fallback in zip(modules, fallbacks):
+            set_attribute(module, _FALLBACK_ATTR, fallback, handle)
+            pre = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            post = module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+            handle.add_undo(pre.remove)
+            handle.add_undo(post.remove)
+        model.set_attn_implementation(name)
+        handle.add_undo(lambda: model.set_attn_implementation(previous))
+        if config._attn_implementation != name:
+            raise RuntimeError(f"transformers refused attention implementation {name!r} for {type(model).__name__}")
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

@@ -1,0 +1,484 @@
+"""xKV decode attention over the factored cache without rebuilding full keys/values in HBM.
+
+The maths
+---------
+One layer of an :class:`kvcompress.xkv.XKVCache` holds, in token order, exact parts (sink tokens, the
+recent tail: ordinary post-RoPE keys ``K`` and values ``V``, ``[B, H, T, d]``) and factored segments. A
+segment of ``T`` tokens stores, per batch row, token factors shared by the layer's group and per-layer
+right factors::
+
+    K_pre = U_k B_k      U_k [T, r_k],  B_k [r_k, H*d]   (keys before RoPE, slot-numbered)
+    V     = U_v B_v      U_v [T, r_v],  B_v [r_v, H*dv]
+
+Token ``t`` of a segment starting at slot ``p0`` has the key ``k_t = R(p0 + t) (U_k B_k)[t, h]`` for KV head
+``h`` (``R`` the rotate-half RoPE of :mod:`kvcompress.ops`, given as the segment's cos/sin table). For a
+decode query ``q`` of query head ``j`` (KV head ``h = j // G``, ``G`` query heads per KV head) with scale
+``c``, a part's scores, log-sum-exp and normalised output are::
+
+    s_t = c * q . k_t                (-inf where the token is masked)
+    lse = log sum_t exp(s_t)
+    o   = sum_t softmax(s)_t v_t
+
+and for a factored segment the value side stays in the latent, since softmax is linear in the rows it
+averages: ``sum_t P_t (U_v B_v)[t, h] = (P U_v) B_v[:, h]``: the ``r_v``-vector ``P U_v`` is projected by
+``B_v[:, h]`` once. Parts merge exactly by log-sum-exp::
+
+    out = sum_i exp(lse_i - L) o_i,     L = log sum_i exp(lse_i)
+
+(a part whose tokens are all masked, e.g. the sinks of a left-padded row, has ``lse = -inf`` and weight 0).
+
+The kernels (Triton)
+--------------------
+1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``: a program rebuilds one ``[BLOCK_T, d]`` key tile of
+   one KV head in registers (``U_k[tile] @ B_k[:, h]`` as two half-width ``tl.dot`` over ``r_k`` chunks, so
+   the rotate-half RoPE needs no shuffle), rotates it with the segment's cos/sin, and scores it against the
+   ``G`` query heads of that KV head. It writes only the float32 scores ``[B, Hq, T]``: ``Hq`` floats per
+   token, against ``2*H*d`` elements of rebuilt keys and values. Heads are the fastest grid axis, so the
+   ``H`` programs of one tile run together and read ``U_k[tile]`` from L2 once from HBM. The token grid
+   splits the sequence across the whole GPU at batch 1 (flash-decoding's purpose).
+2. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``: ``U_v`` is shared by all heads, so
+   ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the sequence
+   (split-K) with float32 partials summed afterwards. A per-KV-head online-softmax kernel would re-read
+   ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768 at the defaults on Llama-3-8B),
+   which is why softmax statistics come from the stored scores instead (one cheap extra pass over
+   ``Hq*T`` floats).
+
+Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)*e`` for the factors
+plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
+dominant term; the value side is ``2*B*T*Hq*r_v``). ``benchmarks/xkv_decode.py`` measures both ceilings.
+
+Precision: products accumulate in float32; float32 inputs use IEEE float32 dots (not TF32). The output
+has the query's dtype. The reference (:func:`xkv_decode_attention_reference`) computes everything in
+float32 (float64 for float64 inputs) and is the CPU path and the kernels' definition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import triton_usable
+
+try:  # Triton is optional: without it (CPU-only installs) the reference is the only path
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # ImportError, or a broken install without a GPU toolchain
+    _HAVE_TRITON = False
+
+__all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
+           "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
+
+
+@dataclass
+class ExactPart:
+    """Tokens held exactly: post-RoPE ``keys [B, H, T, d]`` and ``values [B, H, T, dv]`` (views are fine)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[-2]
+
+
+@dataclass
+class FactoredPart:
+    """A compressed segment of one layer: keys ``rope(key_factor @ key_right)``, values
+    ``value_factor @ value_right``.
+
+    Shapes: ``key_factor [B, T, r_k]``, ``key_right [B, r_k, H*d]``, ``value_factor [B, T, r_v]``,
+    ``value_right [B, r_v, H*dv]``; ``cos``/``sin`` ``[T, rotary_dim]`` float32, the rotate-half table of the
+    segment's slots (both halves equal, as :func:`kvcompress.ops.rope_cos_sin` builds them), or ``None``
+    when the keys are stored rotated (``pre_rope=False``).
+    """
+
+    key_factor: torch.Tensor
+    key_right: torch.Tensor
+    value_factor: torch.Tensor
+    value_right: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.key_factor.shape[-2]
+
+
+Part = ExactPart | FactoredPart
+
+
+# -- validation -----------------------------------------------------------------------------------
+def _check(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | None) -> tuple[int, int, int]:
+    """Validate shapes/dtypes/devices; returns ``(kv_heads, value_head_dim, total_tokens)``."""
+    if not isinstance(query, torch.Tensor) or query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError("query must be a 4-D tensor [batch, q_heads, 1, head_dim] (one decode token), got "
+                         f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
+    if not parts:
+        raise ValueError("parts must hold at least one ExactPart or FactoredPart")
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads = value_dim = None
+    total = 0
+    for i, part in enumerate(parts):
+        if isinstance(part, ExactPart):
+            if part.keys.dim() != 4 or part.values.dim() != 4:
+                raise ValueError(f"parts[{i}].keys/values must be [batch, kv_heads, tokens, head_dim]")
+            h, dv = part.keys.shape[1], part.values.shape[-1]
+            if part.keys.shape[-1] != head_dim or part.keys.shape[0] != batch or part.values.shape[:3] != part.keys.shape[:3]:
+                raise ValueError(f"parts[{i}] has keys {tuple(part.keys.shape)} / values {tuple(part.values.shape)}; "
+                                 f"the query gives batch={batch}, head_dim={head_dim}")
+            tensors = (part.keys, part.values)
+        elif isinstance(part, FactoredPart):
+            kf, kr, vf, vr = part.key_factor, part.key_right, part.value_factor, part.value_right
+            if any(t.dim() != 3 for t in (kf, kr, vf, vr)):
+                raise ValueError(f"parts[{i}] factors must be 3-D: key_factor/value_factor [batch, tokens, rank], "
+                                 "key_right/value_right [batch, rank, heads*head_dim]")
+            if kf.shape[0] != batch or vf.shape[0] != batch or kr.shape[0] != batch or vr.shape[0] != batch:
+                raise ValueError(f"parts[{i}] factors must have batch size {batch} (the query's)")
+            if kr.shape[1] != kf.shape[2] or vr.shape[1] != vf.shape[2] or vf.shape[1] != kf.shape[1]:
+                raise ValueError(f"parts[{i}] factor shapes disagree: key_factor {tuple(kf.shape)}, key_right "
+                                 f"{tuple(kr.shape)}, value_factor {tuple(vf.shape)}, value_right {tuple(vr.shape)}")
+            if kr.shape[2] % head_dim:
+                raise ValueError(f"parts[{i}].key_right width {kr.shape[2]} is not a multiple of head_dim={head_dim}")
+            h = kr.shape[2] // head_dim
+            if vr.shape[2] % h:
+                raise ValueError(f"parts[{i}].value_right width {vr.shape[2]} is not a multiple of kv_heads={h}")
+            dv = vr.shape[2] // h
+            if (part.cos is None) != (part.sin is None):
+                raise ValueError(f"parts[{i}]: pass both cos and sin, or neither")
+            if part.cos is not None and (part.cos.dim() != 2 or part.cos.shape[0] != kf.shape[1]
+                                         or part.cos.shape[1] > head_dim or part.cos.shape[1] % 2
+                                         or part.sin.shape != part.cos.shape):
+                raise ValueError(f"parts[{i}].cos/sin must be [tokens={kf.shape[1]}, rotary_dim <= {head_dim}, even], "
+                                 f"got {tuple(part.cos.shape)} / {tuple(part.sin.shape)}")
+            tensors = (kf, kr, vf, vr)
+        else:
+            raise TypeError(f"parts[{i}] must be an ExactPart or FactoredPart, got {type(part).__name__}")
+        if kv_heads is None:
+            kv_heads, value_dim = h, dv
+        elif (h, dv) != (kv_heads, value_dim):
+            raise ValueError(f"parts[{i}] has {h} kv heads of value dim {dv}; earlier parts have {kv_heads} / {value_dim}")
+        for t in tensors:
+            if t.dtype != query.dtype or t.device != query.device:
+                raise ValueError(f"parts[{i}] tensors must have the query's dtype {query.dtype} and device "
+                                 f"{query.device}, got {t.dtype} on {t.device}")
+        total += part.length
+    if q_heads % kv_heads:
+        raise ValueError(f"query has {q_heads} heads, not a multiple of the parts' kv_heads={kv_heads}")
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool
+                              or tuple(valid.shape) != (batch, total)):
+        raise ValueError(f"valid must be a bool tensor [batch={batch}, tokens={total}] (True = attend), got "
+                         f"{(valid.dtype, tuple(valid.shape)) if isinstance(valid, torch.Tensor) else type(valid).__name__}")
+    return kv_heads, value_dim, total
+
+
+def valid_mask_from_attention_mask(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """The per-token bool mask ``[batch, tokens]`` (True = attend) from transformers' decode-step 4-D mask
+    ``[B or 1, 1, 1, >= tokens]`` (bool, or additive float where ``finfo.min`` means masked). ``None`` stays
+    ``None`` (every token attended)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise ValueError(f"attention mask must be a 4-D tensor [batch, 1, queries, tokens], got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    last = mask[:, 0, -1, -tokens:]
+    if mask.dtype != torch.bool:  # additive: anything above half the dtype's lowest value counts as attend
+        last = last > torch.finfo(mask.dtype).min / 2
+    return last.expand(batch, tokens).contiguous()
+
+
+# -- reference ------------------------------------------------------------------------------------
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _softmax_parts(scores: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, lse)`` of ``scores [B, H, G, T]`` with ``valid [B, T]``; an all-masked row gets ``P = 0``,
+    ``lse = -inf`` (weight 0 in the merge) instead of NaN."""
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(scores - safe[..., None]), lse
+
+
+def part_attention_reference(query: torch.Tensor, part: Part, scaling: float,
+                             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part's normalised output ``o [B, Hq, dv]`` and log-sum-exp ``lse [B, Hq]`` (float32, float64
+    for float64 inputs); ``valid [B, T_part]`` masks tokens. See the module docstring for the maths."""
+    from ..ops import apply_rope
+
+    work = _work_dtype(query.dtype)
+    batch, q_heads, _, head_dim = query.shape
+    if isinstance(part, ExactPart):
+        kv_heads = part.keys.shape[1]
+        keys, values = part.keys.to(work), part.values.to(work)  # [B, H, T, d]
+    else:
+        kv_heads = part.key_right.shape[-1] // head_dim
+        keys = torch.matmul(part.key_factor.to(work), part.key_right.to(work))
+        keys = keys.view(batch, -1, kv_heads, head_dim)  # [B, T, H, d], pre-RoPE
+        if part.cos is not None:
+            keys = apply_rope(keys, part.cos[:, None, :].to(work), part.sin[:, None, :].to(work))
+        keys = keys.transpose(1, 2)
+    groups = q_heads // kv_heads
+    q = query[:, :, 0, :].to(work).view(batch, kv_heads, groups, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # [B, H, G, T]
+    probs, lse = _softmax_parts(scores, valid)
+    if isinstance(part, ExactPart):
+        out = torch.matmul(probs, values)  # [B, H, G, dv]
+    else:
+        latent = torch.matmul(probs.reshape(batch, q_heads, -1), part.value_factor.to(work))  # [B, Hq, r_v]
+        rank_v = part.value_right.shape[1]
+        right = part.value_right.to(work).view(batch, rank_v, kv_heads, -1).permute(0, 2, 1, 3)  # [B, H, r_v, dv]
+        out = torch.matmul(latent.view(batch, kv_heads, groups, rank_v), right)
+    return out.reshape(batch, q_heads, -1), lse.reshape(batch, q_heads)
+
+
+def merge_partials(partials: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``sum_i exp(lse_i - L) o_i`` with ``L = logsumexp_i lse_i``: exact softmax attention over the union
+    of the parts. Parts with ``lse = -inf`` get weight 0; a row masked everywhere gives 0."""
+    outs = torch.stack([o for o, _ in partials])  # [P, B, Hq, dv]
+    lses = torch.stack([lse for _, lse in partials])  # [P, B, Hq]
+    total = torch.logsumexp(lses, dim=0)
+    safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+    weights = torch.exp(lses - safe)  # exp(-inf) = 0 for empty parts
+    outs = torch.where(torch.isfinite(lses)[..., None], outs, torch.zeros_like(outs))
+    return (weights[..., None] * outs).sum(0)
+
+
+def _split_valid(valid: torch.Tensor | None, parts: Sequence[Part]) -> list[torch.Tensor | None]:
+    if valid is None:
+        return [None] * len(parts)
+    pieces, start = [], 0
+    for part in parts:
+        pieces.append(valid[:, start : start + part.length])
+        start += part.length
+    return pieces
+
+
+def xkv_decode_attention_reference(query: torch.Tensor, parts: Sequence[Part], scaling: float,
+                                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch :func:`xkv_decode_attention` (float32 work, float64 for float64 inputs)."""
+    _check(query, parts, valid)
+    partials = [part_attention_reference(query, part, scaling, v) for part, v in zip(parts, _split_valid(valid, parts))]
+    return merge_partials(partials).to(query.dtype)[:, None]
+
+
+# -- Triton ---------------------------------------------------------------------------------------
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _xkv_scores_kernel(
+        Q, UK, BK, COS, SIN, VALID, S,
+        T, R, G,
+        stride_qb, stride_qh, stride_qd,
+        stride_ub, stride_ut, stride_ur,
+        stride_bb, stride_br, stride_bc,
+        stride_ct, stride_cd,
+        stride_vb, stride_vt,
+        stride_sb, stride_sh, stride_st,
+        scale,
+        HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+        HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        h = tl.program_id(0)
+        tile = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = offs_t < T
+        offs_d = tl.arange(0, HALF)
+        col = h * 2 * HALF + offs_d  # first half of head h's columns in B_k
+        k1 = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+        k2 = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
+        u_base = UK + b * stride_ub
+        b_base = BK + b * stride_bb
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            u = tl.load(u_base + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
+                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+            b1 = tl.load(b_base + offs_r[:, None] * stride_br + col[None, :] * stride_bc, mask=r_ok[:, None], other=0.0)
+            b2 = tl.load(b_base + offs_r[:, None] * stride_br + (col + HALF)[None, :] * stride_bc,
+                         mask=r_ok[:, None], other=0.0)
+            k1 += tl.dot(u, b1, input_precision=PRECISION)
+            k2 += tl.dot(u, b2, input_precision=PRECISION)
+        if HAS_ROPE:
+            # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); both halves of the table are equal
+            c = tl.load(COS + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None], other=0.0)
+            s = tl.load(SIN + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None], other=0.0)
+            r1 = k1 * c - k2 * s
+            r2 = k2 * c + k1 * s
+        else:
+            r1 = k1
+            r2 = k2
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        heads = h * G + offs_g
+        q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+        q1 = tl.load(q_ptr, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_ptr + HALF * stride_qd, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        scores = tl.dot(q1, tl.trans(r1), input_precision=PRECISION)
+        scores += tl.dot(q2, tl.trans(r2), input_precision=PRECISION)
+        scores = scores * scale
+        keep = t_ok
+        if HAS_VALID:
+            keep = keep & (tl.load(VALID + b * stride_vb + offs_t * stride_vt, mask=t_ok, other=0) != 0)
+        scores = tl.where(keep[None, :], scores, float("-inf"))
+        tl.store(S + b * stride_sb + heads[:, None] * stride_sh + offs_t[None, :] * stride_st, scores,
+                 mask=g_ok[:, None] & t_ok[None, :])
+
+    @triton.jit
+    def _xkv_latent_pv_kernel(
+        S, M, UV, OUT,
+        T, RV, HQ, tiles_per_split,
+        stride_sb, stride_sh, stride_st,
+        stride_mb, stride_mh,
+        stride_ub, stride_ut, stride_ur,
+        stride_ob, stride_os, stride_oh, stride_or,
+        BLOCK_HQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        rc = tl.program_id(0)
+        split = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_HQ)
+        h_ok = offs_h < HQ
+        offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < RV
+        m = tl.load(M + b * stride_mb + offs_h * stride_mh, mask=h_ok, other=0.0)
+        acc = tl.zeros([BLOCK_HQ, BLOCK_R], dtype=tl.float32)
+        t_begin = split * tiles_per_split * BLOCK_T
+        for i in range(0, tiles_per_split):
+            offs_t = t_begin + i * BLOCK_T + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < T
+            s = tl.load(S + b * stride_sb + offs_h[:, None] * stride_sh + offs_t[None, :] * stride_st,
+                        mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
+            p = tl.exp(s - m[:, None])  # masked / padded entries: exp(-inf) = 0
+            u = tl.load(UV + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
+                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+            acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
+        tl.store(OUT + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_r[None, :] * stride_or,
+                 acc, mask=h_ok[:, None] & r_ok[None, :])
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits exercise the split-K path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _kernel_supported(query: torch.Tensor, part: FactoredPart) -> bool:
+    """The kernels cover the usual case: full rotary (or none), an even power-of-two head dim >= 32
+    (``tl.arange`` needs powers of two), float32/bfloat16/float16. Anything else takes the reference."""
+    head_dim = query.shape[-1]
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if head_dim < 32 or head_dim & (head_dim - 1):
+        return False
+    return part.cos is None or part.cos.shape[-1] == head_dim
+
+
+def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: float,
+                             valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel path of :func:`part_attention_reference` for a factored segment."""
+    batch, q_heads, _, head_dim = query.shape
+    tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
+    rank_v = part.value_factor.shape[2]
+    kv_heads = part.key_right.shape[-1] // head_dim
+    groups = q_heads // kv_heads
+    wide = query.dtype == torch.float32
+    precision = "ieee" if wide else "tf32"  # bf16 scores are then as precise as bf16 keys, or better
+    q = query[:, :, 0, :]
+    scores = torch.empty(batch, q_heads, tokens, device=query.device, dtype=torch.float32)
+    block_t = 32 if wide else 64
+    has_rope = part.cos is not None
+    cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
+    sin = part.sin if has_rope else scores
+    valid_arg = valid.view(torch.uint8) if valid is not None else scores
+    _xkv_scores_kernel[(kv_heads, triton.cdiv(tokens, block_t), batch)](
+        q, part.key_factor, part.key_right, cos, sin, valid_arg, scores,
+        tokens, rank_k, groups,
+        q.stride(0), q.stride(1), q.stride(2),
+        part.key_factor.stride(0), part.key_factor.stride(1), part.key_factor.stride(2),
+        part.key_right.stride(0), part.key_right.stride(1), part.key_right.stride(2),
+        cos.stride(0), cos.stride(1) if has_rope else 0,
+        valid_arg.stride(0) if valid is not None else 0, valid_arg.stride(1) if valid is not None else 0,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        float(scaling),
+        HALF=head_dim // 2, BLOCK_T=block_t, BLOCK_R=32 if wide else 64, BLOCK_G=_pow2(groups),
+        HAS_ROPE=has_rope, HAS_VALID=valid is not None, PRECISION=precision,
+        num_warps=8 if not wide else 4,
+    )
+    # Softmax statistics over Hq*T floats: cheap next to the factors, and exact.
+    maxima = scores.amax(dim=-1)
+    maxima = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))
+    sums = torch.exp(scores - maxima[..., None]).sum(dim=-1)
+    lse = maxima + torch.log(sums)  # -inf where every token is masked
+    # Split-K over the sequence so that (r_v chunks x splits x batch) programs fill the GPU.
+    block_r, block_tv = 64 if wide else 128, 32 if wide else 64
+    r_chunks = triton.cdiv(rank_v, block_r)
+    tiles = triton.cdiv(tokens, block_tv)
+    splits = max(1, min(tiles, math.ceil(2 * _sm_count(query.device) / (r_chunks * batch))))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    partial = torch.empty(batch, splits, q_heads, rank_v, device=query.device, dtype=torch.float32)
+    vf = part.value_factor
+    _xkv_latent_pv_kernel[(r_chunks, splits, batch)](
+        scores, maxima, vf, partial,
+        tokens, rank_v, q_heads, tiles_per_split,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        maxima.stride(0), maxima.stride(1),
+        vf.stride(0), vf.stride(1), vf.stride(2),
+        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+        BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
+        num_warps=4,
+    )
+    latent = partial.sum(dim=1) / sums[..., None].clamp_min(torch.finfo(torch.float32).tiny)  # [B, Hq, r_v]
+    right = part.value_right.float().view(batch, rank_v, kv_heads, -1).permute(0, 2, 1, 3)  # [B, H, r_v, dv]
+    out = torch.matmul(latent.view(batch, kv_heads, groups, rank_v), right)
+    return out.reshape(batch, q_heads, -1), lse
+
+
+def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: float,
+                         valid: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
+    """Decode attention of one layer over exact and factored parts, never building full keys/values.
+
+    Args:
+        query: ``[B, Hq, 1, d]``, post-RoPE (as the attention module hands it to attention functions).
+        parts: the layer's tokens in order: :class:`ExactPart` (sinks, tail) and :class:`FactoredPart`
+            (compressed segments), all with the query's dtype and device.
+        scaling: the softmax scale ``c`` (``s = c * q.k``), usually ``d ** -0.5``.
+        valid: optional bool ``[B, sum of part lengths]``, True = attend (left padding masks the first
+            tokens of a row); see :func:`valid_mask_from_attention_mask`.
+        use_triton: ``None`` (default) picks the kernels when :func:`kvcompress.kernels.triton_usable` says
+            so; ``True`` forces them (error if Triton is missing), ``False`` forces the reference.
+
+    Returns:
+        ``[B, 1, Hq, dv]`` in the query's dtype (the layout transformers' attention functions return):
+        ``softmax_t(c q.k_t) v_t`` over all valid tokens, merged from per-part ``(o, lse)`` as in the module
+        docstring. Factored parts use the Triton kernels; exact parts (a few hundred tokens) and shapes the
+        kernels do not cover use the reference.
+    """
+    _check(query, parts, valid)
+    if use_triton is None:
+        use_triton = _HAVE_TRITON and triton_usable(query)
+    elif use_triton and not _HAVE_TRITON:
+        raise RuntimeError("use_triton=True but Triton is not importable; pass use_triton=None or False")
+    partials = []
+    for part, part_valid in zip(parts, _split_valid(valid, parts)):
+        if part.length == 0:
+            continue
+        if use_triton and isinstance(part, FactoredPart) and _kernel_supported(query, part):
+            partials.append(_factored_partial_triton(query, part, scaling, part_valid))
+        else:
+            partials.append(part_attention_reference(query, part, scaling, part_valid))
+    if not partials:
+        raise ValueError("parts hold no tokens")
+    return merge_partials(partials).to(query.dtype)[:, None]
