@@ -72,9 +72,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
-from .mla import SUPPORTED_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, _mla_config, absorbed_attention, mla_attention_modules
+from .mla import (SUPPORTED_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, GrowableLayer, _mla_config, absorbed_attention,
+                  mla_attention_modules)
 from .ops import tensor_nbytes
 from .patch import PatchHandle, replace_forward, set_attribute
 
@@ -164,13 +165,15 @@ def calibration_latents(model: torch.nn.Module, calibration: torch.Tensor) -> li
 
 
 # -- the cache --------------------------------------------------------------------------------------
-class TPLALayer(DynamicLayer):
+class TPLALayer(GrowableLayer):
     """One layer of a :class:`TPLACache`: ``keys`` = latent slices ``[B, n, T, r/N]`` and ``values`` =
     RoPE-key copies ``[B, n, T, p]``, where ``n`` is the number of shards held (``N`` simulated, 1 on a rank).
-    ``keys[:, j]`` and ``values[:, j]`` are exactly what shard ``shards[j]`` holds."""
+    ``keys[:, j]`` and ``values[:, j]`` are exactly what shard ``shards[j]`` holds. Stored in growable
+    preallocated storage (:class:`kvcompress.mla.GrowableLayer`)."""
 
-    def __init__(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int):
-        super().__init__()
+    def __init__(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int,
+                 max_cache_len: int | None = None):
+        super().__init__(max_cache_len)
         self.layer_idx, self.shards, self.width, self.rope_dim = layer_idx, shards, width, rope_dim
         self.source: str | None = None  # "tpla" (a patch_tpla forward) or "stock" (an unpatched model)
 
@@ -225,8 +228,7 @@ class TPLALayer(DynamicLayer):
         return keys, values
 
     def reset(self) -> None:
-        self.keys = self.values = None
-        self.is_initialized = False
+        super().reset()
         self.source = None
 
     def shard_nbytes(self, shard: int) -> int:
@@ -235,10 +237,6 @@ class TPLALayer(DynamicLayer):
             return 0
         j = self.shards.index(shard)
         return tensor_nbytes(self.keys[:, j], self.values[:, j])
-
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
-
 
 class TPLACache(Cache):
     """Per-shard latent caches for TPLA decode of a DeepSeek-V2/V3 model patched by :func:`patch_tpla`.
@@ -252,9 +250,11 @@ class TPLACache(Cache):
         rotation: ``"hadamard"``, ``"pca"`` or ``None``; must match the patch (checked at every forward).
         shard: ``None`` (simulated: this cache holds all ``N`` shards) or the rank ``i`` in ``[0, N)`` whose
             shard alone this cache holds (distributed).
+        max_cache_len: ``None`` (storage grows geometrically) or a fixed capacity in tokens.
     """
 
-    def __init__(self, config, num_shards: int = 2, rotation: str | None = "hadamard", shard: int | None = None):
+    def __init__(self, config, num_shards: int = 2, rotation: str | None = "hadamard", shard: int | None = None,
+                 max_cache_len: int | None = None):
         cfg = _mla_config(config)
         check_layout(cfg.kv_lora_rank, num_shards, rotation)
         if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards):
@@ -264,7 +264,8 @@ class TPLACache(Cache):
         self.num_shards, self.rotation, self.shard = num_shards, rotation, shard
         self.width = cfg.kv_lora_rank // num_shards
         self.shards = tuple(range(num_shards)) if shard is None else (shard,)
-        layers = [TPLALayer(i, self.shards, self.width, self.qk_rope_head_dim) for i in range(self.num_layers)]
+        layers = [TPLALayer(i, self.shards, self.width, self.qk_rope_head_dim, max_cache_len)
+                  for i in range(self.num_layers)]
         super().__init__(layers=layers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -280,8 +281,12 @@ class TPLACache(Cache):
         return sum(layer.shard_nbytes(shard) for layer in self.layers)
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this cache holds (all shards it holds)."""
+        """Bytes of every valid token this cache holds (all shards it holds)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the allocated storage (valid tokens + spare capacity), >= :meth:`nbytes`."""
+        return sum(layer.reserved_nbytes() for layer in self.layers)
 
     def expected_shard_nbytes(self) -> int:
         """The formula for one shard: ``sum_layers B * T * (r/N + p) * element_size``."""
@@ -320,10 +325,22 @@ def tpla_attention(
     # shards become extra batch rows (row b * n + j): one batched absorbed attention for all of them
     q_lat = q_latent.view(batch, heads, queries, n, width).permute(0, 3, 1, 2, 4).reshape(batch * n, heads, queries, width)
     q_rot = q_rope.unsqueeze(1).expand(batch, n, heads, queries, q_rope.shape[-1]).reshape(batch * n, heads, queries, -1)
-    if mask is not None and mask.shape[0] > 1:
-        mask = mask.repeat_interleave(n, dim=0)
-    out = absorbed_attention(q_lat, q_rot, latent_shards.reshape(batch * n, tokens, width),
-                             rope_shards.reshape(batch * n, tokens, -1), mask, scale)
+    latent_rows = latent_shards.reshape(batch * n, tokens, width)  # a view of the cache storage
+    rope_rows = rope_shards.reshape(batch * n, tokens, -1)
+    from .kernels import triton_usable
+
+    if latent_rows.dtype != torch.float64 and triton_usable(latent_rows):
+        # the Triton decode kernel: each shard row reads its slice once for all heads
+        from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
+
+        key_mask = key_mask_from_attention_mask(mask, batch, tokens)
+        if key_mask is not None:
+            key_mask = key_mask.repeat_interleave(n, dim=0)
+        out = mla_decode_attention(q_lat, q_rot, latent_rows, rope_rows, scale, key_mask=key_mask)
+    else:
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask.repeat_interleave(n, dim=0)
+        out = absorbed_attention(q_lat, q_rot, latent_rows, rope_rows, mask, scale)
     return out.view(batch, n, heads, queries, width).permute(0, 2, 3, 1, 4).reshape(batch, heads, queries, n * width)
 
 
