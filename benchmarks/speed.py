@@ -1,19 +1,31 @@
-"""Speed and memory of KV-cache methods against the stock ``DynamicCache``, measured in the same run.
+"""Speed and memory of KV-cache methods against stock transformers caches, measured in the same run.
 
-For each method (``dynamic`` always first) on one model, batch and context: prefill seconds, decode
+For each entry (``dynamic`` always first) on one model, batch and context: prefill seconds, decode
 ms/step and tokens/s, cache bytes (``nbytes()``; stock caches: their layers' keys and values), peak
 memory above the weights (CUDA ``max_memory_allocated`` on GPU; peak RSS sampled every 2 ms on CPU,
-which also counts allocator slack), and every figure's ratio to ``dynamic``. On GPU it also gives the
-bytes floor of a decode step, ``(weights + cache bytes) / measured copy bandwidth``: the time a step
-would take if it only had to read the weights and the cache once. And the largest batch (at this
-context) and context (at this batch) that fit ``budget_gib``, extrapolated linearly from the measured
-per-row peak (compressed caches carry a few fixed-size factors, so this is an estimate).
+which also counts allocator slack), the share of greedy tokens equal to ``dynamic``'s, and every
+figure's ratio to ``dynamic`` (stock ``DynamicCache``, eager). On GPU it also gives the bytes floor of a
+decode step, ``(weights + cache bytes) / measured copy bandwidth``: the time a step would take if it
+only had to read the weights and the cache once. And the largest batch (at this context) and context
+(at this batch) that fit ``budget_gib``, extrapolated linearly from each entry's measured per-row peak
+(compressed caches carry a few fixed-size factors, so this is an estimate).
+
+Entries are registry methods (``--methods``) and stock baselines (``--baselines``, issue #9: compare
+against stock with the same launch-overhead treatment): ``static`` (``StaticCache``, eager) and
+``static-compiled`` (``StaticCache`` + generate()'s automatic ``torch.compile`` of the decode step with
+mode ``reduce-overhead``, i.e. CUDA graphs, as transformers 5.17 and 5.24 both do when a compilable
+cache is passed on GPU). When ``static-compiled`` is measured every entry also gets ratios to it
+(``<key>_vs_compiled``). Compilation is kept out of the timed runs (a warm-up identical to the timed
+call on the same cache) and checked: compiles at warm-up, recompiles in the timed runs and cudagraph
+skips are reported. On MLA models (DeepSeek) ``dynamic`` is stock transformers' attention, which
+expands the latent into per-head K/V every step and caches them expanded: the reference for MLA.
 
 Timing goes through ``model.generate`` (greedy, exactly ``new_tokens`` steps, random prompt tokens): a
 logits processor stamps the time of every step, so prefill = start to first step and decode = mean
 time between later steps. Models: ``smollm2`` (the real model) or random-weight shapes of
 ``llama-3.1-8b``, ``deepseek-v2-lite`` and ``deepseek-v3-attn`` (V3's attention with small dense MLPs
 and experts off), optionally cut to ``layers`` layers (per-layer costs are unchanged, totals shrink).
+An out-of-memory entry becomes a skipped row ("out of memory") and the run goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -147,8 +160,38 @@ def copy_bandwidth(device: str, gib: float = 1.0) -> float | None:
     return 2 * n * 4 / best
 
 
-def _generate(model, method, input_ids, new_tokens: int, sync):
-    """One timed greedy generation; returns (prefill_s, decode_s_per_step, cache)."""
+# Stock transformers caches measured as bench entries (not registry methods: they are the references)
+BASELINES: tuple[str, ...] = ("dynamic", "static", "static-compiled")
+# generate()'s automatic compilation defaults (CompileConfig in transformers 5.17 and 5.24): inductor with
+# "reduce-overhead", i.e. CUDA graphs for the decode step, prefill left eager
+COMPILE_BACKEND = "inductor"
+COMPILE_MODE = "reduce-overhead"
+
+
+def parse_baselines(spec: str | Iterable[str] | None) -> list[str]:
+    """``"static,static-compiled"`` -> the stock baselines to measure besides ``dynamic``, in table order.
+
+    ``dynamic`` (stock ``DynamicCache``, eager) is always measured and may be named; an empty spec or
+    ``None`` means just ``dynamic``. Unknown names raise ``ValueError`` naming ``--baselines`` and the
+    allowed values.
+    """
+    if spec is None:
+        return []
+    items = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [s for s in items if s not in BASELINES]
+    if unknown:
+        raise ValueError(f"--baselines: unknown baseline(s) {', '.join(repr(u) for u in unknown)}; allowed: "
+                         f"{', '.join(BASELINES)} (comma-separated; stock transformers caches, not registry methods)")
+    return [b for b in BASELINES[1:] if b in items]
+
+
+def _generate(model, input_ids, new_tokens: int, sync, *, method=None, cache=None, gen_kwargs: dict | None = None):
+    """One timed greedy generation of exactly ``new_tokens`` steps.
+
+    Either ``method`` (a registry ``MethodSpec``: its cache is built, or the model patched, here) or a
+    ready ``cache`` (the stock baselines; ``gen_kwargs`` adds e.g. ``compile_config``). Returns
+    ``(prefill_s, decode_s_per_step, cache, new_token_ids)``.
+    """
     from transformers import LogitsProcessorList
 
     from benchmarks.ruler.runner import install_method, make_cache
@@ -157,17 +200,20 @@ def _generate(model, method, input_ids, new_tokens: int, sync):
         from kvcompress.patch import GENERATE_CACHE_KWARG
     except ImportError:
         GENERATE_CACHE_KWARG = "past_key_values"
-    handle = install_method(method, model)
+    handle = install_method(method, model) if method is not None else None
     try:
-        cache = None if handle is not None else make_cache(method, model)
+        if cache is None and handle is None:
+            cache = make_cache(method, model)
         kwargs = {GENERATE_CACHE_KWARG: cache} if cache is not None else {}
+        kwargs.update(gen_kwargs or {})
         clock = _StepClock(sync)
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                           logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **kwargs)
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
+                                 **kwargs)
         sync()
         used = handle.last_cache if handle is not None else cache
     finally:
@@ -176,15 +222,38 @@ def _generate(model, method, input_ids, new_tokens: int, sync):
     steps = clock.times
     prefill = steps[0] - t0
     decode = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else float("nan")
-    return prefill, decode, used
+    return prefill, decode, used, out[:, input_ids.shape[1]:].cpu()
+
+
+def _dynamo_counts() -> dict[str, int]:
+    """Frames dynamo converted (one per compile or recompile) and inductor's cudagraph skips so far."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": int(counters["frames"]["total"]), "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+
+
+_OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
 
 
 def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: int = 32, repeats: int = 2,
-          budget_gib: float | None = None, progress: bool = True, on_result=None) -> dict:
-    """Measure every method (``dynamic`` first, added if missing) on ``model``; see the module docstring.
+          budget_gib: float | None = None, baselines: str | Iterable[str] | None = None,
+          compile_backend: str | None = None, progress: bool = True, on_result=None) -> dict:
+    """Measure every method (``dynamic`` first, added if missing) and stock baseline on ``model``.
 
-    Returns ``{"setup": {...}, "results": [per-method dicts]}``; ``on_result(partial)`` is called after
-    each method so an interrupted run keeps what it measured.
+    ``baselines``: extra stock references measured after the methods (see :func:`parse_baselines`):
+
+    - ``static``: ``StaticCache`` preallocated for ``context + new_tokens``, eager (``disable_compile``,
+      since generate() would otherwise compile it by itself on CUDA);
+    - ``static-compiled``: the same cache with generate()'s automatic compilation of the decode forward
+      (``CompileConfig(backend, mode="reduce-overhead")``: CUDA graphs; prefill stays eager). The warm-up is
+      one identical generate() on the same cache (same shapes, same static addresses), so the timed runs
+      neither compile nor re-record graphs; compiles at warm-up, recompiles in the timed runs and cudagraph
+      skips are reported. On CPU it is a skipped row (reduce-overhead means CUDA graphs, and inductor takes
+      tens of seconds even on tiny models) unless ``compile_backend`` is given, e.g. ``"eager"`` to check
+      the plumbing (then its timings mean nothing).
+
+    Returns ``{"setup": {...}, "results": [per-entry dicts]}``; ``on_result(partial)`` is called after
+    each entry so an interrupted run keeps what it measured.
     """
     from tqdm.auto import tqdm
 
@@ -195,6 +264,7 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                              ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    extra = parse_baselines(baselines)
     if not any(m.name == "dynamic" and not m.params for m in methods):
         methods = [MethodSpec("dynamic", "dynamic", {})] + list(methods)
     device = next(model.parameters()).device
@@ -202,23 +272,49 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(str(device))
-    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, vocab, (batch, context), generator=g).to(device)
+    input_ids = torch.randint(3, text_cfg.vocab_size, (batch, context), generator=g).to(device)
     warm_ids = input_ids[:1, : min(context, 128)]
     setup = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", dtype=str(next(model.parameters()).dtype),
                  batch=batch, context=context, new_tokens=new_tokens, repeats=repeats, weights_bytes=weights,
-                 bandwidth_bytes_per_s=bandwidth, torch=torch.__version__, threads=torch.get_num_threads())
+                 bandwidth_bytes_per_s=bandwidth, torch=torch.__version__, threads=torch.get_num_threads(),
+                 model_type=getattr(text_cfg, "model_type", None), layers=getattr(text_cfg, "num_hidden_layers", None),
+                 mla=getattr(text_cfg, "kv_lora_rank", None) is not None, budget_gib=budget_gib, baselines=extra)
+    try:
+        import transformers
+
+        setup["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - generate() needs it anyway
+        pass
+    state: dict = {}  # dynamic's generated tokens, the reference of "same_tokens"
     results: list[dict] = []
-    for m in tqdm(methods, desc="bench", disable=not progress):
-        row = dict(method=m.label)
-        try:
-            _generate(model, m, warm_ids, 2, sync)  # warm-up: kernels, allocator, lazy imports
-        except (ValueError, TypeError) as e:  # e.g. xkv on an MLA model: say so and go on
-            row["skipped"] = str(e)
-            results.append(row)
-            continue
-        best = None
+
+    def finish(row: dict, best: dict, tokens: torch.Tensor) -> None:
+        """Derived figures of a measured row (tokens/s, bytes floor, fit-in-budget estimate)."""
+        row.update(best)
+        row["tokens_per_s"] = batch / (row["decode_ms"] / 1000)
+        if "dynamic_tokens" not in state and row["method"] == "dynamic":
+            state["dynamic_tokens"] = tokens
+        ref = state.get("dynamic_tokens")
+        # greedy tokens equal to stock dynamic's (1.0 for exact caches up to kernel rounding; info only)
+        row["same_tokens"] = float((tokens == ref).float().mean()) if ref is not None and ref.shape == tokens.shape else None
+        if bandwidth:
+            row["floor_ms"] = 1000 * (weights + row["cache_bytes"]) / bandwidth
+            row["decode_over_floor"] = row["decode_ms"] / row["floor_ms"]
+        if budget_gib:
+            # linear in batch (and context): the measured peak per row, whatever the method keeps (a
+            # preallocated static cache, compressed factors, the stock expand-per-step transients)
+            free = budget_gib * 2**30 - weights
+            per_row = max(row["peak_bytes"], row["cache_bytes"]) / batch
+            row["max_batch_at_context"] = max(0, int(free // per_row))
+            row["max_context_at_batch"] = max(0, int(free // (per_row / (context + new_tokens) * batch)))
+
+    def timed(run, held: int = 0, base: int | None = None):
+        """Best of ``repeats`` calls of ``run() -> (prefill, decode, cache, tokens)``; peak memory above
+        ``base`` (CUDA; default: allocated just before each run) or above the RSS at the start plus ``held``
+        bytes allocated before the run and reused by it (CPU)."""
+        best, tokens = None, None
         for _ in range(repeats):
             # caches with reference cycles (a layer points back to its cache) outlive ``del`` until the
             # cycle collector runs: collect first, or the baseline would include the previous run's cache
@@ -226,26 +322,53 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                prefill, decode, cache = _generate(model, m, input_ids, new_tokens, sync)
-                peak = torch.cuda.max_memory_allocated(device) - base
+                run_base = torch.cuda.memory_allocated(device) if base is None else base
+                prefill, decode, cache, tokens = run()
+                peak = torch.cuda.max_memory_allocated(device) - run_base
             else:
                 with _PeakRSS() as rss:
-                    prefill, decode, cache = _generate(model, m, input_ids, new_tokens, sync)
-                peak = rss.peak - rss.start
-            run = dict(prefill_s=prefill, decode_ms=1000 * decode, peak_bytes=peak, cache_bytes=cache_nbytes(cache))
+                    prefill, decode, cache, tokens = run()
+                peak = rss.peak - rss.start + held
+            one = dict(prefill_s=prefill, decode_ms=1000 * decode, peak_bytes=peak, cache_bytes=cache_nbytes(cache))
             del cache
-            best = run if best is None else {k: min(best[k], run[k]) for k in run}
-        row.update(best)
-        row["tokens_per_s"] = batch / (row["decode_ms"] / 1000)
-        if bandwidth:
-            row["floor_ms"] = 1000 * (weights + row["cache_bytes"]) / bandwidth
-            row["decode_over_floor"] = row["decode_ms"] / row["floor_ms"]
-        if budget_gib:
-            free = budget_gib * 2**30 - weights
-            per_row = max(row["peak_bytes"], row["cache_bytes"]) / batch
-            row["max_batch_at_context"] = max(0, int(free // per_row))
-            row["max_context_at_batch"] = max(0, int(free // (per_row / (context + new_tokens) * batch)))
+            best = one if best is None else {k: min(best[k], one[k]) for k in one}
+        return best, tokens
+
+    def static_cache(max_len: int):
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=max_len)
+
+    entries = [("method", m) for m in methods] + [("baseline", b) for b in extra]
+    for kind, item in tqdm(entries, desc="bench", disable=not progress):
+        label = item.label if kind == "method" else item
+        row: dict = dict(method=label, kind="stock" if kind == "baseline" or label == "dynamic" else "method")
+        try:
+            if kind == "method":
+                try:
+                    _generate(model, warm_ids, 2, sync, method=item)  # warm-up: kernels, allocator, lazy imports
+                except (ValueError, TypeError) as e:  # e.g. xkv on an MLA model: say so and go on
+                    row["skipped"] = str(e)
+                else:
+                    best, tokens = timed(lambda: _generate(model, input_ids, new_tokens, sync, method=item))
+                    finish(row, best, tokens)
+            elif item == "static":
+                eager = dict(disable_compile=True)  # generate() compiles a StaticCache by itself on CUDA
+                _generate(model, warm_ids, 2, sync, cache=static_cache(warm_ids.shape[1] + 2), gen_kwargs=eager)
+                best, tokens = timed(lambda: _generate(model, input_ids, new_tokens, sync,
+                                                       cache=static_cache(context + new_tokens), gen_kwargs=eager))
+                finish(row, best, tokens)
+            else:
+                _bench_compiled(model, row, input_ids, new_tokens, sync, cuda, device, compile_backend,
+                                static_cache(context + new_tokens), timed, finish, cache_nbytes)
+        except _OOM as e:
+            # the largest batch that fits is one of the targets: an OOM is a result, not a crash
+            row = dict(method=label, kind=row["kind"], skipped=f"out of memory: {str(e).splitlines()[0][:200]}")
+            if item == "static-compiled":
+                torch._dynamo.reset()  # drop the graphs and their memory pools
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         results.append(row)
         _add_ratios(results)
         if on_result:
@@ -253,45 +376,146 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     return dict(setup=setup, results=results)
 
 
+def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bool, device, backend: str | None,
+                    cache, timed, finish, cache_nbytes) -> None:
+    """The ``static-compiled`` row (see :func:`bench`): fills ``row`` in place."""
+    from transformers import CompileConfig
+
+    if not cuda and backend is None:
+        row["skipped"] = (f"needs CUDA: mode {COMPILE_MODE!r} is CUDA graphs and generate() compiles only on GPU "
+                          "(pass compile_backend, e.g. 'eager', to check the plumbing on CPU)")
+        return
+    backend = backend or COMPILE_BACKEND
+    mode = COMPILE_MODE if backend == "inductor" else None  # torch.compile takes a mode for inductor only
+    config = CompileConfig(backend=backend, mode=mode)
+    if not cuda:
+        config._compile_all_devices = True  # generate()'s switch to compile off-GPU (meant for tests)
+    row.update(compile_backend=backend, compile_mode=mode)
+    gen_kwargs = dict(compile_config=config)
+    # a clean slate: the compile counts are this row's, and the recompile limit is not shared with
+    # whatever this process compiled before (other shapes of an earlier bench call)
+    torch._dynamo.reset()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)  # before the cache and graph pools exist
+    else:
+        base = None
+    before = _dynamo_counts()
+    t0 = time.perf_counter()
+    try:
+        # warm-up = the timed call itself: same shapes and the same cache (its tensors are static addresses
+        # for the CUDA graphs), so the timed runs replay graphs instead of compiling or re-recording
+        _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
+    except _OOM:
+        raise
+    except Exception as e:  # a compile failure is a finding to report, not a reason to lose the other rows
+        row["skipped"] = f"failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        torch._dynamo.reset()
+        return
+    warm = _dynamo_counts()
+    row["warmup_s"] = time.perf_counter() - t0
+    row["compiles_warmup"] = warm["frames"] - before["frames"]
+
+    def run():
+        with torch.inference_mode():  # its tensors were made in inference mode (generate's prefill)
+            cache.reset()  # zero in place: the addresses the graphs were recorded with stay valid
+        return _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
+
+    best, tokens = timed(run, held=cache_nbytes(cache), base=base)
+    after = _dynamo_counts()
+    row["recompiles_timed"] = after["frames"] - warm["frames"]
+    row["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
+    finish(row, best, tokens)
+    del cache
+    torch._dynamo.reset()  # frees the graphs' memory pools for whatever runs next
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+_RATIO_KEYS = ("prefill_s", "decode_ms", "cache_bytes", "peak_bytes", "tokens_per_s")
+
+
 def _add_ratios(results: list[dict]) -> None:
-    """Every measured figure divided by dynamic's (which is always measured first)."""
+    """Every measured figure divided by dynamic's (measured first): ``<key>_ratio``; and by
+    ``static-compiled``'s when it was measured: ``<key>_vs_compiled``."""
     ref = results[0]
+    compiled = next((r for r in results if r["method"] == "static-compiled" and "skipped" not in r), None)
     for r in results:
         if "skipped" in r:
             continue
-        for key in ("prefill_s", "decode_ms", "cache_bytes", "peak_bytes", "tokens_per_s"):
+        for key in _RATIO_KEYS:
             r[key + "_ratio"] = r[key] / ref[key] if ref.get(key) else None
+            if compiled is not None:
+                r[key + "_vs_compiled"] = r[key] / compiled[key] if compiled.get(key) else None
 
 
 def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def notes(out: dict) -> list[str]:
+    """What the table's rows and ratios are, in words (printed under the table)."""
+    s, rows = out["setup"], out["results"]
+    names = {r["method"] for r in rows}
+    lines = ["(x): ÷ `dynamic` (stock `DynamicCache`, eager)"
+             + ("; (x compiled): ÷ `static-compiled`" if any("tokens_per_s_vs_compiled" in r for r in rows) else "")
+             + "; tokens/s = batch ÷ decode s/step; same tokens: share of greedy tokens equal to `dynamic`'s."]
+    if s.get("mla"):
+        lines.append("MLA model: `dynamic` is stock transformers' path, which expands the latent into per-head K/V "
+                     "(kv_b_proj) at every step and caches the expanded K/V; its peak memory is the reference.")
+    if "static" in names or "static-compiled" in names:
+        lines.append("`static`/`static-compiled`: stock `StaticCache` preallocated for context + new tokens (counted "
+                     "in cache and peak); `static` runs eager (disable_compile).")
+    for r in rows:
+        if r["method"] == "static-compiled" and "skipped" not in r:
+            lines.append(f"`static-compiled`: generate()'s decode forward compiled (backend {r['compile_backend']}, "
+                         f"mode {r['compile_mode']}; prefill eager); warm-up {r['warmup_s']:.1f} s with "
+                         f"{r['compiles_warmup']} compile(s); timed runs: {r['recompiles_timed']} recompile(s), "
+                         f"{r['cudagraph_skips']} cudagraph skip(s).")
+    if any("max_batch_at_context" in r for r in rows):
+        lines.append(f"max batch/context: ({s.get('budget_gib') or 0:.1f} GiB - weights) ÷ measured peak per row, "
+                     "extrapolated linearly (an estimate).")
+    return lines
+
+
 def markdown(out: dict) -> str:
-    """The results as a markdown table (ratios are method / dynamic)."""
+    """The results as a markdown table (ratios to dynamic, and to static-compiled when measured), with notes."""
     s = out["setup"]
+    rows = out["results"]
     bw = f", copy bandwidth {s['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s" if s.get("bandwidth_bytes_per_s") else ""
-    lines = [f"{s['device']}, {s['dtype']}, batch {s['batch']}, context {s['context']}, {s['new_tokens']} decode "
-             f"steps, weights {s['weights_bytes'] / 2**20:.0f} MiB{bw}; best of {s['repeats']}", ""]
-    cols = ["method", "prefill s", "(x)", "decode ms/step", "(x)", "tokens/s", "cache MiB", "(x)", "peak MiB", "(x)"]
-    floor = any("floor_ms" in r for r in out["results"])
-    budget = any("max_batch_at_context" in r for r in out["results"])
+    layers = f", {s['layers']} layers" if s.get("layers") else ""
+    lines = [f"{s['device']}, {s['dtype']}{layers}, batch {s['batch']}, context {s['context']}, {s['new_tokens']} "
+             f"decode steps, weights {s['weights_bytes'] / 2**20:.0f} MiB{bw}; best of {s['repeats']}", ""]
+    vs_compiled = any("tokens_per_s_vs_compiled" in r for r in rows)
+    floor = any("floor_ms" in r for r in rows)
+    budget = any("max_batch_at_context" in r for r in rows)
+    cols = ["method", "prefill s", "(x)", "decode ms/step", "tokens/s", "(x)"]
+    cols += ["(x compiled)"] if vs_compiled else []
+    cols += ["cache MiB", "(x)", "peak MiB", "(x)"]
+    cols += ["(x compiled)"] if vs_compiled else []
+    cols += ["same tokens"]
     cols += ["floor ms", "decode/floor"] if floor else []
     cols += ["max batch", "max context"] if budget else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in out["results"]:
+    for r in rows:
         if "skipped" in r:
-            lines.append(f"| `{r['method']}` | skipped: {r['skipped'][:120]} |" + " |" * (len(cols) - 2))
+            lines.append(f"| `{r['method']}` | skipped: {r['skipped'][:160]} |" + " |" * (len(cols) - 2))
             continue
         cells = [f"`{r['method']}`", _f(r["prefill_s"], ".3f"), _f(r["prefill_s_ratio"], ".2f"),
-                 _f(r["decode_ms"], ".2f"), _f(r["decode_ms_ratio"], ".2f"), _f(r["tokens_per_s"], ".0f"),
-                 _f(r["cache_bytes"] / 2**20, ".1f"), _f(r["cache_bytes_ratio"], ".3f"),
-                 _f(r["peak_bytes"] / 2**20, ".0f"), _f(r["peak_bytes_ratio"], ".2f")]
+                 _f(r["decode_ms"], ".2f"), _f(r["tokens_per_s"], ".0f"), _f(r["tokens_per_s_ratio"], ".2f")]
+        cells += [_f(r.get("tokens_per_s_vs_compiled"), ".2f")] if vs_compiled else []
+        cells += [_f(r["cache_bytes"] / 2**20, ".1f"), _f(r["cache_bytes_ratio"], ".3f"),
+                  _f(r["peak_bytes"] / 2**20, ".0f"), _f(r["peak_bytes_ratio"], ".2f")]
+        cells += [_f(r.get("peak_bytes_vs_compiled"), ".2f")] if vs_compiled else []
+        cells += [_f(r.get("same_tokens"), ".2f")]
         if floor:
             cells += [f"{r['floor_ms']:.2f}", f"{r['decode_over_floor']:.1f}"]
         if budget:
             cells += [str(r["max_batch_at_context"]), str(r["max_context_at_batch"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + ["- " + n for n in notes(out)]
     return "\n".join(lines) + "\n"
 
 

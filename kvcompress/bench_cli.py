@@ -3,6 +3,13 @@
 Example (CPU): kvcompress bench --model smollm2 --context 1024 --new-tokens 16 \\
     --methods dynamic,xkv:rank_k=0.25:rank_v=0.375 --out results/bench
 
+Example (GPU, against stock eager and stock compiled): kvcompress bench --model llama-3.1-8b \\
+    --batch 8 --context 32768 --methods dynamic,xkv --baselines static,static-compiled --budget-gib 78
+
+--baselines adds stock transformers references besides dynamic (DynamicCache, eager): static
+(StaticCache, eager) and static-compiled (StaticCache with generate()'s automatic torch.compile of the
+decode step, mode reduce-overhead = CUDA graphs; skipped on CPU unless --compile-backend is given).
+
 Writes bench.json, bench.md and bench.png under --out. The benchmark code lives in the source
 checkout's benchmarks/ directory (see benchmarks/speed.py for what each figure means).
 """
@@ -11,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+BASELINE_NAMES = ("dynamic", "static", "static-compiled")  # benchmarks.speed.BASELINES (kept import-free)
 
 HELP = "prefill/decode time, cache bytes and peak memory of methods, as ratios to the stock cache"
 
@@ -25,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     parser.add_argument("--methods", default="dynamic,xkv",
                         help="comma list of name[:param=value...]; dynamic is always measured too")
+    parser.add_argument("--baselines", type=_baselines, default="dynamic",
+                        help="comma list of stock references: " + ", ".join(BASELINE_NAMES)
+                        + " (default dynamic, always measured; static-compiled compiles for minutes on a big model)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of static-compiled (default inductor with reduce-overhead on "
+                        "GPU; on CPU the row is skipped unless given, e.g. eager, which only checks the plumbing)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, best kept (default 2)")
     parser.add_argument("--budget-gib", type=float, default=None,
                         help="memory budget for the largest batch/context estimate (default: the GPU's memory)")
@@ -33,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--out", default="results/bench", help="output directory (default results/bench)")
     parser.add_argument("--stem", default=None, help="output file name stem (default bench_<model>_<device>)")
+
+
+def _baselines(text: str) -> str:
+    """argparse type of --baselines: refuse unknown names at parse time, before a model is loaded."""
+    unknown = [b for b in (t.strip().lower() for t in text.split(",")) if b and b not in BASELINE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {', '.join(map(repr, unknown))}; allowed: "
+                                         f"{', '.join(BASELINE_NAMES)}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     stem = args.stem or f"bench_{args.model}_{device.split(':')[0]}"
     try:
         out = speed.bench(model, methods, batch=args.batch, context=args.context, new_tokens=args.new_tokens,
-                          repeats=args.repeats, budget_gib=budget,
+                          repeats=args.repeats, budget_gib=budget, baselines=args.baselines,
+                          compile_backend=args.compile_backend,
                           on_result=lambda partial: speed.write_outputs(partial, args.out, stem))
     except KeyboardInterrupt:
         print(f"interrupted: the methods measured so far are in {args.out}/{stem}.json", file=sys.stderr)

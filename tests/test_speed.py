@@ -72,3 +72,72 @@ def test_shapes_have_the_published_sizes():
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.01), name
     cfg = speed.shape_config("deepseek-v3-attn", layers=2)
     assert (cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.num_attention_heads) == (2, 512, 128)
+
+
+def test_static_baseline_is_measured_and_generates_dynamics_tokens(llama):
+    out = speed.bench(llama, parse_methods("dynamic"), batch=2, context=40, new_tokens=4, repeats=1, budget_gib=1.0,
+                      baselines="static", progress=False)
+    assert [r["method"] for r in out["results"]] == ["dynamic", "static"]
+    dyn, static = out["results"]
+    assert static["kind"] == "stock" and "skipped" not in static
+    assert static["same_tokens"] == 1.0 and dyn["same_tokens"] == 1.0  # greedy, fp32: the same tokens
+    cfg = llama.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    # preallocated for context + new tokens (one more slot than dynamic, which never caches the last token)
+    assert static["cache_bytes"] == cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * (40 + 4) * head_dim * 4
+    assert static["prefill_s"] > 0 and static["decode_ms"] > 0 and static["peak_bytes"] >= 0
+    assert static["tokens_per_s"] == pytest.approx(2000 / static["decode_ms"])
+    assert static["cache_bytes_ratio"] == pytest.approx(static["cache_bytes"] / dyn["cache_bytes"])
+    assert static["max_batch_at_context"] >= 1
+    assert "tokens_per_s_vs_compiled" not in static  # no static-compiled row, no second ratio
+    md = speed.markdown(out)
+    assert "| `static` |" in md and "StaticCache" in md and "(x compiled)" not in md
+
+
+def test_static_compiled_is_skipped_on_cpu_with_its_reason(llama):
+    out = speed.bench(llama, parse_methods("dynamic"), context=16, new_tokens=2, repeats=1,
+                      baselines=["static-compiled"], progress=False)
+    row = out["results"][-1]
+    assert row["method"] == "static-compiled" and "needs CUDA" in row["skipped"]
+    assert "tokens_per_s_vs_compiled" not in out["results"][0]
+    assert "skipped: needs CUDA" in speed.markdown(out)
+
+
+def test_static_compiled_plumbing_on_cpu_compiles_once_outside_the_timed_runs(llama):
+    # the eager backend traces with dynamo like inductor would, in about a second: what it checks is
+    # that generate() really compiled (one frame at warm-up) and that the timed runs did not recompile
+    out = speed.bench(llama, parse_methods("dynamic"), batch=2, context=24, new_tokens=3, repeats=2,
+                      baselines="dynamic,static-compiled", compile_backend="eager", progress=False)
+    dyn, comp = out["results"]
+    assert comp["method"] == "static-compiled" and "skipped" not in comp, comp
+    assert comp["compile_backend"] == "eager" and comp["compile_mode"] is None
+    assert comp["compiles_warmup"] >= 1 and comp["recompiles_timed"] == 0 and comp["cudagraph_skips"] == 0
+    assert comp["same_tokens"] == 1.0
+    assert comp["tokens_per_s_vs_compiled"] == 1.0
+    assert dyn["tokens_per_s_vs_compiled"] == pytest.approx(dyn["tokens_per_s"] / comp["tokens_per_s"])
+    md = speed.markdown(out)
+    assert "(x compiled)" in md and "0 recompile(s)" in md
+
+
+def test_bad_baselines_are_refused_naming_the_option_and_the_allowed_values(llama, capsys):
+    with pytest.raises(ValueError, match=r"--baselines.*'compiled'.*allowed: dynamic, static, static-compiled"):
+        speed.bench(llama, parse_methods("dynamic"), baselines="static,compiled", progress=False)
+    assert speed.parse_baselines("static-compiled, STATIC,dynamic") == ["static", "static-compiled"]
+    assert speed.parse_baselines(None) == [] and speed.parse_baselines("dynamic") == []
+
+    from kvcompress import bench_cli
+    from kvcompress.cli import main
+
+    assert bench_cli.BASELINE_NAMES == speed.BASELINES  # the CLI's import-free copy
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--baselines", "static,bogus"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--baselines" in err and "'bogus'" in err and "static-compiled" in err
+
+
+def test_mla_table_says_dynamic_is_the_stock_expand_path():
+    model = tiny_model("deepseek_v2")
+    out = speed.bench(model, parse_methods("dynamic"), context=32, new_tokens=2, repeats=1, progress=False)
+    assert out["setup"]["mla"] is True
+    assert "expands the latent" in speed.markdown(out)
