@@ -70,6 +70,10 @@ try:  # Triton is optional: without it (CPU-only installs) the reference is the 
 except Exception:  # ImportError, or a broken install without a GPU toolchain
     _HAVE_TRITON = False
 
+# Tests set this to fill the kernels' output buffers with NaN before launch, so that an element a kernel
+# fails to write shows up as NaN instead of passing with stale memory.
+_POISON_BUFFERS = False
+
 __all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
 
@@ -206,12 +210,21 @@ def _softmax_parts(scores: torch.Tensor, valid: torch.Tensor | None) -> tuple[to
     return torch.exp(scores - safe[..., None]), lse
 
 
+def _rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` features of ``x [B, T, H, d]`` with ``cos/sin [T, rotary_dim]``, in
+    ``x.dtype`` (``kvcompress.ops.apply_rope`` works in float32; the float64 reference must not)."""
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    rotated = torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]), -1)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
 def part_attention_reference(query: torch.Tensor, part: Part, scaling: float,
                              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One part's normalised output ``o [B, Hq, dv]`` and log-sum-exp ``lse [B, Hq]`` (float32, float64
     for float64 inputs); ``valid [B, T_part]`` masks tokens. See the module docstring for the maths."""
-    from ..ops import apply_rope
-
     work = _work_dtype(query.dtype)
     batch, q_heads, _, head_dim = query.shape
     if isinstance(part, ExactPart):
@@ -222,7 +235,7 @@ def part_attention_reference(query: torch.Tensor, part: Part, scaling: float,
         keys = torch.matmul(part.key_factor.to(work), part.key_right.to(work))
         keys = keys.view(batch, -1, kv_heads, head_dim)  # [B, T, H, d], pre-RoPE
         if part.cos is not None:
-            keys = apply_rope(keys, part.cos[:, None, :].to(work), part.sin[:, None, :].to(work))
+            keys = _rotate_half_rope(keys, part.cos, part.sin)
         keys = keys.transpose(1, 2)
     groups = q_heads // kv_heads
     q = query[:, :, 0, :].to(work).view(batch, kv_heads, groups, head_dim)
@@ -397,6 +410,8 @@ def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: f
     precision = "ieee" if wide else "tf32"  # bf16 scores are then as precise as bf16 keys, or better
     q = query[:, :, 0, :]
     scores = torch.empty(batch, q_heads, tokens, device=query.device, dtype=torch.float32)
+    if _POISON_BUFFERS:
+        scores.fill_(float("nan"))
     block_t = 32 if wide else 64
     has_rope = part.cos is not None
     cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
@@ -429,6 +444,8 @@ def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: f
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)
     partial = torch.empty(batch, splits, q_heads, rank_v, device=query.device, dtype=torch.float32)
+    if _POISON_BUFFERS:
+        partial.fill_(float("nan"))
     vf = part.value_factor
     _xkv_latent_pv_kernel[(r_chunks, splits, batch)](
         scores, maxima, vf, partial,

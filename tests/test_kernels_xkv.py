@@ -1,0 +1,340 @@
+"""xKV fused decode: the reference against naive float64 attention over rebuilt K/V, the Triton kernels
+(CPU interpreter in a subprocess; CUDA when present) against the reference, the growable exact-tail
+storage, and patched generation (``patch_xkv``) against the unpatched materialising path."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import tiny_model
+from kvcompress.kernels import xkv_decode
+from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention, xkv_decode_attention_reference
+from kvcompress.ops import rope_cos_sin
+from kvcompress.xkv import XKVCache, XKVLayer, patch_xkv, tail_capacity
+
+TESTS = Path(__file__).resolve().parent
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+# -- random cases ---------------------------------------------------------------------------------
+def make_case(batch=2, q_heads=8, kv_heads=2, head_dim=32, rank_k=24, rank_v=40, layout=("e3", "f37", "f50", "e9"),
+              pad=(0, 7), rope=True, dtype=torch.float32, device="cpu", seed=0):
+    """A query and parts in token order: ``"eN"`` an exact part of N tokens, ``"fN"`` a factored segment
+    of N tokens (RoPE at its slots when ``rope``). ``pad[b]`` masks the first tokens of row ``b``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()
+    parts, slot = [], 0
+    for item in layout:
+        kind, n = item[0], int(item[1:])
+        if kind == "e":
+            parts.append(ExactPart(randn(batch, kv_heads, n, head_dim), randn(batch, kv_heads, n, head_dim)))
+        else:
+            cos = sin = None
+            if rope:
+                cos, sin = rope_cos_sin(inv_freq, torch.arange(slot, slot + n))
+                cos, sin = cos.to(device), sin.to(device)
+            parts.append(FactoredPart(randn(batch, n, rank_k), randn(batch, rank_k, kv_heads * head_dim, scale=rank_k ** -0.5),
+                                      randn(batch, n, rank_v), randn(batch, rank_v, kv_heads * head_dim, scale=rank_v ** -0.5),
+                                      cos, sin))
+        slot += n
+    valid = torch.ones(batch, slot, dtype=torch.bool)
+    for row, p in enumerate(pad[:batch]):
+        valid[row, :p] = False
+    query = randn(batch, q_heads, 1, head_dim)
+    return query, parts, head_dim ** -0.5, valid.to(device)
+
+
+def naive_attention(query, parts, scaling, valid):
+    """Float64 softmax attention over keys and values rebuilt from the factors (RoPE rotate-half)."""
+    keys, values = [], []
+    for part in parts:
+        if isinstance(part, ExactPart):
+            keys.append(part.keys.double())
+            values.append(part.values.double())
+            continue
+        b, t, _ = part.key_factor.shape
+        h = part.key_right.shape[-1] // query.shape[-1]  # kv heads
+        k = (part.key_factor.double() @ part.key_right.double()).view(b, t, h, -1)
+        if part.cos is not None:
+            cos, sin = part.cos.double()[:, None, :], part.sin.double()[:, None, :]
+            half = k.shape[-1] // 2
+            rot = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+            k = k * cos + rot * sin
+        keys.append(k.transpose(1, 2))
+        values.append((part.value_factor.double() @ part.value_right.double()).view(b, t, h, -1).transpose(1, 2))
+    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+    groups = query.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (query.double() @ k.transpose(-1, -2)) * scaling  # [B, Hq, 1, T]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)  # [B, 1, Hq, dv]
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+CASES = {
+    "gqa4_pad_two_segments": dict(),
+    "mha_odd_tokens": dict(q_heads=2, kv_heads=2, layout=("e1", "f33", "e5"), pad=(3, 0)),
+    "gqa8_no_rope_three_segments": dict(q_heads=16, kv_heads=2, rope=False, layout=("f17", "f65", "f9", "e2")),
+    "batch3_head64_no_sinks": dict(batch=3, head_dim=64, layout=("f71", "e4"), pad=(0, 5, 30), rank_k=16, rank_v=80),
+}
+
+
+# -- reference ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_matches_naive_float64(name):
+    query, parts, scaling, valid = make_case(**CASES[name], dtype=torch.float64)
+    torch.testing.assert_close(xkv_decode_attention_reference(query, parts, scaling, valid),
+                               naive_attention(query, parts, scaling, valid), rtol=1e-10, atol=1e-12)
+    query, parts, scaling, valid = make_case(**CASES[name], dtype=torch.float32, seed=1)
+    out = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
+    assert out.dtype == torch.float32 and out.shape == (query.shape[0], 1, query.shape[1], query.shape[-1])
+    assert rel_err(out, naive_attention(query, parts, scaling, valid)) < 1e-5
+
+
+def test_masking_and_merge_are_used():
+    """Changing a masked token changes nothing; changing a valid factored token changes the output."""
+    query, parts, scaling, valid = make_case()
+    base = xkv_decode_attention_reference(query, parts, scaling, valid)
+    parts[1].key_factor[1, 0] += 5.0  # row 1 masks its first 7 tokens: slot 3 is one of them
+    torch.testing.assert_close(xkv_decode_attention_reference(query, parts, scaling, valid), base)
+    parts[1].key_factor[0, 0] += 5.0  # row 0 sees every token
+    assert not torch.allclose(xkv_decode_attention_reference(query, parts, scaling, valid)[0], base[0])
+
+
+def test_bad_inputs_raise_naming_the_parameter():
+    query, parts, scaling, valid = make_case()
+    with pytest.raises(ValueError, match="query"):
+        xkv_decode_attention(query[:, :, :, :5].expand(-1, -1, 2, -1), parts, scaling, valid)
+    with pytest.raises(ValueError, match="valid"):
+        xkv_decode_attention(query, parts, scaling, valid[:, 1:])
+    with pytest.raises(ValueError, match=r"parts\[1\]"):
+        xkv_decode_attention(query, [parts[0], FactoredPart(parts[1].key_factor, parts[1].key_right[:, :5],
+                                                            parts[1].value_factor, parts[1].value_right)], scaling)
+    with pytest.raises(ValueError, match="multiple of the parts' kv_heads"):
+        xkv_decode_attention(query[:, :3], parts, scaling, valid)
+    with pytest.raises(TypeError, match=r"parts\[0\]"):
+        xkv_decode_attention(query, [object()], scaling)
+
+
+# -- Triton ---------------------------------------------------------------------------------------
+_INTERPRETER_SCRIPT = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+sys.path[:0] = [{tests!r}, {root!r}]
+import torch
+from kvcompress.kernels import xkv_decode
+from test_kernels_xkv import CASES, make_case, rel_err, patched_generation_matches
+xkv_decode._POISON_BUFFERS = True
+errors = {{}}
+for name, case in CASES.items():
+    query, parts, scaling, valid = make_case(**case, seed=3)
+    ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
+    out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+    errors[name] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
+calls = patched_generation_matches("llama", dict(hidden_size=128))
+print("RESULT " + json.dumps(dict(errors=errors, fused_calls=calls)))
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (the kernels run on GPUs with Triton)")
+def test_triton_interpreter_matches_reference_fp32():
+    """The Triton kernels under TRITON_INTERPRET=1 (a subprocess: the variable must be set before Triton
+    is imported, and must not leak into other tests), output buffers poisoned with NaN."""
+    script = _INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("KVCOMPRESS_DISABLE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert set(result["errors"]) == set(CASES)
+    for name, error in result["errors"].items():
+        assert error <= 1e-4, (name, error)
+    assert result["fused_calls"] > 0  # the patched generation really went through the kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("shape", [dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=128, rank_v=192,
+                                        layout=("e4", "f1000", "f333", "e70"), pad=(0, 11)),
+                                   dict(q_heads=8, kv_heads=2, head_dim=64, rank_k=40, rank_v=72,
+                                        layout=("f257", "e3"), pad=(2, 0), rope=False)])
+def test_gpu_kernel_matches_reference(dtype, tol, shape):
+    query, parts, scaling, valid = make_case(**shape, dtype=dtype, device="cuda", seed=5)
+    ref = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
+    xkv_decode._POISON_BUFFERS = True
+    try:
+        out = xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+    finally:
+        xkv_decode._POISON_BUFFERS = False
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) <= tol
+
+
+# -- growable exact tail --------------------------------------------------------------------------
+def test_tail_capacity_policy():
+    assert tail_capacity(1, 0) == 256 and tail_capacity(256, 0) == 256 and tail_capacity(257, 0) == 512
+    assert tail_capacity(257, 256) == 512  # 1.25 * 256 = 320, rounded up to 512
+    assert tail_capacity(1200, 1024) == 1280  # 1.25 * 1024 = 1280 is already a multiple of 256
+    assert tail_capacity(5000, 1024) == 5120  # the need wins when larger
+
+
+def _layer_states(cache, idx=0):
+    layer = cache.layers[idx]
+    return layer, layer.keys, layer.values
+
+
+def test_tail_grows_geometrically_in_place_and_reports_valid_bytes():
+    config = tiny_model("llama").config
+    cache = XKVCache(config, group_size=2, rank_k=None, rank_v=None, window=4, sink=0, min_compress_tokens=10_000)
+    g = torch.Generator().manual_seed(0)
+    states = lambda n: (torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g))  # noqa: E731
+    k0, v0 = states(3)
+    cache.update(k0, v0, 0)
+    layer = cache.layers[0]
+    assert layer.tail_capacity() == 256
+    pointer, written = layer._key_buffer.data_ptr(), [k0]
+    reallocations, capacities = 0, []
+    for _ in range(600):
+        k, v = states(1)
+        written.append(k)
+        full_k, _ = cache.update(k, v, 0)
+        if layer._key_buffer.data_ptr() != pointer:
+            reallocations += 1
+            pointer = layer._key_buffer.data_ptr()
+            capacities.append(layer.tail_capacity())
+    assert capacities == [512, 768]  # 603 tokens: two geometric steps, not one copy per token
+    assert torch.equal(full_k, torch.cat(written, dim=2)) and torch.equal(layer.keys, full_k)
+    element = k0.element_size()
+    assert layer.nbytes() == 2 * 603 * 2 * 16 * element  # valid tokens only
+    assert layer.reserved_nbytes() == 2 * 768 * 2 * 16 * element
+    assert cache.reserved_nbytes() >= cache.nbytes()
+
+
+def test_tail_crop_reorder_and_compression_shrink():
+    model = tiny_model("llama")
+    cache = XKVCache(model.config, group_size=2, rank_k=8, rank_v=8, window=4, sink=2, min_compress_tokens=1)
+    ids = torch.randint(3, 160, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(3):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+    layer: XKVLayer = cache.layers[1]
+    assert layer.keys.shape[-2] == 4 + 3 and layer.tail_capacity() == 256  # the 300-token prefill buffer was freed
+    assert cache.nbytes() == cache.expected_nbytes()
+    tail = layer.keys.clone()
+    cache.crop(-2)
+    assert torch.equal(layer.keys, tail[..., :-2, :]) and cache.get_seq_length() == 300 + 3 - 2
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.keys, tail[[1, 0], :, :-2]) and layer.tail_capacity() == 256
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, tail[[0], :, :-2])
+    cache.reset()
+    assert layer.keys is None and cache.get_seq_length() == 0
+
+
+# -- patched generation ---------------------------------------------------------------------------
+def _left_padded(lengths=(48, 41), vocab=160, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[row, -n:] = 1
+    return ids, mask
+
+
+def _generate(model, ids, mask, cache):
+    return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8,
+                          do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+def patched_generation_matches(family: str, overrides: dict | None = None, **cache_kwargs) -> int:
+    """Two turns (batch 2, left padding) unpatched and patched: same tokens, close scores. Returns how many
+    fused decode calls the patched run made (asserting they happened is the caller's job)."""
+    model = tiny_model(family, **(overrides or {}))
+    params = dict(group_size=2, rank_k=12, rank_v=16, window=4, sink=2, min_compress_tokens=1)
+    params.update(cache_kwargs)
+    ids, mask = _left_padded()
+    calls = []
+    original = xkv_decode.xkv_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    results = []
+    for patched in (False, True):
+        handle = patch_xkv(model) if patched else None
+        xkv_decode.xkv_decode_attention = counting
+        try:
+            cache = XKVCache(model.config, **params)
+            first = _generate(model, ids, mask, cache)
+            extra = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(7))
+            ids2 = torch.cat([first.sequences, extra], dim=1)
+            mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=torch.long)], dim=1)
+            second = _generate(model, ids2, mask2, cache)
+            results.append((first, second, [len(group.segments) for group in cache.groups]))
+        finally:
+            xkv_decode.xkv_decode_attention = original
+            if handle is not None:
+                handle.remove()
+    (ref1, ref2, ref_segments), (out1, out2, out_segments) = results
+    assert ref_segments == out_segments == [2] * len(ref_segments)
+    for ref, out in ((ref1, out1), (ref2, out2)):
+        assert torch.equal(ref.sequences, out.sequences)
+        for a, b in zip(ref.scores, out.scores):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return len(calls)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_patched_generation_equals_unpatched(family):
+    model_layers, steps = 4, 2 * 7  # 8 new tokens per turn: 7 decode steps each
+    assert patched_generation_matches(family) == model_layers * steps
+
+
+def test_patched_full_rank_equals_dynamic_cache_and_remove_restores():
+    model = tiny_model("qwen2", seed=2)
+    ids, mask = _left_padded(seed=3)
+    ref = _generate(model, ids, mask, DynamicCache(config=model.config))
+    before = model.config._attn_implementation
+    with patch_xkv(model):
+        assert model.config._attn_implementation == "kvcompress_xkv_" + before
+        with pytest.raises(ValueError, match="already patched"):
+            patch_xkv(model)
+        cache = XKVCache(model.config, group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+        out = _generate(model, ids, mask, cache)
+    assert model.config._attn_implementation == before
+    assert all(not module._forward_pre_hooks for module in model.modules() if hasattr(module, "num_key_value_groups"))
+    assert torch.equal(ref.sequences, out.sequences)
+    for a, b in zip(ref.scores, out.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert all(not layer.defer_decode for layer in cache.layers)
+
+
+def test_patched_model_with_other_caches_runs_as_before():
+    model = tiny_model("llama", seed=4)
+    ids, mask = _left_padded()
+    ref = _generate(model, ids, mask, DynamicCache(config=model.config))
+    with patch_xkv(model):
+        out = _generate(model, ids, mask, DynamicCache(config=model.config))
+    assert torch.equal(ref.sequences, out.sequences)
