@@ -56,6 +56,7 @@ except Exception:  # ImportError, or a broken install without a GPU toolchain
     _HAVE_TRITON = False
 
 MASKED_SCORE = -1.0e30  # a masked key's score: finite, so an all-masked row averages uniformly (as eager)
+_POISON_BUFFERS = False  # tests: fill the kernel's scratch (partials) with NaN so an unwritten element shows
 
 __all__ = ["mla_decode_attention", "mla_decode_attention_reference", "key_mask_from_attention_mask"]
 
@@ -353,6 +354,9 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
     chunks, chunk_len = plan(batch, rows, tokens, latent.device, block_m, block_t, min_chunk)
     o_part = torch.empty(batch * rows * chunks * rank, dtype=torch.float32, device=latent.device)
     lse_part = torch.empty(batch * rows * chunks, dtype=torch.float32, device=latent.device)
+    if _POISON_BUFFERS:
+        o_part.fill_(float("nan"))
+        lse_part.fill_(float("nan"))
     if out is None:
         out = torch.empty_like(q_latent)
     mask = key_mask.view(torch.uint8) if key_mask is not None else latent  # dummy pointer when unused

@@ -1,0 +1,312 @@
+"""MLA absorbed decode kernel (kvcompress.kernels.mla_decode): the reference against naive float64
+attention and against ``absorbed_attention``, the Triton kernel against the reference (CPU interpreter in
+a subprocess; CUDA when present), and the growable preallocated storage of the MLA / TPLA caches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from conftest import tiny_config
+from kvcompress.kernels import mla_decode
+from kvcompress.kernels.mla_decode import (
+    key_mask_from_attention_mask,
+    mla_decode_attention,
+    mla_decode_attention_reference,
+)
+from kvcompress.mla import GrowableLayer, MLALatentCache, MLALatentLayer, absorbed_attention
+from kvcompress.tpla import TPLACache
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def make_case(batch=3, heads=4, queries=1, rank=40, rope=8, tokens=77, dtype=torch.float32, device="cpu", seed=0):
+    """Random queries and cache, plus ragged ranges (row 1 left-padded, row 2 short) and a key mask."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+    q_latent, q_rope = randn(batch, heads, queries, rank), randn(batch, heads, queries, rope)
+    latent, rope_key = randn(batch, tokens, rank), randn(batch, tokens, rope)
+    starts = torch.tensor([0, 9, 2][:batch] + [0] * max(0, batch - 3), device=device)
+    lengths = torch.tensor([tokens, tokens - 9, max(queries, tokens // 3)][:batch] + [tokens] * max(0, batch - 3),
+                           device=device)
+    key_mask = (torch.rand(batch, tokens, generator=g) > 0.25).to(device)
+    return q_latent, q_rope, latent, rope_key, rank ** -0.5, lengths, starts, key_mask
+
+
+def naive(q_latent, q_rope, latent, rope_key, scale, lengths=None, starts=None, key_mask=None):
+    """Float64, one (row, head, query) at a time, written from the definition."""
+    batch, heads, queries, rank = q_latent.shape
+    tokens = latent.shape[1]
+    out = torch.zeros(batch, heads, queries, rank, dtype=torch.float64)
+    for b in range(batch):
+        start = 0 if starts is None else int(starts[b])
+        end = tokens if lengths is None else min(tokens, start + int(lengths[b]))
+        for h in range(heads):
+            for i in range(queries):
+                keys = range(start, end)
+                if not keys:
+                    continue
+                scores = []
+                for t in keys:
+                    ok = t < end - (queries - 1 - i) and (key_mask is None or bool(key_mask[b, t]))
+                    s = scale * (q_latent[b, h, i].double() @ latent[b, t].double()
+                                 + q_rope[b, h, i].double() @ rope_key[b, t].double())
+                    scores.append(s.item() if ok else -1e30)
+                w = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
+                out[b, h, i] = w @ latent[b, start:end].double()
+    return out
+
+
+def rel_err(got, ref):
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# -- reference ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("heads,queries,rank,rope,tokens", [(4, 1, 40, 8, 77), (3, 3, 32, 16, 50), (16, 1, 24, 8, 5)])
+@pytest.mark.parametrize("ranges", ["none", "lengths", "starts+lengths", "mask", "all"])
+def test_reference_equals_naive_float64(heads, queries, rank, rope, tokens, ranges):
+    q, qr, c, k, scale, lengths, starts, key_mask = make_case(heads=heads, queries=queries, rank=rank, rope=rope,
+                                                              tokens=tokens, dtype=torch.float64, seed=heads)
+    kw = {"none": {}, "lengths": dict(lengths=lengths), "starts+lengths": dict(lengths=lengths, starts=starts),
+          "mask": dict(key_mask=key_mask), "all": dict(lengths=lengths, starts=starts, key_mask=key_mask)}[ranges]
+    got = mla_decode_attention_reference(q, qr, c, k, scale, kv_lengths=kw.get("lengths"),
+                                         kv_starts=kw.get("starts"), key_mask=kw.get("key_mask"))
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, naive(q, qr, c, k, scale, **kw), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("queries", [1, 4])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_reference_equals_absorbed_attention(queries, mask_kind):
+    """With transformers' causal + padding masks the reference (key mask + in-kernel causality) is the
+    existing absorbed path; float64, so only the algorithm is compared."""
+    q, qr, c, k, scale, _, _, _ = make_case(batch=2, heads=5, queries=queries, tokens=33, dtype=torch.float64)
+    tokens = c.shape[1]
+    pad = torch.tensor([0, 6])
+    keys_ok = torch.arange(tokens)[None, :] >= pad[:, None]  # left padding
+    causal = torch.arange(tokens)[None, :] <= torch.arange(tokens - queries, tokens)[:, None]
+    full = keys_ok[:, None, None, :] & causal[None, None]  # [B, 1, S, T]
+    mask = {"none": None, "bool": full,
+            "additive": torch.zeros(full.shape, dtype=torch.float64).masked_fill(~full, torch.finfo(torch.float64).min)}[mask_kind]
+    ref = absorbed_attention(q, qr, c, k, mask, scale)
+    got = mla_decode_attention_reference(q, qr, c, k, scale, key_mask=key_mask_from_attention_mask(mask, 2, tokens))
+    assert torch.allclose(got, ref, atol=1e-12, rtol=0)
+    # the same padding as a range (kv_starts) instead of a mask gives the same for the valid rows
+    by_range = mla_decode_attention_reference(q, qr, c, k, scale, kv_starts=pad)
+    if mask_kind != "none":
+        assert torch.allclose(by_range, ref, atol=1e-12, rtol=0)
+
+
+def test_reference_edge_rows():
+    """A row with no valid token gives zeros; a query whose keys are all masked averages its range
+    uniformly (as eager attention's finfo.min does); float32 inputs give float32 out."""
+    q, qr, c, k, scale, _, _, _ = make_case(batch=2, tokens=10)
+    lengths = torch.tensor([0, 10])
+    key_mask = torch.ones(2, 10, dtype=torch.bool)
+    key_mask[1] = False
+    out = mla_decode_attention_reference(q, qr, c, k, scale, kv_lengths=lengths, key_mask=key_mask)
+    assert out.dtype == torch.float32
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.allclose(out[1], c[1].mean(0).expand_as(out[1]), atol=1e-6)
+
+
+def test_bad_inputs_name_the_parameter():
+    q, qr, c, k, scale, lengths, starts, key_mask = make_case()
+    with pytest.raises(TypeError, match="rope_key"):
+        mla_decode_attention(q, qr, c, k.double(), scale)
+    with pytest.raises(ValueError, match="latent"):
+        mla_decode_attention(q, qr, c[:, :, :-1], k, scale)
+    with pytest.raises(ValueError, match="q_rope"):
+        mla_decode_attention(q, qr[:, :2], c, k, scale)
+    with pytest.raises(ValueError, match="kv_lengths"):
+        mla_decode_attention(q, qr, c, k, scale, kv_lengths=lengths[:2])
+    with pytest.raises(TypeError, match="kv_starts"):
+        mla_decode_attention(q, qr, c, k, scale, kv_starts=starts.float())
+    with pytest.raises(ValueError, match="key_mask"):
+        mla_decode_attention(q, qr, c, k, scale, key_mask=key_mask.int())
+    with pytest.raises(TypeError, match="scale"):
+        mla_decode_attention(q, qr, c, k, float("nan"))
+    with pytest.raises(ValueError, match="out"):
+        mla_decode_attention(q, qr, c, k, scale, out=torch.empty(1))
+    # [B, 1, T, r] caches (what the cache layers hold) are accepted as views
+    four_d = mla_decode_attention(q, qr, c[:, None], k[:, None], scale)
+    assert torch.allclose(four_d, mla_decode_attention_reference(q, qr, c, k, scale), atol=1e-6)
+
+
+# -- the Triton kernel ----------------------------------------------------------------------------
+CASES = {  # name: (make_case kwargs, which ranges, min_chunk (small: force several chunks and the merge))
+    "plain": (dict(), "none", 256),
+    "ragged+pad+mask": (dict(), "all", 16),
+    "causal S=3": (dict(queries=3, heads=3, rank=32, rope=16, tokens=50), "all", 16),
+    "non-pow2 r, T=5": (dict(heads=16, rank=24, tokens=5), "lengths", 256),
+    "17 heads (2 row blocks)": (dict(heads=17, rank=16, tokens=64, batch=2), "mask", 32),
+    "len 0 row": (dict(batch=2, tokens=40), "zero", 16),
+}
+
+
+def run_case(name, device="cpu", dtype=torch.float32):
+    """Kernel (scratch and output poisoned with NaN) vs reference for one case; returns the relative error."""
+    kwargs, ranges, min_chunk = CASES[name]
+    q, qr, c, k, scale, lengths, starts, key_mask = make_case(**kwargs, dtype=dtype, device=device, seed=len(name))
+    kw = {"none": {}, "all": dict(kv_lengths=lengths, kv_starts=starts, key_mask=key_mask),
+          "lengths": dict(kv_lengths=lengths), "mask": dict(key_mask=key_mask),
+          "zero": dict(kv_lengths=torch.tensor([0, 7], device=device), kv_starts=torch.tensor([3, 30], device=device))}[ranges]
+    ref = mla_decode_attention_reference(q, qr, c, k, scale, **kw)
+    out = torch.full_like(q, float("nan"))
+    mla_decode._POISON_BUFFERS = True
+    try:
+        got = mla_decode._triton_forward(q, qr, c, k, scale, kw.get("kv_lengths"), kw.get("kv_starts"),
+                                         kw.get("key_mask"), out, min_chunk=min_chunk)
+    finally:
+        mla_decode._POISON_BUFFERS = False
+    assert got is out and torch.isfinite(out).all(), name
+    return rel_err(out, ref)
+
+
+INTERPRETER_SCRIPT = """
+import json, torch
+import test_kernels_mla as t
+from kvcompress.kernels import triton_usable
+from kvcompress.kernels import mla_decode
+assert mla_decode._HAVE_TRITON and triton_usable(torch.zeros(1))
+errors = {name: t.run_case(name) for name in t.CASES}
+# the public dispatcher takes the kernel here too
+q, qr, c, k, scale, lengths, starts, key_mask = t.make_case()
+errors["dispatch"] = t.rel_err(mla_decode.mla_decode_attention(q, qr, c, k, scale, lengths, starts, key_mask),
+                               mla_decode.mla_decode_attention_reference(q, qr, c, k, scale, lengths, starts, key_mask))
+print("RESULT " + json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+def test_kernel_matches_reference_in_the_interpreter():
+    """fp32 in Triton's CPU interpreter (a subprocess: TRITON_INTERPRET must be set before triton loads)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")]))
+    env.pop("KVCOMPRESS_DISABLE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(__file__))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    errors = json.loads(lines[-1][len("RESULT "):])
+    assert set(errors) == set(CASES) | {"dispatch"}
+    for name, error in errors.items():
+        assert error <= 1e-4, (name, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_kernel_matches_reference(dtype, tol, name):
+    assert run_case(name, "cuda", dtype) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("heads,tokens", [(16, 3001), (128, 1000)])
+def test_gpu_kernel_deepseek_shapes(dtype, tol, heads, tokens):
+    """V2-Lite / V3 attention widths (r = 512, p = 64), ragged and padded, default chunking."""
+    q, qr, c, k, scale, lengths, starts, key_mask = make_case(batch=3, heads=heads, rank=512, rope=64, tokens=tokens,
+                                                              dtype=dtype, device="cuda", seed=3)
+    ref = mla_decode_attention_reference(q, qr, c, k, 0.07, lengths, starts, key_mask)
+    out = mla_decode_attention(q, qr, c, k, 0.07, lengths, starts, key_mask, out=torch.full_like(q, float("nan")))
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= tol
+
+
+# -- growable storage -----------------------------------------------------------------------------
+def feed(layers, steps, batch=2, width=(12, 4), prefill=5, seed=0):
+    """The same prefill then single-token updates into every layer; returns what the last update returned."""
+    g = torch.Generator().manual_seed(seed)
+    for n in [prefill] + [1] * steps:
+        k = torch.randn(batch, 1, n, width[0], generator=g)
+        v = torch.randn(batch, 1, n, width[1], generator=g)
+        results = [layer.update(k, v) for layer in layers]
+    return results
+
+
+def test_growable_equals_cat_and_reallocates_logarithmically():
+    grow, cat = MLALatentLayer(0, 12, 4), DynamicLayer()
+    steps = 3000
+    (gk, gv), (ck, cv) = feed([grow, cat], steps)
+    assert torch.equal(gk, ck) and torch.equal(gv, cv)
+    assert torch.equal(grow.latent, cat.keys) and torch.equal(grow.rope_key, cat.values)
+    assert grow.get_seq_length() == cat.get_seq_length() == steps + 5
+    assert grow.nbytes() == ck.nbytes + cv.nbytes  # the valid tokens only, as DynamicCache counts
+    assert grow.reserved_nbytes() >= grow.nbytes()
+    assert grow.capacity % 256 == 0 and grow.capacity <= 1.25 * (steps + 5) + 256
+    # 256 -> ... -> >= 3005 growing by 1.25x: about log_1.25(3005 / 256) + 1 = 12 allocations, not 3000
+    assert grow.reallocations <= math.ceil(math.log(3005 / 256, 1.25)) + 2
+
+
+def test_growable_cache_ops_match_dynamic_layer():
+    """crop (both conventions), beam reorder, batch select / repeat, then more updates: same as DynamicLayer."""
+    grow, cat = MLALatentLayer(0, 12, 4), DynamicLayer()
+    feed([grow, cat], 300, batch=3)
+    storage = grow._key_storage
+    grow.crop(-7), cat.crop(-7)
+    assert torch.equal(grow.keys, cat.keys) and grow.get_seq_length() == 298
+    assert grow._key_storage is storage  # cropping keeps the storage
+    beams = torch.tensor([2, 0, 0])
+    grow.reorder_cache(beams), cat.reorder_cache(beams)
+    assert torch.equal(grow.keys, cat.keys) and torch.equal(grow.values, cat.values)
+    assert grow._key_storage is storage  # in place
+    grow.batch_select_indices(torch.tensor([0, 2])), cat.batch_select_indices(torch.tensor([0, 2]))
+    grow.batch_repeat_interleave(2), cat.batch_repeat_interleave(2)
+    assert torch.equal(grow.keys, cat.keys) and torch.equal(grow.values, cat.values)
+    (gk, gv), (ck, cv) = feed([grow, cat], 20, batch=4, prefill=1, seed=3)
+    assert torch.equal(gk, ck) and torch.equal(gv, cv)
+    grow.crop(100)  # the older transformers meaning: keep the first 100 tokens
+    assert grow.get_seq_length() == 100 and torch.equal(grow.keys, ck[:, :, :100])
+    grow.reset()
+    assert grow.get_seq_length() == 0 and grow.nbytes() == grow.reserved_nbytes() == 0 and grow.keys is None
+    feed([grow], 2, batch=1)  # a new batch size after reset
+    assert grow.keys.shape == (1, 1, 7, 12)
+
+
+def test_max_cache_len_is_static_and_refuses_overflow():
+    layer = MLALatentLayer(0, 12, 4, max_cache_len=40)
+    feed([layer], 10)
+    storage = layer._key_storage
+    feed([layer], 20, prefill=1)
+    assert layer._key_storage is storage and layer.capacity == 40 and layer.reallocations == 1
+    with pytest.raises(ValueError, match="max_cache_len"):
+        feed([layer], 0, prefill=10)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        GrowableLayer(max_cache_len=0)
+
+
+def test_caches_report_valid_and_reserved_bytes():
+    cfg = tiny_config("deepseek_v2")
+    mla, tpla = MLALatentCache(cfg), TPLACache(cfg, num_shards=2, rotation=None)
+    g = torch.Generator().manual_seed(0)
+    for step in range(30):
+        n = 9 if step == 0 else 1
+        for layer in range(cfg.num_hidden_layers):
+            c = torch.randn(2, 1, n, cfg.kv_lora_rank, generator=g)
+            kr = torch.randn(2, 1, n, cfg.qk_rope_head_dim, generator=g)
+            mla.update(c, kr, layer)
+            tpla.update(c.view(2, n, 2, -1).transpose(1, 2).contiguous(), kr.expand(2, 2, n, -1).contiguous(), layer,
+                        tpla=True)
+    tokens = 9 + 29
+    assert mla.nbytes() == mla.expected_nbytes() == cfg.num_hidden_layers * 2 * tokens * (
+        cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert tpla.nbytes() == cfg.num_hidden_layers * 2 * tokens * (cfg.kv_lora_rank + 2 * cfg.qk_rope_head_dim) * 4
+    assert mla.reserved_nbytes() == cfg.num_hidden_layers * 2 * 256 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert tpla.reserved_nbytes() >= tpla.nbytes()
+    # TPLA's shards hold exactly the MLA latent's slices
+    for a, b in zip(mla.layers, tpla.layers):
+        assert torch.equal(b.keys.transpose(1, 2).reshape(2, 1, tokens, -1), a.latent)
