@@ -275,7 +275,6 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, text_cfg.vocab_size, (batch, context), generator=g).to(device)
-    warm_ids = input_ids[:1, : min(context, 128)]
     setup = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", dtype=str(next(model.parameters()).dtype),
                  batch=batch, context=context, new_tokens=new_tokens, repeats=repeats, weights_bytes=weights,
                  bandwidth_bytes_per_s=bandwidth, torch=torch.__version__, threads=torch.get_num_threads(),
@@ -313,8 +312,10 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     def timed(run, held: int = 0, base: int | None = None):
         """Best of ``repeats`` calls of ``run() -> (prefill, decode, cache, tokens)``; peak memory above
         ``base`` (CUDA; default: allocated just before each run) or above the RSS at the start plus ``held``
-        bytes allocated before the run and reused by it (CPU)."""
+        bytes allocated before the run and reused by it (CPU). Returns ``(best, last tokens, frames dynamo
+        compiled during the runs)``: anything but 0 means a (re)compile inside the timed runs."""
         best, tokens = None, None
+        frames = _dynamo_counts()["frames"]
         for _ in range(repeats):
             # caches with reference cycles (a layer points back to its cache) outlive ``del`` until the
             # cycle collector runs: collect first, or the baseline would include the previous run's cache
@@ -332,32 +333,41 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
             one = dict(prefill_s=prefill, decode_ms=1000 * decode, peak_bytes=peak, cache_bytes=cache_nbytes(cache))
             del cache
             best = one if best is None else {k: min(best[k], one[k]) for k in one}
-        return best, tokens
+        return best, tokens, _dynamo_counts()["frames"] - frames
 
     def static_cache(max_len: int):
         from transformers import StaticCache
 
         return StaticCache(config=model.config, max_cache_len=max_len)
 
+    # methods and ``static`` run eager: generate() would otherwise compile any compileable cache by itself
+    # on CUDA, with the compile inside the timed runs; compiled stock is its own row, ``static-compiled``
+    eager = dict(disable_compile=True)
     entries = [("method", m) for m in methods] + [("baseline", b) for b in extra]
     for kind, item in tqdm(entries, desc="bench", disable=not progress):
         label = item.label if kind == "method" else item
         row: dict = dict(method=label, kind="stock" if kind == "baseline" or label == "dynamic" else "method")
         try:
-            if kind == "method":
+            if kind == "method" or item == "static":
+                def run(item=item):
+                    if kind == "method":
+                        return _generate(model, input_ids, new_tokens, sync, method=item, gen_kwargs=eager)
+                    return _generate(model, input_ids, new_tokens, sync, cache=static_cache(context + new_tokens),
+                                     gen_kwargs=eager)
+
+                t0 = time.perf_counter()
                 try:
-                    _generate(model, warm_ids, 2, sync, method=item)  # warm-up: kernels, allocator, lazy imports
+                    # warm-up = the timed call itself (same batch, context and steps): kernels that compile
+                    # per shape (Triton, torch.compile inside a method) do so here, not in the timed runs
+                    run()
                 except (ValueError, TypeError) as e:  # e.g. xkv on an MLA model: say so and go on
+                    if kind != "method":
+                        raise
                     row["skipped"] = str(e)
                 else:
-                    best, tokens = timed(lambda: _generate(model, input_ids, new_tokens, sync, method=item))
+                    row["warmup_s"] = time.perf_counter() - t0
+                    best, tokens, row["recompiles_timed"] = timed(run)
                     finish(row, best, tokens)
-            elif item == "static":
-                eager = dict(disable_compile=True)  # generate() compiles a StaticCache by itself on CUDA
-                _generate(model, warm_ids, 2, sync, cache=static_cache(warm_ids.shape[1] + 2), gen_kwargs=eager)
-                best, tokens = timed(lambda: _generate(model, input_ids, new_tokens, sync,
-                                                       cache=static_cache(context + new_tokens), gen_kwargs=eager))
-                finish(row, best, tokens)
             else:
                 _bench_compiled(model, row, input_ids, new_tokens, sync, cuda, device, compile_backend,
                                 static_cache(context + new_tokens), timed, finish, cache_nbytes)
@@ -422,9 +432,8 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
             cache.reset()  # zero in place: the addresses the graphs were recorded with stay valid
         return _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
 
-    best, tokens = timed(run, held=cache_nbytes(cache), base=base)
+    best, tokens, row["recompiles_timed"] = timed(run, held=cache_nbytes(cache), base=base)
     after = _dynamo_counts()
-    row["recompiles_timed"] = after["frames"] - warm["frames"]
     row["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
     finish(row, best, tokens)
     del cache
@@ -459,7 +468,7 @@ def notes(out: dict) -> list[str]:
     """What the table's rows and ratios are, in words (printed under the table)."""
     s, rows = out["setup"], out["results"]
     names = {r["method"] for r in rows}
-    lines = ["(x): ÷ `dynamic` (stock `DynamicCache`, eager)"
+    lines = ["(x): ÷ `dynamic` (stock `DynamicCache`, eager; methods run eager too)"
              + ("; (x compiled): ÷ `static-compiled`" if any("tokens_per_s_vs_compiled" in r for r in rows) else "")
              + "; tokens/s = batch ÷ decode s/step; same tokens: share of greedy tokens equal to `dynamic`'s."]
     if s.get("mla"):
@@ -474,6 +483,10 @@ def notes(out: dict) -> list[str]:
                          f"mode {r['compile_mode']}; prefill eager); warm-up {r['warmup_s']:.1f} s with "
                          f"{r['compiles_warmup']} compile(s); timed runs: {r['recompiles_timed']} recompile(s), "
                          f"{r['cudagraph_skips']} cudagraph skip(s).")
+    recompiled = [f"`{r['method']}` ({r['recompiles_timed']})" for r in rows if r.get("recompiles_timed")]
+    if recompiled:
+        lines.append("WARNING, torch.compile recompiled inside the timed runs of: " + ", ".join(recompiled)
+                     + " (their decode times include compilation)")
     if any("max_batch_at_context" in r for r in rows):
         lines.append(f"max batch/context: ({s.get('budget_gib') or 0:.1f} GiB - weights) ÷ measured peak per row, "
                      "extrapolated linearly (an estimate).")
