@@ -1,0 +1,201 @@
+"""One layer's xKV decode attention: correctness of the fused kernels and their speed against stock and
+today's materialising path, with the bytes and flops floors measured on the same device.
+
+(a) Check: fresh random bf16 and fp32 inputs (sinks, two segments of odd lengths, a tail, left padding,
+GQA) through ``xkv_decode_attention`` with the Triton kernels and with the float32 reference; prints the
+relative max error (limits: bf16 1e-2, fp32 1e-4; the script exits 1 if one is exceeded).
+
+(b) Timing at the Llama-3.1-8B shape: 32 query heads, 8 KV heads, head_dim 128, group of 4 layers (group
+width 4096), rank_k 512, rank_v 768 (XKVCache's defaults 0.125 / 0.1875), RoPE theta 500000, bf16; per
+context ``T``: 4 sink tokens, one segment of ``T - 68`` tokens, a 64-token tail. For each batch x context:
+
+- stock: ``F.scaled_dot_product_attention`` over full K/V ``[B, 8, T, 128]`` (what DynamicCache decode reads);
+- today: XKVLayer's materialising path: rebuild K = RoPE(U_k B_k) and V = U_v B_v in HBM, concatenate with
+  sinks and tail, then the same SDPA;
+- fused: ``kvcompress.kernels.xkv_decode.xkv_decode_attention`` (Triton);
+- floor: max(bytes / copy bandwidth, rebuild flops / bf16 matmul rate), with bytes = factors + right factors
+  + exact tokens + query/output, flops = ``2 * B * T_seg * r_k * H * d`` (rebuilding the keys; the value side
+  stays in the latent and adds ``2 * B * T_seg * Hq * r_v``, counted too). Both ceilings are measured here:
+  a 1 GiB device copy and an 8192^3 bf16 matmul.
+
+Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs). About 2 minutes on an H100.
+
+GPU:
+    PYTHONPATH=. python benchmarks/xkv_decode.py
+CPU smoke run (reference path only, tiny shapes):
+    PYTHONPATH=. python benchmarks/xkv_decode.py --device cpu --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention
+from kvcompress.ops import apply_rope, rope_cos_sin
+
+LLAMA8B = dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=512, rank_v=768, theta=500000.0)
+SINK, TAIL = 4, 64
+
+
+def make_layer(batch: int, tokens: int, shape: dict, dtype: torch.dtype, device: str, segments: tuple[int, ...] | None = None,
+               seed: int = 0):
+    """Query ``[B, Hq, 1, d]`` and the parts of one layer: sinks, segments, tail (random, unit-scale)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h, d, rk, rv = shape["kv_heads"], shape["head_dim"], shape["rank_k"], shape["rank_v"]
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    segments = segments or (tokens - SINK - TAIL,)
+    inv_freq = 1.0 / (shape["theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()
+    parts, slot = [ExactPart(randn(batch, h, SINK, d), randn(batch, h, SINK, d))], SINK
+    for n in segments:
+        cos, sin = rope_cos_sin(inv_freq.to(device), torch.arange(slot, slot + n, device=device))
+        parts.append(FactoredPart(randn(batch, n, rk), randn(batch, rk, h * d, scale=rk ** -0.5),
+                                  randn(batch, n, rv), randn(batch, rv, h * d, scale=rv ** -0.5), cos, sin))
+        slot += n
+    parts.append(ExactPart(randn(batch, h, TAIL, d), randn(batch, h, TAIL, d)))
+    query = randn(batch, shape["q_heads"], 1, d)
+    return query, parts
+
+
+def materialise(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Today's XKVLayer.full_states: rebuild each segment (matmul, RoPE in float32, back to dtype), concat."""
+    keys, values = [], []
+    for part in parts:
+        if isinstance(part, ExactPart):
+            keys.append(part.keys)
+            values.append(part.values)
+            continue
+        b, t, _ = part.key_factor.shape
+        d = keys[0].shape[-1]
+        k = torch.matmul(part.key_factor, part.key_right).view(b, t, -1, d)
+        k = apply_rope(k, part.cos[:, None, :], part.sin[:, None, :])
+        keys.append(k.transpose(1, 2))
+        values.append(torch.matmul(part.value_factor, part.value_right).view(b, t, -1, d).transpose(1, 2))
+    return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+
+def sdpa(query, keys, values, scale):
+    return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+
+
+def timer(device: str):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # us
+
+    def cpu(fn):
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+    return cpu
+
+
+def ceilings(device: str, measure) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s: read + write of a 1 GiB copy; bf16 matmul flop/s at 8192^3)."""
+    if device != "cuda":
+        return float("nan"), float("nan")
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    copy_us = measure(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    mm_us = measure(lambda: a @ a)
+    del src, dst, a
+    return 2 * (1 << 30) / (copy_us * 1e-6), 2 * 8192 ** 3 / (mm_us * 1e-6)
+
+
+def check(device: str) -> bool:
+    """(a): kernel vs reference on fresh random inputs; prints errors, returns whether all are in bounds."""
+    ok = True
+    shape = dict(LLAMA8B)
+    for dtype, limit in ((torch.bfloat16, 1e-2), (torch.float32, 1e-4)):
+        for batch, segments, seed in ((1, (1001, 333), 11), (3, (517,), 12)):
+            tokens = SINK + sum(segments) + TAIL
+            query, parts = make_layer(batch, tokens, shape, dtype, device, segments, seed=seed)
+            valid = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+            valid[-1, : 7 + 40 * (batch > 1)] = False  # left padding on the last row
+            scale = shape["head_dim"] ** -0.5
+            ref = xkv_decode_attention(query, parts, scale, valid, use_triton=False)
+            # On CUDA the kernels are forced (an error, not a silent fallback, if Triton is unusable); the
+            # CPU smoke run has no kernels and compares the reference with itself.
+            out = xkv_decode_attention(query, parts, scale, valid, use_triton=device == "cuda")
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            good = bool(torch.isfinite(out).all()) and err <= limit
+            ok &= good
+            print(f"check {str(dtype):15s} batch={batch} segments={segments}: rel max err {err:.2e} "
+                  f"(limit {limit:.0e}) {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 32768])
+    parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    device = args.device
+    shape = dict(LLAMA8B)
+    if args.small:
+        shape.update(q_heads=8, kv_heads=2, head_dim=32, rank_k=32, rank_v=48)
+        args.batches, args.contexts = [1, 2], [512]
+
+    ok = check(device)
+    measure = timer(device)
+    bandwidth, flop_rate = ceilings(device, measure)
+    print(f"measured: copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flop_rate / 1e12:.0f} TFLOP/s", flush=True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    h, d, hq, rk, rv = shape["kv_heads"], shape["head_dim"], shape["q_heads"], shape["rank_k"], shape["rank_v"]
+    scale = d ** -0.5
+    rows = []
+    for batch in args.batches:
+        for tokens in args.contexts:
+            query, parts = make_layer(batch, tokens, shape, dtype, device)
+            keys, values = materialise(parts)  # the stock cache's K/V (same values as the rebuilt ones)
+            stock = measure(lambda: sdpa(query, keys, values, scale))
+            today = measure(lambda: sdpa(query, *materialise(parts), scale))
+            fused = measure(lambda: xkv_decode_attention(query, parts, scale))
+            del keys, values
+            seg = tokens - SINK - TAIL
+            e = query.element_size()
+            nbytes = e * batch * (seg * (rk + rv) + (rk + rv) * h * d + (SINK + TAIL) * 2 * h * d + 2 * hq * d)
+            flops = 2 * batch * seg * (rk * h * d + hq * rv)
+            floor = max(nbytes / bandwidth, flops / flop_rate) * 1e6
+            stock_bytes = e * batch * tokens * 2 * h * d
+            rows.append(dict(batch=batch, context=tokens, stock_us=stock, today_us=today, fused_us=fused,
+                             floor_us=floor, bytes_floor_us=nbytes / bandwidth * 1e6,
+                             flops_floor_us=flops / flop_rate * 1e6, stock_bytes_floor_us=stock_bytes / bandwidth * 1e6))
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache() if device == "cuda" else None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape,
+                           bandwidth=bandwidth, flop_rate=flop_rate, rows=rows), f, indent=1)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\n{name}, one layer, {dtype}, Llama-3.1-8B shape {shape}; times in us (medians)\n")
+    print("| batch | context | stock SDPA | today (rebuild + SDPA) | fused | floor (bytes / flops) | stock bytes floor "
+          "| fused vs stock | fused vs today |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['context']} | {r['stock_us']:.1f} | {r['today_us']:.1f} | {r['fused_us']:.1f} | "
+              f"{r['floor_us']:.1f} ({r['bytes_floor_us']:.1f} / {r['flops_floor_us']:.1f}) | {r['stock_bytes_floor_us']:.1f} | "
+              f"{r['stock_us'] / r['fused_us']:.2f}x | {r['today_us'] / r['fused_us']:.2f}x |")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
