@@ -12,10 +12,21 @@ For every (context, batch): stock = unpatched model + ``DynamicCache``; absorbed
 above the weights + cache already held), cache bytes, speed-up, and the bytes floor: (weight bytes + cache
 bytes) / measured device copy bandwidth, the time one step must take if it only streams what it has to
 read. One absorbed combination is profiled (CUDA kernels' busy time vs wall time, top kernels) to say what
-dominates. Combinations that do not fit in memory are reported as skipped.
+dominates. Combinations that do not fit in memory are reported as skipped. On CUDA the absorbed path runs the
+Triton decode kernel (kvcompress.kernels.mla_decode); a third column, "absorbed plain", is the same
+absorbed path with KVCOMPRESS_DISABLE_TRITON=1 (the plain-PyTorch attention).
 
-GPU (the figures in docs/mla.md):
+Before the model, the kernel alone (CUDA only, skipped with --no-kernel):
+  (a) correctness: kernel vs the float32 reference on fresh random bf16 and fp32 inputs (ragged lengths,
+      left padding, a key mask; V2-Lite 16 heads and V3 128 heads, r = 512, p = 64), max relative error;
+  (b) timing: triton.testing.do_bench median of the kernel, of the plain absorbed_attention, against the
+      bytes floor (latent + RoPE-key bytes / measured copy bandwidth) for 16 and 128 heads at the
+      contexts x batches, and a small sweep of block sizes at the largest context.
+
+GPU (the figures in docs/mla.md; about 4 minutes):
     PYTHONPATH=. python benchmarks/mla_decode.py --device cuda --json mla.json
+Kernel only (about a minute):
+    PYTHONPATH=. python benchmarks/mla_decode.py --device cuda --kernel-only --json mla_kernel.json
 CPU smoke run (small shapes, seconds):
     python benchmarks/mla_decode.py --device cpu --small
 """
@@ -23,8 +34,10 @@ CPU smoke run (small shapes, seconds):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import os
 import statistics
 import time
 
@@ -32,6 +45,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DynamicCache
 
+from kvcompress.kernels import triton_usable
+from kvcompress.kernels import mla_decode as mla_kernel
 from kvcompress.mla import MLALatentCache, absorbed_attention, patch_mla
 from kvcompress.ops import tensor_nbytes
 
@@ -187,6 +202,7 @@ def attention_breakdown(cfg, batch: int, tokens: int, dtype, device: str) -> dic
     latent_bytes = batch * tokens * r * c.element_size()
     out = {
         "absorbed_attention_ms": cuda_ms(lambda: absorbed_attention(q_latent, q_rope, c, k, None, 0.1)),
+        "triton_kernel_ms": cuda_ms(lambda: mla_kernel.mla_decode_attention(q_latent, q_rope, c, k, 0.1)),
         "scores_ms": cuda_ms(lambda: torch.baddbmm(torch.bmm(qr, k.transpose(1, 2)), qs, c.transpose(1, 2),
                                                    beta=0.1, alpha=0.1)),
         "softmax_ms": cuda_ms(lambda: torch.softmax(scores, -1, dtype=torch.float32).to(dtype)),
@@ -208,6 +224,118 @@ def attention_breakdown(cfg, batch: int, tokens: int, dtype, device: str) -> dic
     return out
 
 
+@contextlib.contextmanager
+def triton_disabled(disabled: bool):
+    """KVCOMPRESS_DISABLE_TRITON=1 inside the block (read by triton_usable at every call)."""
+    before = os.environ.get("KVCOMPRESS_DISABLE_TRITON")
+    if disabled:
+        os.environ["KVCOMPRESS_DISABLE_TRITON"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("KVCOMPRESS_DISABLE_TRITON", None)
+        else:
+            os.environ["KVCOMPRESS_DISABLE_TRITON"] = before
+
+
+def kernel_inputs(batch: int, heads: int, tokens: int, dtype, device: str, seed: int = 0, r: int = 512, p: int = 64):
+    """Fresh random decode inputs (S = 1): queries, latent and RoPE key of unit scale."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
+    return rand(batch, heads, 1, r), rand(batch, heads, 1, p), rand(batch, tokens, r), rand(batch, tokens, p)
+
+
+@torch.no_grad()
+def kernel_check(device: str) -> list[dict]:
+    """Kernel vs the float32 reference on fresh random inputs: ragged lengths, left padding, a key mask."""
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for heads, tokens in ((16, 4099), (128, 1531)):
+            batch = 4
+            q, qr, c, k = kernel_inputs(batch, heads, tokens, dtype, device, seed=heads)
+            starts = torch.tensor([0, 17, 0, 1000], device=device)
+            lengths = torch.tensor([tokens, tokens - 17, 33, tokens - 1000], device=device)
+            key_mask = torch.rand(batch, tokens, device=device) > 0.1
+            ref = mla_kernel.mla_decode_attention_reference(q, qr, c, k, 0.07, lengths, starts, key_mask)
+            out = torch.full_like(q, float("nan"))
+            mla_kernel.mla_decode_attention(q, qr, c, k, 0.07, lengths, starts, key_mask, out=out)
+            err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+            results.append({"dtype": str(dtype), "heads": heads, "tokens": tokens, "batch": batch,
+                            "max_rel_err": err, "finite": bool(torch.isfinite(out).all())})
+            print(json.dumps(results[-1]))
+    return results
+
+
+SWEEP = [dict(block_m=16, block_t=32, num_warps=4, num_stages=2), dict(block_m=16, block_t=64, num_warps=4, num_stages=2),
+         dict(block_m=16, block_t=32, num_warps=8, num_stages=3), dict(block_m=32, block_t=32, num_warps=8, num_stages=2),
+         dict(block_m=64, block_t=16, num_warps=8, num_stages=2), dict(block_m=16, block_t=32, num_warps=4, num_stages=2,
+                                                                        min_chunk=512)]
+
+
+@torch.no_grad()
+def kernel_timing(contexts, batches, dtype, device: str, bandwidth: float, sweep: bool) -> list[dict]:
+    """do_bench medians of the kernel and of plain absorbed_attention against the bytes floor."""
+    from triton.testing import do_bench
+
+    rows = []
+    for heads in (16, 128):
+        for tokens in contexts:
+            for batch in batches:
+                row = {"heads": heads, "context": tokens, "batch": batch}
+                try:
+                    q, qr, c, k = kernel_inputs(batch, heads, tokens, dtype, device)
+                    cache_bytes_ = (c.numel() + k.numel()) * c.element_size()
+                    row["cache_bytes"] = cache_bytes_
+                    row["floor_ms"] = 1000 * cache_bytes_ / bandwidth
+                    row["kernel_ms"] = do_bench(lambda: mla_kernel.mla_decode_attention(q, qr, c, k, 0.07),
+                                                return_mode="median")
+                    row["plain_ms"] = do_bench(lambda: absorbed_attention(q, qr, c, k, None, 0.07), return_mode="median")
+                    row["chunks"] = mla_kernel.plan(batch, heads, tokens, c.device)[0]
+                    if sweep and tokens == max(contexts):
+                        row["sweep"] = []
+                        for cfg in SWEEP:
+                            try:
+                                ms = do_bench(lambda: mla_kernel._triton_forward(q, qr, c, k, 0.07, None, None, None, None,
+                                                                                 **cfg), return_mode="median")
+                            except Exception as error:  # out of shared memory / registers for this config
+                                ms = f"failed: {type(error).__name__}"
+                            row["sweep"].append({**cfg, "ms": ms})
+                    del q, qr, c, k
+                except torch.OutOfMemoryError:
+                    row["skipped"] = "out of GPU memory"
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row))
+    return rows
+
+
+def print_kernel_table(check: list[dict], timing: list[dict]) -> None:
+    if check:
+        print("\nkernel vs float32 reference (fresh random inputs, ragged + padded + key mask): "
+              + ", ".join(f"{c['dtype'].replace('torch.', '')} H={c['heads']} max rel err {c['max_rel_err']:.1e}"
+                          + ("" if c["finite"] else " NON-FINITE") for c in check))
+    if not timing:
+        return
+    print("\n| heads | context | batch | kernel ms | plain absorbed_attention ms | floor ms | kernel / floor "
+          "| kernel GB/s | speed-up vs plain | chunks |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for t in timing:
+        if "kernel_ms" not in t:
+            print(f"| {t['heads']} | {t['context']} | {t['batch']} | {t.get('skipped', 'n/a')} | | | | | | |")
+            continue
+        read_gbs = t["cache_bytes"] / (t["kernel_ms"] * 1e-3) / 1e9  # cache bytes read per second
+        print(f"| {t['heads']} | {t['context']} | {t['batch']} | {t['kernel_ms']:.3f} | {t['plain_ms']:.3f} "
+              f"| {t['floor_ms']:.3f} | {t['kernel_ms'] / t['floor_ms']:.2f}x | {read_gbs:.0f} "
+              f"| {t['plain_ms'] / t['kernel_ms']:.1f}x | {t['chunks']} |")
+    for t in timing:
+        if t.get("sweep"):
+            print(f"sweep H={t['heads']} T={t['context']} B={t['batch']}: " + "; ".join(
+                f"m{c['block_m']} t{c['block_t']} w{c['num_warps']} s{c['num_stages']}"
+                + (f" chunk>={c['min_chunk']}" if "min_chunk" in c else "")
+                + (f" {c['ms']:.3f}" if isinstance(c["ms"], float) else f" {c['ms']}") for c in t["sweep"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -220,6 +348,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=8.0, help="seconds of timed steps per measurement at most")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--no-kernel", action="store_true", help="skip the kernel-alone check and timing")
+    parser.add_argument("--kernel-only", action="store_true", help="only the kernel check and timing (no model)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep of the kernel timing")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="skip the 'absorbed plain' model column (KVCOMPRESS_DISABLE_TRITON=1)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available; use --device cpu --small")
@@ -228,28 +361,50 @@ def main() -> None:
     shapes = SMALL if args.small else V2_LITE
     device = args.device
 
+    bandwidth = copy_bandwidth(device)
+    kernel_runs = device == "cuda" and mla_kernel._HAVE_TRITON and triton_usable(torch.empty(1, device=device))
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "dtype": str(dtype), "shapes": shapes,
+            "copy_bandwidth_GBps": bandwidth / 1e9, "triton_kernel": kernel_runs}
+    if kernel_runs:
+        info["triton"] = __import__("triton").__version__
+    check, timing = [], []
+    if kernel_runs and not args.no_kernel:
+        check = kernel_check(device)
+        timing = kernel_timing(contexts, args.batches, dtype, device, bandwidth, sweep=not args.no_sweep)
+    elif not args.no_kernel:
+        print("kernel check and timing skipped: needs CUDA and Triton (and KVCOMPRESS_DISABLE_TRITON unset)")
+    if args.kernel_only:
+        print(json.dumps(info))
+        print_kernel_table(check, timing)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "kernel_check": check, "kernel_timing": timing}, f, indent=1)
+        return
+
     model = build_model(shapes, device, dtype, max(contexts) + 4096)
     cfg = model.config
     weights = weight_bytes(model)
-    bandwidth = copy_bandwidth(device)
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "dtype": str(dtype), "shapes": shapes,
-            "weight_bytes": weights, "copy_bandwidth_GBps": bandwidth / 1e9}
+    info["weight_bytes"] = weights
     print(json.dumps(info))
     rows = []
     combos = [(c, b) for c in contexts for b in args.batches]
+    modes = ["stock", "absorbed"] + ([] if args.no_plain or not kernel_runs else ["absorbed_plain"])
     for context, batch in tqdm(combos, desc="mla decode"):
         row = {"context": context, "batch": batch}
-        for mode in ("stock", "absorbed"):
-            handle = patch_mla(model) if mode == "absorbed" else None
+        for mode in modes:
+            handle = patch_mla(model) if mode != "stock" else None
             cache = None
             try:
-                cache = MLALatentCache(cfg) if mode == "absorbed" else DynamicCache(config=cfg)
+                cache = MLALatentCache(cfg) if mode != "stock" else DynamicCache(config=cfg)
                 fill(cache, cfg, batch, context, dtype, device)
                 row[f"{mode}_cache_bytes"] = cache_bytes(cache)
-                row[mode] = decode(model, cache, batch, args.steps, args.warmup, device, args.budget)
-                if not args.no_profile and device == "cuda" and context == max(contexts):
-                    row[f"{mode}_profile"] = profile_step(model, cache, batch, device)
+                with triton_disabled(mode == "absorbed_plain"):
+                    row[mode] = decode(model, cache, batch, args.steps, args.warmup, device, args.budget)
+                    if isinstance(cache, MLALatentCache):  # after the steps: the storage has grown once
+                        row[f"{mode}_reserved_bytes"] = cache.reserved_nbytes()
+                    if not args.no_profile and device == "cuda" and context == max(contexts) and mode != "absorbed_plain":
+                        row[f"{mode}_profile"] = profile_step(model, cache, batch, device)
             except torch.OutOfMemoryError:
                 row[mode] = {"skipped": "out of GPU memory"}
             finally:
@@ -270,24 +425,6 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
 
-    print(f"\n{info['device']}, torch {info['torch']}, transformers {info['transformers']}, {info['dtype']}, "
-          f"weights {weights / 2**30:.2f} GiB, copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print("| context | batch | cache GiB | stock ms/step | absorbed ms/step | speed-up | absorbed tok/s | floor ms "
-          "| absorbed / floor | peak GiB stock / absorbed | transient GiB stock / absorbed |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        s, a = r.get("stock", {}), r.get("absorbed", {})
-
-        def cell(d: dict, key: str, fmt: str = "{:.1f}") -> str:
-            return fmt.format(d[key]) if key in d else d.get("skipped", "n/a")
-
-        speedup = f"{r['speedup']:.1f}x" if "speedup" in r else "n/a"
-        tokens_s = f"{1000 * r['batch'] / a['ms']:.0f}" if "ms" in a else "n/a"
-        over_floor = f"{a['ms'] / r['floor_ms']:.1f}x" if "ms" in a else "n/a"
-        print(f"| {r['context']} | {r['batch']} | {r.get('absorbed_cache_bytes', 0) / 2**30:.2f} | {cell(s, 'ms')} "
-              f"| {cell(a, 'ms')} | {speedup} | {tokens_s} | {r['floor_ms']:.2f} | {over_floor} "
-              f"| {cell(s, 'peak_gib', '{:.2f}')} / {cell(a, 'peak_gib', '{:.2f}')} "
-              f"| {cell(s, 'transient_gib', '{:.2f}')} / {cell(a, 'transient_gib', '{:.2f}')} |")
     for r in rows:
         for mode in ("stock", "absorbed"):
             if f"{mode}_profile" in r:
@@ -303,8 +440,29 @@ def main() -> None:
                               for k, v in r["attention_breakdown"].items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
+            json.dump({"info": info, "kernel_check": check, "kernel_timing": timing, "rows": rows}, f, indent=1)
 
+    print_kernel_table(check, timing)
+    print(f"\n{info['device']}, torch {info['torch']}, transformers {info['transformers']}, {info['dtype']}, "
+          f"weights {weights / 2**30:.2f} GiB, copy bandwidth {bandwidth / 1e9:.0f} GB/s; absorbed = "
+          + ("Triton kernel" if kernel_runs else "plain PyTorch") + ", absorbed plain = KVCOMPRESS_DISABLE_TRITON=1")
+    print("| context | batch | cache GiB | stock ms/step | absorbed ms/step | speed-up | absorbed tok/s | floor ms "
+          "| absorbed / floor | peak GiB stock / absorbed | transient GiB stock / absorbed | absorbed plain ms/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s, a = r.get("stock", {}), r.get("absorbed", {})
+
+        def cell(d: dict, key: str, fmt: str = "{:.1f}") -> str:
+            return fmt.format(d[key]) if key in d else d.get("skipped", "n/a")
+
+        speedup = f"{r['speedup']:.1f}x" if "speedup" in r else "n/a"
+        tokens_s = f"{1000 * r['batch'] / a['ms']:.0f}" if "ms" in a else "n/a"
+        over_floor = f"{a['ms'] / r['floor_ms']:.1f}x" if "ms" in a else "n/a"
+        print(f"| {r['context']} | {r['batch']} | {r.get('absorbed_cache_bytes', 0) / 2**30:.2f} | {cell(s, 'ms')} "
+              f"| {cell(a, 'ms')} | {speedup} | {tokens_s} | {r['floor_ms']:.2f} | {over_floor} "
+              f"| {cell(s, 'peak_gib', '{:.2f}')} / {cell(a, 'peak_gib', '{:.2f}')} "
+              f"| {cell(s, 'transient_gib', '{:.2f}')} / {cell(a, 'transient_gib', '{:.2f}')} "
+              f"| {cell(r.get('absorbed_plain', {}), 'ms')} |")
 
 if __name__ == "__main__":
     main()
