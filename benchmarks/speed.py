@@ -22,7 +22,7 @@ expands the latent into per-head K/V every step and caches them expanded: the re
 
 Timing goes through ``model.generate`` (greedy, exactly ``new_tokens`` steps, random prompt tokens): a
 logits processor stamps the time of every step, so prefill = start to first step and decode = mean
-time between later steps. Models: ``smollm2`` (the real model) or random-weight shapes of
+time between later steps; each entry runs once untimed first, exactly as timed. Models: ``smollm2`` (the real model) or random-weight shapes of
 ``llama-3.1-8b``, ``deepseek-v2-lite`` and ``deepseek-v3-attn`` (V3's attention with small dense MLPs
 and experts off), optionally cut to ``layers`` layers (per-layer costs are unchanged, totals shrink).
 An out-of-memory entry becomes a skipped row ("out of memory") and the run goes on.
@@ -240,6 +240,10 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
           compile_backend: str | None = None, progress: bool = True, on_result=None) -> dict:
     """Measure every method (``dynamic`` first, added if missing) and stock baseline on ``model``.
 
+    Every entry is first run once exactly as timed (same batch, context and steps) so that per-shape
+    compilation (Triton kernels, torch.compile) stays out of the timed runs; methods run eager
+    (``disable_compile``: generate() would compile a compileable cache by itself on CUDA).
+
     ``baselines``: extra stock references measured after the methods (see :func:`parse_baselines`):
 
     - ``static``: ``StaticCache`` preallocated for ``context + new_tokens``, eager (``disable_compile``,
@@ -280,12 +284,9 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                  bandwidth_bytes_per_s=bandwidth, torch=torch.__version__, threads=torch.get_num_threads(),
                  model_type=getattr(text_cfg, "model_type", None), layers=getattr(text_cfg, "num_hidden_layers", None),
                  mla=getattr(text_cfg, "kv_lora_rank", None) is not None, budget_gib=budget_gib, baselines=extra)
-    try:
-        import transformers
+    import transformers
 
-        setup["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - generate() needs it anyway
-        pass
+    setup["transformers"] = transformers.__version__
     state: dict = {}  # dynamic's generated tokens, the reference of "same_tokens"
     results: list[dict] = []
 
