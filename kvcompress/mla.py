@@ -128,7 +128,8 @@ class GrowableLayer(DynamicLayer):
         """Tokens the storage can hold before it must grow."""
         return 0 if self._key_storage is None or self._key_storage.dim() < 2 else self._key_storage.shape[-2]
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        # value_states optional: some transformers versions' early initialisation passes the keys only
         self.device = key_states.device
         self._key_storage = self._value_storage = None
         self._length = 0
