@@ -427,6 +427,9 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
     warm = _dynamo_counts()
     row["warmup_s"] = time.perf_counter() - t0
     row["compiles_warmup"] = warm["frames"] - before["frames"]
+    # after the reset above a compiled decode step must convert at least one frame; none means generate()
+    # found its compile criteria unmet (it only logs a warning) and the row ran eager
+    row["compiled"] = row["compiles_warmup"] > 0
 
     def run():
         with torch.inference_mode():  # its tensors were made in inference mode (generate's prefill)
@@ -480,6 +483,12 @@ def notes(out: dict) -> list[str]:
                      "in cache and peak); `static` runs eager (disable_compile).")
     for r in rows:
         if r["method"] == "static-compiled" and "skipped" not in r:
+            if not r.get("compiled", True):
+                lines.append("WARNING, `static-compiled` did not compile (generate()'s compile criteria unmet): "
+                             "it ran eager")
+            if r.get("cudagraph_skips"):
+                lines.append("WARNING, `static-compiled` skipped CUDA graphs (see TORCH_LOGS=perf_hints for why): "
+                             "launch overhead is not removed")
             lines.append(f"`static-compiled`: generate()'s decode forward compiled (backend {r['compile_backend']}, "
                          f"mode {r['compile_mode']}; prefill eager); warm-up {r['warmup_s']:.1f} s with "
                          f"{r['compiles_warmup']} compile(s); timed runs: {r['recompiles_timed']} recompile(s), "

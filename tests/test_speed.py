@@ -111,12 +111,13 @@ def test_static_compiled_plumbing_on_cpu_compiles_once_outside_the_timed_runs(ll
     dyn, comp = out["results"]
     assert comp["method"] == "static-compiled" and "skipped" not in comp, comp
     assert comp["compile_backend"] == "eager" and comp["compile_mode"] is None
-    assert comp["compiles_warmup"] >= 1 and comp["recompiles_timed"] == 0 and comp["cudagraph_skips"] == 0
+    assert comp["compiled"] and comp["compiles_warmup"] >= 1
+    assert comp["recompiles_timed"] == 0 and comp["cudagraph_skips"] == 0 and dyn["recompiles_timed"] == 0
     assert comp["same_tokens"] == 1.0
     assert comp["tokens_per_s_vs_compiled"] == 1.0
     assert dyn["tokens_per_s_vs_compiled"] == pytest.approx(dyn["tokens_per_s"] / comp["tokens_per_s"])
     md = speed.markdown(out)
-    assert "(x compiled)" in md and "0 recompile(s)" in md
+    assert "(x compiled)" in md and "0 recompile(s)" in md and "WARNING" not in md
 
 
 def test_bad_baselines_are_refused_naming_the_option_and_the_allowed_values(llama, capsys):
@@ -141,3 +142,11 @@ def test_mla_table_says_dynamic_is_the_stock_expand_path():
     out = speed.bench(model, parse_methods("dynamic"), context=32, new_tokens=2, repeats=1, progress=False)
     assert out["setup"]["mla"] is True
     assert "expands the latent" in speed.markdown(out)
+
+
+def test_notes_warn_about_compiles_inside_the_timed_runs():
+    row = dict(method="static-compiled", compile_backend="inductor", compile_mode="reduce-overhead", warmup_s=60.0,
+               compiles_warmup=0, compiled=False, recompiles_timed=2, cudagraph_skips=1)
+    text = "\n".join(speed.notes(dict(setup=dict(mla=False), results=[dict(method="dynamic"), row])))
+    assert "did not compile" in text and "skipped CUDA graphs" in text
+    assert "recompiled inside the timed runs of: `static-compiled` (2)" in text
