@@ -757,14 +757,18 @@ def patch_xkv(model: torch.nn.Module):
     if previous.startswith(XKV_ATTENTION_PREFIX):
         raise ValueError(f"model is already patched by patch_xkv (attention implementation {previous!r}); "
                          "remove that handle first")
+    if previous not in ("sdpa", "eager"):
+        # flash/flex attention take other mask formats (and transformers treats names containing theirs
+        # specially): only the two dense implementations are wrapped.
+        raise ValueError(f"patch_xkv supports models whose attention implementation is 'sdpa' or 'eager', got "
+                         f"{previous!r}; load the model with attn_implementation='sdpa'")
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"no attention modules with layer_idx found in {type(model).__name__}")
     name = XKV_ATTENTION_PREFIX + previous
-    mask_source = "sdpa" if previous not in ALL_MASK_ATTENTION_FUNCTIONS else previous
     fallbacks = [_fallback_attention(module, previous) for module in modules]  # raises before any change
     ALL_ATTENTION_FUNCTIONS.register(name, xkv_attention_forward)  # global and idempotent: left registered
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_source])
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
 
     handle = PatchHandle(model, description=f"xkv fused decode on {type(model).__name__}")
     try:

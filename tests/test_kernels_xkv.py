@@ -338,3 +338,24 @@ def test_patched_model_with_other_caches_runs_as_before():
     with patch_xkv(model):
         out = _generate(model, ids, mask, DynamicCache(config=model.config))
     assert torch.equal(ref.sequences, out.sequences)
+
+
+def test_patched_eager_model_and_unsupported_implementation():
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    ids, mask = _left_padded()
+    make = lambda: XKVCache(model.config, group_size=2, rank_k=12, rank_v=16, window=4, sink=2,  # noqa: E731
+                            min_compress_tokens=1)
+    ref = _generate(model, ids, mask, make())
+    with patch_xkv(model):
+        assert model.config._attn_implementation == "kvcompress_xkv_eager"
+        out = _generate(model, ids, mask, make())
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(ref.sequences, out.sequences)
+    model.config._attn_implementation_internal = "flash_attention_2"  # not loadable here: set the field only
+    with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+        patch_xkv(model)
