@@ -18,7 +18,8 @@ cache is passed on GPU). When ``static-compiled`` is measured every entry also g
 (``<key>_vs_compiled``). Compilation is kept out of the timed runs (a warm-up identical to the timed
 call on the same cache) and checked: compiles at warm-up, recompiles in the timed runs and cudagraph
 skips are reported. On MLA models (DeepSeek) ``dynamic`` is stock transformers' attention, which
-expands the latent into per-head K/V every step and caches them expanded: the reference for MLA.
+caches the latent and expands it into per-head K/V over the whole context at every step: its peak
+memory (that expansion included) is the reference for MLA methods.
 
 Timing goes through ``model.generate`` (greedy, exactly ``new_tokens`` steps, random prompt tokens): a
 logits processor stamps the time of every step, so prefill = start to first step and decode = mean
@@ -476,8 +477,9 @@ def notes(out: dict) -> list[str]:
              + ("; (x compiled): ÷ `static-compiled`" if any("tokens_per_s_vs_compiled" in r for r in rows) else "")
              + "; tokens/s = batch ÷ decode s/step; same tokens: share of greedy tokens equal to `dynamic`'s."]
     if s.get("mla"):
-        lines.append("MLA model: `dynamic` is stock transformers' path, which expands the latent into per-head K/V "
-                     "(kv_b_proj) at every step and caches the expanded K/V; its peak memory is the reference.")
+        lines.append("MLA model: `dynamic` is stock transformers' expand-per-step path: its cache holds the latent "
+                     "(kv_lora_rank + rope dims per token and layer) and every step expands the latent into per-head "
+                     "K/V (kv_b_proj) over the whole context; its peak memory, expansion included, is the reference.")
     if "static" in names or "static-compiled" in names:
         lines.append("`static`/`static-compiled`: stock `StaticCache` preallocated for context + new tokens (counted "
                      "in cache and peak); `static` runs eager (disable_compile).")
