@@ -185,6 +185,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape,
                            bandwidth=bandwidth, flop_rate=flop_rate, rows=rows), f, indent=1)
+    if device == "cuda":
+        from kvcompress.kernels import xkv_decode as kernels
+
+        for key, config in getattr(getattr(kernels, "_xkv_scores_kernel_tuned", None), "cache", {}).items():
+            print(f"autotuned scores kernel {key}: {config}")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\n{name}, one layer, {dtype}, Llama-3.1-8B shape {shape}; times in us (medians)\n")
     print("| batch | context | stock SDPA | today (rebuild + SDPA) | fused | floor (bytes / flops) | stock bytes floor "

@@ -55,6 +55,7 @@ float32 (float64 for float64 inputs) and is the CPU path and the kernels' defini
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -377,6 +378,23 @@ if _HAVE_TRITON:
                  acc, mask=h_ok[:, None] & r_ok[None, :])
 
 
+    # Kernel 1 does almost all the flops (the key rebuild); its best tile depends on the GPU, so on CUDA it
+    # is autotuned once per (rank, group, head dim, RoPE, dtype). Configs that do not fit are skipped by
+    # the autotuner. KVCOMPRESS_XKV_AUTOTUNE=0 uses the fixed default instead (and the interpreter always does).
+    _SCORES_CONFIGS = [
+        triton.Config({"BLOCK_T": bt, "BLOCK_R": br}, num_warps=w, num_stages=st)
+        for bt, br, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3),
+                              (64, 32, 4, 4), (128, 32, 8, 4), (64, 128, 8, 2))
+    ]
+    _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE"])(
+        _xkv_scores_kernel)
+
+
+def _autotune() -> bool:
+    return (os.environ.get("TRITON_INTERPRET", "") != "1"
+            and os.environ.get("KVCOMPRESS_XKV_AUTOTUNE", "1") not in ("0", ""))
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
@@ -412,12 +430,18 @@ def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: f
     scores = torch.empty(batch, q_heads, tokens, device=query.device, dtype=torch.float32)
     if _POISON_BUFFERS:
         scores.fill_(float("nan"))
-    block_t = 32 if wide else 64
     has_rope = part.cos is not None
     cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
     sin = part.sin if has_rope else scores
     valid_arg = valid.view(torch.uint8) if valid is not None else scores
-    _xkv_scores_kernel[(kv_heads, triton.cdiv(tokens, block_t), batch)](
+    if _autotune():
+        kernel = _xkv_scores_kernel_tuned
+        tuning = {}
+    else:
+        kernel = _xkv_scores_kernel
+        tuning = dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64, num_warps=4 if wide else 8)
+    grid = lambda meta: (kv_heads, triton.cdiv(tokens, meta["BLOCK_T"]), batch)  # noqa: E731
+    kernel[grid](
         q, part.key_factor, part.key_right, cos, sin, valid_arg, scores,
         tokens, rank_k, groups,
         q.stride(0), q.stride(1), q.stride(2),
@@ -427,9 +451,8 @@ def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: f
         valid_arg.stride(0) if valid is not None else 0, valid_arg.stride(1) if valid is not None else 0,
         scores.stride(0), scores.stride(1), scores.stride(2),
         float(scaling),
-        HALF=head_dim // 2, BLOCK_T=block_t, BLOCK_R=32 if wide else 64, BLOCK_G=_pow2(groups),
-        HAS_ROPE=has_rope, HAS_VALID=valid is not None, PRECISION=precision,
-        num_warps=8 if not wide else 4,
+        HALF=head_dim // 2, BLOCK_G=_pow2(groups),
+        HAS_ROPE=has_rope, HAS_VALID=valid is not None, PRECISION=precision, **tuning,
     )
     # Softmax statistics over Hq*T floats: cheap next to the factors, and exact.
     maxima = scores.amax(dim=-1)
