@@ -310,3 +310,74 @@ def test_caches_report_valid_and_reserved_bytes():
     # TPLA's shards hold exactly the MLA latent's slices
     for a, b in zip(mla.layers, tpla.layers):
         assert torch.equal(b.keys.transpose(1, 2).reshape(2, 1, tokens, -1), a.latent)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+def test_gpu_kernel_is_capturable_with_device_lengths():
+    """Lengths are device tensors read only by the kernel: one CUDA graph serves every length."""
+    q, qr, c, k, _, _, _, _ = make_case(batch=2, heads=16, rank=512, rope=64, tokens=1024, dtype=torch.bfloat16,
+                                        device="cuda", seed=4)
+    lengths = torch.tensor([500, 1000], device="cuda")
+    out = torch.empty_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        mla_decode_attention(q, qr, c, k, 0.07, kv_lengths=lengths, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mla_decode_attention(q, qr, c, k, 0.07, kv_lengths=lengths, out=out)
+    for new in ([500, 1000], [7, 1024], [1, 333]):
+        lengths.copy_(torch.tensor(new))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = mla_decode_attention_reference(q, qr, c, k, 0.07, kv_lengths=lengths)
+        assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-2, new
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, GPU])])
+def test_patched_generation_matches_stock(device, monkeypatch):
+    """patch_mla (fp32): two left-padded turns give stock's tokens and logits; on CUDA the absorbed
+    steps go through the kernel (on CPU through absorbed_attention: this checks the harness)."""
+    from test_mla import VARIANTS, make_model, max_diff, two_turns
+    from transformers import DynamicCache
+
+    from kvcompress.mla import patch_mla
+
+    calls = []
+    forward = mla_decode._triton_forward
+    monkeypatch.setattr(mla_decode, "_triton_forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    monkeypatch.delenv("KVCOMPRESS_DISABLE_TRITON", raising=False)
+    for family, overrides in VARIANTS:
+        model = make_model(family, overrides).to(device)
+        ref_seqs, ref_logits = two_turns_on(device, two_turns, model, DynamicCache(config=model.config))
+        with patch_mla(model):
+            seqs, logits = two_turns_on(device, two_turns, model, MLALatentCache(model.config))
+        for ref, got in zip(ref_seqs, seqs):
+            assert torch.equal(ref, got)
+        assert max_diff(ref_logits, logits) < 1e-4
+    if device == "cuda":
+        assert calls  # the absorbed steps really went through the kernel
+
+
+def two_turns_on(device, two_turns, model, cache):
+    """``test_mla.two_turns`` (which builds its inputs on the CPU) with generation on ``device``:
+    inputs moved there, sequences and logits handed back on the CPU."""
+    original = model.generate
+
+    def generate(input_ids=None, attention_mask=None, **kw):
+        out = original(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kw)
+        out.sequences = out.sequences.cpu()
+        out.logits = tuple(x.cpu() for x in out.logits)
+        return out
+
+    model.generate = generate
+    try:
+        return two_turns(model, cache)
+    finally:
+        del model.generate
