@@ -359,3 +359,15 @@ def test_patched_eager_model_and_unsupported_implementation():
     model.config._attn_implementation_internal = "flash_attention_2"  # not loadable here: set the field only
     with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
         patch_xkv(model)
+
+
+def test_patched_beam_search_equals_unpatched():
+    model = tiny_model("llama", seed=6)
+    ids, mask = _left_padded()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    make = lambda: XKVCache(model.config, group_size=2, rank_k=12, rank_v=16, window=4, sink=2,  # noqa: E731
+                            min_compress_tokens=1)
+    ref = model.generate(past_key_values=make(), **kwargs)
+    with patch_xkv(model):
+        out = model.generate(past_key_values=make(), **kwargs)
+    assert torch.equal(ref, out)
