@@ -395,7 +395,7 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
 
     if not cuda and backend is None:
         row["skipped"] = (f"needs CUDA: mode {COMPILE_MODE!r} is CUDA graphs and generate() compiles only on GPU "
-                          "(pass compile_backend, e.g. 'eager', to check the plumbing on CPU)")
+                          "(--compile-backend eager checks the plumbing on CPU)")
         return
     backend = backend or COMPILE_BACKEND
     mode = COMPILE_MODE if backend == "inductor" else None  # torch.compile takes a mode for inductor only
