@@ -150,3 +150,19 @@ def test_notes_warn_about_compiles_inside_the_timed_runs():
     text = "\n".join(speed.notes(dict(setup=dict(mla=False), results=[dict(method="dynamic"), row])))
     assert "did not compile" in text and "skipped CUDA graphs" in text
     assert "recompiled inside the timed runs of: `static-compiled` (2)" in text
+
+
+def test_an_out_of_memory_entry_is_a_row_and_the_run_goes_on(llama, monkeypatch):
+    real = speed._generate
+
+    def generate(model, input_ids, new_tokens, sync, *, method=None, **kwargs):
+        if method is not None and method.name == "xkv":
+            raise speed._OOM("CUDA out of memory. Tried to allocate 7.00 GiB")
+        return real(model, input_ids, new_tokens, sync, method=method, **kwargs)
+
+    monkeypatch.setattr(speed, "_generate", generate)
+    out = speed.bench(llama, parse_methods("dynamic,xkv"), context=16, new_tokens=2, repeats=1, baselines="static",
+                      progress=False)
+    rows = {r["method"]: r for r in out["results"]}
+    assert rows["xkv"]["skipped"].startswith("out of memory: CUDA out of memory")
+    assert "decode_ms" in rows["static"] and rows["static"]["same_tokens"] == 1.0
