@@ -370,7 +370,7 @@ if _HAVE_TRITON:
             t_ok = offs_t < T
             s = tl.load(S + b * stride_sb + offs_h[:, None] * stride_sh + offs_t[None, :] * stride_st,
                         mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
-            p = tl.exp(s - m[:, None])  # masked / padded entries: exp(-inf) = 0
+            p = tl.exp(s - m[:, None])  # m = the row's lse: normalised; masked / padded entries: exp(-inf) = 0
             u = tl.load(UV + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
                         mask=t_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
@@ -454,11 +454,10 @@ def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: f
         HALF=head_dim // 2, BLOCK_G=_pow2(groups),
         HAS_ROPE=has_rope, HAS_VALID=valid is not None, PRECISION=precision, **tuning,
     )
-    # Softmax statistics over Hq*T floats: cheap next to the factors, and exact.
-    maxima = scores.amax(dim=-1)
-    maxima = torch.where(torch.isfinite(maxima), maxima, torch.zeros_like(maxima))
-    sums = torch.exp(scores - maxima[..., None]).sum(dim=-1)
-    lse = maxima + torch.log(sums)  # -inf where every token is masked
+    # Softmax statistics over Hq*T floats: cheap next to the factors, and exact. Kernel 2 subtracts the
+    # log-sum-exp itself, so its probabilities come out normalised (0 for an all-masked row).
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where every token is masked
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     # Split-K over the sequence so that (r_v chunks x splits x batch) programs fill the GPU.
     block_r, block_tv = 64 if wide else 128, 32 if wide else 64
     r_chunks = triton.cdiv(rank_v, block_r)
@@ -471,16 +470,16 @@ def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: f
         partial.fill_(float("nan"))
     vf = part.value_factor
     _xkv_latent_pv_kernel[(r_chunks, splits, batch)](
-        scores, maxima, vf, partial,
+        scores, shift, vf, partial,
         tokens, rank_v, q_heads, tiles_per_split,
         scores.stride(0), scores.stride(1), scores.stride(2),
-        maxima.stride(0), maxima.stride(1),
+        shift.stride(0), shift.stride(1),
         vf.stride(0), vf.stride(1), vf.stride(2),
         partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
         BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
         num_warps=4,
     )
-    latent = partial.sum(dim=1) / sums[..., None].clamp_min(torch.finfo(torch.float32).tiny)  # [B, Hq, r_v]
+    latent = partial.sum(dim=1)  # [B, Hq, r_v] = softmax(s) U_v
     right = part.value_right.float().view(batch, rank_v, kv_heads, -1).permute(0, 2, 1, 3)  # [B, H, r_v, dv]
     out = torch.matmul(latent.view(batch, kv_heads, groups, rank_v), right)
     return out.reshape(batch, q_heads, -1), lse
@@ -511,8 +510,17 @@ def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: fl
         use_triton = _HAVE_TRITON and triton_usable(query)
     elif use_triton and not _HAVE_TRITON:
         raise RuntimeError("use_triton=True but Triton is not importable; pass use_triton=None or False")
+    # Softmax does not care about token order: all exact parts (sinks and tail) become one, so they cost
+    # one small attention instead of one per part (fewer kernel launches per layer and step).
+    exact = [(p, v) for p, v in zip(parts, _split_valid(valid, parts)) if isinstance(p, ExactPart) and p.length]
+    pieces = [(p, v) for p, v in zip(parts, _split_valid(valid, parts)) if not isinstance(p, ExactPart)]
+    if len(exact) > 1:
+        joined = ExactPart(torch.cat([p.keys for p, _ in exact], dim=-2), torch.cat([p.values for p, _ in exact], dim=-2))
+        pieces.append((joined, None if valid is None else torch.cat([v for _, v in exact], dim=-1)))
+    else:
+        pieces.extend(exact)
     partials = []
-    for part, part_valid in zip(parts, _split_valid(valid, parts)):
+    for part, part_valid in pieces:
         if part.length == 0:
             continue
         if use_triton and isinstance(part, FactoredPart) and _kernel_supported(query, part):
