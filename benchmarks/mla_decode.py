@@ -269,8 +269,9 @@ def kernel_check(device: str) -> list[dict]:
 
 SWEEP = [dict(block_m=16, block_t=32, num_warps=4, num_stages=2), dict(block_m=16, block_t=64, num_warps=4, num_stages=2),
          dict(block_m=16, block_t=32, num_warps=8, num_stages=3), dict(block_m=32, block_t=32, num_warps=8, num_stages=2),
-         dict(block_m=64, block_t=16, num_warps=8, num_stages=2), dict(block_m=16, block_t=32, num_warps=4, num_stages=2,
-                                                                        min_chunk=512)]
+         dict(block_m=64, block_t=16, num_warps=8, num_stages=2),
+         dict(block_m=16, block_t=32, num_warps=4, num_stages=2, min_chunk=512),
+         dict(block_m=16, block_t=32, num_warps=4, num_stages=2, min_chunk=1024)]
 
 
 @torch.no_grad()

@@ -152,6 +152,7 @@ CASES = {  # name: (make_case kwargs, which ranges, min_chunk (small: force seve
     "non-pow2 r, T=5": (dict(heads=16, rank=24, tokens=5), "lengths", 256),
     "17 heads (2 row blocks)": (dict(heads=17, rank=16, tokens=64, batch=2), "mask", 32),
     "len 0 row": (dict(batch=2, tokens=40), "zero", 16),
+    "r=200 (2 merge column blocks)": (dict(heads=2, rank=200, rope=16, tokens=70), "all", 16),
 }
 
 

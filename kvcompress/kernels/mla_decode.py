@@ -289,15 +289,17 @@ if _HAVE_TRITON:
         n_rows, n_queries, n_chunks,
         R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """One (row, batch row): merge the chunks' partial outputs by their log-sum-exp."""
+        """One (row, batch row, block of BLOCK_R latent columns): merge the chunks' partial outputs by their
+        log-sum-exp. Several column blocks per row keep enough programs busy at batch 1."""
         row = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
+        col0 = tl.program_id(2) * BLOCK_R
         base = (b * n_rows + row) * n_chunks
         offs_c = tl.arange(0, BLOCK_C)
         lse_all = tl.load(LSE_PART + base + offs_c, mask=offs_c < n_chunks, other=float("-inf"))
         top = tl.max(lse_all, 0)
         top = tl.where(top == float("-inf"), 0.0, top)  # no valid token at all: weights 0, output 0
-        offs_r = tl.arange(0, BLOCK_R)
+        offs_r = col0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         total = tl.sum(tl.exp2(lse_all - top), 0)
         acc = tl.zeros([BLOCK_R], tl.float32)
@@ -373,9 +375,10 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
         IEEE=latent.dtype == torch.float32,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
-    _mla_decode_merge_kernel[(rows, batch)](
+    merge_cols = min(_pow2(rank), 128)
+    _mla_decode_merge_kernel[(rows, batch, math.ceil(rank / merge_cols))](
         o_part, lse_part, out, *out.stride(), rows, queries, chunks,
-        R=rank, BLOCK_R=_pow2(rank), BLOCK_C=_pow2(chunks, 2), num_warps=4,
+        R=rank, BLOCK_R=merge_cols, BLOCK_C=_pow2(chunks, 2), num_warps=1,
     )
     return out
 
