@@ -270,6 +270,13 @@ def test_growable_cache_ops_match_dynamic_layer():
     assert torch.equal(grow.keys, cat.keys) and torch.equal(grow.values, cat.values)
     (gk, gv), (ck, cv) = feed([grow, cat], 20, batch=4, prefill=1, seed=3)
     assert torch.equal(gk, ck) and torch.equal(gv, cv)
+    # cache_utils' offload/prefetch assign keys then values: the assigned tensors become the storage
+    grow.keys, grow.values = grow.keys.clone(), grow.values.clone()
+    assert grow.capacity == grow.get_seq_length() == cat.get_seq_length()
+    with pytest.raises(ValueError, match="values of"):
+        grow.values = grow.values[:, :, :3]
+    (gk, gv), (ck, cv) = feed([grow, cat], 3, batch=4, prefill=1, seed=4)
+    assert torch.equal(gk, ck) and torch.equal(gv, cv)
     grow.crop(100)  # the older transformers meaning: keep the first 100 tokens
     assert grow.get_seq_length() == 100 and torch.equal(grow.keys, ck[:, :, :100])
     grow.reset()
