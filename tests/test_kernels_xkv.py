@@ -267,13 +267,13 @@ def _generate(model, ids, mask, cache):
                           do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
 
 
-def patched_generation_matches(family: str, overrides: dict | None = None, **cache_kwargs) -> int:
+def patched_generation_matches(family: str, overrides: dict | None = None, device: str = "cpu", **cache_kwargs) -> int:
     """Two turns (batch 2, left padding) unpatched and patched: same tokens, close scores. Returns how many
     fused decode calls the patched run made (asserting they happened is the caller's job)."""
-    model = tiny_model(family, **(overrides or {}))
+    model = tiny_model(family, **(overrides or {})).to(device)
     params = dict(group_size=2, rank_k=12, rank_v=16, window=4, sink=2, min_compress_tokens=1)
     params.update(cache_kwargs)
-    ids, mask = _left_padded()
+    ids, mask = (t.to(device) for t in _left_padded())
     calls = []
     original = xkv_decode.xkv_decode_attention
 
@@ -288,9 +288,9 @@ def patched_generation_matches(family: str, overrides: dict | None = None, **cac
         try:
             cache = XKVCache(model.config, **params)
             first = _generate(model, ids, mask, cache)
-            extra = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(7))
+            extra = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(7)).to(device)
             ids2 = torch.cat([first.sequences, extra], dim=1)
-            mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=torch.long)], dim=1)
+            mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=torch.long, device=device)], dim=1)
             second = _generate(model, ids2, mask2, cache)
             results.append((first, second, [len(group.segments) for group in cache.groups]))
         finally:
@@ -310,6 +310,13 @@ def patched_generation_matches(family: str, overrides: dict | None = None, **cac
 def test_patched_generation_equals_unpatched(family):
     model_layers, steps = 4, 2 * 7  # 8 new tokens per turn: 7 decode steps each
     assert patched_generation_matches(family) == model_layers * steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+def test_gpu_patched_generation_equals_unpatched_fp32():
+    """On CUDA the patched decode runs the Triton kernels (head_dim 32 is covered): same greedy tokens."""
+    assert patched_generation_matches("llama", dict(hidden_size=128), device="cuda") == 4 * 2 * 7
 
 
 def test_patched_full_rank_equals_dynamic_cache_and_remove_restores():
