@@ -41,7 +41,6 @@ so, else the reference.
 
 import functools
 import math
-import os
 
 import torch
 
@@ -113,9 +112,10 @@ def _check(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or \
                 tuple(key_mask.shape) != (batch, latent.shape[1]):
-            raise ValueError(f"key_mask must be a bool tensor [batch={batch}, tokens={latent.shape[1]}] (True = attend), "
-                             f"got {tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__}"
-                             f"{'' if not isinstance(key_mask, torch.Tensor) else ' ' + str(key_mask.dtype)}")
+            got = (f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, torch.Tensor)
+                   else type(key_mask).__name__)
+            raise ValueError(f"key_mask must be a bool tensor [batch={batch}, tokens={latent.shape[1]}] "
+                             f"(True = attend), got {got}")
         if key_mask.device != latent.device:
             raise ValueError(f"key_mask is on {key_mask.device} but latent is on {latent.device}")
     if out is not None:
