@@ -238,7 +238,8 @@ _OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError"
 
 def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: int = 32, repeats: int = 2,
           budget_gib: float | None = None, baselines: str | Iterable[str] | None = None,
-          compile_backend: str | None = None, progress: bool = True, on_result=None) -> dict:
+          compile_backend: str | None = None, prefill_chunk: int | None = None, progress: bool = True,
+          on_result=None) -> dict:
     """Measure every method (``dynamic`` first, added if missing) and stock baseline on ``model``.
 
     Every entry is first run once exactly as timed (same batch, context and steps) so that per-shape
@@ -284,7 +285,8 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                  batch=batch, context=context, new_tokens=new_tokens, repeats=repeats, weights_bytes=weights,
                  bandwidth_bytes_per_s=bandwidth, torch=torch.__version__, threads=torch.get_num_threads(),
                  model_type=getattr(text_cfg, "model_type", None), layers=getattr(text_cfg, "num_hidden_layers", None),
-                 mla=getattr(text_cfg, "kv_lora_rank", None) is not None, budget_gib=budget_gib, baselines=extra)
+                 mla=getattr(text_cfg, "kv_lora_rank", None) is not None, budget_gib=budget_gib, baselines=extra,
+                 prefill_chunk=prefill_chunk)
     import transformers
 
     setup["transformers"] = transformers.__version__
@@ -345,6 +347,13 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     # methods and ``static`` run eager: generate() would otherwise compile any compileable cache by itself
     # on CUDA, with the compile inside the timed runs; compiled stock is its own row, ``static-compiled``
     eager = dict(disable_compile=True)
+    if prefill_chunk is not None:
+        # generate()'s chunked prefill, for every row alike: the prompt's activations are then those of one
+        # chunk, so the cache (not the prefill's MLP buffers) decides how many rows fit; xKV compresses
+        # after each chunk (one segment per chunk)
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+        eager["prefill_chunk_size"] = prefill_chunk
     entries = [("method", m) for m in methods] + [("baseline", b) for b in extra]
     for kind, item in tqdm(entries, desc="bench", disable=not progress):
         label = item.label if kind == "method" else item
@@ -372,7 +381,7 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                     finish(row, best, tokens)
             else:
                 _bench_compiled(model, row, input_ids, new_tokens, sync, cuda, device, compile_backend,
-                                static_cache(context + new_tokens), timed, finish, cache_nbytes)
+                                static_cache(context + new_tokens), timed, finish, cache_nbytes, prefill_chunk)
         except _OOM as e:
             # the largest batch that fits is one of the targets: an OOM is a result, not a crash
             row = dict(method=label, kind=row["kind"], skipped=f"out of memory: {str(e).splitlines()[0][:200]}")
@@ -389,7 +398,7 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
 
 
 def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bool, device, backend: str | None,
-                    cache, timed, finish, cache_nbytes) -> None:
+                    cache, timed, finish, cache_nbytes, prefill_chunk: int | None = None) -> None:
     """The ``static-compiled`` row (see :func:`bench`): fills ``row`` in place."""
     from transformers import CompileConfig
 
@@ -404,6 +413,8 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
         config._compile_all_devices = True  # generate()'s switch to compile off-GPU (meant for tests)
     row.update(compile_backend=backend, compile_mode=mode)
     gen_kwargs = dict(compile_config=config)
+    if prefill_chunk is not None:
+        gen_kwargs["prefill_chunk_size"] = prefill_chunk
     # a clean slate: the compile counts are this row's, and the recompile limit is not shared with
     # whatever this process compiled before (other shapes of an earlier bench call)
     torch._dynamo.reset()
@@ -480,6 +491,9 @@ def notes(out: dict) -> list[str]:
         lines.append("MLA model: `dynamic` is stock transformers' expand-per-step path: its cache holds the latent "
                      "(kv_lora_rank + rope dims per token and layer) and every step expands the latent into per-head "
                      "K/V (kv_b_proj) over the whole context; its peak memory, expansion included, is the reference.")
+    if s.get("prefill_chunk"):
+        lines.append(f"Chunked prefill ({s['prefill_chunk']} tokens a chunk) for every row: peak memory holds one "
+                     "chunk's activations; xKV compresses after each chunk, one segment per chunk.")
     if "static" in names or "static-compiled" in names:
         lines.append("`static`/`static-compiled`: stock `StaticCache` preallocated for context + new tokens (counted "
                      "in cache and peak); `static` runs eager (disable_compile).")

@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend of static-compiled (default inductor with reduce-overhead on "
                         "GPU; on CPU the row is skipped unless given, e.g. eager, which only checks the plumbing)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="chunked prefill of this many tokens for every row (generate's prefill_chunk_size)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, best kept (default 2)")
     parser.add_argument("--budget-gib", type=float, default=None,
                         help="memory budget for the largest batch/context estimate (default: the GPU's memory)")
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = speed.bench(model, methods, batch=args.batch, context=args.context, new_tokens=args.new_tokens,
                           repeats=args.repeats, budget_gib=budget, baselines=args.baselines,
-                          compile_backend=args.compile_backend,
+                          compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk,
                           on_result=lambda partial: speed.write_outputs(partial, args.out, stem))
     except KeyboardInterrupt:
         print(f"interrupted: the methods measured so far are in {args.out}/{stem}.json", file=sys.stderr)

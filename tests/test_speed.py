@@ -166,3 +166,18 @@ def test_an_out_of_memory_entry_is_a_row_and_the_run_goes_on(llama, monkeypatch)
     rows = {r["method"]: r for r in out["results"]}
     assert rows["xkv"]["skipped"].startswith("out of memory: CUDA out of memory")
     assert "decode_ms" in rows["static"] and rows["static"]["same_tokens"] == 1.0
+
+
+def test_prefill_chunk_applies_to_every_row_and_keeps_tokens():
+    from benchmarks import speed
+    from benchmarks.ruler.runner import parse_methods
+
+    model = tiny_model("llama")
+    out = speed.bench(model, parse_methods("dynamic,xkv:group_size=2:window=8:sink=2:min_compress_tokens=8"),
+                      batch=1, context=96, new_tokens=3, repeats=1, prefill_chunk=32, progress=False)
+    assert out["setup"]["prefill_chunk"] == 32
+    xkv_row = [r for r in out["results"] if r["method"].startswith("xkv")][0]
+    assert xkv_row["cache_bytes"] < out["results"][0]["cache_bytes"]
+    assert any("Chunked prefill" in line for line in speed.notes(out))
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        speed.bench(model, parse_methods("dynamic"), batch=1, context=16, new_tokens=2, prefill_chunk=0, progress=False)
