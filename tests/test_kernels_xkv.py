@@ -228,6 +228,23 @@ def test_tail_grows_geometrically_in_place_and_reports_valid_bytes():
     assert cache.reserved_nbytes() >= cache.nbytes()
 
 
+def test_tail_assignment_replaces_storage():
+    """cache_utils' offload/prefetch assign keys then values: the tensors become the (full) storage."""
+    config = tiny_model("llama").config
+    cache = XKVCache(config, group_size=2, rank_k=None, rank_v=None, window=4, sink=0, min_compress_tokens=10_000)
+    k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    assert layer.tail_capacity() == 5 and layer.reserved_nbytes() == layer.nbytes()
+    with pytest.raises(ValueError, match="values hold 3 tokens but keys hold 5"):
+        layer.values = layer.values[:, :, :3]
+    k2, v2 = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    full_k, full_v = cache.update(k2, v2, 0)
+    assert torch.equal(full_k, torch.cat([k, k2], 2)) and torch.equal(full_v, torch.cat([v, v2], 2))
+    assert layer.tail_capacity() == 256
+
+
 def test_tail_crop_reorder_and_compression_shrink():
     model = tiny_model("llama")
     cache = XKVCache(model.config, group_size=2, rank_k=8, rank_v=8, window=4, sink=2, min_compress_tokens=1)

@@ -34,7 +34,8 @@ The kernels (Triton)
    the rotate-half RoPE needs no shuffle), rotates it with the segment's cos/sin, and scores it against the
    ``G`` query heads of that KV head. It writes only the float32 scores ``[B, Hq, T]``: ``Hq`` floats per
    token, against ``2*H*d`` elements of rebuilt keys and values. Heads are the fastest grid axis, so the
-   ``H`` programs of one tile run together and read ``U_k[tile]`` from L2 once from HBM. The token grid
+   ``H`` programs of one tile run together: ``U_k[tile]`` comes from HBM once, then from L2. On CUDA the
+   tile sizes are autotuned once per (rank, group, head dim, RoPE, dtype). The token grid
    splits the sequence across the whole GPU at batch 1 (flash-decoding's purpose).
 2. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``: ``U_v`` is shared by all heads, so
    ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the sequence
