@@ -342,12 +342,29 @@ def _build_xkv(model_or_config, **params):
     return XKVCache(model_or_config, **params)
 
 
+def _install_xkv(model, handle, **params) -> None:
+    """Fused decode (``patch_xkv``) where the model's attention allows it; elsewhere (flash/flex attention)
+    the cache still works unpatched, rebuilding keys and values each step, so patching must not fail."""
+    import warnings
+
+    from .xkv import patch_xkv
+
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):
+        warnings.warn(f"xkv: attention implementation {implementation!r} has no fused decode path; the cache "
+                      "rebuilds keys and values each step (load the model with attn_implementation='sdpa' for it)",
+                      stacklevel=3)
+        return
+    handle.add_undo(patch_xkv(model).remove)
+
+
 register_method(
     "xkv",
     summary="cross-layer SVD: adjacent layers share one low-rank token factor (xKV)",
     build=_build_xkv,
     params=_xkv_params(),
     families=("llama", "qwen2", "mistral"),
+    install=_install_xkv,
     cache_class="kvcompress.xkv.XKVCache",
     doc="docs/xkv.md",
 )

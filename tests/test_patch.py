@@ -346,3 +346,22 @@ def test_deepcopy_of_a_patched_model_is_refused_and_fine_after_remove():
     clone = copy.deepcopy(model)
     with patch_model(clone, "xkv"):
         assert active_patch(model) is None
+
+
+def test_xkv_patch_installs_fused_decode_and_matches_unpatched_cache():
+    from kvcompress.xkv import XKV_ATTENTION_PREFIX, XKVCache
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 160, (2, 120), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding on one row
+    params = SHORT_PROMPT_PARAMS["xkv"]
+    plain = XKVCache(model.config, **params)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=plain)
+    before = model.config._attn_implementation
+    with patch_model(model, "xkv", **params) as handle:
+        assert model.config._attn_implementation == XKV_ATTENTION_PREFIX + before
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert any(g.segments for g in handle.last_cache.groups)  # the factored path had something to read
+    assert model.config._attn_implementation == before
+    assert torch.equal(got, want)
