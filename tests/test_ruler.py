@@ -293,12 +293,13 @@ def test_smollm2_lengths_and_a_real_answer(smollm2, tmp_path):
 
 
 def test_runner_patches_models_for_methods_with_an_install_step(tiny, tmp_path):
-    """mla changes the attention forward: the runner goes through patch_model and restores the model."""
+    """mla (and xkv) change the attention: the runner goes through patch_model and restores the model."""
     _, tokenizer, samples = tiny
     model = tiny_model("deepseek_v2", max_position_embeddings=4096)
     forwards = [layer.self_attn.forward for layer in model.model.layers]
     assert runner.install_method_needed(runner.parse_methods("mla")[0])
-    assert not runner.install_method_needed(runner.parse_methods("xkv")[0])
+    assert runner.install_method_needed(runner.parse_methods("xkv")[0])  # fused decode (patch_xkv)
+    assert not runner.install_method_needed(runner.parse_methods("dynamic")[0])
     out = runner.run_ruler(model, tokenizer, samples[:1], runner.parse_methods("dynamic,mla"), tmp_path,
                            max_new_tokens=2, progress=False)
     assert out["mla"][0]["cache_bytes"] > 0 and out["mla"][0]["id"] == samples[0]["id"]
