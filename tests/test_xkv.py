@@ -301,20 +301,32 @@ def test_smollm2_needle_2k_same_answer_as_stock(smollm2):
     assert sizes[0] / sizes[1] > 3.0, sizes
 
 
+@pytest.mark.parametrize("shape", [(600, 128), (96, 300)], ids=["tall", "wide"])
 @pytest.mark.parametrize("method", ["exact", "gram32", "randomized"])
-def test_truncated_svd_methods_reach_near_optimal_error(method):
+def test_truncated_svd_methods_reach_near_optimal_error(method, shape):
     from kvcompress.ops import truncated_svd
 
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(600, 128, generator=g) * torch.exp(-torch.arange(128) / 16.0)
+    t, d = shape
+    x = torch.randn(t, d, generator=g) * torch.exp(-torch.arange(d) / 16.0)
     rank = 24
     optimum = torch.linalg.svdvals(x.double())[rank:].pow(2).sum().sqrt()
     left, right = truncated_svd(x, rank, method)
-    assert left.shape == (600, rank) and right.shape == (rank, 128)
+    assert left.shape == (t, rank) and right.shape == (rank, d)
     err = (x.double() - left.double() @ right.double()).norm() / optimum
     assert err < (1.0001 if method != "randomized" else 1.05), err
     # right factors have orthonormal rows in every route
     torch.testing.assert_close(right @ right.T, torch.eye(rank), atol=1e-4, rtol=0)
+
+
+def test_wide_full_rank_factorisation_is_exact_even_when_rank_deficient():
+    from kvcompress.ops import truncated_svd
+
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(40, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 90, generator=g, dtype=torch.float64))
+    left, right = truncated_svd(x, 40, "exact")  # full rank of a rank-5 wide matrix
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    torch.testing.assert_close(left @ right, x, atol=1e-9, rtol=0)
 
 
 def test_svd_method_is_validated_and_used(monkeypatch):
