@@ -567,6 +567,8 @@ def plot(out: dict, path: str | Path) -> Path | None:
     keys = [("cache_bytes_ratio", "cache bytes"), ("peak_bytes_ratio", "peak memory"),
             ("decode_ms_ratio", "decode ms/step"), ("prefill_s_ratio", "prefill s")]
     keys = [(k, label) for k, label in keys if any(r.get(k) is not None for r in rows)]  # drop unmeasured
+    if not rows or not keys:  # every entry skipped (e.g. out of memory): the table says why, no plot
+        return None
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     width = 0.8 / len(keys)
     for j, (key, label) in enumerate(keys):
