@@ -79,7 +79,8 @@ class GrowableLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` (``[B, n, T, d]``) live in preallocated storage.
 
     ``DynamicLayer`` concatenates the whole cache with each new token (``O(T)`` bytes copied per step);
-    here a step writes its tokens in place into spare capacity. When capacity runs out the storage grows
+    here a step writes its tokens in place into spare capacity. The first allocation holds the prompt plus
+    256 to 511 spare tokens; when capacity runs out the storage grows
     to ``max(needed, 1.25 * capacity)`` rounded up to a multiple of 256 tokens, so the copies are
     amortised ``O(1)`` per token and the number of reallocations is logarithmic in the length. With
     ``max_cache_len`` the storage is allocated once at that capacity (static shapes, e.g. for CUDA graphs)
@@ -141,6 +142,10 @@ class GrowableLayer(DynamicLayer):
                 raise ValueError(f"layer {getattr(self, 'layer_idx', '?')}: {needed} tokens do not fit max_cache_len="
                                  f"{self.max_cache_len}; build the cache with a larger max_cache_len (or None to grow)")
             capacity = self.max_cache_len
+        elif self.capacity == 0:
+            # first allocation (the prompt): room for one granule of decode tokens, not 25% of a long
+            # prompt, so a 32K prefill neither reserves 8K spare tokens nor copies itself at the first step
+            capacity = -(-(needed + GROWTH_GRANULE) // GROWTH_GRANULE) * GROWTH_GRANULE
         else:
             wanted = max(needed, math.ceil(GROWTH_FACTOR * self.capacity))
             capacity = -(-wanted // GROWTH_GRANULE) * GROWTH_GRANULE

@@ -313,7 +313,8 @@ def test_caches_report_valid_and_reserved_bytes():
     assert mla.nbytes() == mla.expected_nbytes() == cfg.num_hidden_layers * 2 * tokens * (
         cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     assert tpla.nbytes() == cfg.num_hidden_layers * 2 * tokens * (cfg.kv_lora_rank + 2 * cfg.qk_rope_head_dim) * 4
-    assert mla.reserved_nbytes() == cfg.num_hidden_layers * 2 * 256 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    # first allocation: the 9 prompt tokens + one 256-token granule, rounded up to 512
+    assert mla.reserved_nbytes() == cfg.num_hidden_layers * 2 * 512 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     assert tpla.reserved_nbytes() >= tpla.nbytes()
     # TPLA's shards hold exactly the MLA latent's slices
     for a, b in zip(mla.layers, tpla.layers):
@@ -389,3 +390,12 @@ def two_turns_on(device, two_turns, model, cache):
         return two_turns(model, cache)
     finally:
         del model.generate
+
+
+def test_long_prompt_reserves_one_granule_and_decode_does_not_copy():
+    layer = MLALatentLayer(0, 8, 4)
+    layer.update(torch.randn(1, 1, 5000, 8), torch.randn(1, 1, 5000, 4))
+    assert 5000 + 256 <= layer.capacity < 5000 + 512  # not 1.25 x 5000
+    for _ in range(256):
+        layer.update(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 4))
+    assert layer.reallocations == 1 and layer.get_seq_length() == 5256
