@@ -48,8 +48,9 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from .kernels import triton_usable
 from .models import text_config
 from .ops import tensor_nbytes
 from .patch import PatchHandle, replace_forward, set_attribute
@@ -295,6 +296,101 @@ class MLALatentLayer(GrowableLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
 
+class StaticMLALatentLayer(StaticLayer):
+    """One layer of an :class:`MLALatentCache` built with ``max_cache_len``: fixed-capacity storage that a
+    compiled / CUDA-graph-captured decode step can update (transformers' ``StaticLayer`` recipe).
+
+    ``keys`` (the latent, ``[B, 1, max_cache_len, kv_lora_rank]``) and ``values`` (the RoPE key,
+    ``[B, 1, max_cache_len, qk_rope_head_dim]``) are allocated once at the first update and marked as static
+    addresses; ``cumulative_length`` is a 0-d device tensor counting the valid tokens. An update writes the
+    new tokens with ``index_copy_`` at ``cumulative_length + arange(new)`` and returns the *whole* storage, so
+    shapes never change between steps; the tail past ``cumulative_length`` is stale and must be masked (the
+    mask transformers builds for a static cache does, and the patched attention also passes
+    ``kv_lengths = cumulative_length`` to the decode kernel). ``is_compileable = True`` (inherited) makes
+    ``generate`` compile the decode step on GPU, as for ``StaticCache``.
+
+    Overflow: an eager update checks ``max_cache_len`` against a host-side mirror of the length (no sync);
+    inside compiled code it cannot (the length is only on the device), and the first eager update after
+    compiled steps re-reads the device counter once.
+    """
+
+    def __init__(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int, max_cache_len: int):
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+        super().__init__(max_cache_len)
+        self.layer_idx = layer_idx
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        # host mirror of cumulative_length for the eager overflow check; None = unknown (compiled steps ran)
+        self._host_length: int | None = 0
+
+    check_states = MLALatentLayer.check_states  # same shape/dtype/device checks (shape-only: traceable)
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        """The whole latent storage (valid tokens first), or None before the first update."""
+        return self.keys if self.is_initialized else None
+
+    @property
+    def rope_key(self) -> torch.Tensor | None:
+        """The whole RoPE-key storage (valid tokens first), or None before the first update."""
+        return self.values if self.is_initialized else None
+
+    @property
+    def capacity(self) -> int:
+        return self.max_cache_len
+
+    @property
+    def reallocations(self) -> int:
+        """1 once the storage exists: it is never reallocated."""
+        return int(self.is_initialized)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens at ``cumulative_length`` in place; return the full-capacity storage."""
+        self.check_states(key_states, value_states)
+        new = key_states.shape[-2]
+        if torch.compiler.is_compiling():
+            # the device counter advances inside the graph; reading it here would be a host sync
+            self._host_length = None
+        else:
+            seen = self._host_length
+            if seen is None:  # compiled steps ran since the last eager update: one sync to catch up
+                seen = int(self.cumulative_length) if self.is_initialized else 0
+            if seen + new > self.max_cache_len:
+                raise ValueError(
+                    f"layer {self.layer_idx}: {seen} cached + {new} new tokens do not fit max_cache_len="
+                    f"{self.max_cache_len}; build the MLALatentCache with a larger max_cache_len (or None to grow)")
+            self._host_length = seen + new
+        return super().update(key_states, value_states)
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        """Valid tokens: the 0-d device counter (as ``StaticLayer``: no sync, no recompiles), 0 before use."""
+        return super().get_seq_length()
+
+    def reset(self) -> None:
+        super().reset()
+        self._host_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._host_length = None
+
+    def valid_tokens(self) -> int:
+        """Valid tokens as a Python int (one host sync on GPU)."""
+        return int(self.cumulative_length) if self.is_initialized else 0
+
+    def nbytes(self) -> int:
+        """Bytes of the valid tokens' latents and RoPE keys (the formula; one host sync)."""
+        if not self.is_initialized:
+            return 0
+        batch = self.keys.shape[0]
+        return batch * self.valid_tokens() * (self.kv_lora_rank + self.qk_rope_head_dim) * self.keys.element_size()
+
+    def reserved_nbytes(self) -> int:
+        """Bytes of the fixed-capacity storage."""
+        return tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
+
+
 
 class MLALatentCache(Cache):
     """KV cache for DeepSeek-V2/V3 that holds, per layer and token, only the latent ``c`` and the rotated
@@ -317,7 +413,11 @@ class MLALatentCache(Cache):
     Args:
         config: the model or its config; must be a DeepSeek-V2/V3 (``model_type`` deepseek_v2 / deepseek_v3).
         max_cache_len: ``None`` (grow as needed) or the fixed capacity in tokens, allocated at the first
-            update (static storage shapes; more tokens raise ValueError).
+            update. With it the layers are :class:`StaticMLALatentLayer` (``StaticLayer`` semantics: updates
+            in place at a device-tensor position, the full-capacity storage is returned, ``is_compileable``),
+            so ``generate`` compiles the decode step on GPU like ``StaticCache`` and a patched model's step
+            can be captured in a CUDA graph. More tokens than ``max_cache_len`` raise ValueError (in eager
+            updates; compiled steps cannot check without a host sync).
     """
 
     def __init__(self, config, max_cache_len: int | None = None):
@@ -325,8 +425,12 @@ class MLALatentCache(Cache):
         self.num_layers = cfg.num_hidden_layers
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_rope_head_dim = cfg.qk_rope_head_dim
-        layers = [MLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim, max_cache_len)
-                  for i in range(self.num_layers)]
+        self.max_cache_len = max_cache_len
+        if max_cache_len is None:
+            layers = [MLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim) for i in range(self.num_layers)]
+        else:  # fixed capacity: StaticLayer semantics, so generate() can compile the decode step
+            layers = [StaticMLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim, max_cache_len)
+                      for i in range(self.num_layers)]
         super().__init__(layers=layers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -364,7 +468,8 @@ class MLALatentCache(Cache):
         total = 0
         for layer in self.layers:
             if layer.is_initialized and layer.keys.numel():
-                batch, _, tokens, _ = layer.keys.shape
+                batch = layer.keys.shape[0]
+                tokens = int(layer.get_seq_length())  # static layers: the valid tokens, not the capacity
                 total += batch * tokens * (self.kv_lora_rank + self.qk_rope_head_dim) * layer.keys.element_size()
         return total
 
@@ -431,6 +536,7 @@ def latent_attention(
     k_rope: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    kv_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`absorbed_attention` through the Triton decode kernel when it can run
     (:func:`kvcompress.kernels.triton_usable`; not float64), else :func:`absorbed_attention` itself.
@@ -439,14 +545,17 @@ def latent_attention(
     query row of ``mask``) plus causality inside the new tokens, which is what transformers builds for
     DeepSeek (causal + padding); it computes scores in float32 where the plain path rounds them to the
     inputs' dtype first. Same arguments and result as :func:`absorbed_attention`.
+
+    ``kv_lengths`` (int ``[B]`` on the cache's device): only the first ``kv_lengths[b]`` tokens of
+    ``c_kv``/``k_rope`` exist (a fixed-capacity cache whose tail is stale). Then the kernel's semantics
+    apply on every device (:func:`~kvcompress.kernels.mla_decode.mla_decode_attention`: the kernel, or its
+    float32 reference on CPU), since the plain path has no notion of a valid length.
     """
-    from .kernels import triton_usable
+    from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
 
-    if c_kv.dtype != torch.float64 and triton_usable(c_kv):
-        from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
-
+    if kv_lengths is not None or (c_kv.dtype != torch.float64 and triton_usable(c_kv)):
         key_mask = key_mask_from_attention_mask(mask, q_latent.shape[0], c_kv.shape[-2])
-        return mla_decode_attention(q_latent, q_rope, c_kv, k_rope, scale, key_mask=key_mask)
+        return mla_decode_attention(q_latent, q_rope, c_kv, k_rope, scale, kv_lengths=kv_lengths, key_mask=key_mask)
     return absorbed_attention(q_latent, q_rope, c_kv, k_rope, mask, scale)
 
 
@@ -529,6 +638,12 @@ def _mla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         )
     if isinstance(cache, MLALatentCache):
         cache.check_module(self)
+    # Under torch.compile (dynamo), Python-side bookkeeping whose value changes per step (the call
+    # counters, the weight-view refresh that compares data_ptr) would be guarded on and recompile every
+    # step, or graph-break: it is skipped, and the weight views are taken from kv_b_proj.weight inside the
+    # graph (a parameter: a static input for CUDA graphs, where a tensor stored on ``state`` would be
+    # copied into the graph's input buffers at every replay).
+    compiling = torch.compiler.is_compiling()
 
     batch, length = hidden_states.shape[:-1]
     if self.q_lora_rank is None:
@@ -544,8 +659,15 @@ def _mla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     k_rot = k_rot.view(batch, 1, length, self.qk_rope_head_dim)
     q_rot, k_rot = _rotate(state, self, q_rot, k_rot, position_embeddings)
 
+    kv_lengths = None
     if cache is not None:
         latent, k_rot = cache.update(latent, k_rot, self.layer_idx)
+        layer = cache.layers[self.layer_idx] if isinstance(cache, MLALatentCache) else None
+        if isinstance(layer, StaticMLALatentLayer):
+            # the whole fixed-capacity storage came back: the valid length is the device counter (after
+            # this update), never a Python int, so shapes and the graph stay the same at every step.
+            # contiguous: the kernel reads LENS + b (an expanded 0-d tensor would have stride 0)
+            kv_lengths = layer.cumulative_length.expand(batch).contiguous()
         if latent.dim() != 4 or latent.shape[1] != 1 or latent.shape[-1] != self.kv_lora_rank:
             raise ValueError(
                 f"the cache ({type(cache).__name__}) returned states of shape {tuple(latent.shape)} for layer "
@@ -554,22 +676,27 @@ def _mla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
             )
 
     if length <= state.max_absorbed_tokens and not self.training:
-        state.absorbed_calls += 1
-        weights = state.weights.current(self)
+        if compiling:
+            w_uk, w_uv_t = AbsorbedWeights.views(self)
+        else:
+            state.absorbed_calls += 1
+            weights = state.weights.current(self)
+            w_uk, w_uv_t = weights.w_uk, weights.w_uv_t
         heads = q_nope.shape[1]
         # [B, H, S, nope] -> [H, B*S, nope] @ [H, nope, r]: every head's query moved into latent space.
         # (For S = 1 the reshapes are views: bmm reads the strided query and weights in place.)
         q_heads = q_nope.transpose(0, 1).reshape(heads, batch * length, self.qk_nope_head_dim)
-        q_latent = torch.bmm(q_heads, weights.w_uk).view(heads, batch, length, self.kv_lora_rank).transpose(0, 1)
-        out_latent = latent_attention(q_latent, q_rot, latent, k_rot, attention_mask, self.scaling)
+        q_latent = torch.bmm(q_heads, w_uk).view(heads, batch, length, self.kv_lora_rank).transpose(0, 1)
+        out_latent = latent_attention(q_latent, q_rot, latent, k_rot, attention_mask, self.scaling, kv_lengths)
         # [B, H, S, r] -> [H, B*S, r] @ [H, r, v] -> [B, S, H*v]
         out_heads = out_latent.transpose(0, 1).reshape(heads, batch * length, self.kv_lora_rank)
-        out = torch.bmm(out_heads, weights.w_uv_t).view(heads, batch, length, self.v_head_dim)
+        out = torch.bmm(out_heads, w_uv_t).view(heads, batch, length, self.v_head_dim)
         out = out.permute(1, 2, 0, 3).reshape(batch, length, heads * self.v_head_dim)
         return self.o_proj(out), None
 
     # Prefill: the stock recipe (expand the latent per head, the configured attention kernel).
-    state.expanded_calls += 1
+    if not compiling:
+        state.expanded_calls += 1
     kv = self.kv_b_proj(latent).view(batch, latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
     k_nope, value_states = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
     key_states = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)

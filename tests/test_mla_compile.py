@@ -1,0 +1,184 @@
+"""Static-capacity MLALatentCache + patch_mla under torch.compile (issue #9 item 4: CUDA graphs / compile).
+
+CPU tests trace with dynamo's ``eager`` backend (``fullgraph=True``: any graph break fails) and count
+frames/recompiles with ``torch._dynamo.utils.counters``; the reference attention path runs on CPU. The
+GPU test (``-m gpu``, skipped without CUDA) runs generate's compile path in mode ``reduce-overhead``
+(CUDA graphs, the Triton decode kernel inside) and compares tokens with eager.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import CompileConfig, DynamicCache
+
+from conftest import tiny_model
+from kvcompress.mla import MLALatentCache, StaticMLALatentLayer, patch_mla
+
+VARIANTS = [("deepseek_v2", {}), ("deepseek_v3", {"q_lora_rank": 16})]
+PAD = 0
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.24 names the cache argument ``cache``, 5.17 ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def make_model(family: str, overrides: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    model = tiny_model(family, dtype=dtype, **overrides).to(device)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def prompts(lengths, device="cpu", vocab=160, seed=1):
+    """Left-padded random prompts and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids.to(device), mask.to(device)
+
+
+def greedy(model, cache, ids, mask, new_tokens=8, **gen):
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=None,
+              **{cache_kwarg(model): cache}, **gen)
+    return model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+
+def frames() -> int:
+    """Graphs dynamo has produced so far (one per compile or recompile; a graph break would add more)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+# -- the cache --------------------------------------------------------------------------------------
+def test_static_cache_is_compileable_and_static():
+    model = make_model("deepseek_v2", {})
+    assert MLALatentCache(model.config, max_cache_len=64).is_compileable
+    assert not MLALatentCache(model.config).is_compileable  # the growable one keeps Python-int lengths
+    cache = MLALatentCache(model.config, max_cache_len=64)
+    assert all(isinstance(layer, StaticMLALatentLayer) for layer in cache.layers)
+    ids, mask = prompts([20, 13])
+    with patch_mla(model):
+        greedy(model, cache, ids, mask, new_tokens=5)
+    layer = cache.layers[0]
+    assert layer.keys.shape == (2, 1, 64, 32) and layer.values.shape == (2, 1, 64, 8)
+    assert int(layer.get_seq_length()) == 20 + 4  # the last generated token is never fed back
+    assert cache.get_mask_sizes(1, 0)[0] == 64 and layer.get_max_length() == 64
+    assert cache.nbytes() == cache.expected_nbytes() == 4 * 2 * 24 * (32 + 8) * 4
+    assert cache.reserved_nbytes() == 4 * 2 * 64 * (32 + 8) * 4
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS)
+def test_static_cache_greedy_matches_growable_and_stock(family, overrides):
+    """fp32: static-capacity cache + patch_mla == growable cache + patch_mla == stock DynamicCache."""
+    model = make_model(family, overrides)
+    ids, mask = prompts([20, 13])
+    ref = greedy(model, DynamicCache(config=model.config), ids, mask)
+    with patch_mla(model):
+        grow = greedy(model, MLALatentCache(model.config), ids, mask)
+        static = greedy(model, MLALatentCache(model.config, max_cache_len=40), ids, mask)
+    assert torch.equal(ref, grow) and torch.equal(ref, static)
+
+
+def test_static_cache_overflow_names_max_cache_len():
+    model = make_model("deepseek_v2", {})
+    ids, mask = prompts([20, 13])
+    with patch_mla(model):
+        with pytest.raises(ValueError, match="max_cache_len=24"):
+            greedy(model, MLALatentCache(model.config, max_cache_len=24), ids, mask, new_tokens=8)
+        with pytest.raises(ValueError, match="max_cache_len=10"):  # the prompt alone
+            greedy(model, MLALatentCache(model.config, max_cache_len=10), ids, mask, new_tokens=2)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        MLALatentCache(model.config, max_cache_len=0)
+
+
+# -- compile (CPU tracing) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,overrides", VARIANTS)
+def test_decode_step_traces_fullgraph_without_recompiles(family, overrides):
+    """One patched decode step compiled with fullgraph=True (a graph break raises) is traced once and
+    reused for several steps (no recompiles: lengths live on the device), with eager's logits."""
+    model = make_model(family, overrides)
+    ids, mask = prompts([12, 9])
+    cache = MLALatentCache(model.config, max_cache_len=32)
+    eager_cache = MLALatentCache(model.config, max_cache_len=32)
+    kw = cache_kwarg(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with patch_mla(model, max_absorbed_tokens=4), torch.no_grad():
+        for c in (cache, eager_cache):
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: c})  # eager prefill
+        step = torch.compile(model, backend="eager", fullgraph=True)
+        token = torch.full((2, 1), 7, dtype=torch.long)
+        # a 2-D mask of the cache's full width (future columns 1, masked by causality): the same shape at
+        # every step, as a CUDA-graph decode loop keeps it
+        full_mask = torch.cat([mask, torch.ones(2, 32 - mask.shape[1], dtype=mask.dtype)], dim=1)
+        for i in range(4):
+            got = step(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
+            ref = model(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: eager_cache}).logits
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+            if i == 0:
+                after_first = frames()
+    assert graph_breaks() == 0
+    assert after_first >= 1 and frames() == after_first, "a later decode step recompiled"
+    assert int(cache.layers[0].get_seq_length()) == 12 + 4
+
+
+@pytest.mark.parametrize("family,overrides", VARIANTS)
+def test_generate_compiled_eager_backend_matches_and_never_recompiles(family, overrides):
+    """generate()'s own compile path (CompileConfig(backend='eager', fullgraph=True), forced on CPU) with
+    the static-capacity cache: same tokens as eager, zero graph breaks, one frame compiled for decode and
+    no recompiles in a second generate call on the same shapes."""
+    model = make_model(family, overrides)
+    ids, mask = prompts([20, 13])
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True  # generate() compiles only on accelerators unless told (meant for tests)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with patch_mla(model):
+        ref = greedy(model, MLALatentCache(model.config, max_cache_len=40), ids, mask, disable_compile=True)
+        cache = MLALatentCache(model.config, max_cache_len=40)
+        got = greedy(model, cache, ids, mask, compile_config=config)
+        first = frames()
+        cache.reset()
+        again = greedy(model, cache, ids, mask, compile_config=config)
+    assert torch.equal(ref, got) and torch.equal(ref, again)
+    assert first >= 1, "generate did not compile the decode step"
+    assert graph_breaks() == 0
+    assert frames() == first, "the second generate recompiled"
+
+
+# -- GPU: CUDA graphs ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family,overrides", VARIANTS)
+def test_reduce_overhead_on_cuda_matches_eager(family, overrides):
+    """generate compiles the patched decode step (inductor, reduce-overhead = CUDA graphs, the Triton
+    decode kernel inside) with the static-capacity cache: same greedy tokens as eager, no graph breaks,
+    no recompiles on a second call."""
+    model = make_model(family, overrides, device="cuda")
+    ids, mask = prompts([20, 13], device="cuda")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = CompileConfig(mode="reduce-overhead", fullgraph=True)
+    with patch_mla(model):
+        ref = greedy(model, MLALatentCache(model.config, max_cache_len=48), ids, mask, disable_compile=True)
+        cache = MLALatentCache(model.config, max_cache_len=48)
+        got = greedy(model, cache, ids, mask, compile_config=config)
+        first = frames()
+        cache.reset()
+        again = greedy(model, cache, ids, mask, compile_config=config)
+    assert torch.equal(ref, got) and torch.equal(ref, again)
+    assert graph_breaks() == 0 and frames() == first
