@@ -284,12 +284,17 @@ def xkv_decode_attention_reference(query: torch.Tensor, parts: Sequence[Part], s
 
 
 # -- Triton ---------------------------------------------------------------------------------------
+# Every Triton launch goes through _launch, so tests can count launches per call (and bound them).
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    kernel[grid](*args, **kwargs)
+
+
 if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_scores_kernel(
         Q, UK, BK, COS, SIN, VALID, S,
-        T, R, G,
+        T, R, G, col0, valid_off,
         stride_qb, stride_qh, stride_qd,
         stride_ub, stride_ut, stride_ur,
         stride_bb, stride_br, stride_bc,
@@ -341,15 +346,87 @@ if _HAVE_TRITON:
         scores = scores * scale
         keep = t_ok
         if HAS_VALID:
-            keep = keep & (tl.load(VALID + b * stride_vb + offs_t * stride_vt, mask=t_ok, other=0) != 0)
+            keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_t) * stride_vt, mask=t_ok, other=0) != 0)
         scores = tl.where(keep[None, :], scores, float("-inf"))
-        tl.store(S + b * stride_sb + heads[:, None] * stride_sh + offs_t[None, :] * stride_st, scores,
+        tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
                  mask=g_ok[:, None] & t_ok[None, :])
+
+    @triton.jit
+    def _online_update(m, l, s):
+        """Online log-sum-exp statistics (row max ``m``, sum ``l`` relative to it) updated by ``s``; rows
+        that are still all ``-inf`` keep ``m = -inf``, ``l = 0`` instead of NaN."""
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        return m_new, l
+
+    @triton.jit
+    def _exact_scores(q, m, l, K, N, VALID, S, b, h, heads, g_ok, col0, valid_off,
+                      stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vt, stride_sb, stride_sh,
+                      stride_st, scale,
+                      D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr):
+        """Scores of one exact part's ``N`` tokens (keys ``K[b, h]``) into columns ``col0..`` of ``S``."""
+        offs_d = tl.arange(0, D)
+        for e0 in range(0, N, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            e_ok = offs_e < N
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_e[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                        mask=e_ok[:, None], other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            keep = e_ok
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_e) * stride_vt, mask=e_ok, other=0) != 0)
+            s = tl.where(keep[None, :], s, float("-inf"))
+            tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_e)[None, :] * stride_st, s,
+                     mask=g_ok[:, None] & e_ok[None, :])
+            m, l = _online_update(m, l, s)
+        return m, l
+
+    @triton.jit
+    def _xkv_exact_lse_kernel(
+        Q, K1, K2, VALID, S, SHIFT,
+        N1, N2, T_ALL, G, valid_off1, valid_off2,
+        stride_qb, stride_qh, stride_qd,
+        stride_k1b, stride_k1h, stride_k1t, stride_k1d,
+        stride_k2b, stride_k2h, stride_k2t, stride_k2d,
+        stride_vb, stride_vt,
+        stride_sb, stride_sh, stride_st,
+        stride_mb, stride_mh,
+        scale,
+        D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+        HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Grid ``(H, B)``: scores of the exact parts (columns ``[0, N1 + N2)`` of ``S``), then the softmax
+        shift (log-sum-exp over every column, 0 for an all-masked row) of the ``G`` query heads of KV head
+        ``h``."""
+        h = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        heads = h * G + offs_g
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=g_ok[:, None], other=0.0).to(tl.float32)
+        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BLOCK_G], dtype=tl.float32)
+        m, l = _exact_scores(q, m, l, K1, N1, VALID, S, b, h, heads, g_ok, 0, valid_off1,
+                             stride_k1b, stride_k1h, stride_k1t, stride_k1d, stride_vb, stride_vt,
+                             stride_sb, stride_sh, stride_st, scale, D, BLOCK_E, HAS_VALID, PRECISION)
+        m, l = _exact_scores(q, m, l, K2, N2, VALID, S, b, h, heads, g_ok, N1, valid_off2,
+                             stride_k2b, stride_k2h, stride_k2t, stride_k2d, stride_vb, stride_vt,
+                             stride_sb, stride_sh, stride_st, scale, D, BLOCK_E, HAS_VALID, PRECISION)
+        for c0 in range(N1 + N2, T_ALL, BLOCK_S):  # the factored segments' columns (kernel 1 wrote them)
+            offs_c = c0 + tl.arange(0, BLOCK_S)
+            s = tl.load(S + b * stride_sb + heads[:, None] * stride_sh + offs_c[None, :] * stride_st,
+                        mask=g_ok[:, None] & (offs_c < T_ALL)[None, :], other=float("-inf"))
+            m, l = _online_update(m, l, s)
+        shift = tl.where(l > 0, m + tl.log(l), 0.0)
+        tl.store(SHIFT + b * stride_mb + heads * stride_mh, shift, mask=g_ok)
 
     @triton.jit
     def _xkv_latent_pv_kernel(
         S, M, UV, OUT,
-        T, RV, HQ, tiles_per_split,
+        T, RV, HQ, tiles_per_split, col0,
         stride_sb, stride_sh, stride_st,
         stride_mb, stride_mh,
         stride_ub, stride_ut, stride_ur,
@@ -369,23 +446,96 @@ if _HAVE_TRITON:
         for i in range(0, tiles_per_split):
             offs_t = t_begin + i * BLOCK_T + tl.arange(0, BLOCK_T)
             t_ok = offs_t < T
-            s = tl.load(S + b * stride_sb + offs_h[:, None] * stride_sh + offs_t[None, :] * stride_st,
+            s = tl.load(S + b * stride_sb + offs_h[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
                         mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
-            p = tl.exp(s - m[:, None])  # m = the row's lse: normalised; masked / padded entries: exp(-inf) = 0
+            p = tl.exp(s - m[:, None])  # m = the row's lse over all parts: normalised; masked entries: 0
             u = tl.load(UV + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
                         mask=t_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
         tl.store(OUT + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_r[None, :] * stride_or,
                  acc, mask=h_ok[:, None] & r_ok[None, :])
 
+    @triton.jit
+    def _exact_pv(acc, V, N, S, SHIFT_ROW, b, h, heads, g_ok, col0,
+                  stride_vb, stride_vh, stride_vt, stride_vd, stride_sb, stride_sh, stride_st,
+                  DV: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+        offs_dv = tl.arange(0, DV)
+        for e0 in range(0, N, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            e_ok = offs_e < N
+            s = tl.load(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_e)[None, :] * stride_st,
+                        mask=g_ok[:, None] & e_ok[None, :], other=float("-inf"))
+            p = tl.exp(s - SHIFT_ROW[:, None])
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_e[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                        mask=e_ok[:, None], other=0.0).to(tl.float32)
+            acc += tl.dot(p, v, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _xkv_output_kernel(
+        PART, BV, S, SHIFT, V1, V2, ACC, OUT,
+        SPLITS, RV, G, N1, N2,
+        stride_pb, stride_ps, stride_ph, stride_pr,
+        stride_bb, stride_br, stride_bc,
+        stride_sb, stride_sh, stride_st,
+        stride_mb, stride_mh,
+        stride_v1b, stride_v1h, stride_v1t, stride_v1d,
+        stride_v2b, stride_v2h, stride_v2t, stride_v2d,
+        stride_ab, stride_ah, stride_ad,
+        stride_ob, stride_oh, stride_od,
+        DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_SEG: tl.constexpr, HAS_EXACT: tl.constexpr, ACC_IN: tl.constexpr, ACC_OUT: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Grid ``(H, B)``: for the ``G`` query heads of KV head ``h``, sum a segment's split-K partials of
+        ``softmax . U_v`` and project them by ``B_v[:, h]``; add the exact parts' ``softmax . V`` (once);
+        add / write the float32 accumulator (several segments) or write the output in its dtype."""
+        h = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        heads = h * G + offs_g
+        offs_dv = tl.arange(0, DV)
+        acc = tl.zeros([BLOCK_G, DV], dtype=tl.float32)
+        if HAS_SEG:
+            for r0 in range(0, RV, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = offs_r < RV
+                latent = tl.zeros([BLOCK_G, BLOCK_R], dtype=tl.float32)
+                for sp in range(0, SPLITS):
+                    latent += tl.load(PART + b * stride_pb + sp * stride_ps + heads[:, None] * stride_ph
+                                      + offs_r[None, :] * stride_pr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+                bv = tl.load(BV + b * stride_bb + offs_r[:, None] * stride_br + (h * DV + offs_dv)[None, :] * stride_bc,
+                             mask=r_ok[:, None], other=0.0).to(tl.float32)
+                acc += tl.dot(latent, bv, input_precision=PRECISION)
+        if HAS_EXACT:
+            shift = tl.load(SHIFT + b * stride_mb + heads * stride_mh, mask=g_ok, other=0.0)
+            acc = _exact_pv(acc, V1, N1, S, shift, b, h, heads, g_ok, 0,
+                            stride_v1b, stride_v1h, stride_v1t, stride_v1d, stride_sb, stride_sh, stride_st,
+                            DV, BLOCK_E, PRECISION)
+            acc = _exact_pv(acc, V2, N2, S, shift, b, h, heads, g_ok, N1,
+                            stride_v2b, stride_v2h, stride_v2t, stride_v2d, stride_sb, stride_sh, stride_st,
+                            DV, BLOCK_E, PRECISION)
+        a_ptr = ACC + b * stride_ab + heads[:, None] * stride_ah + offs_dv[None, :] * stride_ad
+        if ACC_IN:
+            acc += tl.load(a_ptr, mask=g_ok[:, None], other=0.0)
+        if ACC_OUT:
+            tl.store(a_ptr, acc, mask=g_ok[:, None])
+        else:
+            o_ptr = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od
+            tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=g_ok[:, None])
 
     # Kernel 1 does almost all the flops (the key rebuild); its best tile depends on the GPU, so on CUDA it
     # is autotuned once per (rank, group, head dim, RoPE, dtype). Configs that do not fit are skipped by
     # the autotuner. KVCOMPRESS_XKV_AUTOTUNE=0 uses the fixed default instead (and the interpreter always does).
+    # Large token tiles (128/256) load the per-head B_k (r_k x d, 128 KB in bf16 at the defaults) once per
+    # more tokens: with 32-64-token tiles B_k traffic from L2 was 2-4 GB per call at batch 8 x 32K.
     _SCORES_CONFIGS = [
         triton.Config({"BLOCK_T": bt, "BLOCK_R": br}, num_warps=w, num_stages=st)
         for bt, br, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3),
-                              (64, 32, 4, 4), (128, 32, 8, 4), (64, 128, 8, 2))
+                              (64, 32, 4, 4), (128, 32, 8, 4), (64, 128, 8, 2),
+                              (128, 64, 8, 2), (128, 128, 8, 2), (256, 32, 8, 2), (256, 32, 8, 3),
+                              (256, 64, 8, 2), (256, 64, 8, 3))
     ]
     _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE"])(
         _xkv_scores_kernel)
@@ -400,90 +550,191 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
+_SM_COUNTS: dict = {}
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: a few splits exercise the split-K path
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
 
 
-def _kernel_supported(query: torch.Tensor, part: FactoredPart) -> bool:
-    """The kernels cover the usual case: full rotary (or none), an even power-of-two head dim >= 32
-    (``tl.arange`` needs powers of two), float32/bfloat16/float16. Anything else takes the reference."""
+def _pow2_at_least_16(n: int) -> bool:
+    return n >= 16 and not n & (n - 1)
+
+
+def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int) -> bool:
+    """The kernels cover the usual case: full rotary (or none), power-of-two head dims (``tl.arange`` needs
+    them; keys >= 32, values >= 16), float32/bfloat16/float16. Anything else takes the reference."""
     head_dim = query.shape[-1]
     if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if head_dim < 32 or head_dim & (head_dim - 1):
+    if head_dim < 32 or not _pow2_at_least_16(head_dim) or not _pow2_at_least_16(value_dim):
         return False
-    return part.cos is None or part.cos.shape[-1] == head_dim
+    return all(part.cos is None or part.cos.shape[-1] == head_dim for part in parts if isinstance(part, FactoredPart))
 
 
-def _factored_partial_triton(query: torch.Tensor, part: FactoredPart, scaling: float,
-                             valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel path of :func:`part_attention_reference` for a factored segment."""
+def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
+                  kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
+    """All parts of one layer in ``3 * segments + 1`` launches and ``segments + 3`` allocations (no torch
+    maths): every part's scores go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the
+    segments), its log-sum-exp is taken once over all parts, so each part's ``softmax`` is already globally
+    normalised and the parts just add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and
+    tail).
+
+    1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns;
+    2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked);
+    3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``;
+    4. per segment, :func:`_xkv_output_kernel`: partials summed and projected by ``B_v`` (in registers, no
+       float copy of ``B_v``), plus the exact parts' ``softmax . V`` on the first segment, written as
+       the output in the query's dtype by the last one (a float32 accumulator between segments).
+    """
     batch, q_heads, _, head_dim = query.shape
-    tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
-    rank_v = part.value_factor.shape[2]
-    kv_heads = part.key_right.shape[-1] // head_dim
     groups = q_heads // kv_heads
     wide = query.dtype == torch.float32
     precision = "ieee" if wide else "tf32"  # bf16 scores are then as precise as bf16 keys, or better
-    q = query[:, :, 0, :]
-    scores = torch.empty(batch, q_heads, tokens, device=query.device, dtype=torch.float32)
+    device = query.device
+    # token offsets (for ``valid``) of every part; exact parts take the first columns of S
+    exact, segments, offset = [], [], 0
+    for part in parts:
+        if part.length:
+            (exact if isinstance(part, ExactPart) else segments).append((part, offset))
+        offset += part.length
+    if len(exact) > 2:  # the kernels take two exact parts (sinks, tail); more is unusual: join all but the first
+        rest = [p for p, _ in exact[1:]]
+        joined = ExactPart(torch.cat([p.keys for p in rest], dim=-2), torch.cat([p.values for p in rest], dim=-2))
+        order = [exact[0], *exact[1:], *segments]  # softmax ignores token order: permute valid to match
+        if valid is not None:
+            valid = torch.cat([valid[:, o:o + p.length] for p, o in order], dim=-1)
+        return _fused_triton(query, [exact[0][0], joined, *[p for p, _ in segments]], scaling, valid, kv_heads,
+                             value_dim, total)
+    n_exact = sum(p.length for p, _ in exact)
+    scores = torch.empty(batch, q_heads, total, device=device, dtype=torch.float32)
+    shift = torch.empty(batch, q_heads, device=device, dtype=torch.float32)
+    out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
     if _POISON_BUFFERS:
         scores.fill_(float("nan"))
-    has_rope = part.cos is not None
-    cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
-    sin = part.sin if has_rope else scores
-    valid_arg = valid.view(torch.uint8) if valid is not None else scores
+        shift.fill_(float("nan"))
+        out.fill_(float("nan"))
+    has_valid = valid is not None
+    valid_arg = valid if has_valid else scores  # never read without HAS_VALID
+    stride_vb, stride_vt = (valid.stride(0), valid.stride(1)) if has_valid else (0, 0)
+    sq = query.stride()
+    block_g = _pow2(groups)
+    # 1. factored keys' scores
     if _autotune():
-        kernel = _xkv_scores_kernel_tuned
-        tuning = {}
+        kernel, tuning = _xkv_scores_kernel_tuned, {}
     else:
         kernel = _xkv_scores_kernel
         tuning = dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64, num_warps=4 if wide else 8)
-    grid = lambda meta: (kv_heads, triton.cdiv(tokens, meta["BLOCK_T"]), batch)  # noqa: E731
-    kernel[grid](
-        q, part.key_factor, part.key_right, cos, sin, valid_arg, scores,
-        tokens, rank_k, groups,
-        q.stride(0), q.stride(1), q.stride(2),
-        part.key_factor.stride(0), part.key_factor.stride(1), part.key_factor.stride(2),
-        part.key_right.stride(0), part.key_right.stride(1), part.key_right.stride(2),
-        cos.stride(0), cos.stride(1) if has_rope else 0,
-        valid_arg.stride(0) if valid is not None else 0, valid_arg.stride(1) if valid is not None else 0,
-        scores.stride(0), scores.stride(1), scores.stride(2),
-        float(scaling),
-        HALF=head_dim // 2, BLOCK_G=_pow2(groups),
-        HAS_ROPE=has_rope, HAS_VALID=valid is not None, PRECISION=precision, **tuning,
-    )
-    # Softmax statistics over Hq*T floats: cheap next to the factors, and exact. Kernel 2 subtracts the
-    # log-sum-exp itself, so its probabilities come out normalised (0 for an all-masked row).
-    lse = torch.logsumexp(scores, dim=-1)  # -inf where every token is masked
-    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    # Split-K over the sequence so that (r_v chunks x splits x batch) programs fill the GPU.
-    block_r, block_tv = 64 if wide else 128, 32 if wide else 64
-    r_chunks = triton.cdiv(rank_v, block_r)
-    tiles = triton.cdiv(tokens, block_tv)
-    splits = max(1, min(tiles, math.ceil(2 * _sm_count(query.device) / (r_chunks * batch))))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
-    partial = torch.empty(batch, splits, q_heads, rank_v, device=query.device, dtype=torch.float32)
-    if _POISON_BUFFERS:
-        partial.fill_(float("nan"))
-    vf = part.value_factor
-    _xkv_latent_pv_kernel[(r_chunks, splits, batch)](
-        scores, shift, vf, partial,
-        tokens, rank_v, q_heads, tiles_per_split,
+    col = n_exact
+    columns = []
+    for part, token0 in segments:
+        tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
+        has_rope = part.cos is not None
+        cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
+        sin = part.sin if has_rope else scores
+        kf, kr = part.key_factor, part.key_right
+        _launch(
+            kernel, lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch),
+            query, kf, kr, cos, sin, valid_arg, scores,
+            tokens, rank_k, groups, col, token0,
+            sq[0], sq[1], sq[3],
+            kf.stride(0), kf.stride(1), kf.stride(2),
+            kr.stride(0), kr.stride(1), kr.stride(2),
+            cos.stride(0), cos.stride(1) if has_rope else 0,
+            stride_vb, stride_vt,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            float(scaling),
+            HALF=head_dim // 2, BLOCK_G=block_g,
+            HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, **tuning,
+        )
+        columns.append(col)
+        col += tokens
+    # 2. exact scores and the shift over all columns
+    (e1, off1), (e2, off2) = (exact + [(None, 0), (None, 0)])[:2]
+    k1 = e1.keys if e1 is not None else query
+    k2 = e2.keys if e2 is not None else query
+    n1 = e1.length if e1 is not None else 0
+    n2 = e2.length if e2 is not None else 0
+    s1, s2 = k1.stride(), k2.stride()
+    _launch(
+        _xkv_exact_lse_kernel, (kv_heads, batch),
+        query, k1, k2, valid_arg, scores, shift,
+        n1, n2, total, groups, off1, off2,
+        sq[0], sq[1], sq[3],
+        s1[0], s1[1], s1[2], s1[3],
+        s2[0], s2[1], s2[2], s2[3],
+        stride_vb, stride_vt,
         scores.stride(0), scores.stride(1), scores.stride(2),
         shift.stride(0), shift.stride(1),
-        vf.stride(0), vf.stride(1), vf.stride(2),
-        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
-        BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
-        num_warps=4,
+        float(scaling),
+        D=head_dim, BLOCK_G=block_g, BLOCK_E=32, BLOCK_S=128 if _autotune() else 64,
+        HAS_VALID=has_valid, PRECISION=precision, num_warps=4,
     )
-    latent = partial.sum(dim=1)  # [B, Hq, r_v] = softmax(s) U_v
-    right = part.value_right.float().view(batch, rank_v, kv_heads, -1).permute(0, 2, 1, 3)  # [B, H, r_v, dv]
-    out = torch.matmul(latent.view(batch, kv_heads, groups, rank_v), right)
-    return out.reshape(batch, q_heads, -1), lse
+    # 3. split-K partials of softmax . U_v, one buffer per segment
+    block_r, block_tv = 64 if wide else 128, 32 if wide else 64
+    partials = []
+    for (part, _), col0 in zip(segments, columns):
+        tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
+        r_chunks = triton.cdiv(rank_v, block_r)
+        tiles = triton.cdiv(tokens, block_tv)
+        splits = max(1, min(tiles, math.ceil(2 * _sm_count(device) / (r_chunks * batch))))
+        tiles_per_split = triton.cdiv(tiles, splits)
+        splits = triton.cdiv(tiles, tiles_per_split)
+        partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
+        if _POISON_BUFFERS:
+            partial.fill_(float("nan"))
+        vf = part.value_factor
+        _launch(
+            _xkv_latent_pv_kernel, (r_chunks, splits, batch),
+            scores, shift, vf, partial,
+            tokens, rank_v, q_heads, tiles_per_split, col0,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            shift.stride(0), shift.stride(1),
+            vf.stride(0), vf.stride(1), vf.stride(2),
+            partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+            BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
+            num_warps=4,
+        )
+        partials.append((partial, splits, rank_v))
+    # 4. project, add the exact parts, write
+    v1 = e1.values if e1 is not None else query
+    v2 = e2.values if e2 is not None else query
+    t1, t2 = v1.stride(), v2.stride()
+    acc = out
+    if len(segments) > 1:
+        acc = torch.empty(batch, q_heads, value_dim, device=device, dtype=torch.float32)
+    steps = [(seg, p) for (seg, _), p in zip(segments, partials)] or [(None, None)]
+    for i, (seg, partial_info) in enumerate(steps):
+        if seg is not None:
+            partial, splits, rank_v = partial_info
+            bv, sp = seg.value_right, partial.stride()
+            sb = bv.stride()
+        else:
+            partial, splits, rank_v, bv, sp, sb = scores, 0, 0, scores, (0, 0, 0, 0), (0, 0, 0)
+        last = i == len(steps) - 1
+        _launch(
+            _xkv_output_kernel, (kv_heads, batch),
+            partial, bv, scores, shift, v1, v2, acc, out,
+            splits, rank_v, groups, n1, n2,
+            sp[0], sp[1], sp[2], sp[3],
+            sb[0], sb[1], sb[2],
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            shift.stride(0), shift.stride(1),
+            t1[0], t1[1], t1[2], t1[3],
+            t2[0], t2[1], t2[2], t2[3],
+            acc.stride(0), acc.stride(-2), acc.stride(-1),
+            out.stride(0), out.stride(2), out.stride(3),
+            DV=value_dim, BLOCK_G=block_g, BLOCK_R=32 if wide else 64, BLOCK_E=32,
+            HAS_SEG=seg is not None, HAS_EXACT=i == 0 and n_exact > 0, ACC_IN=i > 0, ACC_OUT=not last,
+            PRECISION=precision, num_warps=4,
+        )
+    return out
 
 
 def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: float,
@@ -502,32 +753,20 @@ def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: fl
 
     Returns:
         ``[B, 1, Hq, dv]`` in the query's dtype (the layout transformers' attention functions return):
-        ``softmax_t(c q.k_t) v_t`` over all valid tokens, merged from per-part ``(o, lse)`` as in the module
-        docstring. Factored parts use the Triton kernels; exact parts (a few hundred tokens) and shapes the
-        kernels do not cover use the reference.
+        ``softmax_t(c q.k_t) v_t`` over all valid tokens. With the kernels, every part (segments and the
+        exact sinks and tail, read where they are) is scored into one buffer normalised once
+        (:func:`_fused_triton`: ``3 * segments + 1`` launches, no torch maths); shapes the kernels do not
+        cover, and the reference, merge per-part ``(o, lse)`` as in the module docstring.
     """
-    _check(query, parts, valid)
+    kv_heads, value_dim, total = _check(query, parts, valid)
     if use_triton is None:
         use_triton = _HAVE_TRITON and triton_usable(query)
     elif use_triton and not _HAVE_TRITON:
         raise RuntimeError("use_triton=True but Triton is not importable; pass use_triton=None or False")
-    # Softmax does not care about token order: all exact parts (sinks and tail) become one, so they cost
-    # one small attention instead of one per part (fewer kernel launches per layer and step).
-    exact = [(p, v) for p, v in zip(parts, _split_valid(valid, parts)) if isinstance(p, ExactPart) and p.length]
-    pieces = [(p, v) for p, v in zip(parts, _split_valid(valid, parts)) if not isinstance(p, ExactPart)]
-    if len(exact) > 1:
-        joined = ExactPart(torch.cat([p.keys for p, _ in exact], dim=-2), torch.cat([p.values for p, _ in exact], dim=-2))
-        pieces.append((joined, None if valid is None else torch.cat([v for _, v in exact], dim=-1)))
-    else:
-        pieces.extend(exact)
-    partials = []
-    for part, part_valid in pieces:
-        if part.length == 0:
-            continue
-        if use_triton and isinstance(part, FactoredPart) and _kernel_supported(query, part):
-            partials.append(_factored_partial_triton(query, part, scaling, part_valid))
-        else:
-            partials.append(part_attention_reference(query, part, scaling, part_valid))
-    if not partials:
+    if total == 0:
         raise ValueError("parts hold no tokens")
+    if use_triton and _kernel_supported(query, parts, value_dim):
+        return _fused_triton(query, parts, scaling, valid, kv_heads, value_dim, total)
+    partials = [part_attention_reference(query, part, scaling, part_valid)
+                for part, part_valid in zip(parts, _split_valid(valid, parts)) if part.length]
     return merge_partials(partials).to(query.dtype)[:, None]
