@@ -9,6 +9,10 @@ GPU test (``-m gpu``, skipped without CUDA) runs generate's compile path in mode
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -158,6 +162,58 @@ def test_generate_compiled_eager_backend_matches_and_never_recompiles(family, ov
     assert first >= 1, "generate did not compile the decode step"
     assert graph_breaks() == 0
     assert frames() == first, "the second generate recompiled"
+
+
+INTERPRETER_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, "tests")
+    from conftest import tiny_model
+    from kvcompress.kernels import mla_decode
+    from kvcompress.mla import MLALatentCache, patch_mla
+    assert mla_decode._OP is not None, "no torch.library.triton_op"
+    model = tiny_model("deepseek_v2")
+    model.config._attn_implementation = "sdpa"
+    kw = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+    ids = torch.randint(3, 160, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    ops = []
+
+    def backend(gm, example_inputs):  # dynamo's eager backend, recording which ops the graph calls
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    caches = [MLALatentCache(model.config, max_cache_len=24) for _ in range(2)]
+    with patch_mla(model, max_absorbed_tokens=4), torch.no_grad():
+        for c in caches:
+            model(input_ids=ids, attention_mask=mask[:, :10], use_cache=True, **{kw: c})
+        step = torch.compile(model, backend=backend, fullgraph=True)
+        token = torch.full((2, 1), 7, dtype=torch.long)
+        err = 0.0
+        for _ in range(3):
+            got = step(input_ids=token, attention_mask=mask, use_cache=True, **{kw: caches[0]}).logits
+            ref = model(input_ids=token, attention_mask=mask, use_cache=True, **{kw: caches[1]}).logits
+            err = max(err, (got - ref).abs().max().item())
+    print(json.dumps({"err": err, "kernel_ops": sum("mla_decode_attention" in o for o in ops), "graphs":
+                      int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}))
+""")
+
+
+def test_triton_op_is_traced_into_the_graph_in_the_interpreter():
+    """The Triton kernel (in Triton's CPU interpreter) is one custom op (torch.library.triton_op) inside a
+    fullgraph-compiled patched decode step: once per layer in a single graph, eager's logits. A subprocess,
+    since TRITON_INTERPRET must be set before triton loads."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env.pop("KVCOMPRESS_DISABLE_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["kernel_ops"] == 4 and result["graphs"] == 1, result  # 4 layers, no recompile
+    assert result["err"] < 1e-4, result
 
 
 # -- GPU: CUDA graphs ---------------------------------------------------------------------------------

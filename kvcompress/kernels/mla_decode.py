@@ -343,8 +343,16 @@ def _config(dtype: torch.dtype, rank: int) -> dict:
     return {"block_m": 16, "block_t": 16 if wide or rank > 512 else 32, "num_warps": 4, "num_stages": 2}
 
 
+def _direct(kernel):
+    """Launch a Triton kernel as is (eager calls that are never traced)."""
+    return kernel
+
+
 def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask, out,
-                    block_m=None, block_t=None, num_warps=None, num_stages=None, min_chunk=256):
+                    block_m=None, block_t=None, num_warps=None, num_stages=None, min_chunk=256, wrap=_direct):
+    """Allocate the partials and launch the chunk and merge kernels. Host work depends on shapes, dtypes
+    and the device only (never tensor values), so it runs unchanged under FakeTensor tracing; ``wrap`` is
+    ``torch.library.wrap_triton`` inside the custom op (the launches become traceable graph nodes)."""
     if latent.dtype == torch.float64:
         raise TypeError("the Triton MLA decode kernel takes float16/bfloat16/float32; use the reference for float64")
     batch, heads, queries, rank = q_latent.shape
@@ -366,7 +374,7 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
     starts = kv_starts if kv_starts is not None else latent
     lens = kv_lengths if kv_lengths is not None else latent
     grid = (math.ceil(rows / block_m), chunks, batch)
-    _mla_decode_chunk_kernel[grid](
+    wrap(_mla_decode_chunk_kernel)[grid](
         q_latent, q_rope, latent, rope_key, mask, starts, lens, o_part, lse_part,
         *q_latent.stride(), *q_rope.stride(), *latent.stride(), *rope_key.stride(), *mask_strides,
         tokens, rows, queries, chunks, chunk_len, float(scale) * 1.4426950408889634,
@@ -376,11 +384,67 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     merge_cols = min(_pow2(rank), 128)
-    _mla_decode_merge_kernel[(rows, batch, math.ceil(rank / merge_cols))](
+    wrap(_mla_decode_merge_kernel)[(rows, batch, math.ceil(rank / merge_cols))](
         o_part, lse_part, out, *out.stride(), rows, queries, chunks,
         R=rank, BLOCK_R=merge_cols, BLOCK_C=_pow2(chunks, 2), num_warps=1,
     )
     return out
+
+
+class _InterpretedLauncher:
+    """``wrap_triton`` for a kernel of Triton's CPU interpreter (``TRITON_INTERPRET=1``), which torch
+    returns unwrapped: launches as usual, except on FakeTensors (dynamo's shape propagation through the
+    op's fake implementation), where it does nothing -- the outputs' metadata is all that is needed there.
+    Lets the CPU tests trace the op; a FunctionalTensor or anything else still launches (and fails loudly)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        def launch(*args, **kwargs):
+            if any(isinstance(a, FakeTensor) for a in args):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _wrap_for_op(kernel):
+    """``torch.library.wrap_triton(kernel)``: a launch that torch's tracers see as a graph node."""
+    wrapped = torch.library.wrap_triton(kernel)
+    if wrapped is kernel and not isinstance(kernel, triton.runtime.jit.JITFunction):  # the interpreter
+        return _InterpretedLauncher(kernel)
+    return wrapped
+
+
+# -- the custom op (torch.compile / CUDA graphs) ----------------------------------------------------
+# torch.library.triton_op makes the launch one opaque op for dynamo (its host code -- the chunk plan,
+# lru_cache'd device queries, scratch allocation -- is never traced by dynamo, so it cannot graph-break)
+# while inductor still sees the Triton kernels through wrap_triton and compiles them into its graph
+# (CUDA-graph capturable: scratch comes from the graph's allocator, lengths are device tensors).
+_OP = None
+if _HAVE_TRITON and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+    try:
+        @torch.library.triton_op("kvcompress::mla_decode_attention", mutates_args=())
+        def _mla_decode_op(
+            q_latent: torch.Tensor,
+            q_rope: torch.Tensor,
+            latent: torch.Tensor,
+            rope_key: torch.Tensor,
+            scale: float,
+            kv_lengths: torch.Tensor | None,
+            kv_starts: torch.Tensor | None,
+            key_mask: torch.Tensor | None,
+        ) -> torch.Tensor:
+            """The Triton path of :func:`mla_decode_attention` (3-D caches, validated inputs) as a custom op."""
+            return _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask,
+                                   None, wrap=_wrap_for_op)
+
+        _OP = torch.ops.kvcompress.mla_decode_attention
+    except Exception:  # an older torch whose triton_op cannot infer this schema: eager launches only
+        _OP = None
 
 
 def mla_decode_attention(
@@ -397,8 +461,14 @@ def mla_decode_attention(
     """Absorbed MLA decode attention, ``[B, H, S, r]``: the Triton kernel when
     :func:`kvcompress.kernels.triton_usable` says so for ``latent`` (CUDA + Triton, or Triton's CPU
     interpreter), else :func:`mla_decode_attention_reference`. Arguments and semantics are the
-    reference's (see there and the module docstring); float64 always takes the reference."""
+    reference's (see there and the module docstring); float64 always takes the reference.
+
+    Without ``out`` the kernel runs through the custom op ``torch.ops.kvcompress.mla_decode_attention``
+    (``torch.library.triton_op``), so a ``torch.compile``'d caller (fullgraph, mode="reduce-overhead")
+    keeps it in its graph; ``out=`` launches directly (eager use only: the op cannot write into it)."""
     latent3, rope3 = _check(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask, out)
     if _HAVE_TRITON and latent3.dtype != torch.float64 and triton_usable(latent3):
+        if out is None and _OP is not None:  # the custom op: traceable by torch.compile, same launches eagerly
+            return _OP(q_latent, q_rope, latent3, rope3, float(scale), kv_lengths, kv_starts, key_mask)
         return _triton_forward(q_latent, q_rope, latent3, rope3, scale, kv_lengths, kv_starts, key_mask, out)
     return mla_decode_attention_reference(q_latent, q_rope, latent3, rope3, scale, kv_lengths, kv_starts, key_mask, out)
