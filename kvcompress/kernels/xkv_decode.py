@@ -29,20 +29,34 @@ averages: ``sum_t P_t (U_v B_v)[t, h] = (P U_v) B_v[:, h]``: the ``r_v``-vector 
 
 The kernels (Triton)
 --------------------
-1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``: a program rebuilds one ``[BLOCK_T, d]`` key tile of
-   one KV head in registers (``U_k[tile] @ B_k[:, h]`` as two half-width ``tl.dot`` over ``r_k`` chunks, so
-   the rotate-half RoPE needs no shuffle), rotates it with the segment's cos/sin, and scores it against the
-   ``G`` query heads of that KV head. It writes only the float32 scores ``[B, Hq, T]``: ``Hq`` floats per
-   token, against ``2*H*d`` elements of rebuilt keys and values. Heads are the fastest grid axis, so the
-   ``H`` programs of one tile run together: ``U_k[tile]`` comes from HBM once, then from L2. On CUDA the
-   tile sizes are autotuned once per (rank, group, head dim, RoPE, dtype). The token grid
-   splits the sequence across the whole GPU at batch 1 (flash-decoding's purpose).
-2. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``: ``U_v`` is shared by all heads, so
-   ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the sequence
-   (split-K) with float32 partials summed afterwards. A per-KV-head online-softmax kernel would re-read
-   ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768 at the defaults on Llama-3-8B),
-   which is why softmax statistics come from the stored scores instead (one cheap extra pass over
-   ``Hq*T`` floats).
+With the kernels, all parts of a layer share one float32 score buffer ``S [B, Hq, T]`` (exact parts in
+the first columns, then the segments) whose log-sum-exp is taken once: each part's softmax is then already
+normalised over the whole sequence, so the parts' outputs simply add up (no ``(o, lse)`` merge), and the
+sinks and tail are read where they lie (no concatenation). Per layer and step: ``3 * segments + 1``
+launches and ``2 * segments + 3`` torch ops (allocations and the split-K sum): 4 launches and 5 ops for
+sinks + one segment + tail, against 2 launches and 87 torch ops (39 of them views) before
+(``tests/test_kernels_xkv.py`` bounds the count).
+
+1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``, per segment: a program rebuilds one
+   ``[BLOCK_T, d]`` key tile of one KV head in registers (``U_k[tile] @ B_k[:, h]`` as two half-width
+   ``tl.dot`` over ``r_k`` chunks, so the rotate-half RoPE needs no shuffle), rotates it with the segment's
+   cos/sin, and scores it against the ``G`` query heads of that KV head. It writes only float32 scores:
+   ``Hq`` floats per token, against ``2*H*d`` elements of rebuilt keys and values. Heads are the fastest
+   grid axis, so the ``H`` programs of one tile run together: ``U_k[tile]`` comes from HBM once, then from
+   L2. On CUDA the tile sizes are autotuned once per (rank, group, head dim, RoPE, dtype), up to 256-token
+   tiles that load ``B_k[:, h]`` once per 256 tokens. The token grid splits the sequence across the whole
+   GPU at batch 1 (flash-decoding's purpose).
+2. ``_xkv_exact_lse_kernel``, grid ``(Hq, B)``: the exact parts' (sinks, tail) scores in float32, then
+   the softmax shift of each row: its log-sum-exp over every column (0 for an all-masked row).
+3. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
+   all heads, so ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the
+   sequence (split-K) with float32 partials, summed by one reduction. A per-KV-head online-softmax kernel
+   would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768 at the defaults on
+   Llama-3-8B), which is why softmax statistics come from the stored scores instead (one cheap extra pass
+   over ``Hq*T`` floats).
+4. ``_xkv_output_kernel``, grid ``(H, B)``, per segment: the latent projected by ``B_v[:, h]`` (read in its
+   dtype, accumulated in float32: no float copy of ``B_v``), plus the exact parts' ``softmax . V`` (first
+   segment); the last segment writes the output in the query's dtype (a float32 accumulator in between).
 
 Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)*e`` for the factors
 plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
@@ -353,32 +367,31 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _online_update(m, l, s):
-        """Online log-sum-exp statistics (row max ``m``, sum ``l`` relative to it) updated by ``s``; rows
-        that are still all ``-inf`` keep ``m = -inf``, ``l = 0`` instead of NaN."""
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+        """Online log-sum-exp statistics (max ``m``, sum ``l`` relative to it) of a row updated by the
+        block ``s``; a row that is still all ``-inf`` keeps ``m = -inf``, ``l = 0`` instead of NaN."""
+        m_new = tl.maximum(m, tl.max(s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe), axis=0)
         return m_new, l
 
     @triton.jit
-    def _exact_scores(q, m, l, K, N, VALID, S, b, h, heads, g_ok, col0, valid_off,
-                      stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vt, stride_sb, stride_sh,
-                      stride_st, scale,
-                      D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr):
-        """Scores of one exact part's ``N`` tokens (keys ``K[b, h]``) into columns ``col0..`` of ``S``."""
+    def _exact_scores(q, m, l, K, N, VALID, S_ROW, b, h, col0, valid_off,
+                      stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vt, stride_st, scale,
+                      D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr):
+        """Scores of one exact part's ``N`` tokens (keys ``K[b, h]``) into columns ``col0..`` of one row of
+        ``S`` (float32 products, as the reference)."""
         offs_d = tl.arange(0, D)
         for e0 in range(0, N, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             e_ok = offs_e < N
             k = tl.load(K + b * stride_kb + h * stride_kh + offs_e[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                         mask=e_ok[:, None], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.sum(k * q[None, :], axis=1) * scale
             keep = e_ok
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_e) * stride_vt, mask=e_ok, other=0) != 0)
-            s = tl.where(keep[None, :], s, float("-inf"))
-            tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_e)[None, :] * stride_st, s,
-                     mask=g_ok[:, None] & e_ok[None, :])
+            s = tl.where(keep, s, float("-inf"))
+            tl.store(S_ROW + (col0 + offs_e) * stride_st, s, mask=e_ok)
             m, l = _online_update(m, l, s)
         return m, l
 
@@ -393,35 +406,30 @@ if _HAVE_TRITON:
         stride_sb, stride_sh, stride_st,
         stride_mb, stride_mh,
         scale,
-        D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-        HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr,
     ):
-        """Grid ``(H, B)``: scores of the exact parts (columns ``[0, N1 + N2)`` of ``S``), then the softmax
-        shift (log-sum-exp over every column, 0 for an all-masked row) of the ``G`` query heads of KV head
-        ``h``."""
-        h = tl.program_id(0)
+        """Grid ``(Hq, B)``: one query head's scores of the exact parts (columns ``[0, N1 + N2)`` of ``S``),
+        then its softmax shift: the log-sum-exp over every column (0 for an all-masked row)."""
+        j = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        offs_g = tl.arange(0, BLOCK_G)
-        g_ok = offs_g < G
-        heads = h * G + offs_g
+        h = j // G
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                    mask=g_ok[:, None], other=0.0).to(tl.float32)
-        m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l = tl.zeros([BLOCK_G], dtype=tl.float32)
-        m, l = _exact_scores(q, m, l, K1, N1, VALID, S, b, h, heads, g_ok, 0, valid_off1,
-                             stride_k1b, stride_k1h, stride_k1t, stride_k1d, stride_vb, stride_vt,
-                             stride_sb, stride_sh, stride_st, scale, D, BLOCK_E, HAS_VALID, PRECISION)
-        m, l = _exact_scores(q, m, l, K2, N2, VALID, S, b, h, heads, g_ok, N1, valid_off2,
-                             stride_k2b, stride_k2h, stride_k2t, stride_k2d, stride_vb, stride_vt,
-                             stride_sb, stride_sh, stride_st, scale, D, BLOCK_E, HAS_VALID, PRECISION)
+        q = tl.load(Q + b * stride_qb + j * stride_qh + offs_d * stride_qd).to(tl.float32)
+        s_row = S + b * stride_sb + j * stride_sh
+        m = tl.max(tl.full([BLOCK_E], float("-inf"), dtype=tl.float32), axis=0)
+        l = tl.sum(tl.zeros([BLOCK_E], dtype=tl.float32), axis=0)
+        m, l = _exact_scores(q, m, l, K1, N1, VALID, s_row, b, h, 0, valid_off1,
+                             stride_k1b, stride_k1h, stride_k1t, stride_k1d, stride_vb, stride_vt, stride_st, scale,
+                             D, BLOCK_E, HAS_VALID)
+        m, l = _exact_scores(q, m, l, K2, N2, VALID, s_row, b, h, N1, valid_off2,
+                             stride_k2b, stride_k2h, stride_k2t, stride_k2d, stride_vb, stride_vt, stride_st, scale,
+                             D, BLOCK_E, HAS_VALID)
         for c0 in range(N1 + N2, T_ALL, BLOCK_S):  # the factored segments' columns (kernel 1 wrote them)
             offs_c = c0 + tl.arange(0, BLOCK_S)
-            s = tl.load(S + b * stride_sb + heads[:, None] * stride_sh + offs_c[None, :] * stride_st,
-                        mask=g_ok[:, None] & (offs_c < T_ALL)[None, :], other=float("-inf"))
+            s = tl.load(s_row + offs_c * stride_st, mask=offs_c < T_ALL, other=float("-inf"))
             m, l = _online_update(m, l, s)
         shift = tl.where(l > 0, m + tl.log(l), 0.0)
-        tl.store(SHIFT + b * stride_mb + heads * stride_mh, shift, mask=g_ok)
+        tl.store(SHIFT + b * stride_mb + j * stride_mh, shift)
 
     @triton.jit
     def _xkv_latent_pv_kernel(
@@ -473,9 +481,9 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_output_kernel(
-        PART, BV, S, SHIFT, V1, V2, ACC, OUT,
-        SPLITS, RV, G, N1, N2,
-        stride_pb, stride_ps, stride_ph, stride_pr,
+        LATENT, BV, S, SHIFT, V1, V2, ACC, OUT,
+        RV, G, N1, N2,
+        stride_pb, stride_ph, stride_pr,
         stride_bb, stride_br, stride_bc,
         stride_sb, stride_sh, stride_st,
         stride_mb, stride_mh,
@@ -487,8 +495,8 @@ if _HAVE_TRITON:
         HAS_SEG: tl.constexpr, HAS_EXACT: tl.constexpr, ACC_IN: tl.constexpr, ACC_OUT: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """Grid ``(H, B)``: for the ``G`` query heads of KV head ``h``, sum a segment's split-K partials of
-        ``softmax . U_v`` and project them by ``B_v[:, h]``; add the exact parts' ``softmax . V`` (once);
+        """Grid ``(H, B)``: for the ``G`` query heads of KV head ``h``, project a segment's latent
+        ``softmax . U_v`` by ``B_v[:, h]``; add the exact parts' ``softmax . V`` (once);
         add / write the float32 accumulator (several segments) or write the output in its dtype."""
         h = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -501,10 +509,8 @@ if _HAVE_TRITON:
             for r0 in range(0, RV, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < RV
-                latent = tl.zeros([BLOCK_G, BLOCK_R], dtype=tl.float32)
-                for sp in range(0, SPLITS):
-                    latent += tl.load(PART + b * stride_pb + sp * stride_ps + heads[:, None] * stride_ph
-                                      + offs_r[None, :] * stride_pr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+                latent = tl.load(LATENT + b * stride_pb + heads[:, None] * stride_ph + offs_r[None, :] * stride_pr,
+                                 mask=g_ok[:, None] & r_ok[None, :], other=0.0)
                 bv = tl.load(BV + b * stride_bb + offs_r[:, None] * stride_br + (h * DV + offs_dv)[None, :] * stride_bc,
                              mask=r_ok[:, None], other=0.0).to(tl.float32)
                 acc += tl.dot(latent, bv, input_precision=PRECISION)
@@ -580,16 +586,16 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
                   kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
-    """All parts of one layer in ``3 * segments + 1`` launches and ``segments + 3`` allocations (no torch
-    maths): every part's scores go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the
+    """All parts of one layer in ``3 * segments + 1`` launches and ``2 * segments + 3`` torch ops (allocations,
+    the split-K sum; one more float32 accumulator with several segments): every part's scores go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the
     segments), its log-sum-exp is taken once over all parts, so each part's ``softmax`` is already globally
     normalised and the parts just add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and
     tail).
 
     1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns;
     2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked);
-    3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``;
-    4. per segment, :func:`_xkv_output_kernel`: partials summed and projected by ``B_v`` (in registers, no
+    3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``, then their sum;
+    4. per segment, :func:`_xkv_output_kernel`: the latent projected by ``B_v`` (in registers, no
        float copy of ``B_v``), plus the exact parts' ``softmax . V`` on the first segment, written as
        the output in the query's dtype by the last one (a float32 accumulator between segments).
     """
@@ -663,7 +669,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     n2 = e2.length if e2 is not None else 0
     s1, s2 = k1.stride(), k2.stride()
     _launch(
-        _xkv_exact_lse_kernel, (kv_heads, batch),
+        _xkv_exact_lse_kernel, (q_heads, batch),
         query, k1, k2, valid_arg, scores, shift,
         n1, n2, total, groups, off1, off2,
         sq[0], sq[1], sq[3],
@@ -673,8 +679,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         scores.stride(0), scores.stride(1), scores.stride(2),
         shift.stride(0), shift.stride(1),
         float(scaling),
-        D=head_dim, BLOCK_G=block_g, BLOCK_E=32, BLOCK_S=128 if _autotune() else 64,
-        HAS_VALID=has_valid, PRECISION=precision, num_warps=4,
+        D=head_dim, BLOCK_E=32, BLOCK_S=1024 if device.type == "cuda" else 64, HAS_VALID=has_valid,
+        num_warps=4,
     )
     # 3. split-K partials of softmax . U_v, one buffer per segment
     block_r, block_tv = 64 if wide else 128, 32 if wide else 64
@@ -701,7 +707,9 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
             num_warps=4,
         )
-        partials.append((partial, splits, rank_v))
+        # The split-K sum as one reduction (deterministic); summing in the output kernel would be a serial
+        # loop over up to ~2 * SMs splits at batch 1.
+        partials.append((partial.sum(dim=1), rank_v))
     # 4. project, add the exact parts, write
     v1 = e1.values if e1 is not None else query
     v2 = e2.values if e2 is not None else query
@@ -712,17 +720,16 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     steps = [(seg, p) for (seg, _), p in zip(segments, partials)] or [(None, None)]
     for i, (seg, partial_info) in enumerate(steps):
         if seg is not None:
-            partial, splits, rank_v = partial_info
-            bv, sp = seg.value_right, partial.stride()
-            sb = bv.stride()
+            latent, rank_v = partial_info
+            bv, sp, sb = seg.value_right, latent.stride(), seg.value_right.stride()
         else:
-            partial, splits, rank_v, bv, sp, sb = scores, 0, 0, scores, (0, 0, 0, 0), (0, 0, 0)
+            latent, rank_v, bv, sp, sb = scores, 0, scores, (0, 0, 0), (0, 0, 0)
         last = i == len(steps) - 1
         _launch(
             _xkv_output_kernel, (kv_heads, batch),
-            partial, bv, scores, shift, v1, v2, acc, out,
-            splits, rank_v, groups, n1, n2,
-            sp[0], sp[1], sp[2], sp[3],
+            latent, bv, scores, shift, v1, v2, acc, out,
+            rank_v, groups, n1, n2,
+            sp[0], sp[1], sp[2],
             sb[0], sb[1], sb[2],
             scores.stride(0), scores.stride(1), scores.stride(2),
             shift.stride(0), shift.stride(1),
