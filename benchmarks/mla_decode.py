@@ -95,26 +95,54 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo produced so far (one per compile or recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 @torch.no_grad()
-def decode(model, cache, batch: int, steps: int, warmup: int, device: str, budget_s: float) -> dict:
-    """Median ms of one-token decode steps over ``cache``; peak memory during the timed steps."""
+def decode(model, cache, batch: int, steps: int, warmup: int, device: str, budget_s: float, step=None) -> dict:
+    """Median ms of one-token decode steps over ``cache``; peak memory during the timed steps.
+
+    ``step``: the callable to run instead of ``model`` (a ``torch.compile``'d model); then the first
+    warm-up call's seconds (compile + first run) and the graphs dynamo built during the timed steps
+    (recompiles: should be 0) are reported too."""
     kw = {cache_kwarg(model): cache, "use_cache": True}
     token = torch.full((batch, 1), 7, device=device, dtype=torch.long)
-    for _ in range(warmup):
-        model(input_ids=token, **kw)
+    compiled = step is not None
+    step = model if step is None else step  # not `or`: a compiled module has no truth value
+
+    def run():
+        if compiled and device == "cuda":
+            # CUDA-graph trees: each call is a new step whose outputs (unused here) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        step(input_ids=token, **kw)
+
+    extra = {}
+    for i in range(warmup):
+        start = time.perf_counter()
+        run()
+        if i == 0 and compiled:
+            sync(device)
+            extra["warmup_s"] = time.perf_counter() - start
     sync(device)
+    graphs = compiled_graphs()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         held = torch.cuda.memory_allocated()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        model(input_ids=token, **kw)
+        run()
         sync(device)
         times.append(time.perf_counter() - start)
         if sum(times) > budget_s and len(times) >= 3:
             break
-    result = {"ms": 1000 * statistics.median(times), "steps": len(times)}
+    result = {"ms": 1000 * statistics.median(times), "steps": len(times), **extra}
+    if compiled:
+        result["recompiles_timed"] = compiled_graphs() - graphs
     if device == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["transient_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
@@ -145,18 +173,27 @@ def weight_bytes(model) -> int:
 
 
 @torch.no_grad()
-def profile_step(model, cache, batch: int, device: str, steps: int = 3) -> dict:
-    """Wall time vs summed CUDA kernel time per step, kernel count, and the top kernels by time."""
+def profile_step(model, cache, batch: int, device: str, steps: int = 3, step=None) -> dict:
+    """Wall time vs summed CUDA kernel time per step, kernel count, and the top kernels by time.
+    ``step``: a compiled model to run instead of ``model`` (CUDA-graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
     kw = {cache_kwarg(model): cache, "use_cache": True}
     token = torch.full((batch, 1), 7, device=device, dtype=torch.long)
-    model(input_ids=token, **kw)
+    compiled = step is not None
+    step = model if step is None else step  # not `or`: a compiled module has no truth value
+
+    def run():
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        step(input_ids=token, **kw)
+
+    run()
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            model(input_ids=token, **kw)
+            run()
         sync(device)
         wall = (time.perf_counter() - start) / steps
     kernels: dict[str, float] = {}
@@ -337,6 +374,56 @@ def print_kernel_table(check: list[dict], timing: list[dict]) -> None:
                 + (f" {c['ms']:.3f}" if isinstance(c["ms"], float) else f" {c['ms']}") for c in t["sweep"]))
 
 
+COMPILE_MARGIN = 256  # spare tokens of a static cache: warm-up + timed steps + CUDA-graph recording calls
+
+
+def compiled_step(model, backend: str):
+    """``torch.compile`` of the whole model call, as ``generate`` compiles its decode step for a
+    compileable cache (fullgraph; mode reduce-overhead = CUDA graphs, for inductor only)."""
+    mode = "reduce-overhead" if backend == "inductor" else None
+    return torch.compile(model, backend=backend, mode=mode, fullgraph=True)
+
+
+def build_cache(mode: str, cfg, context: int):
+    """The cache of a model column: stock = DynamicCache, absorbed = growable MLALatentCache; the compiled
+    columns take fixed-capacity caches (static shapes): transformers' StaticCache for stock,
+    MLALatentCache(max_cache_len=...) for absorbed."""
+    if mode == "stock":
+        return DynamicCache(config=cfg)
+    if mode == "stock_compiled":
+        from transformers import StaticCache
+
+        return StaticCache(config=cfg, max_cache_len=context + COMPILE_MARGIN)
+    if mode == "absorbed_compiled":
+        return MLALatentCache(cfg, max_cache_len=context + COMPILE_MARGIN)
+    return MLALatentCache(cfg)
+
+
+def print_compiled_table(rows: list[dict]) -> None:
+    """Eager vs compiled (CUDA graphs) decode, stock and absorbed."""
+    if not any("absorbed_compiled" in r or "stock_compiled" in r for r in rows):
+        return
+    print("\ncompiled (torch.compile fullgraph, mode reduce-overhead; static-capacity caches):")
+    print("| context | batch | stock ms/step | stock compiled ms/step | absorbed ms/step | absorbed compiled ms/step "
+          "| absorbed compiled tok/s | compiled vs eager absorbed | absorbed compiled vs stock compiled "
+          "| warm-up s stock / absorbed compiled | recompiles in timed steps |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = {m: r.get(m, {}) for m in ("stock", "stock_compiled", "absorbed", "absorbed_compiled")}
+
+        def ms(d: dict) -> str:
+            return f"{d['ms']:.2f}" if "ms" in d else str(d.get("skipped", "n/a"))[:80]
+
+        s, sc, a, ac = (cells[m] for m in ("stock", "stock_compiled", "absorbed", "absorbed_compiled"))
+        tok = f"{1000 * r['batch'] / ac['ms']:.0f}" if "ms" in ac else "n/a"
+        vs_eager = f"{a['ms'] / ac['ms']:.2f}x" if "ms" in a and "ms" in ac else "n/a"
+        vs_stock = f"{sc['ms'] / ac['ms']:.2f}x" if "ms" in sc and "ms" in ac else "n/a"
+        warm = " / ".join(f"{d['warmup_s']:.0f}" if "warmup_s" in d else "n/a" for d in (sc, ac))
+        rec = " / ".join(str(d.get("recompiles_timed", "n/a")) for d in (sc, ac))
+        print(f"| {r['context']} | {r['batch']} | {ms(s)} | {ms(sc)} | {ms(a)} | {ms(ac)} | {tok} | {vs_eager} "
+              f"| {vs_stock} | {warm} | {rec} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -354,6 +441,13 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep of the kernel timing")
     parser.add_argument("--no-plain", action="store_true",
                         help="skip the 'absorbed plain' model column (KVCOMPRESS_DISABLE_TRITON=1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add 'stock compiled' (StaticCache) and 'absorbed compiled' (MLALatentCache with "
+                             "max_cache_len + patch_mla) columns: torch.compile fullgraph, reduce-overhead (CUDA "
+                             "graphs); about 30-60 s of compile per (context, batch) and column")
+    parser.add_argument("--compile-backend", default=None, choices=["inductor", "eager", "aot_eager"],
+                        help="torch.compile backend of the compiled columns (default inductor on CUDA, eager on "
+                             "CPU: checks the tracing only)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available; use --device cpu --small")
@@ -391,27 +485,45 @@ def main() -> None:
     rows = []
     combos = [(c, b) for c in contexts for b in args.batches]
     modes = ["stock", "absorbed"] + ([] if args.no_plain or not kernel_runs else ["absorbed_plain"])
+    backend = args.compile_backend or ("inductor" if device == "cuda" else "eager")
+    if args.compile:
+        modes += ["stock_compiled", "absorbed_compiled"]
+        info["compile"] = {"backend": backend, "mode": "reduce-overhead" if backend == "inductor" else None,
+                           "fullgraph": True, "cache_margin_tokens": COMPILE_MARGIN}
     for context, batch in tqdm(combos, desc="mla decode"):
         row = {"context": context, "batch": batch}
         for mode in modes:
-            handle = patch_mla(model) if mode != "stock" else None
-            cache = None
+            handle = patch_mla(model) if not mode.startswith("stock") else None
+            cache = step = None
+            compiled = mode.endswith("_compiled")
+            if compiled:
+                torch._dynamo.reset()  # a clean compile per shape (no dynamic-shape recompiles, own graph pool)
             try:
-                cache = MLALatentCache(cfg) if mode != "stock" else DynamicCache(config=cfg)
+                cache = build_cache(mode, cfg, context)
                 fill(cache, cfg, batch, context, dtype, device)
                 row[f"{mode}_cache_bytes"] = cache_bytes(cache)
                 with triton_disabled(mode == "absorbed_plain"):
-                    row[mode] = decode(model, cache, batch, args.steps, args.warmup, device, args.budget)
+                    step = compiled_step(model, backend) if compiled else None
+                    row[mode] = decode(model, cache, batch, args.steps, args.warmup, device, args.budget, step=step)
                     if isinstance(cache, MLALatentCache):  # after the steps: the storage has grown once
                         row[f"{mode}_reserved_bytes"] = cache.reserved_nbytes()
                     if not args.no_profile and device == "cuda" and context == max(contexts) and mode != "absorbed_plain":
-                        row[f"{mode}_profile"] = profile_step(model, cache, batch, device)
+                        row[f"{mode}_profile"] = profile_step(model, cache, batch, device, step=step)
             except torch.OutOfMemoryError:
                 row[mode] = {"skipped": "out of GPU memory"}
+            except Exception as error:  # a compile failure is a finding to report, not a reason to lose the run
+                if not compiled:
+                    raise
+                first = str(error).splitlines()[0][:200] if str(error) else ""
+                row[mode] = {"skipped": f"failed to compile: {type(error).__name__}: {first}"}
+                print(f"{mode} at context {context}, batch {batch}: {row[mode]['skipped']}")
             finally:
+                del step
                 if handle is not None:
                     handle.remove()
                 del cache
+                if compiled:
+                    torch._dynamo.reset()  # drop the graphs (and their CUDA-graph pools) before the next column
                 if device == "cuda":
                     torch.cuda.empty_cache()
         if device == "cuda" and not args.no_profile:
@@ -427,7 +539,7 @@ def main() -> None:
         print(json.dumps(row))
 
     for r in rows:
-        for mode in ("stock", "absorbed"):
+        for mode in ("stock", "absorbed", "stock_compiled", "absorbed_compiled"):
             if f"{mode}_profile" in r:
                 p = r[f"{mode}_profile"]
                 print(f"\nprofile, {mode}, context {r['context']}, batch {r['batch']}: wall {p['wall_ms']:.1f} ms/step "
@@ -464,6 +576,7 @@ def main() -> None:
               f"| {cell(s, 'peak_gib', '{:.2f}')} / {cell(a, 'peak_gib', '{:.2f}')} "
               f"| {cell(s, 'transient_gib', '{:.2f}')} / {cell(a, 'transient_gib', '{:.2f}')} "
               f"| {cell(r.get('absorbed_plain', {}), 'ms')} |")
+    print_compiled_table(rows)
 
 if __name__ == "__main__":
     main()
