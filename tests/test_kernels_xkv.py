@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from conftest import tiny_model
@@ -92,7 +94,49 @@ CASES = {
     "mha_odd_tokens": dict(q_heads=2, kv_heads=2, layout=("e1", "f33", "e5"), pad=(3, 0)),
     "gqa8_no_rope_three_segments": dict(q_heads=16, kv_heads=2, rope=False, layout=("f17", "f65", "f9", "e2")),
     "batch3_head64_no_sinks": dict(batch=3, head_dim=64, layout=("f71", "e4"), pad=(0, 5, 30), rank_k=16, rank_v=80),
+    "four_exact_parts": dict(layout=("e3", "f20", "e5", "f30", "e2", "e4"), pad=(0, 9)),
+    "exact_only": dict(layout=("e5", "e7"), pad=(2, 0)),
 }
+
+
+# -- counting torch ops and Triton launches of one call --------------------------------------------
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = Counter(), False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops_and_launches(fn) -> tuple[Counter, int]:
+    """Torch ops dispatched by ``fn()`` (views included: each costs host time; ops inside a Triton launch,
+    e.g. the interpreter's copies, are not counted) and Triton launches (``xkv_decode._launch``)."""
+    counter, launches, original = _OpCounter(), [0], xkv_decode._launch
+
+    def launch(*args, **kwargs):
+        launches[0] += 1
+        counter.paused = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    xkv_decode._launch = launch
+    try:
+        with counter:
+            fn()
+    finally:
+        xkv_decode._launch = original
+    return counter.ops, launches[0]
+
+
+# Bounds on one fused call (the Triton path): sinks + one segment + tail is 4 launches and 5 torch ops (4
+# allocations, the split-K sum); the version before this bound took 2 launches and 87 torch ops, among
+# them a torch.cat of sinks and tail every step and a float copy of B_v.
+OP_BOUNDS = {"one_segment": (("e4", "f100", "e20"), 4, 6), "two_segments": (("e4", "f60", "f40", "e20"), 7, 9)}
 
 
 # -- reference ------------------------------------------------------------------------------------
@@ -139,7 +183,14 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 sys.path[:0] = [{tests!r}, {root!r}]
 import torch
 from kvcompress.kernels import xkv_decode
-from test_kernels_xkv import CASES, make_case, rel_err, patched_generation_matches
+from test_kernels_xkv import CASES, OP_BOUNDS, count_ops_and_launches, make_case, rel_err, patched_generation_matches
+counts = {{}}
+for name, (layout, _, _) in OP_BOUNDS.items():
+    for masked in (False, True):
+        query, parts, scaling, valid = make_case(layout=layout, seed=4)
+        ops, launches = count_ops_and_launches(lambda: xkv_decode.xkv_decode_attention(
+            query, parts, scaling, valid if masked else None, use_triton=True))
+        counts[name + ("_masked" if masked else "")] = dict(ops=dict(ops), launches=launches)
 xkv_decode._POISON_BUFFERS = True
 errors = {{}}
 for name, case in CASES.items():
@@ -147,8 +198,13 @@ for name, case in CASES.items():
     ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
     out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
     errors[name] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
+query, parts, scaling, valid = make_case(seed=3)
+valid[1] = False  # a row that attends to nothing: 0, as the reference
+out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
+masked_row_ok = bool(torch.isfinite(out).all() and (out[1] == 0).all() and rel_err(out[0], ref[0]) <= 1e-4)
 calls = patched_generation_matches("llama", dict(hidden_size=128))
-print("RESULT " + json.dumps(dict(errors=errors, fused_calls=calls)))
+print("RESULT " + json.dumps(dict(errors=errors, fused_calls=calls, counts=counts, masked_row_ok=masked_row_ok)))
 """
 
 
@@ -166,7 +222,14 @@ def test_triton_interpreter_matches_reference_fp32():
     assert set(result["errors"]) == set(CASES)
     for name, error in result["errors"].items():
         assert error <= 1e-4, (name, error)
+    assert result["masked_row_ok"]
     assert result["fused_calls"] > 0  # the patched generation really went through the kernels
+    # Launches and torch ops per fused call stay bounded: a per-step torch.cat of the exact parts, a float
+    # copy of B_v or a torch-side softmax merge would break these.
+    for name, count in result["counts"].items():
+        _, max_launches, max_ops = OP_BOUNDS[name.removesuffix("_masked")]
+        assert count["launches"] <= max_launches and sum(count["ops"].values()) <= max_ops, (name, count)
+        assert "cat" not in count["ops"] and "_to_copy" not in count["ops"], (name, count)
 
 
 @pytest.mark.gpu
