@@ -110,10 +110,12 @@ def test_static_cache_overflow_names_max_cache_len():
 
 
 # -- compile (CPU tracing) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("family,overrides", VARIANTS)
-def test_decode_step_traces_fullgraph_without_recompiles(family, overrides):
+def test_decode_step_traces_fullgraph_without_recompiles(family, overrides, backend):
     """One patched decode step compiled with fullgraph=True (a graph break raises) is traced once and
-    reused for several steps (no recompiles: lengths live on the device), with eager's logits."""
+    reused for several steps (no recompiles: lengths live on the device), with eager's logits.
+    ``aot_eager`` also functionalises the graph: the in-place cache writes must survive as input mutations."""
     model = make_model(family, overrides)
     ids, mask = prompts([12, 9])
     cache = MLALatentCache(model.config, max_cache_len=32)
@@ -124,7 +126,7 @@ def test_decode_step_traces_fullgraph_without_recompiles(family, overrides):
     with patch_mla(model, max_absorbed_tokens=4), torch.no_grad():
         for c in (cache, eager_cache):
             model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: c})  # eager prefill
-        step = torch.compile(model, backend="eager", fullgraph=True)
+        step = torch.compile(model, backend=backend, fullgraph=True)
         token = torch.full((2, 1), 7, dtype=torch.long)
         # a 2-D mask of the cache's full width (future columns 1, masked by causality): the same shape at
         # every step, as a CUDA-graph decode loop keeps it
