@@ -425,7 +425,8 @@ class MLALatentCache(Cache):
         self.num_layers = cfg.num_hidden_layers
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_rope_head_dim = cfg.qk_rope_head_dim
-        self.max_cache_len = max_cache_len
+        # not stored as ``self.max_cache_len``: transformers 5.17's Cache has a read-only property of that
+        # name (deprecated there; get_max_length() answers max_cache_len for the static layers)
         if max_cache_len is None:
             layers = [MLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim) for i in range(self.num_layers)]
         else:  # fixed capacity: StaticLayer semantics, so generate() can compile the decode step
