@@ -29,6 +29,17 @@ Kernel only (about a minute):
     PYTHONPATH=. python benchmarks/mla_decode.py --device cuda --kernel-only --json mla_kernel.json
 CPU smoke run (small shapes, seconds):
     python benchmarks/mla_decode.py --device cpu --small
+
+Compiled decode (--compile): two more columns, "stock compiled" (unpatched model + transformers'
+StaticCache) and "absorbed compiled" (patch_mla + MLALatentCache(max_cache_len=context + 256)), each the
+model call under torch.compile(fullgraph=True, mode="reduce-overhead"): CUDA graphs, the Triton decode
+kernel inside the graph through its torch.library.triton_op. That is what generate() does by itself for a
+compileable cache on GPU. Each (context, batch) and column compiles once (tens of seconds, reported as
+warm-up seconds); recompiles during the timed steps are counted (should be 0). About 3 minutes on an H100:
+    PYTHONPATH=. python benchmarks/mla_decode.py --device cuda --compile --no-kernel --no-plain \
+        --contexts 8192 --batches 1 --json mla_compile.json
+On CPU the compiled columns trace with --compile-backend eager (tracing check only, no CUDA graphs).
+--kernel-only ignores --compile (no model).
 """
 
 from __future__ import annotations
@@ -508,7 +519,12 @@ def main() -> None:
                     if isinstance(cache, MLALatentCache):  # after the steps: the storage has grown once
                         row[f"{mode}_reserved_bytes"] = cache.reserved_nbytes()
                     if not args.no_profile and device == "cuda" and context == max(contexts) and mode != "absorbed_plain":
-                        row[f"{mode}_profile"] = profile_step(model, cache, batch, device, step=step)
+                        try:
+                            row[f"{mode}_profile"] = profile_step(model, cache, batch, device, step=step)
+                        except Exception as error:  # the profiler around CUDA-graph replays: report, keep the row
+                            if not compiled:
+                                raise
+                            print(f"{mode} profile failed: {type(error).__name__}: {error}")
             except torch.OutOfMemoryError:
                 row[mode] = {"skipped": "out of GPU memory"}
             except Exception as error:  # a compile failure is a finding to report, not a reason to lose the run
