@@ -314,9 +314,10 @@ class XKVLayer(CacheLayerMixin):
             return self.keys, self.values
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
-    def decode_parts(self) -> list:
+    def decode_parts(self, tail: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
         """The layer's tokens in order as :mod:`kvcompress.kernels.xkv_decode` parts: the sinks
-        (``ExactPart``), one ``FactoredPart`` per segment (with its RoPE table when ``pre_rope``), the tail."""
+        (``ExactPart``), one ``FactoredPart`` per segment (with its RoPE table when ``pre_rope``), the tail
+        (``tail``: the views ``update`` returned, to save two view ops per step; default: ``keys/values``)."""
         from .kernels.xkv_decode import ExactPart, FactoredPart
 
         parts = [ExactPart(self.sink_keys, self.sink_values)]
@@ -324,9 +325,8 @@ class XKVLayer(CacheLayerMixin):
             cos = sin = None
             if self._cache.pre_rope:
                 cos, sin = self._cache._rope_table(segment.start, segment.length, segment.key_factor.device)
-                cos, sin = cos[:, 0, :], sin[:, 0, :]
             parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
-        parts.append(ExactPart(self.keys, self.values))
+        parts.append(ExactPart(*tail) if tail is not None else ExactPart(self.keys, self.values))
         return parts
 
     def nbytes(self) -> int:
@@ -560,19 +560,21 @@ class XKVCache(Cache):
 
     # -- compression -------------------------------------------------------------------------------
     def _rope_table(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[T, 1, rotary_dim]`` (float32) of slots ``start..start+T``, built once per segment and
-        shared by every layer and every decode step; part of what the cache holds (``nbytes()`` counts it)."""
+        """cos/sin ``[T, rotary_dim]`` (float32) of slots ``start..start+T``, built once per segment and
+        shared by every layer and every decode step (2-D, as the fused decode reads them: no per-step view);
+        part of what the cache holds (``nbytes()`` counts it)."""
         key = (start, length, device)
         table = self._rope_tables.get(key)
         if table is None:
             positions = torch.arange(start, start + length, device=device)
             cos, sin = rope_cos_sin(self._inv_freq, positions)
-            table = self._rope_tables[key] = (cos[:, None, :], sin[:, None, :])
+            table = self._rope_tables[key] = (cos, sin)
         return table
 
     def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
         """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``."""
         cos, sin = self._rope_table(start, keys.shape[1], keys.device)
+        cos, sin = cos[:, None, :], sin[:, None, :]
         return apply_rope(keys, cos, sin if sign > 0 else -sin)
 
     def _rebuild(self, factor: torch.Tensor, right: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -706,14 +708,14 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                                                scaling=scaling, **kwargs)
     from .kernels.xkv_decode import valid_mask_from_attention_mask, xkv_decode_attention
 
-    layer.deferred = None
+    tail, layer.deferred = layer.deferred, None
     if kwargs.get("softcap") is not None or dropout:
         raise ValueError("patch_xkv's fused decode supports neither attention softcapping nor dropout; "
                          "remove the patch (handle.remove()) for this model")
-    parts = layer.decode_parts()
+    parts = layer.decode_parts(tail=tail)  # the tail views update() returned: no new views per step
     total = sum(part.length for part in parts)
     if attention_mask is not None and attention_mask.dim() == 2:  # flash-attention style [B, T] padding mask
-        valid = attention_mask[:, -total:].bool().expand(query.shape[0], total).contiguous()
+        valid = attention_mask[:, -total:].bool().expand(query.shape[0], total)
     else:
         valid = valid_mask_from_attention_mask(attention_mask, query.shape[0], total)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

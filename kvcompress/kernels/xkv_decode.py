@@ -199,16 +199,21 @@ def _check(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | Non
 def valid_mask_from_attention_mask(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
     """The per-token bool mask ``[batch, tokens]`` (True = attend) from transformers' decode-step 4-D mask
     ``[B or 1, 1, 1, >= tokens]`` (bool, or additive float where ``finfo.min`` means masked). ``None`` stays
-    ``None`` (every token attended)."""
+    ``None`` (every token attended). The result may be a strided view (a bool mask's last query row,
+    broadcast over the batch): at most 3 torch ops, as this runs for every layer of every decode step."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise ValueError(f"attention mask must be a 4-D tensor [batch, 1, queries, tokens], got "
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    last = mask[:, 0, -1, -tokens:]
+    if mask.shape[-1] < tokens:
+        raise ValueError(f"attention mask covers {mask.shape[-1]} tokens, fewer than the {tokens} attended")
+    # mask[:, 0, -1, -tokens:] as one view instead of three
+    offset = mask.storage_offset() + (mask.shape[2] - 1) * mask.stride(2) + (mask.shape[3] - tokens) * mask.stride(3)
+    last = mask.as_strided((mask.shape[0], tokens), (mask.stride(0), mask.stride(3)), offset)
     if mask.dtype != torch.bool:  # additive: anything above half the dtype's lowest value counts as attend
         last = last > torch.finfo(mask.dtype).min / 2
-    return last.expand(batch, tokens).contiguous()
+    return last if last.shape[0] == batch else last.expand(batch, tokens)
 
 
 # -- reference ------------------------------------------------------------------------------------
