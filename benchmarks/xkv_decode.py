@@ -20,6 +20,12 @@ context ``T``: 4 sink tokens, one segment of ``T - 68`` tokens, a 64-token tail.
 
 Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs). About 2 minutes on an H100.
 
+Host work per fused call (printed as "per call: ..."): torch ops dispatched (views included) and Triton
+launches. Counted under the CPU interpreter for sinks + one segment + tail: before the single-buffer
+rewrite 87 torch ops (39 of them views; a torch.cat of sinks and tail, logsumexp/where merges, a float copy
+of B_v) + 2 launches; after, 5 torch ops (4 allocations and the split-K sum) + 4 launches
+(``tests/test_kernels_xkv.py`` bounds it). patch_xkv's attention function adds 1 view (the mask row).
+
 GPU:
     PYTHONPATH=. python benchmarks/xkv_decode.py
 CPU smoke run (reference path only, tiny shapes):
@@ -140,6 +146,42 @@ def check(device: str) -> bool:
     return ok
 
 
+def count_call(fn) -> tuple[int, int, dict]:
+    """(torch ops dispatched, Triton launches, ops by name) of one call of ``fn``; ops inside a launch (the
+    interpreter's copies) are not counted."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kvcompress.kernels import xkv_decode as kernels
+
+    class Count(TorchDispatchMode):
+        paused = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.paused:
+                ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    ops, launches, original, mode = Counter(), [0], kernels._launch, Count()
+
+    def launch(*args, **kwargs):
+        launches[0] += 1
+        mode.paused = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            mode.paused = False
+
+    kernels._launch = launch
+    try:
+        with mode:
+            fn()
+    finally:
+        kernels._launch = original
+    return sum(ops.values()), launches[0], dict(ops)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,6 +211,10 @@ def main() -> None:
             stock = measure(lambda: sdpa(query, keys, values, scale))
             today = measure(lambda: sdpa(query, *materialise(parts), scale))
             fused = measure(lambda: xkv_decode_attention(query, parts, scale))
+            if not rows:
+                n_ops, n_launches, by_name = count_call(lambda: xkv_decode_attention(query, parts, scale))
+                path = "Triton kernels" if n_launches else "reference path"
+                print(f"per call ({path}): {n_ops} torch ops + {n_launches} Triton launches {by_name}", flush=True)
             del keys, values
             seg = tokens - SINK - TAIL
             e = query.element_size()

@@ -779,6 +779,13 @@ def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: fl
         raise ValueError("parts hold no tokens")
     if use_triton and _kernel_supported(query, parts, value_dim):
         return _fused_triton(query, parts, scaling, valid, kv_heads, value_dim, total)
-    partials = [part_attention_reference(query, part, scaling, part_valid)
-                for part, part_valid in zip(parts, _split_valid(valid, parts)) if part.length]
+    # Reference path (CPU, or shapes the kernels do not cover): softmax ignores token order, so the exact
+    # parts (sinks, tail) become one, one small attention instead of one per part.
+    pieces = [(p, v) for p, v in zip(parts, _split_valid(valid, parts)) if p.length]
+    exact = [(p, v) for p, v in pieces if isinstance(p, ExactPart)]
+    if len(exact) > 1:
+        joined = ExactPart(torch.cat([p.keys for p, _ in exact], dim=-2), torch.cat([p.values for p, _ in exact], dim=-2))
+        pieces = [(p, v) for p, v in pieces if not isinstance(p, ExactPart)]
+        pieces.append((joined, None if valid is None else torch.cat([v for _, v in exact], dim=-1)))
+    partials = [part_attention_reference(query, part, scaling, part_valid) for part, part_valid in pieces]
     return merge_partials(partials).to(query.dtype)[:, None]
