@@ -30,6 +30,16 @@ bitwise equal to the unpatched model.
 ``MLALatentCache`` holds per layer exactly ``c`` ``[B, 1, T, r]`` and ``k^R`` ``[B, 1, T, p]``:
 ``nbytes() = layers * B * T * (r + p) * element_size``.
 
+torch.compile / CUDA graphs
+--------------------------
+``MLALatentCache(config, max_cache_len=N)`` has ``StaticLayer`` semantics (fixed-capacity storage at
+static addresses, a 0-d device length counter, ``is_compileable``), so ``generate`` compiles the patched
+decode step like it does for ``StaticCache``. The patched forward then passes the full-capacity latent and
+``kv_lengths`` (the device counter) to the decode attention: no shape or Python value changes between
+steps (no recompiles), no host syncs, no graph breaks (``fullgraph=True``). On CUDA the Triton kernel is
+called through a ``torch.library.triton_op`` inside compiled code, so inductor keeps it in the graph and
+mode ``reduce-overhead`` captures the whole step in a CUDA graph.
+
 Which transformers versions
 ---------------------------
 In transformers 5.17 through 5.24 DeepSeek-V2/V3 attention hands the cache the latent (``[B, 1, S, r]``
@@ -84,8 +94,10 @@ class GrowableLayer(DynamicLayer):
     256 to 511 spare tokens; when capacity runs out the storage grows
     to ``max(needed, 1.25 * capacity)`` rounded up to a multiple of 256 tokens, so the copies are
     amortised ``O(1)`` per token and the number of reallocations is logarithmic in the length. With
-    ``max_cache_len`` the storage is allocated once at that capacity (static shapes, e.g. for CUDA graphs)
-    and exceeding it raises.
+    ``max_cache_len`` the storage is allocated once at that capacity and exceeding it raises; the valid
+    length is still a Python int (the returned views change shape every step), so this is not what
+    ``torch.compile`` / CUDA graphs need: ``MLALatentCache(max_cache_len=...)`` uses
+    :class:`StaticMLALatentLayer` for that.
 
     ``keys``/``values`` are views of the valid tokens (``[:, :, :T]``), so every ``cache_utils`` operation
     written against them still works; assigning a tensor to them replaces the storage with it (capacity =
@@ -406,8 +418,13 @@ class MLALatentCache(Cache):
 
     It also works on an unpatched model on transformers >= 5.17 (same memory, stock speed).
 
-    Each layer keeps its tokens in preallocated storage that grows geometrically (see
-    :class:`GrowableLayer`): a decode step writes one token in place instead of re-copying the cache.
+    Without ``max_cache_len`` each layer keeps its tokens in preallocated storage that grows geometrically
+    (see :class:`GrowableLayer`): a decode step writes one token in place instead of re-copying the cache.
+    With it the layers are static (:class:`StaticMLALatentLayer`) and the cache is compileable::
+
+        cache = MLALatentCache(model.config, max_cache_len=prompt_len + max_new_tokens)
+        model.generate(..., past_key_values=cache, compile_config=CompileConfig(mode="reduce-overhead",
+                       fullgraph=True))   # on CUDA generate compiles the decode step by itself
     ``nbytes()`` counts the valid tokens (the formula), ``reserved_nbytes()`` the allocated storage.
 
     Args:
