@@ -413,10 +413,11 @@ class _InterpretedLauncher:
 
 def _wrap_for_op(kernel):
     """``torch.library.wrap_triton(kernel)``: a launch that torch's tracers see as a graph node."""
-    wrapped = torch.library.wrap_triton(kernel)
-    if wrapped is kernel and not isinstance(kernel, triton.runtime.jit.JITFunction):  # the interpreter
+    if not isinstance(kernel, triton.runtime.jit.JITFunction):
+        # Triton's CPU interpreter (an InterpretedFunction): torch >= 2.12 hands it back unwrapped, older
+        # versions raise, so it is never passed to wrap_triton
         return _InterpretedLauncher(kernel)
-    return wrapped
+    return torch.library.wrap_triton(kernel)
 
 
 # -- the custom op (torch.compile / CUDA graphs) ----------------------------------------------------
