@@ -41,6 +41,7 @@ so, else the reference.
 
 import functools
 import math
+from typing import Optional
 
 import torch
 
@@ -435,9 +436,9 @@ if _HAVE_TRITON and hasattr(torch.library, "triton_op") and hasattr(torch.librar
             latent: torch.Tensor,
             rope_key: torch.Tensor,
             scale: float,
-            kv_lengths: torch.Tensor | None,
-            kv_starts: torch.Tensor | None,
-            key_mask: torch.Tensor | None,
+            kv_lengths: Optional[torch.Tensor],  # typing.Optional: what older infer_schema versions parse
+            kv_starts: Optional[torch.Tensor],
+            key_mask: Optional[torch.Tensor],
         ) -> torch.Tensor:
             """The Triton path of :func:`mla_decode_attention` (3-D caches, validated inputs) as a custom op."""
             return _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask,
