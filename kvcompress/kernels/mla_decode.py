@@ -445,8 +445,11 @@ if _HAVE_TRITON and hasattr(torch.library, "triton_op") and hasattr(torch.librar
                                    None, wrap=_wrap_for_op)
 
         _OP = torch.ops.kvcompress.mla_decode_attention
-    except Exception:  # an older torch whose triton_op cannot infer this schema: eager launches only
-        _OP = None
+    except Exception:  # registered already (a module reload), or a torch whose triton_op cannot take it
+        try:
+            _OP = torch.ops.kvcompress.mla_decode_attention
+        except (AttributeError, RuntimeError):
+            _OP = None  # eager launches only
 
 
 def mla_decode_attention(
