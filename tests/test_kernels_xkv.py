@@ -176,6 +176,23 @@ def test_bad_inputs_raise_naming_the_parameter():
         xkv_decode_attention(query, [object()], scaling)
 
 
+def test_valid_mask_from_attention_mask_views():
+    """Bool and additive 4-D masks (batch or broadcast rows, more columns than tokens, a non-contiguous
+    view): the last query row's last ``tokens`` columns, in one view op for a bool mask."""
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(3, 1, 2, 12, generator=g) > 0.3
+    additive = torch.zeros(3, 1, 2, 12).masked_fill(~keep, torch.finfo(torch.float32).min)
+    expected = keep[:, 0, -1, -9:]
+    for mask in (keep, additive, keep.transpose(2, 3).contiguous().transpose(2, 3)):
+        valid = xkv_decode.valid_mask_from_attention_mask(mask, 3, 9)
+        assert valid.dtype == torch.bool and torch.equal(valid, expected)
+    valid = xkv_decode.valid_mask_from_attention_mask(keep[:1], 3, 9)
+    assert valid.shape == (3, 9) and torch.equal(valid, expected[:1].expand(3, 9))
+    assert xkv_decode.valid_mask_from_attention_mask(None, 3, 9) is None
+    with pytest.raises(ValueError, match="fewer than"):
+        xkv_decode.valid_mask_from_attention_mask(keep, 3, 13)
+
+
 # -- Triton ---------------------------------------------------------------------------------------
 _INTERPRETER_SCRIPT = r"""
 import json, os, sys
@@ -198,6 +215,14 @@ for name, case in CASES.items():
     ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
     out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
     errors[name] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
+for block_t, block_r in ((256, 64), (128, 32)):  # the autotuner's large token tiles (T < BLOCK_T included)
+    xkv_decode._SCORES_FIXED = dict(BLOCK_T=block_t, BLOCK_R=block_r, num_warps=8, num_stages=2)
+    for name in ("gqa4_pad_two_segments", "gqa8_no_rope_three_segments"):
+        query, parts, scaling, valid = make_case(**dict(CASES[name], layout=("e3", "f300", "f37", "e9")), seed=6)
+        ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
+        out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+        errors[f"{{name}}_tile{{block_t}}"] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
+xkv_decode._SCORES_FIXED = None
 query, parts, scaling, valid = make_case(seed=3)
 valid[1] = False  # a row that attends to nothing: 0, as the reference
 out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
@@ -219,7 +244,7 @@ def test_triton_interpreter_matches_reference_fp32():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
-    assert set(result["errors"]) == set(CASES)
+    assert set(CASES) <= set(result["errors"]) and len(result["errors"]) == len(CASES) + 4
     for name, error in result["errors"].items():
         assert error <= 1e-4, (name, error)
     assert result["masked_row_ok"]

@@ -89,6 +89,9 @@ except Exception:  # ImportError, or a broken install without a GPU toolchain
 # Tests set this to fill the kernels' output buffers with NaN before launch, so that an element a kernel
 # fails to write shows up as NaN instead of passing with stale memory.
 _POISON_BUFFERS = False
+# Tests set this to a dict (BLOCK_T, BLOCK_R, num_warps, num_stages) to run kernel 1 with one of the
+# autotuner's configs where it does not autotune (the interpreter, KVCOMPRESS_XKV_AUTOTUNE=0).
+_SCORES_FIXED: dict | None = None
 
 __all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
@@ -641,7 +644,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         kernel, tuning = _xkv_scores_kernel_tuned, {}
     else:
         kernel = _xkv_scores_kernel
-        tuning = dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64, num_warps=4 if wide else 8)
+        tuning = _SCORES_FIXED or dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64,
+                                       num_warps=4 if wide else 8)
     col = n_exact
     columns = []
     for part, token0 in segments:
@@ -684,8 +688,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         scores.stride(0), scores.stride(1), scores.stride(2),
         shift.stride(0), shift.stride(1),
         float(scaling),
-        D=head_dim, BLOCK_E=32, BLOCK_S=1024 if device.type == "cuda" else 64, HAS_VALID=has_valid,
-        num_warps=4,
+        D=head_dim, BLOCK_E=32, BLOCK_S=2048 if device.type == "cuda" else 64, HAS_VALID=has_valid,
+        num_warps=8 if device.type == "cuda" else 4,
     )
     # 3. split-K partials of softmax . U_v, one buffer per segment
     block_r, block_tv = 64 if wide else 128, 32 if wide else 64
