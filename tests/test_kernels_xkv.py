@@ -96,6 +96,7 @@ CASES = {
     "batch3_head64_no_sinks": dict(batch=3, head_dim=64, layout=("f71", "e4"), pad=(0, 5, 30), rank_k=16, rank_v=80),
     "four_exact_parts": dict(layout=("e3", "f20", "e5", "f30", "e2", "e4"), pad=(0, 9)),
     "exact_only": dict(layout=("e5", "e7"), pad=(2, 0)),
+    "short_segment_one_split": dict(layout=("e2", "f20", "e3"), pad=(0, 3)),
 }
 
 

@@ -718,7 +718,11 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         )
         # The split-K sum as one reduction (deterministic); summing in the output kernel would be a serial
         # loop over up to ~2 * SMs splits at batch 1.
-        partials.append((partial.sum(dim=1), rank_v))
+        if splits > 1:
+            latent = partial.sum(dim=1)
+            partials.append((latent, latent.stride(), rank_v))
+        else:  # one split: the partial is the latent, no reduction
+            partials.append((partial, (partial.stride(0), partial.stride(2), partial.stride(3)), rank_v))
     # 4. project, add the exact parts, write
     v1 = e1.values if e1 is not None else query
     v2 = e2.values if e2 is not None else query
@@ -729,8 +733,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     steps = [(seg, p) for (seg, _), p in zip(segments, partials)] or [(None, None)]
     for i, (seg, partial_info) in enumerate(steps):
         if seg is not None:
-            latent, rank_v = partial_info
-            bv, sp, sb = seg.value_right, latent.stride(), seg.value_right.stride()
+            latent, sp, rank_v = partial_info
+            bv, sb = seg.value_right, seg.value_right.stride()
         else:
             latent, rank_v, bv, sp, sb = scores, 0, scores, (0, 0, 0), (0, 0, 0)
         last = i == len(steps) - 1
