@@ -594,11 +594,11 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
                   kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
-    """All parts of one layer in ``3 * segments + 1`` launches and ``2 * segments + 3`` torch ops (allocations,
-    the split-K sum; one more float32 accumulator with several segments): every part's scores go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the
-    segments), its log-sum-exp is taken once over all parts, so each part's ``softmax`` is already globally
-    normalised and the parts just add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and
-    tail).
+    """All parts of one layer in ``3 * segments + 1`` launches and at most ``2 * segments + 3`` torch ops
+    (allocations, the split-K sums; one more float32 accumulator with several segments). Every part's scores
+    go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the segments) whose log-sum-exp is
+    taken once over all parts, so each part's ``softmax`` is already globally normalised and the parts just
+    add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and tail).
 
     1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns;
     2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked);
