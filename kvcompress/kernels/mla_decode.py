@@ -370,7 +370,13 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
         lse_part.fill_(float("nan"))
     if out is None:
         out = torch.empty_like(q_latent)
-    mask = key_mask.view(torch.uint8) if key_mask is not None else latent  # dummy pointer when unused
+    if key_mask is None:
+        mask = latent  # dummy pointer, never read
+    elif torch.compiler.is_compiling():
+        # inductor cannot lower a bool -> uint8 reinterpreting view (torch.iinfo(bool) fails): a B x T byte copy
+        mask = key_mask.to(torch.uint8)
+    else:
+        mask = key_mask.view(torch.uint8)
     mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
     starts = kv_starts if kv_starts is not None else latent
     lens = kv_lengths if kv_lengths is not None else latent
