@@ -241,26 +241,28 @@ class GrowableLayer(DynamicLayer):
         return tensor_nbytes(self._key_storage, self._value_storage) if self.is_initialized else 0
 
 
-class MLALatentLayer(GrowableLayer):
-    """One layer of an :class:`MLALatentCache`: the latent ``c`` (``keys``, ``[B, 1, T, kv_lora_rank]``) and
-    the rotated RoPE key (``values``, ``[B, 1, T, qk_rope_head_dim]``), appended token by token.
+class _LatentLayerNames:
+    """What the MLA cache layers share: ``keys``/``values`` hold the latent and the RoPE key (the names
+    ``cache_utils`` uses), ``latent``/``rope_key`` say so, and ``check_states`` validates new states
+    (shapes, dtypes and devices only, so it is traceable by torch.compile)."""
 
-    The names ``keys``/``values`` are the ones ``cache_utils`` layers use (crop, reorder, batch ops and
-    offloading work on them unchanged); :attr:`latent` and :attr:`rope_key` say what they hold.
-    """
+    layer_idx: int
+    kv_lora_rank: int
+    qk_rope_head_dim: int
 
-    def __init__(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int, max_cache_len: int | None = None):
-        super().__init__(max_cache_len)
+    def _set_widths(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int) -> None:
         self.layer_idx = layer_idx
         self.kv_lora_rank = kv_lora_rank
         self.qk_rope_head_dim = qk_rope_head_dim
 
     @property
     def latent(self) -> torch.Tensor | None:
+        """The latent storage (``keys``; a static layer returns its whole capacity), None before the first update."""
         return self.keys if self.is_initialized else None
 
     @property
     def rope_key(self) -> torch.Tensor | None:
+        """The RoPE-key storage (``values``), None before the first update."""
         return self.values if self.is_initialized else None
 
     def check_states(self, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
@@ -302,13 +304,26 @@ class MLALatentLayer(GrowableLayer):
                     "holds; use a new cache for another batch"
                 )
 
+
+class MLALatentLayer(_LatentLayerNames, GrowableLayer):
+    """One layer of an :class:`MLALatentCache`: the latent ``c`` (``keys``, ``[B, 1, T, kv_lora_rank]``) and
+    the rotated RoPE key (``values``, ``[B, 1, T, qk_rope_head_dim]``), appended token by token.
+
+    The names ``keys``/``values`` are the ones ``cache_utils`` layers use (crop, reorder, batch ops and
+    offloading work on them unchanged); :attr:`latent` and :attr:`rope_key` say what they hold.
+    """
+
+    def __init__(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int, max_cache_len: int | None = None):
+        super().__init__(max_cache_len)
+        self._set_widths(layer_idx, kv_lora_rank, qk_rope_head_dim)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``key_states`` (the latent) and ``value_states`` (the rope key); return the whole sequence's."""
         self.check_states(key_states, value_states)
         return super().update(key_states, value_states, *args, **kwargs)
 
 
-class StaticMLALatentLayer(StaticLayer):
+class StaticMLALatentLayer(_LatentLayerNames, StaticLayer):
     """One layer of an :class:`MLALatentCache` built with ``max_cache_len``: fixed-capacity storage that a
     compiled / CUDA-graph-captured decode step can update (transformers' ``StaticLayer`` recipe).
 
@@ -330,23 +345,9 @@ class StaticMLALatentLayer(StaticLayer):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         super().__init__(max_cache_len)
-        self.layer_idx = layer_idx
-        self.kv_lora_rank = kv_lora_rank
-        self.qk_rope_head_dim = qk_rope_head_dim
+        self._set_widths(layer_idx, kv_lora_rank, qk_rope_head_dim)
         # host mirror of cumulative_length for the eager overflow check; None = unknown (compiled steps ran)
         self._host_length: int | None = 0
-
-    check_states = MLALatentLayer.check_states  # same shape/dtype/device checks (shape-only: traceable)
-
-    @property
-    def latent(self) -> torch.Tensor | None:
-        """The whole latent storage (valid tokens first), or None before the first update."""
-        return self.keys if self.is_initialized else None
-
-    @property
-    def rope_key(self) -> torch.Tensor | None:
-        """The whole RoPE-key storage (valid tokens first), or None before the first update."""
-        return self.values if self.is_initialized else None
 
     @property
     def capacity(self) -> int:
