@@ -372,8 +372,9 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
         out = torch.empty_like(q_latent)
     if key_mask is None:
         mask = latent  # dummy pointer, never read
-    elif torch.compiler.is_compiling():
-        # inductor cannot lower a bool -> uint8 reinterpreting view (torch.iinfo(bool) fails): a B x T byte copy
+    elif wrap is not _direct or torch.compiler.is_compiling():
+        # traced (the custom op under inductor): inductor cannot lower a bool -> uint8 reinterpreting view
+        # (torch.iinfo(bool) fails), so a B x T byte copy
         mask = key_mask.to(torch.uint8)
     else:
         mask = key_mask.view(torch.uint8)
