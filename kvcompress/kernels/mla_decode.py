@@ -260,7 +260,8 @@ if _HAVE_TRITON:
             else:
                 s = tl.dot(q, tl.trans(c))
                 s += tl.dot(qr, tl.trans(kr))
-            s = s * scale_log2  # log2 domain: exp2 below
+            # log2 domain (exp2 below); the cast: inductor passes a Python float scalar as fp64
+            s = (s * scale_log2).to(tl.float32)
             allowed = offs_t[None, :] < row_end[:, None]
             if HAS_MASK:
                 keep = tl.load(MASK + b * stride_mb + offs_t * stride_mt, mask=t_ok, other=0)
