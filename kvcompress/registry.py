@@ -371,23 +371,27 @@ register_method(
 
 
 def _mla_params() -> tuple[Param, ...]:
-    from .mla import patch_mla
+    from .mla import MLALatentCache, patch_mla
 
     d = signature_defaults(patch_mla)
+    c = signature_defaults(MLALatentCache)
     return (
         Param("max_absorbed_tokens", d["max_absorbed_tokens"],
               "forwards of at most this many new tokens take the absorbed path (patch_model only)",
               (Range(int, low=1),)),
+        Param("max_cache_len", c["max_cache_len"], "None (storage grows) or a fixed capacity in tokens "
+              "(static shapes: compileable, CUDA graphs)", (Range(int, low=1),), none_ok=True),
     )
 
 
-def _build_mla(model_or_config, max_absorbed_tokens: int):
+def _build_mla(model_or_config, max_absorbed_tokens: int, max_cache_len: int | None = None):
     from .mla import MLALatentCache
 
-    return MLALatentCache(model_or_config)  # max_absorbed_tokens belongs to the attention patch
+    # max_absorbed_tokens belongs to the attention patch
+    return MLALatentCache(model_or_config, max_cache_len=max_cache_len)
 
 
-def _install_mla(model, handle, max_absorbed_tokens: int) -> None:
+def _install_mla(model, handle, max_absorbed_tokens: int, max_cache_len: int | None = None) -> None:
     from .mla import patch_mla
 
     # patch_mla validates (attention implementation, ...) before it changes anything, then records its

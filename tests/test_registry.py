@@ -248,3 +248,14 @@ def test_cli_strings_are_parsed_by_the_declaration():
         xkv.parse_cli_params(["windw=3"])
     with pytest.raises(ValueError, match="NAME=VALUE"):
         xkv.parse_cli_params(["window"])
+
+
+def test_mla_max_cache_len_builds_a_static_capacity_cache():
+    from kvcompress.mla import StaticMLALatentLayer
+
+    cfg = tiny_config("deepseek_v2")
+    cache = make_cache("mla", cfg, max_cache_len=64)
+    assert all(isinstance(layer, StaticMLALatentLayer) for layer in cache.layers)
+    assert not any(isinstance(layer, StaticMLALatentLayer) for layer in make_cache("mla", cfg).layers)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        make_cache("mla", cfg, max_cache_len=0)
