@@ -31,3 +31,21 @@ def triton_usable(tensor: torch.Tensor) -> bool:
     if os.environ.get("TRITON_INTERPRET", "") == "1":  # Triton's CPU interpreter: development and tests
         return _triton_importable()
     return tensor.is_cuda and _triton_importable()
+
+
+def next_pow2(n: int, least: int = 16) -> int:
+    """The smallest power of two >= ``max(n, least)``: ``tl.arange`` and ``tl.dot`` block sizes."""
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached: launch planning runs every decode step);
+    4 elsewhere (Triton's CPU interpreter), so that the split-over-sequence paths are still exercised."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

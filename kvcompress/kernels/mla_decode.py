@@ -39,13 +39,12 @@ float64 inputs) with dense masks; it is the CPU path and the definition the kern
 so, else the reference.
 """
 
-import functools
 import math
 from typing import Optional
 
 import torch
 
-from . import triton_usable
+from . import next_pow2 as _pow2, sm_count, triton_usable
 
 try:  # Triton is optional: without it (CPU-only installs) the reference is the only path
     import triton
@@ -315,23 +314,13 @@ if _HAVE_TRITON:
                  acc.to(OUT.dtype.element_ty), mask=r_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (max(n, 1) - 1).bit_length())
-
-
 def plan(batch: int, rows: int, tokens: int, device: torch.device, block_m: int = 16, block_t: int = 32,
          min_chunk: int = 256) -> tuple[int, int]:
     """``(chunks, chunk_len)``: split the tokens so that ``row blocks * chunks * batch`` programs fill
     about two waves of the GPU's SMs, with at least ``min_chunk`` tokens per chunk (partials stay a small
     fraction of the bytes read). ``chunk_len`` is a multiple of ``block_t`` and every chunk is non-empty.
     Depends only on shapes, so a captured decode step keeps its launch configuration."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sms = sm_count(device)
     programs = batch * math.ceil(rows / block_m)
     chunks = max(1, min(math.ceil(2 * sms / programs), math.ceil(tokens / min_chunk)))
     chunk_len = math.ceil(math.ceil(tokens / chunks) / block_t) * block_t

@@ -76,7 +76,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import triton_usable
+from . import next_pow2 as _pow2, sm_count, triton_usable
 
 try:  # Triton is optional: without it (CPU-only installs) the reference is the only path
     import triton
@@ -560,23 +560,6 @@ def _autotune() -> bool:
             and os.environ.get("KVCOMPRESS_XKV_AUTOTUNE", "1") not in ("0", ""))
 
 
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (max(n, 1) - 1).bit_length())
-
-
-_SM_COUNTS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits exercise the split-K path
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SM_COUNTS.get(index)
-    if count is None:
-        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
-
-
 def _pow2_at_least_16(n: int) -> bool:
     return n >= 16 and not n & (n - 1)
 
@@ -698,7 +681,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
         r_chunks = triton.cdiv(rank_v, block_r)
         tiles = triton.cdiv(tokens, block_tv)
-        splits = max(1, min(tiles, math.ceil(2 * _sm_count(device) / (r_chunks * batch))))
+        splits = max(1, min(tiles, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
         tiles_per_split = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, tiles_per_split)
         partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
