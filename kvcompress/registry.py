@@ -333,6 +333,8 @@ def _xkv_params() -> tuple[Param, ...]:
               (Range(int, low=1),)),
         Param("svd_method", d["svd_method"], "factorisation route: auto, exact, gram32, randomized",
               (Range(str, choices=SVD_METHODS),), note="auto = exact on CPU, gram32 on GPU"),
+        Param("max_cache_len", d["max_cache_len"], "None (storage grows) or a fixed capacity in tokens "
+              "(static shapes: compileable, CUDA graphs)", (Range(int, low=1),), none_ok=True),
     )
 
 

@@ -49,7 +49,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
 from .models import text_config
 from .ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, tensor_nbytes, truncated_svd
@@ -129,12 +129,29 @@ class XKVLayer(CacheLayerMixin):
         self.value_rights: list[torch.Tensor] = []
         self.defer_decode = False
         self.deferred: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Static capacity (XKVCache(max_cache_len=N)): sinks + compressed tokens + tail capacity == N at all
+        # times, the tail's valid length is the device counter ``tail_length`` (host mirror ``_tail_len``,
+        # None after compiled steps: re-read once, one sync, by the next eager access).
+        self.max_cache_len: int | None = cache.max_cache_len
+        self.tail_length: torch.Tensor | None = None
+        if self.max_cache_len is not None:
+            self.is_compileable = True
+
+    @property
+    def is_static(self) -> bool:
+        return self.max_cache_len is not None
+
+    def _valid_tail(self) -> int:
+        """Valid tail tokens as a Python int (static: one host sync after compiled steps)."""
+        if self._tail_len is None:
+            self._tail_len = int(self.tail_length)
+        return self._tail_len
 
     # -- the exact tail: a growable buffer, ``keys``/``values`` are views of its valid part -----------
     @property
     def keys(self) -> torch.Tensor | None:
         buffer = self.__dict__.get("_key_buffer")
-        return None if buffer is None else buffer[..., : self._tail_len, :]
+        return None if buffer is None else buffer[..., : self._valid_tail(), :]
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
@@ -145,11 +162,11 @@ class XKVLayer(CacheLayerMixin):
     @property
     def values(self) -> torch.Tensor | None:
         buffer = self.__dict__.get("_value_buffer")
-        return None if buffer is None else buffer[..., : self._tail_len, :]
+        return None if buffer is None else buffer[..., : self._valid_tail(), :]
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
-        if value is not None and self.__dict__.get("_key_buffer") is not None and value.shape[-2] != self._tail_len:
+        if value is not None and self.__dict__.get("_key_buffer") is not None and value.shape[-2] != self._valid_tail():
             raise ValueError(f"values hold {value.shape[-2]} tokens but keys hold {self._tail_len}; assign keys first")
         self._value_buffer = value
 
@@ -168,6 +185,9 @@ class XKVLayer(CacheLayerMixin):
         self._key_buffer, self._value_buffer = new_keys, new_values
 
     def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self.is_static:
+            self._append_static(key_states, value_states)
+            return
         needed = self._tail_len + key_states.shape[-2]
         if needed > self.tail_capacity():
             self._reallocate_tail(tail_capacity(needed, self.tail_capacity()))
@@ -175,11 +195,52 @@ class XKVLayer(CacheLayerMixin):
         self._value_buffer[..., self._tail_len : needed, :].copy_(value_states)
         self._tail_len = needed
 
+    def _append_static(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Static capacity: write the new tokens in place at the device counter (StaticLayer's recipe, so a
+        compiled step has no Python-int length to guard on), checking overflow where that costs no sync."""
+        new = key_states.shape[-2]
+        if torch.compiler.is_compiling():
+            positions = self.tail_length + torch.arange(new, device=key_states.device)
+            self._key_buffer.index_copy_(2, positions, key_states)
+            self._value_buffer.index_copy_(2, positions, value_states)
+            self.tail_length.add_(new)
+            self._tail_len = None
+            return
+        seen = self._valid_tail()
+        if seen + new > self.tail_capacity():
+            held = self.max_cache_len - self.tail_capacity() + seen
+            raise ValueError(
+                f"layer {self.layer_idx}: {held} cached + {new} new tokens do not fit max_cache_len="
+                f"{self.max_cache_len}; build the XKVCache with a larger max_cache_len (or None to grow)")
+        self._key_buffer[..., seen : seen + new, :].copy_(key_states)
+        self._value_buffer[..., seen : seen + new, :].copy_(value_states)
+        self.tail_length.fill_(seen + new)
+        self._tail_len = seen + new
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile the tensors this layer reads have fixed addresses (CUDA graphs then read them
+        in place instead of copying them into the graph's inputs at every replay). Eager only."""
+        if self.is_static and not torch.compiler.is_compiling():
+            for tensor in (self._key_buffer, self._value_buffer, self.tail_length, self.sink_keys,
+                           self.sink_values, *self.key_rights, *self.value_rights):
+                torch._dynamo.mark_static_address(tensor)
+
     def _drop_tail_front(self, count: int) -> None:
         """Forget the first ``count`` tail tokens (moved to the sinks or a segment); the buffer is rebuilt at a
-        small capacity, which also frees the prefill's storage once it is compressed."""
+        small capacity, which also frees the prefill's storage once it is compressed. Static capacity: the
+        buffer shrinks by ``count``, so sinks + compressed + tail capacity stay ``max_cache_len``."""
         remaining_keys, remaining_values = self.keys[..., count:, :], self.values[..., count:, :]
         remaining = remaining_keys.shape[-2]
+        if self.is_static:
+            capacity = self.tail_capacity() - count
+            new_keys = remaining_keys.new_zeros(*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1])
+            new_values = remaining_values.new_zeros(*remaining_values.shape[:2], capacity, remaining_values.shape[-1])
+            new_keys[..., :remaining, :].copy_(remaining_keys)
+            new_values[..., :remaining, :].copy_(remaining_values)
+            self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
+            self.tail_length.fill_(remaining)
+            self._mark_static()
+            return
         capacity = tail_capacity(remaining + 1, 0)
         new_keys = remaining_keys.new_empty(*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1])
         new_values = remaining_values.new_empty(*remaining_values.shape[:2], capacity, remaining_values.shape[-1])
@@ -192,8 +253,16 @@ class XKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = key_states.shape[0]
         empty = key_states[..., :0, :]
-        self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()  # capacity 0: grows on append
         self.sink_keys, self.sink_values = empty.clone(), value_states[..., :0, :].clone()
+        if self.is_static:  # the whole capacity at once; zeros: stale slots are masked but must not be NaN
+            shape = (*key_states.shape[:2], self.max_cache_len)
+            self._key_buffer = key_states.new_zeros(*shape, key_states.shape[-1])
+            self._value_buffer = value_states.new_zeros(*shape, value_states.shape[-1])
+            self._tail_len = 0
+            self.tail_length = torch.zeros((), dtype=torch.long, device=key_states.device)
+            self._mark_static()
+        else:
+            self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()  # capacity 0: grows on append
         self.is_initialized = True
 
     def check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -245,32 +314,53 @@ class XKVLayer(CacheLayerMixin):
         self.check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        multi_token = key_states.shape[-2] > 1
+        compresses = multi_token and self.position_in_group == len(self.group.layer_indices) - 1
+        if compresses and torch.compiler.is_compiling():
+            raise RuntimeError(
+                "a multi-token update of an XKVCache compresses its group, which cannot run inside "
+                "torch.compile; compile decode steps only (generate() does: its prefill runs eager)")
         self._append_tail(key_states, value_states)
         self.deferred = None
-        if self.defer_decode and key_states.shape[-2] == 1 and self.key_rights:
-            self.deferred = (self.keys, self.values)
+        if self.defer_decode and not multi_token and self.key_rights:
+            # static: the whole tail buffer (stale slots masked), so shapes never change between steps
+            self.deferred = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
             return self.deferred
         full_keys, full_values = self.full_states()
-        if key_states.shape[-2] > 1 and self.position_in_group == len(self.group.layer_indices) - 1:
+        if compresses:
             self._cache._compress_group(self.group)
         return full_keys, full_values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.is_static:  # update returns the whole capacity (StaticLayer's contract)
+            return self.max_cache_len, 0
         return self.get_seq_length() + query_length, 0
 
-    def get_seq_length(self) -> int:
+    def _compressed_tokens(self) -> int:
+        return sum(s.length for s in self.group.segments[: len(self.key_rights)])
+
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Tokens held. Static capacity: a 0-d device tensor (as ``StaticLayer``: no sync, no recompiles)."""
         if not self.is_initialized:
             return 0
-        compressed = sum(s.length for s in self.group.segments[: len(self.key_rights)])
-        return self.sink_keys.shape[-2] + compressed + self.keys.shape[-2]
+        if self.is_static:
+            return self.tail_length + (self.sink_keys.shape[-2] + self._compressed_tokens())
+        return self.sink_keys.shape[-2] + self._compressed_tokens() + self.keys.shape[-2]
+
+    def seq_tokens(self) -> int:
+        """Tokens held, as a Python int (static capacity: one host sync after compiled steps)."""
+        if not self.is_initialized:
+            return 0
+        return self.sink_keys.shape[-2] + self._compressed_tokens() + self._valid_tail()
 
     def get_max_length(self) -> int:
-        return -1
+        return self.max_cache_len if self.is_static else -1
 
     def reset(self) -> None:
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_rights, self.value_rights = [], []
         self.deferred = None
+        self.tail_length = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -279,18 +369,21 @@ class XKVLayer(CacheLayerMixin):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self._tail_len = max(self._tail_len + tokens_to_remove, 0)  # the buffer keeps its capacity
+        self._tail_len = max(self._valid_tail() + tokens_to_remove, 0)  # the buffer keeps its capacity
+        if self.is_static:
+            self.tail_length.fill_(self._tail_len)
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        length = self._tail_len  # fn maps whole buffers (capacity kept); the valid length is unchanged
+        length = self._valid_tail()  # fn maps whole buffers (capacity kept); the valid length is unchanged
         self._key_buffer, self._value_buffer = fn(self._key_buffer), fn(self._value_buffer)
         self._tail_len = length
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.key_rights = [fn(t) for t in self.key_rights]
         self.value_rights = [fn(t) for t in self.value_rights]
         self.batch_size = self.keys.shape[0]
+        self._mark_static()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -303,15 +396,17 @@ class XKVLayer(CacheLayerMixin):
 
     # -- xKV -----------------------------------------------------------------------------------------
     def full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole sequence's keys and values ``[B, H, T, d]``, compressed segments rebuilt."""
+        """The whole sequence's keys and values ``[B, H, T, d]``, compressed segments rebuilt (static
+        capacity: ``T = max_cache_len``, the tail's stale slots included, for the mask to hide)."""
+        tail_keys, tail_values = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
         keys, values = [self.sink_keys], [self.sink_values]
         for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
             keys.append(self._cache._rebuild_keys(segment, key_right))
             values.append(self._cache._rebuild(segment.value_factor, value_right, self._cache.value_head_dim))
-        keys.append(self.keys)
-        values.append(self.values)
+        keys.append(tail_keys)
+        values.append(tail_values)
         if len(keys) == 2 and keys[0].shape[-2] == 0:
-            return self.keys, self.values
+            return tail_keys, tail_values
         return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
     def decode_parts(self, tail: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
@@ -326,7 +421,9 @@ class XKVLayer(CacheLayerMixin):
             if self._cache.pre_rope:
                 cos, sin = self._cache._rope_table(segment.start, segment.length, segment.key_factor.device)
             parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
-        parts.append(ExactPart(*tail) if tail is not None else ExactPart(self.keys, self.values))
+        if tail is None:
+            tail = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
+        parts.append(ExactPart(*tail))
         return parts
 
     def nbytes(self) -> int:
@@ -408,6 +505,14 @@ class XKVCache(Cache):
         svd_method: how the group factorisation is computed (``kvcompress.ops.SVD_METHODS``): ``"auto"``
             (exact float64 on the CPU, float32 Gram on GPUs), ``"exact"``, ``"gram32"`` or ``"randomized"``;
             see ``kvcompress.ops.truncated_svd`` and docs/performance.md for cost and error.
+        max_cache_len: ``None`` (default: the exact tail grows geometrically) or the most tokens the cache
+            will hold (prompt + new tokens). With it the cache has static shapes: every layer's
+            ``update`` returns ``max_cache_len`` tokens (sinks, rebuilt segments, the whole fixed tail buffer;
+            stale slots are masked), the tail's valid length is a device counter, and
+            ``is_compileable`` is True, so ``generate`` compiles the decode step on GPU (CUDA graphs) as for
+            ``StaticCache``. Overflow raises ``ValueError`` naming ``max_cache_len`` (checked on eager updates;
+            compiled steps cannot check without a host sync). Compression stays eager: multi-token updates
+            (prefill, a next turn) must not run inside ``torch.compile``.
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -424,6 +529,7 @@ class XKVCache(Cache):
         pre_rope: bool = True,
         min_compress_tokens: int = 32,
         svd_method: str = "auto",
+        max_cache_len: int | None = None,
     ):
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
@@ -452,6 +558,10 @@ class XKVCache(Cache):
         if svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {list(SVD_METHODS)}, got {svd_method!r}")
         self.svd_method = svd_method
+        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 1):
+            raise ValueError(f"max_cache_len must be None (storage grows) or an int >= 1, got {max_cache_len!r}")
+        self.max_cache_len = max_cache_len
 
         layer_types = _layer_types(cfg, num_layers)
         allowed_types = ("full_attention", "sliding_attention", "chunked_attention")
@@ -481,7 +591,8 @@ class XKVCache(Cache):
         self.window, self.sink, self.pre_rope = window, sink, pre_rope
         self.min_compress_tokens = min_compress_tokens
         self.params = dict(group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink,
-                           pre_rope=pre_rope, min_compress_tokens=min_compress_tokens, svd_method=svd_method)
+                           pre_rope=pre_rope, min_compress_tokens=min_compress_tokens, svd_method=svd_method,
+                           max_cache_len=max_cache_len)
         self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -493,7 +604,10 @@ class XKVCache(Cache):
         for i, layer_type in enumerate(layer_types):
             if layer_type != "full_attention":
                 window_size = cfg.sliding_window if layer_type == "sliding_attention" else cfg.attention_chunk_size
-                layers[i] = DynamicSlidingWindowLayer(sliding_window=window_size)
+                if max_cache_len is None:
+                    layers[i] = DynamicSlidingWindowLayer(sliding_window=window_size)
+                else:
+                    layers[i] = StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window_size)
         super().__init__(layers=layers)
 
     # -- memory ---------------------------------------------------------------------------------------
@@ -616,7 +730,7 @@ class XKVCache(Cache):
             to_compress = 0
         if to_sink == 0 and to_compress == 0:
             return
-        start = first.get_seq_length() - tail + to_sink  # slot of the first token to compress
+        start = first.seq_tokens() - tail + to_sink  # slot of the first token to compress
         new_segment, rights = None, None
         if to_compress:
             chunk = slice(to_sink, to_sink + to_compress)
@@ -640,6 +754,14 @@ class XKVCache(Cache):
             layer._drop_tail_front(to_sink + to_compress)
         if new_segment is not None:
             group.segments.append(new_segment)
+            if self.max_cache_len is not None and not torch.compiler.is_compiling():
+                tensors = [new_segment.key_factor, new_segment.value_factor]
+                if self.pre_rope:
+                    tensors += self._rope_table(new_segment.start, new_segment.length, new_segment.key_factor.device)
+                for tensor in tensors:
+                    torch._dynamo.mark_static_address(tensor)
+        for layer in layers:
+            layer._mark_static()  # new sinks and reconstruction matrices
 
     def expected_nbytes(self) -> int:
         """The memory formula evaluated on the current token counts (docs/xkv.md); ``nbytes()`` must equal it.

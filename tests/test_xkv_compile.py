@@ -1,0 +1,190 @@
+"""Static-capacity XKVCache (``max_cache_len``) under torch.compile (issue #9 item 4: CUDA graphs / compile).
+
+The static cache keeps ``sinks + compressed tokens + tail capacity == max_cache_len`` and counts the tail on
+the device, so a decode step has the same shapes and no Python-int length at every step: generate() can
+compile it (CUDA graphs on GPU). CPU tests trace with dynamo's ``eager``/``aot_eager`` backends
+(``fullgraph=True``: a graph break fails) and count frames; the GPU test (``-m gpu``) runs inductor in mode
+``reduce-overhead`` with the fused Triton decode inside.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CompileConfig, DynamicCache
+
+from conftest import tiny_model
+from test_mla_compile import cache_kwarg, frames, graph_breaks, greedy, prompts
+from kvcompress.xkv import XKVCache, XKVLayer, patch_xkv
+
+SMALL = dict(sink=2, window=8, min_compress_tokens=4)  # tiny prompts still get a compressed segment
+
+
+def make_model(family: str = "llama", device: str = "cpu", dtype: torch.dtype = torch.float32):
+    model = tiny_model(family, dtype=dtype).to(device)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def test_static_cache_keeps_the_capacity_invariant_and_the_formula():
+    model = make_model()
+    ids, mask = prompts([40, 31])
+    cache = XKVCache(model.config, max_cache_len=64, **SMALL)
+    assert cache.is_compileable and not XKVCache(model.config, **SMALL).is_compileable
+    with patch_xkv(model):
+        greedy(model, cache, ids, mask, new_tokens=6, disable_compile=True)
+    for layer in cache.layers:
+        assert isinstance(layer, XKVLayer) and layer.key_rights, "the prompt was not compressed"
+        compressed = sum(s.length for s in layer.group.segments)
+        # sinks + compressed + tail capacity == max_cache_len: every step's shapes are the same
+        assert layer.sink_keys.shape[-2] + compressed + layer.tail_capacity() == 64
+        assert int(layer.get_seq_length()) == layer.seq_tokens() == 40 + 5  # last token never fed back
+        assert layer.get_mask_sizes(1) == (64, 0) and layer.get_max_length() == 64
+    assert cache.nbytes() == cache.expected_nbytes()
+    assert cache.reserved_nbytes() > cache.nbytes()  # the tail's free slots
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_static_cache_greedy_matches_growable(family, fused):
+    """fp32: the static-capacity cache gives the growable cache's tokens (rebuild path and fused decode),
+    and at full rank both equal stock DynamicCache."""
+    model = make_model(family)
+    ids, mask = prompts([40, 31])
+    grow = greedy(model, XKVCache(model.config, **SMALL), ids, mask, new_tokens=8)
+    full = greedy(model, XKVCache(model.config, rank_k=None, rank_v=None, max_cache_len=56, **SMALL), ids, mask,
+                  new_tokens=8, disable_compile=True)
+    stock = greedy(model, DynamicCache(config=model.config), ids, mask, new_tokens=8)
+    handle = patch_xkv(model) if fused else None
+    try:
+        static = greedy(model, XKVCache(model.config, max_cache_len=56, **SMALL), ids, mask, new_tokens=8,
+                        disable_compile=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert torch.equal(grow, static)
+    assert torch.equal(full, stock)
+
+
+def test_static_cache_overflow_names_max_cache_len_and_changes_nothing():
+    model = make_model()
+    ids, mask = prompts([40, 31])
+    with pytest.raises(ValueError, match="max_cache_len=44"):
+        greedy(model, XKVCache(model.config, max_cache_len=44, **SMALL), ids, mask, new_tokens=8, disable_compile=True)
+    with pytest.raises(ValueError, match="max_cache_len=30"):  # the prompt alone
+        greedy(model, XKVCache(model.config, max_cache_len=30, **SMALL), ids, mask, new_tokens=2, disable_compile=True)
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="max_cache_len"):
+            XKVCache(model.config, max_cache_len=bad)
+    # a failed step leaves the cache as it was: the overflowing token is refused before it is written
+    cache = XKVCache(model.config, max_cache_len=41, **SMALL)
+    greedy(model, cache, ids, mask, new_tokens=2, disable_compile=True)  # 40 + 1 tokens: full
+    before = [layer.seq_tokens() for layer in cache.layers]
+    with pytest.raises(ValueError, match="max_cache_len=41"):
+        model(input_ids=ids[:, :1], use_cache=True, **{cache_kwarg(model): cache})
+    assert [layer.seq_tokens() for layer in cache.layers] == before
+
+
+def test_second_turn_compresses_again_in_a_static_cache():
+    """A multi-token update after decode steps (a next turn) folds the tail into a second segment and keeps
+    the capacity invariant; tokens equal the growable cache's."""
+    model = make_model()
+    ids, mask = prompts([40, 31])
+    turn2 = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for cap in (None, 120):
+        cache = XKVCache(model.config, max_cache_len=cap, **SMALL)
+        first = greedy(model, cache, ids, mask, new_tokens=6, disable_compile=True)
+        ids2 = torch.cat([first, turn2], dim=1)
+        mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+        outs.append(greedy(model, cache, ids2, mask2, new_tokens=6, disable_compile=True))
+        assert len(cache.groups[0].segments) == 2
+        if cap is not None:
+            layer = cache.layers[0]
+            assert layer.sink_keys.shape[-2] + sum(s.length for s in layer.group.segments) + layer.tail_capacity() == cap
+    assert torch.equal(outs[0], outs[1])
+
+
+# -- compile (CPU tracing) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_step_traces_fullgraph_without_recompiles(backend, fused):
+    """One decode step compiled with fullgraph=True (a graph break raises) is traced once and reused for
+    several steps with eager's logits; ``aot_eager`` also functionalises the in-place tail writes."""
+    model = make_model()
+    ids, mask = prompts([40, 31])
+    cache, eager_cache = (XKVCache(model.config, max_cache_len=48, **SMALL) for _ in range(2))
+    kw = cache_kwarg(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    handle = patch_xkv(model) if fused else None
+    try:
+        with torch.no_grad():
+            for c in (cache, eager_cache):
+                model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: c})  # eager prefill compresses
+            step = torch.compile(model, backend=backend, fullgraph=True)
+            token = torch.full((2, 1), 7, dtype=torch.long)
+            full_mask = torch.cat([mask, torch.ones(2, 48 - mask.shape[1], dtype=mask.dtype)], dim=1)
+            for i in range(4):
+                got = step(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
+                ref = model(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: eager_cache}).logits
+                assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+                if i == 0:
+                    after_first = frames()
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert graph_breaks() == 0
+    assert after_first >= 1 and frames() == after_first, "a later decode step recompiled"
+    assert cache.layers[0].seq_tokens() == 40 + 4
+    assert cache.nbytes() == eager_cache.nbytes() == cache.expected_nbytes()
+
+
+def test_generate_compiled_eager_backend_matches_and_never_recompiles():
+    """generate()'s own compile path (forced on CPU, backend eager, fullgraph) with the fused decode: the
+    eager tokens, no graph breaks, no recompiles in a second generate on the same shapes."""
+    model = make_model()
+    ids, mask = prompts([40, 31])
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True  # generate() compiles only on accelerators unless told (meant for tests)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with patch_xkv(model):
+        ref = greedy(model, XKVCache(model.config, max_cache_len=56, **SMALL), ids, mask, disable_compile=True)
+        cache = XKVCache(model.config, max_cache_len=56, **SMALL)
+        got = greedy(model, cache, ids, mask, compile_config=config)
+        first = frames()
+        cache.reset()
+        again = greedy(model, cache, ids, mask, compile_config=config)
+    assert torch.equal(ref, got) and torch.equal(ref, again)
+    assert first >= 1, "generate did not compile the decode step"
+    assert graph_breaks() == 0
+    assert frames() == first, "the second generate recompiled"
+
+
+# -- GPU: CUDA graphs ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [False, True])
+def test_reduce_overhead_on_cuda_matches_eager(fused):
+    """generate compiles the decode step (inductor, reduce-overhead = CUDA graphs; the fused Triton decode
+    inside when patched) with the static-capacity cache: eager's greedy tokens, no graph breaks, no
+    recompiles on a second call."""
+    model = make_model(device="cuda")
+    ids, mask = prompts([40, 31], device="cuda")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = CompileConfig(mode="reduce-overhead", fullgraph=True)
+    handle = patch_xkv(model) if fused else None
+    try:
+        ref = greedy(model, XKVCache(model.config, max_cache_len=64, **SMALL), ids, mask, disable_compile=True)
+        cache = XKVCache(model.config, max_cache_len=64, **SMALL)
+        got = greedy(model, cache, ids, mask, compile_config=config)
+        first = frames()
+        cache.reset()
+        again = greedy(model, cache, ids, mask, compile_config=config)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert torch.equal(ref, got) and torch.equal(ref, again)
+    assert graph_breaks() == 0 and frames() == first
