@@ -838,6 +838,10 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     total = sum(part.length for part in parts)
     if attention_mask is not None and attention_mask.dim() == 2:  # flash-attention style [B, T] padding mask
         valid = attention_mask[:, -total:].bool().expand(query.shape[0], total)
+    elif attention_mask is None and layer.is_static:
+        # no mask (transformers skips it when nothing is padded): a static tail's free slots must still be
+        # hidden -- tokens past the device length counter
+        valid = (torch.arange(total, device=query.device) < layer.get_seq_length()).expand(query.shape[0], total)
     else:
         valid = valid_mask_from_attention_mask(attention_mask, query.shape[0], total)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

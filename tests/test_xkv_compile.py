@@ -188,3 +188,19 @@ def test_reduce_overhead_on_cuda_matches_eager(fused):
             handle.remove()
     assert torch.equal(ref, got) and torch.equal(ref, again)
     assert graph_breaks() == 0 and frames() == first
+
+
+def test_fused_decode_without_a_mask_hides_the_free_tail_slots():
+    """A direct model call without attention_mask (transformers then passes no mask to attention): the
+    fused decode over a static cache still attends only to the held tokens, as the growable cache does."""
+    model = make_model()
+    ids = torch.randint(3, 160, (2, 40), generator=torch.Generator().manual_seed(3))
+    kw = cache_kwarg(model)
+    logits = []
+    with patch_xkv(model), torch.no_grad():
+        for cap in (None, 64):
+            cache = XKVCache(model.config, max_cache_len=cap, **SMALL)
+            model(input_ids=ids, use_cache=True, **{kw: cache})
+            step = model(input_ids=ids[:, -1:], use_cache=True, **{kw: cache})
+            logits.append(step.logits)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5)
