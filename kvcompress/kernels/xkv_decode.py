@@ -62,6 +62,12 @@ Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)
 plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
 dominant term; the value side is ``2*B*T*Hq*r_v``). ``benchmarks/xkv_decode.py`` measures both ceilings.
 
+Under ``torch.compile`` (``fullgraph=True``, ``mode="reduce-overhead"``: CUDA graphs),
+:func:`xkv_decode_attention` calls the custom op ``torch.ops.kvcompress.xkv_decode_attention`` with the parts
+flattened (sinks, the segments' factors and RoPE tables, tail); the op runs the same paths. Host code
+depends on shapes, dtypes and the device only (no ``.item()``, no synchronisation), so the launches can be
+captured and replayed.
+
 Precision: products accumulate in float32; float32 inputs use IEEE float32 dots (not TF32). The output
 has the query's dtype. The reference (:func:`xkv_decode_attention_reference`) computes everything in
 float32 (float64 for float64 inputs) and is the CPU path and the kernels' definition.
@@ -740,6 +746,128 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     return out
 
 
+# -- the custom op (torch.compile / CUDA graphs) ----------------------------------------------------
+# A list of dataclass parts cannot cross an op boundary, so the op takes the layer flattened in a fixed
+# order: the sinks, the segments' factors (and RoPE tables) in order, the tail. Missing exact parts are
+# empty [B, H, 0, d] tensors (zero-length parts are skipped by both paths); an empty cos/sin list means no
+# segment has a RoPE table, and an empty (0-element) table stands for one segment without RoPE.
+#
+# torch.library.custom_op, not triton_op + wrap_triton (as mla_decode.py): the op is fully opaque, so
+# dynamo never traces its host code (the part walk, the split-K plan, sm_count, the launch counter of the
+# tests), inductor calls it as an extern kernel, and a CUDA-graph tree captures the launches it makes.
+# The scores kernel is a triton.autotune kernel with a grid lambda and the output kernel runs once per
+# segment with flags that differ per launch: through wrap_triton inductor would have to re-implement that
+# autotuning and launch plan in its generated code, for no gain (nothing around these kernels is fusable,
+# and under CUDA graphs the extern call's host overhead is not replayed). Autotuning and the first JIT
+# compile happen in the tree's eager warm-up run, before capture; the host code depends on shapes, dtypes
+# and the device only (no .item(), no syncs), so capture and replay are exact for new values.
+_OP_SCHEMA = (
+    "(Tensor query, Tensor sink_keys, Tensor sink_values, Tensor tail_keys, Tensor tail_values, "
+    "Tensor[] key_factors, Tensor[] key_rights, Tensor[] value_factors, Tensor[] value_rights, "
+    "Tensor[] cos, Tensor[] sin, float scaling, Tensor? valid, bool? use_triton) -> Tensor"
+)
+
+
+def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | None, kv_heads: int,
+               value_dim: int) -> tuple:
+    """``parts`` as the op's arguments after ``query``: ``(sink_keys, sink_values, tail_keys, tail_values,
+    key_factors, key_rights, value_factors, value_rights, cos, sin, valid)``. The first part is the sinks
+    when exact; every later exact part goes to the tail (joined if several). When an exact part lies
+    between segments, ``valid`` is permuted to the op's token order (softmax ignores token order)."""
+    batch, _, _, head_dim = query.shape
+    indexed, offset = [], 0
+    for i, part in enumerate(parts):
+        indexed.append((i, part, offset))
+        offset += part.length
+    sinks = indexed[0] if isinstance(parts[0], ExactPart) else None
+    rest = indexed[1:] if sinks is not None else indexed
+    segments = [item for item in rest if isinstance(item[1], FactoredPart)]
+    tails = [item for item in rest if isinstance(item[1], ExactPart)]
+    order = ([sinks] if sinks is not None else []) + segments + tails
+    if valid is not None and [i for i, _, _ in order] != list(range(len(parts))):
+        valid = torch.cat([valid[:, o:o + p.length] for _, p, o in order], dim=-1)
+    if sinks is not None:
+        sink_keys, sink_values = sinks[1].keys, sinks[1].values
+    else:
+        sink_keys = query.new_empty(batch, kv_heads, 0, head_dim)
+        sink_values = query.new_empty(batch, kv_heads, 0, value_dim)
+    if len(tails) == 1:
+        tail_keys, tail_values = tails[0][1].keys, tails[0][1].values
+    elif tails:
+        tail_keys = torch.cat([p.keys for _, p, _ in tails], dim=-2)
+        tail_values = torch.cat([p.values for _, p, _ in tails], dim=-2)
+    else:
+        tail_keys = query.new_empty(batch, kv_heads, 0, head_dim)
+        tail_values = query.new_empty(batch, kv_heads, 0, value_dim)
+    segs = [p for _, p, _ in segments]
+    cos, sin = [], []
+    if any(p.cos is not None for p in segs):
+        none = None if all(p.cos is not None for p in segs) else query.new_empty(0, 0, dtype=torch.float32)
+        cos = [p.cos if p.cos is not None else none for p in segs]
+        sin = [p.sin if p.sin is not None else none for p in segs]
+    return (sink_keys, sink_values, tail_keys, tail_values, [p.key_factor for p in segs],
+            [p.key_right for p in segs], [p.value_factor for p in segs], [p.value_right for p in segs],
+            cos, sin, valid)
+
+
+def _op_impl(query: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor, tail_keys: torch.Tensor,
+             tail_values: torch.Tensor, key_factors: list[torch.Tensor], key_rights: list[torch.Tensor],
+             value_factors: list[torch.Tensor], value_rights: list[torch.Tensor], cos: list[torch.Tensor],
+             sin: list[torch.Tensor], scaling: float, valid: torch.Tensor | None,
+             use_triton: bool | None) -> torch.Tensor:
+    """The op's kernel: the parts rebuilt, then the eager path (the kernels or the reference)."""
+    tables = list(zip(cos, sin)) if cos else [(None, None)] * len(key_factors)
+    segments = [FactoredPart(kf, kr, vf, vr, c if c is not None and c.numel() else None,
+                             s if s is not None and s.numel() else None)
+                for kf, kr, vf, vr, (c, s) in zip(key_factors, key_rights, value_factors, value_rights, tables)]
+    parts = [ExactPart(sink_keys, sink_values), *segments, ExactPart(tail_keys, tail_values)]
+    kv_heads, value_dim, total = _check(query, parts, valid)
+    if use_triton and not _HAVE_TRITON:
+        raise RuntimeError("use_triton=True but Triton is not importable; pass use_triton=None or False")
+    if total == 0:
+        raise ValueError("parts hold no tokens")
+    return _run(query, parts, scaling, valid, use_triton, kv_heads, value_dim, total)
+
+
+def _op_fake(query: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor, *args) -> torch.Tensor:
+    """Metadata only (FakeTensor tracing): ``[B, 1, Hq, dv]`` in the query's dtype, contiguous, as both
+    paths return it."""
+    return query.new_empty(query.shape[0], 1, query.shape[1], sink_values.shape[-1])
+
+
+_OP = None
+if hasattr(torch.library, "custom_op"):
+    try:
+        _op_def = torch.library.custom_op("kvcompress::xkv_decode_attention", _op_impl, mutates_args=(),
+                                          schema=_OP_SCHEMA)
+        _op_def.register_fake(_op_fake)
+        _OP = torch.ops.kvcompress.xkv_decode_attention
+    except Exception:  # registered already (a module reload), or a torch whose custom_op cannot take it
+        try:
+            _OP = torch.ops.kvcompress.xkv_decode_attention
+        except (AttributeError, RuntimeError):
+            _OP = None  # eager calls only; torch.compile traces the Python path
+
+
+def _run(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
+         use_triton: bool | None, kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
+    """The eager path of validated inputs: the kernels, or the reference (per-part ``(o, lse)`` merge)."""
+    if use_triton is None:
+        use_triton = _HAVE_TRITON and triton_usable(query)
+    if use_triton and _kernel_supported(query, parts, value_dim):
+        return _fused_triton(query, parts, scaling, valid, kv_heads, value_dim, total)
+    # Reference path (CPU, or shapes the kernels do not cover): softmax ignores token order, so the exact
+    # parts (sinks, tail) become one, one small attention instead of one per part.
+    pieces = [(p, v) for p, v in zip(parts, _split_valid(valid, parts)) if p.length]
+    exact = [(p, v) for p, v in pieces if isinstance(p, ExactPart)]
+    if len(exact) > 1:
+        joined = ExactPart(torch.cat([p.keys for p, _ in exact], dim=-2), torch.cat([p.values for p, _ in exact], dim=-2))
+        pieces = [(p, v) for p, v in pieces if not isinstance(p, ExactPart)]
+        pieces.append((joined, None if valid is None else torch.cat([v for _, v in exact], dim=-1)))
+    partials = [part_attention_reference(query, part, scaling, part_valid) for part, part_valid in pieces]
+    return merge_partials(partials).to(query.dtype)[:, None]
+
+
 def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: float,
                          valid: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
     """Decode attention of one layer over exact and factored parts, never building full keys/values.
@@ -760,23 +888,18 @@ def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: fl
         exact sinks and tail, read where they are) is scored into one buffer normalised once
         (:func:`_fused_triton`: ``3 * segments + 1`` launches, no torch maths); shapes the kernels do not
         cover, and the reference, merge per-part ``(o, lse)`` as in the module docstring.
+
+    Inside ``torch.compile`` the call goes through the custom op ``torch.ops.kvcompress.xkv_decode_attention``
+    (``torch.library.custom_op``, flat arguments; the same paths inside), so a compiled caller keeps it in
+    its graph (``fullgraph=True``, ``mode="reduce-overhead"``); eager calls skip the dispatcher.
     """
     kv_heads, value_dim, total = _check(query, parts, valid)
-    if use_triton is None:
-        use_triton = _HAVE_TRITON and triton_usable(query)
-    elif use_triton and not _HAVE_TRITON:
+    if use_triton and not _HAVE_TRITON:
         raise RuntimeError("use_triton=True but Triton is not importable; pass use_triton=None or False")
     if total == 0:
         raise ValueError("parts hold no tokens")
-    if use_triton and _kernel_supported(query, parts, value_dim):
-        return _fused_triton(query, parts, scaling, valid, kv_heads, value_dim, total)
-    # Reference path (CPU, or shapes the kernels do not cover): softmax ignores token order, so the exact
-    # parts (sinks, tail) become one, one small attention instead of one per part.
-    pieces = [(p, v) for p, v in zip(parts, _split_valid(valid, parts)) if p.length]
-    exact = [(p, v) for p, v in pieces if isinstance(p, ExactPart)]
-    if len(exact) > 1:
-        joined = ExactPart(torch.cat([p.keys for p, _ in exact], dim=-2), torch.cat([p.values for p, _ in exact], dim=-2))
-        pieces = [(p, v) for p, v in pieces if not isinstance(p, ExactPart)]
-        pieces.append((joined, None if valid is None else torch.cat([v for _, v in exact], dim=-1)))
-    partials = [part_attention_reference(query, part, scaling, part_valid) for part, part_valid in pieces]
-    return merge_partials(partials).to(query.dtype)[:, None]
+    if _OP is not None and torch.compiler.is_compiling():
+        # the choice between kernels and reference (environment, lru_cache'd probes) is made in the op
+        *flat, valid = _flat_args(query, parts, valid, kv_heads, value_dim)
+        return _OP(query, *flat, float(scaling), valid, use_triton)
+    return _run(query, parts, scaling, valid, use_triton, kv_heads, value_dim, total)
