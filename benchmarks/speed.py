@@ -17,9 +17,17 @@ mode ``reduce-overhead``, i.e. CUDA graphs, as transformers 5.17 and 5.24 both d
 cache is passed on GPU). When ``static-compiled`` is measured every entry also gets ratios to it
 (``<key>_vs_compiled``). Compilation is kept out of the timed runs (a warm-up identical to the timed
 call on the same cache) and checked: compiles at warm-up, recompiles in the timed runs and cudagraph
-skips are reported. On MLA models (DeepSeek) ``dynamic`` is stock transformers' attention, which
-caches the latent and expands it into per-head K/V over the whole context at every step: its peak
-memory (that expansion included) is the reference for MLA methods.
+skips are reported. Methods run eager; with ``compile_methods`` (``--compile-methods``) every method but
+``dynamic`` also gets a row ``<label>-compiled``, measured like ``static-compiled`` (same compile config,
+warm-up and counts) with the method's attention patch applied, if it has one (the patched model is what
+gets compiled). generate() compiles only a cache with ``is_compileable``, i.e. a static capacity: a method
+declaring a ``max_cache_len`` parameter (registry) whose spec leaves it unset gets ``context + new_tokens``
+in that row; a cache that is still not compileable makes the row a skipped one with the reason. Compiled
+method rows also report the share of greedy tokens equal to their eager row's.
+
+On MLA models (DeepSeek) ``dynamic`` is stock transformers' attention, which caches the latent and
+expands it into per-head K/V over the whole context at every step: its peak memory (that expansion
+included) is the reference for MLA methods.
 
 Timing goes through ``model.generate`` (greedy, exactly ``new_tokens`` steps, random prompt tokens): a
 logits processor stamps the time of every step, so prefill = start to first step and decode = mean
@@ -238,8 +246,8 @@ _OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError"
 
 def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: int = 32, repeats: int = 2,
           budget_gib: float | None = None, baselines: str | Iterable[str] | None = None,
-          compile_backend: str | None = None, prefill_chunk: int | None = None, progress: bool = True,
-          on_result=None) -> dict:
+          compile_backend: str | None = None, prefill_chunk: int | None = None, compile_methods: bool = False,
+          progress: bool = True, on_result=None) -> dict:
     """Measure every method (``dynamic`` first, added if missing) and stock baseline on ``model``.
 
     Every entry is first run once exactly as timed (same batch, context and steps) so that per-shape
@@ -258,13 +266,23 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
       tens of seconds even on tiny models) unless ``compile_backend`` is given, e.g. ``"eager"`` to check
       the plumbing (then its timings mean nothing).
 
+    ``compile_methods``: every method but ``dynamic`` (whose compiled counterpart is ``static-compiled``)
+    also gets a row ``<label>-compiled``, measured after the baselines exactly as ``static-compiled`` is
+    (same compile config, warm-up, counts, ``compile_backend`` and CPU rule), with the method's patch
+    (``install`` step) applied for the whole row, since the patched model is what generate() compiles.
+    generate() compiles only caches with ``is_compileable``, which needs a static capacity: a method that
+    declares a ``max_cache_len`` parameter (registry) and whose spec leaves it unset gets
+    ``max_cache_len = context + new_tokens`` in this row; a cache that is still not compileable makes the
+    row a skipped one saying why. ``same_tokens_as_eager``: the share of its greedy tokens equal to the
+    method's eager row's.
+
     Returns ``{"setup": {...}, "results": [per-entry dicts]}``; ``on_result(partial)`` is called after
     each entry so an interrupted run keeps what it measured.
     """
     from tqdm.auto import tqdm
 
     from benchmarks.ruler.results import cache_nbytes
-    from benchmarks.ruler.runner import MethodSpec
+    from benchmarks.ruler.runner import MethodSpec, make_cache
 
     for name, value, low in (("batch", batch, 1), ("context", context, 2), ("new_tokens", new_tokens, 2),
                              ("repeats", repeats, 1)):
@@ -286,17 +304,19 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                  bandwidth_bytes_per_s=bandwidth, torch=torch.__version__, threads=torch.get_num_threads(),
                  model_type=getattr(text_cfg, "model_type", None), layers=getattr(text_cfg, "num_hidden_layers", None),
                  mla=getattr(text_cfg, "kv_lora_rank", None) is not None, budget_gib=budget_gib, baselines=extra,
-                 prefill_chunk=prefill_chunk)
+                 prefill_chunk=prefill_chunk, compile_methods=bool(compile_methods))
     import transformers
 
     setup["transformers"] = transformers.__version__
-    state: dict = {}  # dynamic's generated tokens, the reference of "same_tokens"
+    # dynamic's generated tokens (the reference of "same_tokens") and every row's (label -> tokens)
+    state: dict = {"tokens": {}}
     results: list[dict] = []
 
     def finish(row: dict, best: dict, tokens: torch.Tensor) -> None:
         """Derived figures of a measured row (tokens/s, bytes floor, fit-in-budget estimate)."""
         row.update(best)
         row["tokens_per_s"] = batch / (row["decode_ms"] / 1000)
+        state["tokens"][row["method"]] = tokens
         if "dynamic_tokens" not in state and row["method"] == "dynamic":
             state["dynamic_tokens"] = tokens
         ref = state.get("dynamic_tokens")
@@ -355,8 +375,10 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
         eager["prefill_chunk_size"] = prefill_chunk
     entries = [("method", m) for m in methods] + [("baseline", b) for b in extra]
+    if compile_methods:
+        entries += [("compiled", m) for m in methods if m.name != "dynamic"]
     for kind, item in tqdm(entries, desc="bench", disable=not progress):
-        label = item.label if kind == "method" else item
+        label = item if kind == "baseline" else item.label + ("-compiled" if kind == "compiled" else "")
         row: dict = dict(method=label, kind="stock" if kind == "baseline" or label == "dynamic" else "method")
         try:
             if kind == "method" or item == "static":
@@ -379,13 +401,28 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                     row["warmup_s"] = time.perf_counter() - t0
                     best, tokens, row["recompiles_timed"] = timed(run)
                     finish(row, best, tokens)
-            else:
+            elif kind == "baseline":  # static-compiled
                 _bench_compiled(model, row, input_ids, new_tokens, sync, cuda, device, compile_backend,
-                                static_cache(context + new_tokens), timed, finish, cache_nbytes, prefill_chunk)
+                                lambda: static_cache(context + new_tokens), timed, finish, cache_nbytes, prefill_chunk)
+            else:  # a method's compiled row
+                spec, reason = _compiled_spec(model, item, context + new_tokens)
+                if spec is None:
+                    row["skipped"] = reason
+                else:
+                    if "max_cache_len" in spec.params:
+                        row["max_cache_len"] = spec.params["max_cache_len"]
+                    _bench_compiled(model, row, input_ids, new_tokens, sync, cuda, device, compile_backend,
+                                    lambda spec=spec: make_cache(spec, model), timed, finish, cache_nbytes,
+                                    prefill_chunk, method=spec)
+                    eager_tokens, tokens = state["tokens"].get(item.label), state["tokens"].get(label)
+                    if "skipped" not in row:
+                        row["same_tokens_as_eager"] = (float((tokens == eager_tokens).float().mean())
+                                                       if eager_tokens is not None and tokens is not None
+                                                       and eager_tokens.shape == tokens.shape else None)
         except _OOM as e:
             # the largest batch that fits is one of the targets: an OOM is a result, not a crash
             row = dict(method=label, kind=row["kind"], skipped=f"out of memory: {str(e).splitlines()[0][:200]}")
-            if item == "static-compiled":
+            if item == "static-compiled" or kind == "compiled":
                 torch._dynamo.reset()  # drop the graphs and their memory pools
             gc.collect()
             if cuda:
@@ -397,10 +434,50 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     return dict(setup=setup, results=results)
 
 
+def _compiled_spec(model, item, capacity: int):
+    """The spec of ``item``'s compiled row and ``None``, or ``None`` and why the row is skipped.
+
+    A method that declares a ``max_cache_len`` parameter in the registry and whose spec leaves it unset
+    gets ``max_cache_len = capacity`` (a static capacity is what makes a cache compileable); an explicit
+    value, ``None`` included, is kept. The row is skipped when the cache cannot be built for this model or
+    is not ``is_compileable``.
+    """
+    from benchmarks.ruler.runner import MethodSpec, make_cache
+
+    try:
+        from kvcompress.registry import get_method
+
+        declared = get_method(item.name).param_map
+    except (ImportError, ValueError, TypeError):  # no registry, or an unknown name (make_cache says so below)
+        declared = {}
+    params = dict(item.params)
+    if "max_cache_len" in declared and "max_cache_len" not in params:
+        params["max_cache_len"] = capacity
+    spec = MethodSpec(item.label, item.name, params)
+    try:
+        probe = make_cache(spec, model)  # caches allocate at their first update: building one is cheap
+    except (ValueError, TypeError) as e:  # e.g. xkv on an MLA model: the eager row says the same
+        return None, str(e)
+    if not getattr(probe, "is_compileable", False):
+        why = (f"max_cache_len={params['max_cache_len']!r}" if "max_cache_len" in declared
+               else "no max_cache_len parameter")
+        return None, f"{item.label} cache ({type(probe).__name__}) is not compileable ({why})"
+    return spec, None
+
+
 def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bool, device, backend: str | None,
-                    cache, timed, finish, cache_nbytes, prefill_chunk: int | None = None) -> None:
-    """The ``static-compiled`` row (see :func:`bench`): fills ``row`` in place."""
+                    cache_factory, timed, finish, cache_nbytes, prefill_chunk: int | None = None,
+                    method=None) -> None:
+    """A compiled row (see :func:`bench`): ``static-compiled``, or a method's ``<label>-compiled``; fills
+    ``row`` in place.
+
+    ``cache_factory()`` builds the row's one cache (after the memory baseline is taken); ``method``, a
+    ``MethodSpec`` with an ``install`` step, is patched into the model for the whole row (warm-up and timed
+    runs alike, so the compiled graphs see one unchanging model) and removed at the end.
+    """
     from transformers import CompileConfig
+
+    from benchmarks.ruler.runner import install_method
 
     if not cuda and backend is None:
         row["skipped"] = (f"needs CUDA: mode {COMPILE_MODE!r} is CUDA graphs and generate() compiles only on GPU "
@@ -424,35 +501,46 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
         base = torch.cuda.memory_allocated(device)  # before the cache and graph pools exist
     else:
         base = None
-    before = _dynamo_counts()
-    t0 = time.perf_counter()
     try:
-        # warm-up = the timed call itself: same shapes and the same cache (its tensors are static addresses
-        # for the CUDA graphs), so the timed runs replay graphs instead of compiling or re-recording
-        _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
-    except _OOM:
-        raise
-    except Exception as e:  # a compile failure is a finding to report, not a reason to lose the other rows
-        row["skipped"] = f"failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        torch._dynamo.reset()
+        handle = install_method(method, model) if method is not None else None
+    except (ValueError, TypeError) as e:  # the patch refuses this model: the eager row says the same
+        row["skipped"] = str(e)
         return
-    warm = _dynamo_counts()
-    row["warmup_s"] = time.perf_counter() - t0
-    row["compiles_warmup"] = warm["frames"] - before["frames"]
-    # after the reset above a compiled decode step must convert at least one frame; none means generate()
-    # found its compile criteria unmet (it only logs a warning) and the row ran eager
-    row["compiled"] = row["compiles_warmup"] > 0
+    try:
+        cache = cache_factory()
+        before = _dynamo_counts()
+        t0 = time.perf_counter()
+        try:
+            # warm-up = the timed call itself: same shapes and the same cache (its tensors are static addresses
+            # for the CUDA graphs), so the timed runs replay graphs instead of compiling or re-recording. A
+            # patched model keeps its attention patch and uses this cache (a caller's cache wins over the patch's)
+            _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
+        except _OOM:
+            raise
+        except Exception as e:  # a compile failure is a finding to report, not a reason to lose the other rows
+            row["skipped"] = f"failed to compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            torch._dynamo.reset()
+            return
+        warm = _dynamo_counts()
+        row["warmup_s"] = time.perf_counter() - t0
+        row["compiles_warmup"] = warm["frames"] - before["frames"]
+        # after the reset above a compiled decode step must convert at least one frame; none means generate()
+        # found its compile criteria unmet (it only logs a warning) and the row ran eager
+        row["compiled"] = row["compiles_warmup"] > 0
 
-    def run():
-        with torch.inference_mode():  # its tensors were made in inference mode (generate's prefill)
-            cache.reset()  # zero in place: the addresses the graphs were recorded with stay valid
-        return _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
+        def run():
+            with torch.inference_mode():  # its tensors were made in inference mode (generate's prefill)
+                cache.reset()  # zero in place: the addresses the graphs were recorded with stay valid
+            return _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
 
-    best, tokens, row["recompiles_timed"] = timed(run, held=cache_nbytes(cache), base=base)
-    after = _dynamo_counts()
-    row["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
-    finish(row, best, tokens)
-    del cache
+        best, tokens, row["recompiles_timed"] = timed(run, held=cache_nbytes(cache), base=base)
+        after = _dynamo_counts()
+        row["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
+        finish(row, best, tokens)
+        del cache
+    finally:
+        if handle is not None:
+            handle.remove()
     torch._dynamo.reset()  # frees the graphs' memory pools for whatever runs next
     gc.collect()
     if cuda:
@@ -484,7 +572,9 @@ def notes(out: dict) -> list[str]:
     """What the table's rows and ratios are, in words (printed under the table)."""
     s, rows = out["setup"], out["results"]
     names = {r["method"] for r in rows}
-    lines = ["(x): ÷ `dynamic` (stock `DynamicCache`, eager; methods run eager too)"
+    compiled_methods = any(r["method"].endswith("-compiled") and r["method"] != "static-compiled" for r in rows)
+    lines = ["(x): ÷ `dynamic` (stock `DynamicCache`, eager; methods run eager too"
+             + (", `<method>-compiled` rows aside)" if compiled_methods else ")")
              + ("; (x compiled): ÷ `static-compiled`" if any("tokens_per_s_vs_compiled" in r for r in rows) else "")
              + "; tokens/s = batch ÷ decode s/step; same tokens: share of greedy tokens equal to `dynamic`'s."]
     if s.get("mla"):
@@ -497,18 +587,25 @@ def notes(out: dict) -> list[str]:
     if "static" in names or "static-compiled" in names:
         lines.append("`static`/`static-compiled`: stock `StaticCache` preallocated for context + new tokens (counted "
                      "in cache and peak); `static` runs eager (disable_compile).")
+    if compiled_methods:
+        lines.append("`<method>-compiled`: the method's cache (and attention patch, if any) with generate()'s "
+                     "compiled decode forward, as `static-compiled`; methods that declare `max_cache_len` get "
+                     f"context + new tokens ({s['context'] + s['new_tokens']}) unless their spec sets it.")
     for r in rows:
-        if r["method"] == "static-compiled" and "skipped" not in r:
+        name = r["method"]
+        # static-compiled and the methods' compiled rows: every row measured through _bench_compiled
+        if "compiles_warmup" in r and "skipped" not in r:
             if not r.get("compiled", True):
-                lines.append("WARNING, `static-compiled` did not compile (generate()'s compile criteria unmet): "
-                             "it ran eager")
+                lines.append(f"WARNING, `{name}` did not compile (generate()'s compile criteria unmet): it ran eager")
             if r.get("cudagraph_skips"):
-                lines.append("WARNING, `static-compiled` skipped CUDA graphs (see TORCH_LOGS=perf_hints for why): "
+                lines.append(f"WARNING, `{name}` skipped CUDA graphs (see TORCH_LOGS=perf_hints for why): "
                              "launch overhead is not removed")
-            lines.append(f"`static-compiled`: generate()'s decode forward compiled (backend {r['compile_backend']}, "
+            same = r.get("same_tokens_as_eager")
+            eager = f"; same tokens as eager `{name[:-len('-compiled')]}`: {same:.2f}" if same is not None else ""
+            lines.append(f"`{name}`: generate()'s decode forward compiled (backend {r['compile_backend']}, "
                          f"mode {r['compile_mode']}; prefill eager); warm-up {r['warmup_s']:.1f} s with "
                          f"{r['compiles_warmup']} compile(s); timed runs: {r['recompiles_timed']} recompile(s), "
-                         f"{r['cudagraph_skips']} cudagraph skip(s).")
+                         f"{r['cudagraph_skips']} cudagraph skip(s){eager}.")
     recompiled = [f"`{r['method']}` ({r['recompiles_timed']})" for r in rows if r.get("recompiles_timed")]
     if recompiled:
         lines.append("WARNING, torch.compile recompiled inside the timed runs of: " + ", ".join(recompiled)

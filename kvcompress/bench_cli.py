@@ -10,6 +10,13 @@ Example (GPU, against stock eager and stock compiled): kvcompress bench --model 
 (StaticCache, eager) and static-compiled (StaticCache with generate()'s automatic torch.compile of the
 decode step, mode reduce-overhead = CUDA graphs; skipped on CPU unless --compile-backend is given).
 
+--compile-methods adds a row <method>-compiled for every method but dynamic: its cache (and attention
+patch) with the decode step compiled exactly as static-compiled's. Methods declaring max_cache_len get
+context + new tokens unless their spec sets it; a cache that is not compileable gives a skipped row
+with the reason. Example (GPU, MLA: eager and compiled latent cache against stock compiled):
+    kvcompress bench --model deepseek-v3-attn --layers 4 --context 32768 --methods dynamic,mla \\
+    --baselines static-compiled --compile-methods
+
 Writes bench.json, bench.md and bench.png under --out. The benchmark code lives in the source
 checkout's benchmarks/ directory (see benchmarks/speed.py for what each figure means).
 """
@@ -37,9 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", type=_baselines, default="dynamic",
                         help="comma list of stock references: " + ", ".join(BASELINE_NAMES)
                         + " (default dynamic, always measured; static-compiled compiles for minutes on a big model)")
+    parser.add_argument("--compile-methods", action="store_true",
+                        help="also measure each method (but dynamic) compiled like static-compiled, as a row "
+                        "<method>-compiled; methods declaring max_cache_len get context + new tokens unless set; "
+                        "a cache that is not compileable gives a skipped row")
     parser.add_argument("--compile-backend", default=None,
-                        help="torch.compile backend of static-compiled (default inductor with reduce-overhead on "
-                        "GPU; on CPU the row is skipped unless given, e.g. eager, which only checks the plumbing)")
+                        help="torch.compile backend of the compiled rows (static-compiled, --compile-methods) "
+                        "(default inductor with reduce-overhead on GPU; on CPU they are skipped unless given, e.g. "
+                        "eager, which only checks the plumbing)")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help="chunked prefill of this many tokens for every row (generate's prefill_chunk_size)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, best kept (default 2)")
@@ -81,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         out = speed.bench(model, methods, batch=args.batch, context=args.context, new_tokens=args.new_tokens,
                           repeats=args.repeats, budget_gib=budget, baselines=args.baselines,
                           compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk,
+                          compile_methods=args.compile_methods,
                           on_result=lambda partial: speed.write_outputs(partial, args.out, stem))
     except KeyboardInterrupt:
         print(f"interrupted: the methods measured so far are in {args.out}/{stem}.json", file=sys.stderr)

@@ -181,3 +181,130 @@ def test_prefill_chunk_applies_to_every_row_and_keeps_tokens():
     assert any("Chunked prefill" in line for line in speed.notes(out))
     with pytest.raises(ValueError, match="prefill_chunk"):
         speed.bench(model, parse_methods("dynamic"), batch=1, context=16, new_tokens=2, prefill_chunk=0, progress=False)
+
+
+def test_compiled_method_row_compiles_once_and_generates_the_eager_rows_tokens():
+    # mla declares max_cache_len: unset in the spec, the compiled row gives it context + new tokens, which
+    # makes its cache compileable; the eager backend checks the plumbing on CPU (patch installed for the
+    # whole row, one compile at warm-up, none in the timed runs, the same greedy tokens as eager mla)
+    model = tiny_model("deepseek_v3")
+    out = speed.bench(model, parse_methods("dynamic,mla,mla:max_cache_len=None"), batch=2, context=24, new_tokens=3,
+                      repeats=2, baselines="static-compiled", compile_backend="eager", compile_methods=True,
+                      progress=False)
+    rows = {r["method"]: r for r in out["results"]}
+    assert list(rows) == ["dynamic", "mla", "mla:max_cache_len=None", "static-compiled", "mla-compiled",
+                          "mla:max_cache_len=None-compiled"]
+    assert "dynamic-compiled" not in rows and out["setup"]["compile_methods"] is True
+    comp = rows["mla-compiled"]
+    assert "skipped" not in comp, comp
+    assert comp["kind"] == "method" and comp["max_cache_len"] == 24 + 3
+    assert comp["compile_backend"] == "eager" and comp["compiled"] and comp["compiles_warmup"] >= 1
+    assert comp["recompiles_timed"] == 0 and comp["cudagraph_skips"] == 0
+    assert comp["prefill_s"] > 0 and comp["decode_ms"] > 0 and comp["cache_bytes"] > 0
+    assert comp["same_tokens_as_eager"] == 1.0  # greedy, fp32: compiled mla generates eager mla's tokens
+    assert comp["tokens_per_s_vs_compiled"] == pytest.approx(comp["tokens_per_s"] / rows["static-compiled"]["tokens_per_s"])
+    assert comp["decode_ms_ratio"] == pytest.approx(comp["decode_ms"] / rows["dynamic"]["decode_ms"])
+    assert "same_tokens_as_eager" not in rows["mla"] and "compiles_warmup" not in rows["mla"]  # eager row unchanged
+    # an explicit max_cache_len is kept: None (growing storage) is not compileable
+    assert rows["mla:max_cache_len=None-compiled"]["skipped"] == (
+        "mla:max_cache_len=None cache (MLALatentCache) is not compileable (max_cache_len=None)")
+    from kvcompress.patch import active_patch
+
+    assert active_patch(model) is None  # the row removed its patch
+    md = speed.markdown(out)
+    assert "| `mla-compiled` |" in md and "same tokens as eager `mla`: 1.00" in md and "WARNING" not in md
+    assert json.loads(json.dumps(out))["results"][4]["method"] == "mla-compiled"
+
+
+def test_compiled_row_of_a_method_without_max_cache_len_is_skipped_with_the_reason(llama, monkeypatch):
+    from transformers import DynamicCache
+
+    from kvcompress import registry
+
+    # a method whose registry params lack max_cache_len, whatever the built-in ones declare by now
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    registry.register_method("uncapped", summary="test: a growing cache", build=lambda m: DynamicCache(config=m.config))
+    out = speed.bench(llama, parse_methods("dynamic,uncapped,xkv:window=8"), context=16, new_tokens=2, repeats=1,
+                      compile_methods=True, progress=False)
+    rows = {r["method"]: r for r in out["results"]}
+    assert "decode_ms" in rows["uncapped"] and "decode_ms" in rows["xkv:window=8"]  # eager rows measured
+    assert rows["uncapped-compiled"] == dict(
+        method="uncapped-compiled", kind="method",
+        skipped="uncapped cache (DynamicCache) is not compileable (no max_cache_len parameter)")
+    xkv = rows["xkv:window=8-compiled"]
+    if "max_cache_len" in registry.get_method("xkv").param_map:
+        # compileable with a capacity: on CPU without compile_backend it is skipped like static-compiled
+        assert "needs CUDA" in xkv["skipped"] or "not compileable (max_cache_len=" in xkv["skipped"], xkv
+    else:
+        assert xkv["skipped"] == "xkv:window=8 cache (XKVCache) is not compileable (no max_cache_len parameter)"
+    assert "skipped: uncapped cache (DynamicCache) is not compileable" in speed.markdown(out)
+
+
+def test_compile_methods_cli_flag(monkeypatch, tmp_path):
+    import argparse
+
+    from kvcompress import bench_cli
+    from kvcompress.cli import main
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    assert parser.parse_args([]).compile_methods is False
+    assert parser.parse_args(["--compile-methods"]).compile_methods is True
+    seen = {}
+
+    def bench(model, methods, **kwargs):
+        seen.update(kwargs, methods=[m.label for m in methods])
+        return {}
+
+    def write_outputs(out, out_dir, stem="bench"):
+        path = tmp_path / "bench.md"
+        path.write_text("table\n")
+        return {"md": path}
+
+    monkeypatch.setattr(speed, "load_model", lambda *args: None)
+    monkeypatch.setattr(speed, "bench", bench)
+    monkeypatch.setattr(speed, "write_outputs", write_outputs)
+    assert main(["bench", "--methods", "dynamic,mla", "--compile-methods", "--compile-backend", "eager",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert seen["compile_methods"] is True and seen["compile_backend"] == "eager"
+    assert seen["methods"] == ["dynamic", "mla"]
+    main(["bench", "--device", "cpu", "--out", str(tmp_path)])
+    assert seen["compile_methods"] is False
+
+
+def test_a_registry_method_declaring_max_cache_len_gets_the_capacity_and_an_oom_is_a_row(llama, monkeypatch):
+    from transformers import DynamicCache, StaticCache
+
+    from kvcompress import registry
+
+    def build(model, max_cache_len=None):
+        if max_cache_len is None:
+            return DynamicCache(config=model.config)
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+    # declared by the registry, not by name: any method with a max_cache_len parameter gets one
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    registry.register_method("capped", summary="test: static when given a capacity", build=build,
+                             params=(registry.Param("max_cache_len", None, "capacity", (registry.Range(int, low=1),),
+                                                    none_ok=True),))
+    out = speed.bench(llama, parse_methods("capped"), batch=2, context=20, new_tokens=3, repeats=1,
+                      compile_backend="eager", compile_methods=True, progress=False)
+    assert [r["method"] for r in out["results"]] == ["dynamic", "capped", "capped-compiled"]
+    comp = out["results"][-1]
+    assert comp["max_cache_len"] == 23 and comp["compiled"] and comp["recompiles_timed"] == 0, comp
+    assert comp["same_tokens_as_eager"] == 1.0 and comp["same_tokens"] == 1.0
+    assert "tokens_per_s_vs_compiled" not in comp  # no static-compiled row, no second ratio
+
+    real = speed._generate
+
+    def generate(model, input_ids, new_tokens, sync, **kwargs):
+        if "compile_config" in (kwargs.get("gen_kwargs") or {}):
+            raise speed._OOM("CUDA out of memory. Tried to allocate 7.00 GiB")
+        return real(model, input_ids, new_tokens, sync, **kwargs)
+
+    monkeypatch.setattr(speed, "_generate", generate)
+    out = speed.bench(llama, parse_methods("dynamic,capped"), context=16, new_tokens=2, repeats=1, baselines="static",
+                      compile_backend="eager", compile_methods=True, progress=False)
+    rows = {r["method"]: r for r in out["results"]}
+    assert rows["capped-compiled"]["skipped"].startswith("out of memory: CUDA out of memory")
+    assert "decode_ms" in rows["capped"] and "decode_ms" in rows["static"]
