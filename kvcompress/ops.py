@@ -121,6 +121,37 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
     return left.to(x.dtype).contiguous(), right.to(x.dtype).contiguous()
 
 
+def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Tensor, rank: int,
+                         method: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factorisation of ``[left @ right; rows]``: a truncated factorisation extended by new
+    rows without going back to the rows it already compressed (an incremental SVD).
+
+    ``left`` ``[..., T, r0]`` and ``right`` ``[..., r0, D]`` (orthonormal rows, as ``truncated_svd`` returns
+    them) stand for ``T`` rows already factored; ``rows`` ``[..., c, D]`` are new. Returns ``(left, right)`` for
+    ``T + c`` rows in the same form, with rank ``min(rank, T + c, D)``. The result is the Eckart–Young optimum
+    *of the stacked matrix*, which holds the first ``T`` rows only through their rank-``r0`` approximation:
+    in general slightly worse than a one-shot factorisation of all rows, exact when ``r0`` was full rank.
+
+    The Gram matrix of the stacked matrix is ``right^T (left^T left) right + rows^T rows`` (``D x D``, built
+    without the ``T x D`` product), whose leading eigenvectors give the new ``right``; then
+    ``left = [left (right right_new^T); rows right_new^T]``. Wide results (``T + c < D``) go through
+    ``truncated_svd`` of the stacked matrix instead, which is then the cheaper route. ``method`` as
+    ``truncated_svd`` (``"randomized"`` takes the float32 Gram route here).
+    """
+    method = resolve_svd_method(method, rows.device)
+    t, d = left.shape[-2] + rows.shape[-2], rows.shape[-1]
+    rank = min(rank, t, d)
+    if t < d:
+        return truncated_svd(torch.cat([left @ right, rows], dim=-2), rank, method)
+    gram_dtype = torch.float64 if method == "exact" or rows.dtype == torch.float64 else torch.float32
+    lw, rw, cw = left.to(gram_dtype), right.to(gram_dtype), rows.to(gram_dtype)
+    gram = rw.mT @ (lw.mT @ lw) @ rw + cw.mT @ cw
+    _, eigenvectors = torch.linalg.eigh(gram)
+    basis = eigenvectors[..., -rank:].flip(-1)  # [..., D, r], leading directions first
+    new_left = torch.cat([lw @ (rw @ basis), cw @ basis], dim=-2)
+    return new_left.to(rows.dtype).contiguous(), basis.mT.to(rows.dtype).contiguous()
+
+
 def tensor_nbytes(*tensors: torch.Tensor | None) -> int:
     """Bytes held by the given tensors' elements (``None`` counts as 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -335,6 +335,8 @@ def _xkv_params() -> tuple[Param, ...]:
               (Range(str, choices=SVD_METHODS),), note="auto = exact on CPU, gram32 on GPU"),
         Param("max_cache_len", d["max_cache_len"], "None (storage grows) or a fixed capacity in tokens "
               "(static shapes: compileable, CUDA graphs)", (Range(int, low=1),), none_ok=True),
+        Param("merge_segments", d["merge_segments"], "later compressions (prefill chunks, next turns) extend "
+              "the last segment by an incremental SVD instead of starting a new one", (Range(bool),)),
     )
 
 

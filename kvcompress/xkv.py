@@ -52,7 +52,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
 from .models import text_config
-from .ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, tensor_nbytes, truncated_svd
+from .ops import (SVD_METHODS, apply_rope, extend_truncated_svd, rope_cos_sin, rope_inv_freq, tensor_nbytes,
+                  truncated_svd)
 
 Rank = int | float | None
 
@@ -513,6 +514,11 @@ class XKVCache(Cache):
             ``StaticCache``. Overflow raises ``ValueError`` naming ``max_cache_len`` (checked on eager updates;
             compiled steps cannot check without a host sync). Compression stays eager: multi-token updates
             (prefill, a next turn) must not run inside ``torch.compile``.
+        merge_segments: tokens compressed after the group's first compression (the next chunk of a chunked
+            prefill, the next turn of a conversation) extend the group's last segment with an incremental
+            SVD (``kvcompress.ops.extend_truncated_svd``): one basis for the whole sequence, so the memory
+            and the decode cost of one segment. ``False`` starts a new segment each time (its own basis:
+            more accurate, more memory, one more segment for every decode step to read).
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -530,6 +536,7 @@ class XKVCache(Cache):
         min_compress_tokens: int = 32,
         svd_method: str = "auto",
         max_cache_len: int | None = None,
+        merge_segments: bool = True,
     ):
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
@@ -553,8 +560,10 @@ class XKVCache(Cache):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "min_compress_tokens" else 0):
                 low = 1 if name == "min_compress_tokens" else 0
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not isinstance(pre_rope, bool):
-            raise TypeError(f"pre_rope must be True or False, got {pre_rope!r}")
+        for name, flag in (("pre_rope", pre_rope), ("merge_segments", merge_segments)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.merge_segments = merge_segments
         if svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method must be one of {list(SVD_METHODS)}, got {svd_method!r}")
         self.svd_method = svd_method
@@ -592,7 +601,7 @@ class XKVCache(Cache):
         self.min_compress_tokens = min_compress_tokens
         self.params = dict(group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink,
                            pre_rope=pre_rope, min_compress_tokens=min_compress_tokens, svd_method=svd_method,
-                           max_cache_len=max_cache_len)
+                           max_cache_len=max_cache_len, merge_segments=merge_segments)
         self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -726,11 +735,16 @@ class XKVCache(Cache):
             raise RuntimeError("layers of an xKV group disagree on their token count")  # a bug, not user input
         to_sink = min(max(self.sink - first.sink_keys.shape[-2], 0), tail)
         to_compress = max(tail - to_sink - self.window, 0)
-        if to_compress < self.min_compress_tokens or not self._factors_save_memory(to_compress, len(layers)):
+        start = first.seq_tokens() - tail + to_sink  # slot of the first token to compress
+        previous = group.segments[-1] if group.segments else None
+        # merge into the last segment when the new tokens continue it (the next chunk of a chunked prefill,
+        # a next turn): no new fixed factor cost, so only min_compress_tokens decides
+        merge = self.merge_segments and previous is not None and previous.start + previous.length == start
+        if to_compress < self.min_compress_tokens or (
+                not merge and not self._factors_save_memory(to_compress, len(layers))):
             to_compress = 0
         if to_sink == 0 and to_compress == 0:
             return
-        start = first.seq_tokens() - tail + to_sink  # slot of the first token to compress
         new_segment, rights = None, None
         if to_compress:
             chunk = slice(to_sink, to_sink + to_compress)
@@ -739,21 +753,44 @@ class XKVCache(Cache):
                 keys = [self._rope(k, start, -1.0) for k in keys]
             stacked_keys = torch.cat([k.flatten(2) for k in keys], dim=-1)  # [B, T, G*H*d]
             stacked_values = torch.cat([layer.values[:, :, chunk].transpose(1, 2).flatten(2) for layer in layers], -1)
-            key_factor, key_right = truncated_svd(stacked_keys, self.rank_k, self.svd_method)
-            value_factor, value_right = truncated_svd(stacked_values, self.rank_v, self.svd_method)
-            new_segment = _Segment(start, to_compress, key_factor, value_factor)
+            if merge:
+                key_factor, key_right = extend_truncated_svd(
+                    previous.key_factor, torch.cat([layer.key_rights[-1] for layer in layers], dim=-1),
+                    stacked_keys, self.rank_k, self.svd_method)
+                value_factor, value_right = extend_truncated_svd(
+                    previous.value_factor, torch.cat([layer.value_rights[-1] for layer in layers], dim=-1),
+                    stacked_values, self.rank_v, self.svd_method)
+                new_segment = _Segment(previous.start, previous.length + to_compress, key_factor, value_factor)
+            else:
+                key_factor, key_right = truncated_svd(stacked_keys, self.rank_k, self.svd_method)
+                value_factor, value_right = truncated_svd(stacked_values, self.rank_v, self.svd_method)
+                new_segment = _Segment(start, to_compress, key_factor, value_factor)
             rights = (key_right.chunk(len(layers), dim=-1), value_right.chunk(len(layers), dim=-1))
+        else:
+            merge = False
         # Everything is computed: commit to all layers at once.
         for i, layer in enumerate(layers):
             if to_sink:
                 layer.sink_keys = torch.cat([layer.sink_keys, layer.keys[:, :, :to_sink]], dim=-2)
                 layer.sink_values = torch.cat([layer.sink_values, layer.values[:, :, :to_sink]], dim=-2)
             if new_segment is not None:
+                if merge:
+                    layer.key_rights.pop()
+                    layer.value_rights.pop()
                 layer.key_rights.append(rights[0][i].contiguous())
                 layer.value_rights.append(rights[1][i].contiguous())
             layer._drop_tail_front(to_sink + to_compress)
+        if merge:
+            group.segments.pop()
         if new_segment is not None:
             group.segments.append(new_segment)
+        if merge:
+            # RoPE tables are shared by the groups and cached by (start, length): drop those no segment uses
+            # any more (the merged segment's old span, the new tokens' span used to un-rotate them)
+            used = {(seg.start, seg.length) for g in self.groups for seg in g.segments}
+            for key in [k for k in self._rope_tables if k[:2] not in used]:
+                del self._rope_tables[key]
+        if new_segment is not None:
             if self.max_cache_len is not None and not torch.compiler.is_compiling():
                 tensors = [new_segment.key_factor, new_segment.value_factor]
                 if self.pre_rope:

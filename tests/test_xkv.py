@@ -49,11 +49,14 @@ def full_rank_cache(config, **kwargs):
     return XKVCache(config, **params)
 
 
+@pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_rank_matches_dynamic_cache_with_left_padding_and_second_turn(family):
+def test_full_rank_matches_dynamic_cache_with_left_padding_and_second_turn(family, merge):
+    """Full rank is lossless, also through a second turn: merged into the first segment by the incremental
+    SVD (merge_segments=True) or as a second segment."""
     model = tiny_model(family)
     ids, mask = left_padded_batch()
-    ref_cache, cache = DynamicCache(config=model.config), full_rank_cache(model.config)
+    ref_cache, cache = DynamicCache(config=model.config), full_rank_cache(model.config, merge_segments=merge)
     ref = generate(model, ids, mask, ref_cache)
     out = generate(model, ids, mask, cache)
     assert_same_generation(ref, out)
@@ -66,8 +69,10 @@ def test_full_rank_matches_dynamic_cache_with_left_padding_and_second_turn(famil
     ref2 = generate(model, ids2, mask2, ref_cache)
     out2 = generate(model, ids2, mask2, cache)
     assert_same_generation(ref2, out2)
-    assert all(len(group.segments) == 2 for group in cache.groups), "the second turn makes a second segment"
+    segments = 1 if merge else 2
+    assert all(len(group.segments) == segments for group in cache.groups), "second turn: merged / a new segment"
     assert cache.get_seq_length() == ref_cache.get_seq_length()
+    assert cache.nbytes() == cache.expected_nbytes()
 
 
 @pytest.mark.parametrize("pre_rope", [True, False])
@@ -349,3 +354,50 @@ def test_svd_method_is_validated_and_used(monkeypatch):
     for layer in range(2):
         cache.update(k, k.clone(), layer)
     assert seen == ["randomized", "randomized"]
+
+
+@pytest.mark.parametrize("method", ["exact", "gram32", "randomized"])
+@pytest.mark.parametrize("split", [500, 40], ids=["tall", "wide-then-tall"])
+def test_extend_truncated_svd_is_the_optimum_of_the_stacked_matrix(method, split):
+    """extend_truncated_svd(left, right, rows) == truncated_svd([left @ right; rows]) (the optimum of the
+    stacked matrix), lossless at full rank, and close to a one-shot factorisation of all rows on data with
+    decaying spectrum (what a streaming / chunked prefill gives up)."""
+    from kvcompress.ops import extend_truncated_svd
+
+    g = torch.Generator().manual_seed(11)
+    d, rank = 128, 24
+    x = (torch.randn(700, d, generator=g, dtype=torch.float64) * torch.exp(-torch.arange(d) / 16.0)).float()
+    old, new = x[:split], x[split:]
+    left, right = truncated_svd(old, rank, "exact")
+    got_left, got_right = extend_truncated_svd(left, right, new, rank, method)
+    assert got_left.shape == (700, rank) and got_right.shape == (rank, d)
+    stacked = torch.cat([left @ right, new]).double()
+    optimum = torch.linalg.svdvals(stacked)[rank:].pow(2).sum().sqrt()
+    err = (stacked - got_left.double() @ got_right.double()).norm() / optimum
+    assert err < 1.0001, err
+    one_shot = torch.linalg.svdvals(x.double())[rank:].pow(2).sum().sqrt()
+    assert 1.0 <= (x.double() - got_left.double() @ got_right.double()).norm() / one_shot < 1.05
+    # full rank: nothing is lost, whatever the split
+    fl, fr = truncated_svd(old, d, "exact")
+    full_left, full_right = extend_truncated_svd(fl, fr, new, d, method)
+    torch.testing.assert_close(full_left @ full_right, x, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_merges_into_one_segment_per_group():
+    """generate's chunked prefill: with merge_segments (default) every group ends with one segment spanning
+    the whole compressed prompt, so the cache holds the one-shot prefill's bytes; without it, one segment
+    per chunk. Greedy tokens at full rank equal stock's either way."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(lengths=(96, 80))
+    kw = dict(group_size=2, window=4, sink=2, min_compress_tokens=1)
+    one_shot = XKVCache(model.config, rank_k=8, rank_v=8, **kw)
+    generate(model, ids, mask, one_shot)
+    merged = XKVCache(model.config, rank_k=8, rank_v=8, **kw)
+    generate(model, ids, mask, merged, prefill_chunk_size=32)
+    split = XKVCache(model.config, rank_k=8, rank_v=8, merge_segments=False, **kw)
+    generate(model, ids, mask, split, prefill_chunk_size=32)
+    assert all(len(g.segments) == 1 for g in merged.groups) and all(len(g.segments) == 3 for g in split.groups)
+    assert merged.nbytes() == one_shot.nbytes() == merged.expected_nbytes() < split.nbytes()
+    stock = generate(model, ids, mask, DynamicCache(config=model.config))
+    full = generate(model, ids, mask, XKVCache(model.config, rank_k=None, rank_v=None, **kw), prefill_chunk_size=32)
+    assert torch.equal(stock.sequences, full.sequences)

@@ -85,20 +85,22 @@ def test_static_cache_overflow_names_max_cache_len_and_changes_nothing():
     assert [layer.seq_tokens() for layer in cache.layers] == before
 
 
-def test_second_turn_compresses_again_in_a_static_cache():
-    """A multi-token update after decode steps (a next turn) folds the tail into a second segment and keeps
-    the capacity invariant; tokens equal the growable cache's."""
+@pytest.mark.parametrize("merge", [True, False])
+def test_second_turn_compresses_again_in_a_static_cache(merge):
+    """A multi-token update after decode steps (a next turn) folds the tail into the segment (merged) or a
+    second segment and keeps the capacity invariant; tokens equal the growable cache's."""
     model = make_model()
     ids, mask = prompts([40, 31])
     turn2 = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(5))
     outs = []
     for cap in (None, 120):
-        cache = XKVCache(model.config, max_cache_len=cap, **SMALL)
+        cache = XKVCache(model.config, max_cache_len=cap, merge_segments=merge, **SMALL)
         first = greedy(model, cache, ids, mask, new_tokens=6, disable_compile=True)
         ids2 = torch.cat([first, turn2], dim=1)
         mask2 = torch.cat([mask, torch.ones(2, ids2.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
         outs.append(greedy(model, cache, ids2, mask2, new_tokens=6, disable_compile=True))
-        assert len(cache.groups[0].segments) == 2
+        assert len(cache.groups[0].segments) == (1 if merge else 2)
+        assert cache.nbytes() == cache.expected_nbytes()
         if cap is not None:
             layer = cache.layers[0]
             assert layer.sink_keys.shape[-2] + sum(s.length for s in layer.group.segments) + layer.tail_capacity() == cap
