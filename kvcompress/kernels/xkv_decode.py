@@ -217,9 +217,11 @@ def valid_mask_from_attention_mask(mask: torch.Tensor | None, batch: int, tokens
                          f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     if mask.shape[-1] < tokens:
         raise ValueError(f"attention mask covers {mask.shape[-1]} tokens, fewer than the {tokens} attended")
-    # mask[:, 0, -1, -tokens:] as one view instead of three
-    offset = mask.storage_offset() + (mask.shape[2] - 1) * mask.stride(2) + (mask.shape[3] - tokens) * mask.stride(3)
-    last = mask.as_strided((mask.shape[0], tokens), (mask.stride(0), mask.stride(3)), offset)
+    if torch.compiler.is_compiling():  # traced once, so plain indexing (dynamo cannot trace storage_offset)
+        last = mask[:, 0, -1, mask.shape[3] - tokens:]
+    else:  # mask[:, 0, -1, -tokens:] as one view instead of three
+        offset = mask.storage_offset() + (mask.shape[2] - 1) * mask.stride(2) + (mask.shape[3] - tokens) * mask.stride(3)
+        last = mask.as_strided((mask.shape[0], tokens), (mask.stride(0), mask.stride(3)), offset)
     if mask.dtype != torch.bool:  # additive: anything above half the dtype's lowest value counts as attend
         last = last > torch.finfo(mask.dtype).min / 2
     return last if last.shape[0] == batch else last.expand(batch, tokens)
