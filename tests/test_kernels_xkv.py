@@ -377,7 +377,9 @@ def patched_generation_matches(family: str, overrides: dict | None = None, devic
     """Two turns (batch 2, left padding) unpatched and patched: same tokens, close scores. Returns how many
     fused decode calls the patched run made (asserting they happened is the caller's job)."""
     model = tiny_model(family, **(overrides or {})).to(device)
-    params = dict(group_size=2, rank_k=12, rank_v=16, window=4, sink=2, min_compress_tokens=1)
+    # merge_segments=False by default: the second turn makes a second segment, so the kernels' multi-segment
+    # path runs; with True it extends the first one
+    params = dict(group_size=2, rank_k=12, rank_v=16, window=4, sink=2, min_compress_tokens=1, merge_segments=False)
     params.update(cache_kwargs)
     ids, mask = (t.to(device) for t in _left_padded())
     calls = []
@@ -404,7 +406,7 @@ def patched_generation_matches(family: str, overrides: dict | None = None, devic
             if handle is not None:
                 handle.remove()
     (ref1, ref2, ref_segments), (out1, out2, out_segments) = results
-    assert ref_segments == out_segments == [2] * len(ref_segments)
+    assert ref_segments == out_segments == [1 if params["merge_segments"] else 2] * len(ref_segments)
     for ref, out in ((ref1, out1), (ref2, out2)):
         assert torch.equal(ref.sequences, out.sequences)
         for a, b in zip(ref.scores, out.scores):
@@ -416,6 +418,10 @@ def patched_generation_matches(family: str, overrides: dict | None = None, devic
 def test_patched_generation_equals_unpatched(family):
     model_layers, steps = 4, 2 * 7  # 8 new tokens per turn: 7 decode steps each
     assert patched_generation_matches(family) == model_layers * steps
+
+
+def test_patched_generation_equals_unpatched_with_merged_segments():
+    assert patched_generation_matches("llama", merge_segments=True) == 4 * 2 * 7
 
 
 @pytest.mark.gpu
