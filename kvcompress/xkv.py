@@ -570,7 +570,7 @@ class XKVCache(Cache):
         if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
                                           or max_cache_len < 1):
             raise ValueError(f"max_cache_len must be None (storage grows) or an int >= 1, got {max_cache_len!r}")
-        self.max_cache_len = max_cache_len
+        self._capacity = max_cache_len  # read through the max_cache_len property (transformers 5.17's Cache has one)
 
         layer_types = _layer_types(cfg, num_layers)
         allowed_types = ("full_attention", "sliding_attention", "chunked_attention")
@@ -618,6 +618,11 @@ class XKVCache(Cache):
                 else:
                     layers[i] = StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window_size)
         super().__init__(layers=layers)
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """The fixed capacity in tokens (``None``: the storage grows)."""
+        return self._capacity
 
     # -- memory ---------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -791,7 +796,7 @@ class XKVCache(Cache):
             for key in [k for k in self._rope_tables if k[:2] not in used]:
                 del self._rope_tables[key]
         if new_segment is not None:
-            if self.max_cache_len is not None and not torch.compiler.is_compiling():
+            if self._capacity is not None and not torch.compiler.is_compiling():
                 tensors = [new_segment.key_factor, new_segment.value_factor]
                 if self.pre_rope:
                     tensors += self._rope_table(new_segment.start, new_segment.length, new_segment.key_factor.device)
