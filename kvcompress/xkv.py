@@ -866,9 +866,11 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     other call (prefill, layers without segments, other caches) goes to the model's previous attention
     implementation unchanged.
     """
-    layer = module.__dict__.get(_LAYER_ATTR)
+    # plain attribute reads (the patch sets both on every attention module): torch.compile traces them,
+    # where older dynamo versions cannot trace module.__dict__ methods
+    layer = getattr(module, _LAYER_ATTR, None)
     if layer is None or layer.deferred is None or key is not layer.deferred[0]:
-        return module.__dict__[_FALLBACK_ATTR](module, query, key, value, attention_mask, dropout=dropout,
+        return getattr(module, _FALLBACK_ATTR)(module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
     from .kernels.xkv_decode import valid_mask_from_attention_mask, xkv_decode_attention
 
@@ -948,16 +950,18 @@ def patch_xkv(model: torch.nn.Module):
                 layer = cache.layers[module.layer_idx]
                 if isinstance(layer, XKVLayer):
                     layer.defer_decode, layer.deferred = True, None
-                    module.__dict__[_LAYER_ATTR] = layer
+                    setattr(module, _LAYER_ATTR, layer)
 
         def post_hook(module, args, kwargs, output):
             # always_call: also after an exception, so a layer never stays deferred for an unpatched reader
-            layer = module.__dict__.pop(_LAYER_ATTR, None)
+            layer = getattr(module, _LAYER_ATTR, None)
             if layer is not None:
+                setattr(module, _LAYER_ATTR, None)
                 layer.defer_decode, layer.deferred = False, None
 
         for module, fallback in zip(modules, fallbacks):
             set_attribute(module, _FALLBACK_ATTR, fallback, handle)
+            set_attribute(module, _LAYER_ATTR, None, handle)  # the active layer while the module runs
             pre = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
             post = module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
             handle.add_undo(pre.remove)
