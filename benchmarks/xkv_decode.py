@@ -182,6 +182,54 @@ def count_call(fn) -> tuple[int, int, dict]:
     return sum(ops.values()), launches[0], dict(ops)
 
 
+def breakdown(query, parts, scale) -> list[tuple[str, float]]:
+    """CUDA time per kernel name (us per call, mean of 20 calls) of one fused call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        xkv_decode_attention(query, parts, scale)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            xkv_decode_attention(query, parts, scale)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if us and not event.key.startswith("cuda"):
+            totals[event.key] = totals.get(event.key, 0.0) + us / 20
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
+def sweep_scores(query, parts, scale, measure) -> list[dict]:
+    """The key-rebuild kernel's fixed configurations, each timed on the whole fused call (autotuner off)."""
+    import os
+
+    from kvcompress.kernels import xkv_decode as kernels
+
+    rows, saved = [], (os.environ.get("KVCOMPRESS_XKV_AUTOTUNE"), kernels._SCORES_FIXED)
+    os.environ["KVCOMPRESS_XKV_AUTOTUNE"] = "0"
+    try:
+        for bt, br, warps, stages in ((256, 64, 8, 2), (256, 64, 8, 3), (256, 32, 8, 3), (256, 32, 8, 4),
+                                      (256, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 16, 2),
+                                      (256, 64, 4, 2), (512, 32, 8, 2), (512, 64, 16, 2)):
+            kernels._SCORES_FIXED = dict(BLOCK_T=bt, BLOCK_R=br, num_warps=warps, num_stages=stages)
+            try:
+                us = measure(lambda: xkv_decode_attention(query, parts, scale))
+            except Exception as e:  # out of shared memory / registers: a result, not a crash
+                rows.append(dict(BLOCK_T=bt, BLOCK_R=br, num_warps=warps, num_stages=stages, error=str(e)[:120]))
+            else:
+                rows.append(dict(BLOCK_T=bt, BLOCK_R=br, num_warps=warps, num_stages=stages, fused_us=us))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        kernels._SCORES_FIXED = saved[1]
+        if saved[0] is None:
+            os.environ.pop("KVCOMPRESS_XKV_AUTOTUNE", None)
+        else:
+            os.environ["KVCOMPRESS_XKV_AUTOTUNE"] = saved[0]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -189,6 +237,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 32768])
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CUDA: time per kernel of one fused call at the largest batch x context (torch.profiler)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="CUDA: fixed configurations of the key-rebuild kernel at the largest batch x context")
     args = parser.parse_args()
     device = args.device
     shape = dict(LLAMA8B)
@@ -227,10 +279,18 @@ def main() -> None:
                              flops_floor_us=flops / flop_rate * 1e6, stock_bytes_floor_us=stock_bytes / bandwidth * 1e6))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache() if device == "cuda" else None
+    extra = {}
+    if device == "cuda" and (args.breakdown or args.sweep):
+        query, parts = make_layer(max(args.batches), max(args.contexts), shape, dtype, device)
+        if args.breakdown:
+            extra["breakdown_us"] = breakdown(query, parts, scale)
+            print("per-kernel CUDA us per call:", json.dumps(extra["breakdown_us"]), flush=True)
+        if args.sweep:
+            extra["sweep"] = sweep_scores(query, parts, scale, measure)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=shape,
-                           bandwidth=bandwidth, flop_rate=flop_rate, rows=rows), f, indent=1)
+                           bandwidth=bandwidth, flop_rate=flop_rate, rows=rows, **extra), f, indent=1)
     if device == "cuda":
         from kvcompress.kernels import xkv_decode as kernels
 
