@@ -551,9 +551,9 @@ _RATIO_KEYS = ("prefill_s", "decode_ms", "cache_bytes", "peak_bytes", "tokens_pe
 
 
 def _add_ratios(results: list[dict]) -> None:
-    """Every measured figure divided by dynamic's (measured first): ``<key>_ratio``; and by
-    ``static-compiled``'s when it was measured: ``<key>_vs_compiled``."""
-    ref = results[0]
+    """Every measured figure divided by ``dynamic``'s, wherever it sits in the list (else the first row's):
+    ``<key>_ratio``; and by ``static-compiled``'s when it was measured: ``<key>_vs_compiled``."""
+    ref = next((r for r in results if r["method"] == "dynamic" and "skipped" not in r), results[0])
     compiled = next((r for r in results if r["method"] == "static-compiled" and "skipped" not in r), None)
     for r in results:
         if "skipped" in r:

@@ -308,3 +308,12 @@ def test_a_registry_method_declaring_max_cache_len_gets_the_capacity_and_an_oom_
     rows = {r["method"]: r for r in out["results"]}
     assert rows["capped-compiled"]["skipped"].startswith("out of memory: CUDA out of memory")
     assert "decode_ms" in rows["capped"] and "decode_ms" in rows["static"]
+
+
+def test_ratios_are_to_dynamic_wherever_it_is_listed():
+    rows = [dict(method="xkv", decode_ms=30.0), dict(method="dynamic", decode_ms=20.0)]
+    for row in rows:
+        for key in speed._RATIO_KEYS:
+            row.setdefault(key, 1.0)
+    speed._add_ratios(rows)
+    assert rows[0]["decode_ms_ratio"] == 1.5 and rows[1]["decode_ms_ratio"] == 1.0
