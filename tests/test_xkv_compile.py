@@ -206,3 +206,18 @@ def test_fused_decode_without_a_mask_hides_the_free_tail_slots():
             step = model(input_ids=ids[:, -1:], use_cache=True, **{kw: cache})
             logits.append(step.logits)
     assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_beam_search_matches_growable():
+    """Beam search reorders the cache every step (reorder_cache on the fixed buffers and the shared
+    factors): the static-capacity cache gives the growable cache's beams."""
+    model = make_model()
+    ids, mask = prompts([40, 31])
+    outs = []
+    for cap in (None, 64):
+        cache = XKVCache(model.config, max_cache_len=cap, **SMALL)
+        outs.append(greedy(model, cache, ids, mask, new_tokens=6, num_beams=3, disable_compile=True))
+        if cap is not None:
+            layer = cache.layers[0]
+            assert layer.sink_keys.shape[-2] + sum(s.length for s in layer.group.segments) + layer.tail_capacity() == cap
+    assert torch.equal(outs[0], outs[1])
