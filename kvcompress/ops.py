@@ -134,7 +134,9 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
 
     The Gram matrix of the stacked matrix is ``right^T (left^T left) right + rows^T rows`` (``D x D``, built
     without the ``T x D`` product), whose leading eigenvectors give the new ``right``; then
-    ``left = [left (right right_new^T); rows right_new^T]``. Wide results (``T + c < D``) go through
+    ``left = [left (right right_new^T); rows right_new^T]``. When ``r0 + c < D`` (a short chunk) the Gram
+    matrix is formed in an orthonormal basis of the ``r0 + c`` directions the rows can span (a QR), so the
+    eigendecomposition is ``(r0 + c)^2`` instead of ``D^2``. Wide results (``T + c < D``) go through
     ``truncated_svd`` of the stacked matrix instead, which is then the cheaper route. ``method`` as
     ``truncated_svd`` (``"randomized"`` takes the float32 Gram route here).
     """
@@ -145,9 +147,19 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
         return truncated_svd(torch.cat([left @ right, rows], dim=-2), rank, method)
     gram_dtype = torch.float64 if method == "exact" or rows.dtype == torch.float64 else torch.float32
     lw, rw, cw = left.to(gram_dtype), right.to(gram_dtype), rows.to(gram_dtype)
-    gram = rw.mT @ (lw.mT @ lw) @ rw + cw.mT @ cw
-    _, eigenvectors = torch.linalg.eigh(gram)
-    basis = eigenvectors[..., -rank:].flip(-1)  # [..., D, r], leading directions first
+    span = right.shape[-2] + rows.shape[-2]
+    if span < d:
+        # Every stacked row lies in span(right's rows, rows): at most r0 + c < D directions (small chunks).
+        # The same Gram matrix, expressed in an orthonormal basis Q of that span, is (r0 + c)^2 instead of
+        # D^2, and its eigendecomposition is the cost that matters. Exact: nothing outside the span is lost.
+        q, _ = torch.linalg.qr(torch.cat([rw.mT, cw.mT], dim=-1))  # [..., D, r0 + c]
+        rq, cq = rw @ q, cw @ q
+        _, eigenvectors = torch.linalg.eigh(rq.mT @ (lw.mT @ lw) @ rq + cq.mT @ cq)
+        rank = min(rank, span)
+        basis = q @ eigenvectors[..., -rank:].flip(-1)  # [..., D, r]
+    else:
+        _, eigenvectors = torch.linalg.eigh(rw.mT @ (lw.mT @ lw) @ rw + cw.mT @ cw)
+        basis = eigenvectors[..., -rank:].flip(-1)  # [..., D, r], leading directions first
     new_left = torch.cat([lw @ (rw @ basis), cw @ basis], dim=-2)
     return new_left.to(rows.dtype).contiguous(), basis.mT.to(rows.dtype).contiguous()
 

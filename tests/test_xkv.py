@@ -401,3 +401,26 @@ def test_chunked_prefill_merges_into_one_segment_per_group():
     stock = generate(model, ids, mask, DynamicCache(config=model.config))
     full = generate(model, ids, mask, XKVCache(model.config, rank_k=None, rank_v=None, **kw), prefill_chunk_size=32)
     assert torch.equal(stock.sequences, full.sequences)
+
+
+@pytest.mark.parametrize("method", ["exact", "gram32"])
+def test_extend_truncated_svd_small_chunk_route_is_the_same_optimum(method):
+    """r0 + c < D (a short chunk after a long segment): the factorisation is computed in the span of the
+    old basis and the new rows, and is still the optimum of the stacked matrix (and lossless at full rank)."""
+    from kvcompress.ops import extend_truncated_svd
+
+    g = torch.Generator().manual_seed(5)
+    d = 256
+    x = (torch.randn(400, d, generator=g, dtype=torch.float64) * torch.exp(-torch.arange(d) / 24.0)).float()
+    left, right = truncated_svd(x[:350], 16, "exact")
+    new = x[350:]  # 50 rows: r0 + c = 66 < 256
+    got_left, got_right = extend_truncated_svd(left, right, new, 16, method)
+    stacked = torch.cat([left @ right, new]).double()
+    optimum = torch.linalg.svdvals(stacked)[16:].pow(2).sum().sqrt()
+    err = (stacked - got_left.double() @ got_right.double()).norm() / optimum
+    assert got_left.shape == (400, 16) and got_right.shape == (16, d) and err < 1.0001, err
+    torch.testing.assert_close(got_right @ got_right.T, torch.eye(16), atol=1e-4, rtol=0)
+    # asking for more rank than the stacked matrix can have: the result is exact with rank r0 + c
+    full_left, full_right = extend_truncated_svd(left, right, new, d, method)
+    assert full_right.shape == (66, d)
+    torch.testing.assert_close(full_left @ full_right, stacked.float(), atol=1e-4, rtol=1e-4)
