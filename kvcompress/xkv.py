@@ -168,7 +168,7 @@ class XKVLayer(CacheLayerMixin):
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
         if value is not None and self.__dict__.get("_key_buffer") is not None and value.shape[-2] != self._valid_tail():
-            raise ValueError(f"values hold {value.shape[-2]} tokens but keys hold {self._tail_len}; assign keys first")
+            raise ValueError(f"values hold {value.shape[-2]} tokens but keys hold {self._valid_tail()}; assign keys first")
         self._value_buffer = value
 
     def tail_capacity(self) -> int:
