@@ -147,39 +147,12 @@ def check(device: str) -> bool:
 
 
 def count_call(fn) -> tuple[int, int, dict]:
-    """(torch ops dispatched, Triton launches, ops by name) of one call of ``fn``; ops inside a launch (the
-    interpreter's copies) are not counted."""
-    from collections import Counter
+    """(torch ops dispatched, Triton launches, ops by name) of one call of ``fn``
+    (:func:`kvcompress.kernels.xkv_decode.count_ops_and_launches`)."""
+    from kvcompress.kernels.xkv_decode import count_ops_and_launches
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from kvcompress.kernels import xkv_decode as kernels
-
-    class Count(TorchDispatchMode):
-        paused = False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not self.paused:
-                ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    ops, launches, original, mode = Counter(), [0], kernels._launch, Count()
-
-    def launch(*args, **kwargs):
-        launches[0] += 1
-        mode.paused = True
-        try:
-            return original(*args, **kwargs)
-        finally:
-            mode.paused = False
-
-    kernels._launch = launch
-    try:
-        with mode:
-            fn()
-    finally:
-        kernels._launch = original
-    return sum(ops.values()), launches[0], dict(ops)
+    ops, launches = count_ops_and_launches(fn)
+    return sum(ops.values()), launches, dict(ops)
 
 
 def breakdown(query, parts, scale) -> list[tuple[str, float]]:

@@ -9,12 +9,10 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from conftest import tiny_model
@@ -100,38 +98,8 @@ CASES = {
 }
 
 
-# -- counting torch ops and Triton launches of one call --------------------------------------------
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops, self.paused = Counter(), False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_ops_and_launches(fn) -> tuple[Counter, int]:
-    """Torch ops dispatched by ``fn()`` (views included: each costs host time; ops inside a Triton launch,
-    e.g. the interpreter's copies, are not counted) and Triton launches (``xkv_decode._launch``)."""
-    counter, launches, original = _OpCounter(), [0], xkv_decode._launch
-
-    def launch(*args, **kwargs):
-        launches[0] += 1
-        counter.paused = True
-        try:
-            return original(*args, **kwargs)
-        finally:
-            counter.paused = False
-
-    xkv_decode._launch = launch
-    try:
-        with counter:
-            fn()
-    finally:
-        xkv_decode._launch = original
-    return counter.ops, launches[0]
+# counting torch ops and Triton launches of one call: xkv_decode.count_ops_and_launches
+count_ops_and_launches = xkv_decode.count_ops_and_launches
 
 
 # Bounds on one fused call (the Triton path): sinks + one segment + tail is 4 launches and 5 torch ops (4

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -317,6 +318,42 @@ def xkv_decode_attention_reference(query: torch.Tensor, parts: Sequence[Part], s
 # Every Triton launch goes through _launch, so tests can count launches per call (and bound them).
 def _launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
+
+
+def count_ops_and_launches(fn) -> tuple[dict[str, int], int]:
+    """Diagnostics (the benchmark and the tests bound the host work of a call): torch ops dispatched by
+    ``fn()``, by name (views included: each costs host time; ops inside a Triton launch, e.g. the
+    interpreter's copies, are not counted) and the Triton launches it made (through :func:`_launch`)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        paused = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.paused:
+                ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    module = sys.modules[__name__]
+    ops, launches, original, counter = Counter(), [0], module._launch, OpCounter()
+
+    def launch(*args, **kwargs):
+        launches[0] += 1
+        counter.paused = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    module._launch = launch
+    try:
+        with counter:
+            fn()
+    finally:
+        module._launch = original
+    return ops, launches[0]
 
 
 if _HAVE_TRITON:
