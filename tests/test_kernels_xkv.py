@@ -98,6 +98,13 @@ CASES = {
 }
 
 
+# the GPU tests' shapes (kernels and the compiled op alike): Llama-3-8B heads with two segments and left
+# padding, and a small GQA layout without RoPE and without sinks
+GPU_SHAPES = [dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=128, rank_v=192, layout=("e4", "f1000", "f333", "e70"),
+                   pad=(0, 11)),
+              dict(q_heads=8, kv_heads=2, head_dim=64, rank_k=40, rank_v=72, layout=("f257", "e3"), pad=(2, 0),
+                   rope=False)]
+
 # counting torch ops and Triton launches of one call: xkv_decode.count_ops_and_launches
 count_ops_and_launches = xkv_decode.count_ops_and_launches
 
@@ -229,10 +236,7 @@ def test_triton_interpreter_matches_reference_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("shape", [dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=128, rank_v=192,
-                                        layout=("e4", "f1000", "f333", "e70"), pad=(0, 11)),
-                                   dict(q_heads=8, kv_heads=2, head_dim=64, rank_k=40, rank_v=72,
-                                        layout=("f257", "e3"), pad=(2, 0), rope=False)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_kernel_matches_reference(dtype, tol, shape):
     query, parts, scaling, valid = make_case(**shape, dtype=dtype, device="cuda", seed=5)
     ref = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kvcompress.kernels import xkv_decode
 from kvcompress.kernels.xkv_decode import xkv_decode_attention
-from test_kernels_xkv import HAVE_TRITON, TESTS, make_case, rel_err
+from test_kernels_xkv import GPU_SHAPES, HAVE_TRITON, TESTS, make_case, rel_err
 
 # Part layouts the op must flatten: sinks + segments + tail, a missing sink or tail part (empty exact
 # tensors), no segment, exact parts between segments (joined, ``valid`` permuted), mixed RoPE tables.
@@ -194,10 +194,7 @@ def test_compiled_interpreter_kernels_match_reference_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("shape", [dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=128, rank_v=192,
-                                        layout=("e4", "f1000", "f333", "e70"), pad=(0, 11)),
-                                   dict(q_heads=8, kv_heads=2, head_dim=64, rank_k=40, rank_v=72,
-                                        layout=("f257", "e3"), pad=(2, 0), rope=False)])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_reduce_overhead_on_cuda_matches_reference(dtype, tol, shape):
     """inductor, mode="reduce-overhead" (CUDA-graph trees: an eager warm-up run autotunes, then the op's
     launches are captured and replayed), fullgraph: each replay with new values gives the reference's
