@@ -67,6 +67,48 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+def check_compiled_steps(model, cache, eager_cache, ids, mask, width: int, backend: str, steps: int = 4) -> None:
+    """Eager prefill into both caches, then ``steps`` one-token steps of ``torch.compile(model, fullgraph=True)``
+    (a graph break raises) on ``cache`` against eager steps on ``eager_cache``: the same logits, the step traced
+    once and reused (no recompiles: lengths live on the device). The caller enters any patch. The 2-D mask
+    has the cache's full ``width`` (future columns 1, masked by causality): the same shape at every step, as
+    a CUDA-graph decode loop keeps it."""
+    kw = cache_kwarg(model)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        for c in (cache, eager_cache):
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: c})  # eager prefill
+        step = torch.compile(model, backend=backend, fullgraph=True)
+        token = torch.full((ids.shape[0], 1), 7, dtype=torch.long)
+        full_mask = torch.cat([mask, torch.ones(ids.shape[0], width - mask.shape[1], dtype=mask.dtype)], dim=1)
+        for i in range(steps):
+            got = step(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
+            ref = model(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: eager_cache}).logits
+            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+            if i == 0:
+                after_first = frames()
+    assert graph_breaks() == 0
+    assert after_first >= 1 and frames() == after_first, "a later decode step recompiled"
+
+
+def generate_compiled_twice(model, make_cache, ids, mask, config: CompileConfig) -> int:
+    """generate() with eager decode, then twice with ``compile_config`` on one cache (reset in between):
+    the same greedy tokens every time, no graph breaks, no recompile in the second call. Returns the frames
+    dynamo compiled in the first compiled call. The caller enters any patch."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ref = greedy(model, make_cache(), ids, mask, disable_compile=True)
+    cache = make_cache()
+    got = greedy(model, cache, ids, mask, compile_config=config)
+    first = frames()
+    cache.reset()
+    again = greedy(model, cache, ids, mask, compile_config=config)
+    assert torch.equal(ref, got) and torch.equal(ref, again)
+    assert graph_breaks() == 0 and frames() == first, "a graph break, or the second generate recompiled"
+    return first
+
+
 # -- the cache --------------------------------------------------------------------------------------
 def test_static_cache_is_compileable_and_static():
     model = make_model("deepseek_v2", {})
@@ -119,26 +161,8 @@ def test_decode_step_traces_fullgraph_without_recompiles(family, overrides, back
     model = make_model(family, overrides)
     ids, mask = prompts([12, 9])
     cache = MLALatentCache(model.config, max_cache_len=32)
-    eager_cache = MLALatentCache(model.config, max_cache_len=32)
-    kw = cache_kwarg(model)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with patch_mla(model, max_absorbed_tokens=4), torch.no_grad():
-        for c in (cache, eager_cache):
-            model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: c})  # eager prefill
-        step = torch.compile(model, backend=backend, fullgraph=True)
-        token = torch.full((2, 1), 7, dtype=torch.long)
-        # a 2-D mask of the cache's full width (future columns 1, masked by causality): the same shape at
-        # every step, as a CUDA-graph decode loop keeps it
-        full_mask = torch.cat([mask, torch.ones(2, 32 - mask.shape[1], dtype=mask.dtype)], dim=1)
-        for i in range(4):
-            got = step(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
-            ref = model(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: eager_cache}).logits
-            assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
-            if i == 0:
-                after_first = frames()
-    assert graph_breaks() == 0
-    assert after_first >= 1 and frames() == after_first, "a later decode step recompiled"
+    with patch_mla(model, max_absorbed_tokens=4):
+        check_compiled_steps(model, cache, MLALatentCache(model.config, max_cache_len=32), ids, mask, 32, backend)
     assert int(cache.layers[0].get_seq_length()) == 12 + 4
 
 
@@ -151,19 +175,9 @@ def test_generate_compiled_eager_backend_matches_and_never_recompiles(family, ov
     ids, mask = prompts([20, 13])
     config = CompileConfig(backend="eager", fullgraph=True)
     config._compile_all_devices = True  # generate() compiles only on accelerators unless told (meant for tests)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     with patch_mla(model):
-        ref = greedy(model, MLALatentCache(model.config, max_cache_len=40), ids, mask, disable_compile=True)
-        cache = MLALatentCache(model.config, max_cache_len=40)
-        got = greedy(model, cache, ids, mask, compile_config=config)
-        first = frames()
-        cache.reset()
-        again = greedy(model, cache, ids, mask, compile_config=config)
-    assert torch.equal(ref, got) and torch.equal(ref, again)
+        first = generate_compiled_twice(model, lambda: MLALatentCache(model.config, max_cache_len=40), ids, mask, config)
     assert first >= 1, "generate did not compile the decode step"
-    assert graph_breaks() == 0
-    assert frames() == first, "the second generate recompiled"
 
 
 INTERPRETER_SCRIPT = textwrap.dedent("""
@@ -235,15 +249,6 @@ def test_reduce_overhead_on_cuda_matches_eager(family, overrides):
     no recompiles on a second call."""
     model = make_model(family, overrides, device="cuda")
     ids, mask = prompts([20, 13], device="cuda")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     config = CompileConfig(mode="reduce-overhead", fullgraph=True)
     with patch_mla(model):
-        ref = greedy(model, MLALatentCache(model.config, max_cache_len=48), ids, mask, disable_compile=True)
-        cache = MLALatentCache(model.config, max_cache_len=48)
-        got = greedy(model, cache, ids, mask, compile_config=config)
-        first = frames()
-        cache.reset()
-        again = greedy(model, cache, ids, mask, compile_config=config)
-    assert torch.equal(ref, got) and torch.equal(ref, again)
-    assert graph_breaks() == 0 and frames() == first
+        generate_compiled_twice(model, lambda: MLALatentCache(model.config, max_cache_len=48), ids, mask, config)

@@ -9,12 +9,14 @@ compile it (CUDA graphs on GPU). CPU tests trace with dynamo's ``eager``/``aot_e
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import CompileConfig, DynamicCache
 
 from conftest import tiny_model
-from test_mla_compile import cache_kwarg, frames, graph_breaks, greedy, prompts
+from test_mla_compile import cache_kwarg, check_compiled_steps, generate_compiled_twice, greedy, prompts
 from kvcompress.xkv import XKVCache, XKVLayer, patch_xkv
 
 SMALL = dict(sink=2, window=8, min_compress_tokens=4)  # tiny prompts still get a compressed segment
@@ -55,13 +57,9 @@ def test_static_cache_greedy_matches_growable(family, fused):
     full = greedy(model, XKVCache(model.config, rank_k=None, rank_v=None, max_cache_len=56, **SMALL), ids, mask,
                   new_tokens=8, disable_compile=True)
     stock = greedy(model, DynamicCache(config=model.config), ids, mask, new_tokens=8)
-    handle = patch_xkv(model) if fused else None
-    try:
+    with patch_xkv(model) if fused else contextlib.nullcontext():
         static = greedy(model, XKVCache(model.config, max_cache_len=56, **SMALL), ids, mask, new_tokens=8,
                         disable_compile=True)
-    finally:
-        if handle is not None:
-            handle.remove()
     assert torch.equal(grow, static)
     assert torch.equal(full, stock)
 
@@ -116,28 +114,8 @@ def test_decode_step_traces_fullgraph_without_recompiles(backend, fused):
     model = make_model()
     ids, mask = prompts([40, 31])
     cache, eager_cache = (XKVCache(model.config, max_cache_len=48, **SMALL) for _ in range(2))
-    kw = cache_kwarg(model)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    handle = patch_xkv(model) if fused else None
-    try:
-        with torch.no_grad():
-            for c in (cache, eager_cache):
-                model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: c})  # eager prefill compresses
-            step = torch.compile(model, backend=backend, fullgraph=True)
-            token = torch.full((2, 1), 7, dtype=torch.long)
-            full_mask = torch.cat([mask, torch.ones(2, 48 - mask.shape[1], dtype=mask.dtype)], dim=1)
-            for i in range(4):
-                got = step(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
-                ref = model(input_ids=token, attention_mask=full_mask, use_cache=True, **{kw: eager_cache}).logits
-                assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
-                if i == 0:
-                    after_first = frames()
-    finally:
-        if handle is not None:
-            handle.remove()
-    assert graph_breaks() == 0
-    assert after_first >= 1 and frames() == after_first, "a later decode step recompiled"
+    with patch_xkv(model) if fused else contextlib.nullcontext():  # the eager prefill compresses
+        check_compiled_steps(model, cache, eager_cache, ids, mask, 48, backend)
     assert cache.layers[0].seq_tokens() == 40 + 4
     assert cache.nbytes() == eager_cache.nbytes() == cache.expected_nbytes()
 
@@ -149,19 +127,10 @@ def test_generate_compiled_eager_backend_matches_and_never_recompiles():
     ids, mask = prompts([40, 31])
     config = CompileConfig(backend="eager", fullgraph=True)
     config._compile_all_devices = True  # generate() compiles only on accelerators unless told (meant for tests)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     with patch_xkv(model):
-        ref = greedy(model, XKVCache(model.config, max_cache_len=56, **SMALL), ids, mask, disable_compile=True)
-        cache = XKVCache(model.config, max_cache_len=56, **SMALL)
-        got = greedy(model, cache, ids, mask, compile_config=config)
-        first = frames()
-        cache.reset()
-        again = greedy(model, cache, ids, mask, compile_config=config)
-    assert torch.equal(ref, got) and torch.equal(ref, again)
+        first = generate_compiled_twice(model, lambda: XKVCache(model.config, max_cache_len=56, **SMALL), ids, mask,
+                                        config)
     assert first >= 1, "generate did not compile the decode step"
-    assert graph_breaks() == 0
-    assert frames() == first, "the second generate recompiled"
 
 
 # -- GPU: CUDA graphs ---------------------------------------------------------------------------------
@@ -174,22 +143,9 @@ def test_reduce_overhead_on_cuda_matches_eager(fused):
     recompiles on a second call."""
     model = make_model(device="cuda")
     ids, mask = prompts([40, 31], device="cuda")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     config = CompileConfig(mode="reduce-overhead", fullgraph=True)
-    handle = patch_xkv(model) if fused else None
-    try:
-        ref = greedy(model, XKVCache(model.config, max_cache_len=64, **SMALL), ids, mask, disable_compile=True)
-        cache = XKVCache(model.config, max_cache_len=64, **SMALL)
-        got = greedy(model, cache, ids, mask, compile_config=config)
-        first = frames()
-        cache.reset()
-        again = greedy(model, cache, ids, mask, compile_config=config)
-    finally:
-        if handle is not None:
-            handle.remove()
-    assert torch.equal(ref, got) and torch.equal(ref, again)
-    assert graph_breaks() == 0 and frames() == first
+    with patch_xkv(model) if fused else contextlib.nullcontext():
+        generate_compiled_twice(model, lambda: XKVCache(model.config, max_cache_len=64, **SMALL), ids, mask, config)
 
 
 def test_fused_decode_without_a_mask_hides_the_free_tail_slots():
