@@ -133,14 +133,18 @@ class XKVLayer(CacheLayerMixin):
         # Static capacity (XKVCache(max_cache_len=N)): sinks + compressed tokens + tail capacity == N at all
         # times, the tail's valid length is the device counter ``tail_length`` (host mirror ``_tail_len``,
         # None after compiled steps: re-read once, one sync, by the next eager access).
-        self.max_cache_len: int | None = cache.max_cache_len
         self.tail_length: torch.Tensor | None = None
-        if self.max_cache_len is not None:
+        if self.is_static:
             self.is_compileable = True
 
     @property
+    def max_cache_len(self) -> int | None:
+        """The cache's fixed capacity (``None``: the tail grows)."""
+        return self._cache.max_cache_len
+
+    @property
     def is_static(self) -> bool:
-        return self.max_cache_len is not None
+        return self._cache.max_cache_len is not None
 
     def _valid_tail(self) -> int:
         """Valid tail tokens as a Python int (static: one host sync after compiled steps)."""
