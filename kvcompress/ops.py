@@ -164,6 +164,38 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
     return new_left.to(rows.dtype).contiguous(), basis.mT.to(rows.dtype).contiguous()
 
 
+def grouped_query_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                       scale: float | None = None) -> torch.Tensor:
+    """Grouped-query attention through ``F.scaled_dot_product_attention`` without repeating keys/values.
+
+    ``query`` ``[B, Hq, L, d]``, ``key``/``value`` ``[B, Hkv, S, d]`` with ``Hq = G * Hkv``; query head
+    ``h * G + j`` reads KV head ``h`` (transformers' ``repeat_kv`` order). Returns ``[B, L, Hq, dv]``, the
+    layout transformers' attention functions return.
+
+    Why: with a mask, stock transformers repeats keys and values ``G`` times before SDPA (PyTorch's
+    ``enable_gqa`` falls back to the math kernel with a mask on CUDA), which at a 32K-token chunked
+    prefill of a Llama-3.1-8B layer is 512 MiB a row, more than the whole xKV cache of every layer.
+    Here the ``G`` query heads of each KV head are attended in ``G`` SDPA calls (query head ``j`` of every
+    group per call), each over the unrepeated keys and values: the same products and softmax, in the same
+    kernels, and no copy.
+    """
+    batch, q_heads, length, _ = query.shape
+    kv_heads = key.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
+    groups = q_heads // kv_heads
+    out = query.new_empty(batch, length, q_heads, value.shape[-1])
+    grouped_query = query.view(batch, kv_heads, groups, length, query.shape[-1])
+    grouped_out = out.view(batch, length, kv_heads, groups, value.shape[-1])
+    for j in range(groups):
+        part = torch.nn.functional.scaled_dot_product_attention(
+            grouped_query[:, :, j], key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale)
+        grouped_out[:, :, :, j].copy_(part.transpose(1, 2))
+    return out
+
+
 def tensor_nbytes(*tensors: torch.Tensor | None) -> int:
     """Bytes held by the given tensors' elements (``None`` counts as 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

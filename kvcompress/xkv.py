@@ -52,8 +52,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
 from .models import text_config
-from .ops import (SVD_METHODS, apply_rope, extend_truncated_svd, rope_cos_sin, rope_inv_freq, tensor_nbytes,
-                  truncated_svd)
+from .ops import (SVD_METHODS, apply_rope, extend_truncated_svd, grouped_query_sdpa, rope_cos_sin, rope_inv_freq,
+                  tensor_nbytes, truncated_svd)
 
 Rank = int | float | None
 
@@ -61,6 +61,10 @@ Rank = int | float | None
 # one in-place write (amortised O(1)) instead of a torch.cat that copies the whole tail every step.
 _TAIL_ALIGN = 256  # capacities are multiples of this many tokens
 _TAIL_GROWTH = 1.25
+# Rebuilding a segment for the non-fused paths (prefill attention, unpatched decode) works a block of tokens
+# at a time: each temporary holds about this many elements (float32 RoPE: 16 MiB).
+_REBUILD_BLOCK_ELEMENTS = 1 << 22
+_REBUILD_MIN_BLOCK = 64
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -402,17 +406,31 @@ class XKVLayer(CacheLayerMixin):
     # -- xKV -----------------------------------------------------------------------------------------
     def full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole sequence's keys and values ``[B, H, T, d]``, compressed segments rebuilt (static
-        capacity: ``T = max_cache_len``, the tail's stale slots included, for the mask to hide)."""
+        capacity: ``T = max_cache_len``, the tail's stale slots included, for the mask to hide).
+
+        Built in one preallocated pair of buffers, segments a block of tokens at a time
+        (:meth:`XKVCache._rebuild_into`): the transient memory is the returned tensors plus a few MiB, not
+        the rebuilt segments, their float32 RoPE temporaries and a concatenated copy (at 32K tokens that
+        was about 2.5x the returned tensors' size, most of a chunked prefill's peak)."""
         tail_keys, tail_values = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
-        keys, values = [self.sink_keys], [self.sink_values]
-        for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
-            keys.append(self._cache._rebuild_keys(segment, key_right))
-            values.append(self._cache._rebuild(segment.value_factor, value_right, self._cache.value_head_dim))
-        keys.append(tail_keys)
-        values.append(tail_values)
-        if len(keys) == 2 and keys[0].shape[-2] == 0:
+        if not self.key_rights and self.sink_keys.shape[-2] == 0:
             return tail_keys, tail_values
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        exact = [(self.sink_keys, self.sink_values), (tail_keys, tail_values)]
+        segments = list(zip(self.group.segments, self.key_rights, self.value_rights))
+        total = sum(k.shape[-2] for k, _ in exact) + sum(segment.length for segment, _, _ in segments)
+        batch, heads = tail_keys.shape[:2]
+        keys = tail_keys.new_empty(batch, heads, total, tail_keys.shape[-1])
+        values = tail_values.new_empty(batch, heads, total, tail_values.shape[-1])
+        pos = self.sink_keys.shape[-2]
+        keys[:, :, :pos].copy_(self.sink_keys)
+        values[:, :, :pos].copy_(self.sink_values)
+        for segment, key_right, value_right in segments:
+            end = pos + segment.length
+            self._cache._rebuild_into(segment, key_right, value_right, keys[:, :, pos:end], values[:, :, pos:end])
+            pos = end
+        keys[:, :, pos:].copy_(tail_keys)
+        values[:, :, pos:].copy_(tail_values)
+        return keys, values
 
     def decode_parts(self, tail: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
         """The layer's tokens in order as :mod:`kvcompress.kernels.xkv_decode` parts: the sinks
@@ -709,17 +727,27 @@ class XKVCache(Cache):
         cos, sin = cos[:, None, :], sin[:, None, :]
         return apply_rope(keys, cos, sin if sign > 0 else -sin)
 
-    def _rebuild(self, factor: torch.Tensor, right: torch.Tensor, head_dim: int) -> torch.Tensor:
-        """``factor @ right`` as ``[B, H, T, d]``."""
-        rebuilt = torch.matmul(factor, right)  # [B, T, H*d]
-        return rebuilt.view(*rebuilt.shape[:2], -1, head_dim).transpose(1, 2)
+    def _rebuild_into(self, segment: _Segment, key_right: torch.Tensor, value_right: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one layer's rebuilt segment into ``keys``/``values`` (``[B, H, T, d]`` views): keys
+        ``RoPE(A_k[t] B_k)`` (rotated by slot when ``pre_rope``), values ``A_v[t] B_v``.
 
-    def _rebuild_keys(self, segment: _Segment, right: torch.Tensor) -> torch.Tensor:
-        keys = torch.matmul(segment.key_factor, right)
-        keys = keys.view(*keys.shape[:2], self.num_kv_heads, self.head_dim)  # [B, T, H, d]
-        if self.pre_rope:
-            keys = self._rope(keys, segment.start, +1.0)
-        return keys.transpose(1, 2)
+        A block of tokens at a time, so the temporaries (the product, RoPE in float32) stay about
+        ``_REBUILD_BLOCK_ELEMENTS`` elements whatever the segment's length and the batch."""
+        batch, tokens = segment.key_factor.shape[:2]
+        heads = self.num_kv_heads
+        width = heads * max(self.head_dim, self.value_head_dim)
+        block = max(_REBUILD_MIN_BLOCK, _REBUILD_BLOCK_ELEMENTS // max(1, batch * width))
+        table = (self._rope_table(segment.start, segment.length, segment.key_factor.device)
+                 if self.pre_rope else None)  # the segment's own table (shared with the fused decode)
+        for a in range(0, tokens, block):
+            b = min(a + block, tokens)
+            k = torch.matmul(segment.key_factor[:, a:b], key_right).view(batch, b - a, heads, self.head_dim)
+            if table is not None:
+                k = apply_rope(k, table[0][a:b, None, :], table[1][a:b, None, :])
+            keys[:, :, a:b].copy_(k.transpose(1, 2))
+            v = torch.matmul(segment.value_factor[:, a:b], value_right)
+            values[:, :, a:b].copy_(v.view(batch, b - a, heads, self.value_head_dim).transpose(1, 2))
 
     def _factors_save_memory(self, tokens: int, group_size: int) -> bool:
         """Whether factors of ``tokens`` tokens are smaller than the exact states they replace.
@@ -858,6 +886,43 @@ def _fallback_attention(module: torch.nn.Module, implementation: str):
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
+def _grouped_prefill_applies(module: torch.nn.Module, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                             kwargs: dict) -> bool:
+    """Whether a multi-token call can take :func:`_grouped_prefill_attention` instead of the model's SDPA:
+    a GQA module whose previous implementation was ``sdpa``, a 4-D mask or none (then a plain causal square),
+    and none of the extras SDPA treats specially (softcap, position bias, attention sinks)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if getattr(module, "num_key_value_groups", 1) <= 1:
+        return False
+    if getattr(module, _FALLBACK_ATTR) is not ALL_ATTENTION_FUNCTIONS["sdpa"]:
+        return False
+    if any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks")):
+        return False
+    if kwargs.get("output_attentions"):
+        return False
+    return attention_mask is None or attention_mask.dim() == 4
+
+
+def _grouped_prefill_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
+                               kwargs: dict) -> tuple[torch.Tensor, None]:
+    """A prefill (or chunk) over an :class:`XKVLayer`: transformers' SDPA attention without its ``repeat_kv``
+    copy (:func:`kvcompress.ops.grouped_query_sdpa`); the mask and causal rules are SDPA's own."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, :kv_length]
+    elif is_causal and kv_length != q_length:
+        # SDPA's causal mask is top-left aligned: only a square is the usual causal prefill
+        return getattr(module, _FALLBACK_ATTR)(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                               **kwargs)
+    return grouped_query_sdpa(query, key, value, attention_mask, dropout_p=dropout, is_causal=is_causal,
+                              scale=scaling), None
+
+
 def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
@@ -866,14 +931,19 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     On a decode step of an :class:`XKVLayer` with compressed segments, ``key``/``value`` are only the exact
     tail that the layer's ``update`` returned (and recorded in ``layer.deferred``): attention then runs over
     the layer's sinks, factored segments and tail with
-    :func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`, without rebuilding keys or values. Every
-    other call (prefill, layers without segments, other caches) goes to the model's previous attention
-    implementation unchanged.
+    :func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`, without rebuilding keys or values. A
+    multi-token call over an :class:`XKVLayer` (the prefill, each chunk of a chunked prefill, a next turn)
+    of an SDPA model with grouped-query attention takes transformers' SDPA path without its ``repeat_kv``
+    copy (:func:`kvcompress.ops.grouped_query_sdpa`: same mask, same kernels). Every other call (layers
+    without segments, other caches, eager models) goes to the model's previous attention implementation
+    unchanged.
     """
     # plain attribute reads (the patch sets both on every attention module): torch.compile traces them,
     # where older dynamo versions cannot trace module.__dict__ methods
     layer = getattr(module, _LAYER_ATTR, None)
     if layer is None or layer.deferred is None or key is not layer.deferred[0]:
+        if layer is not None and query.shape[2] > 1 and _grouped_prefill_applies(module, key, attention_mask, kwargs):
+            return _grouped_prefill_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return getattr(module, _FALLBACK_ATTR)(module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
     from .kernels.xkv_decode import valid_mask_from_attention_mask, xkv_decode_attention
@@ -910,8 +980,10 @@ def patch_xkv(model: torch.nn.Module):
     those of the previous implementation) and adds a forward pre-hook and hook on each attention module:
     while the module runs with an ``XKVCache``, the layer's ``defer_decode`` is set, so a one-token update
     returns only the exact tail and :func:`xkv_attention_forward` attends over the factors
-    (:func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`: Triton on CUDA, PyTorch otherwise). Other
-    caches, the prefill and unpatched models run exactly as before.
+    (:func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`: Triton on CUDA, PyTorch otherwise). The
+    prefill over an ``XKVCache`` (SDPA models) attends without repeating keys and values per query head,
+    which at long chunked prefills is most of the peak memory (docs/performance.md). Other caches and
+    unpatched models run exactly as before.
 
     Returns:
         a :class:`kvcompress.patch.PatchHandle`; ``remove()`` (or leaving ``with``) restores the previous

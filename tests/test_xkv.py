@@ -424,3 +424,95 @@ def test_extend_truncated_svd_small_chunk_route_is_the_same_optimum(method):
     full_left, full_right = extend_truncated_svd(left, right, new, d, method)
     assert full_right.shape == (66, d)
     torch.testing.assert_close(full_left @ full_right, stacked.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_full_states_rebuilds_block_by_block_exactly(monkeypatch):
+    """full_states writes segments into one buffer a block of tokens at a time: with blocks forced small
+    (several per segment, a ragged last one) it equals the segment rebuilt in one piece, RoPE included."""
+    import kvcompress.xkv as xkv_module
+    from kvcompress.ops import apply_rope
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(lengths=(96, 80))
+    cache = XKVCache(model.config, group_size=2, rank_k=8, rank_v=8, window=4, sink=2, min_compress_tokens=1)
+    generate(model, ids, mask, cache)
+    layer = cache.layers[0]
+    (segment,) = layer.group.segments
+    batch, heads = layer.keys.shape[:2]
+    width = heads * max(cache.head_dim, cache.value_head_dim)
+    monkeypatch.setattr(xkv_module, "_REBUILD_MIN_BLOCK", 1)
+    monkeypatch.setattr(xkv_module, "_REBUILD_BLOCK_ELEMENTS", batch * width * 7)  # 7 tokens a block
+    assert segment.length % 7 != 0 and segment.length > 14
+    keys, values = layer.full_states()
+    start, end = layer.sink_keys.shape[-2], layer.sink_keys.shape[-2] + segment.length
+    whole = torch.matmul(segment.key_factor, layer.key_rights[0]).view(batch, segment.length, heads, -1)
+    cos, sin = cache._rope_table(segment.start, segment.length, whole.device)
+    whole = apply_rope(whole, cos[:, None, :], sin[:, None, :]).transpose(1, 2)
+    torch.testing.assert_close(keys[:, :, start:end], whole, rtol=0, atol=1e-6)
+    rebuilt_values = torch.matmul(segment.value_factor, layer.value_rights[0]).view(batch, segment.length, heads, -1)
+    torch.testing.assert_close(values[:, :, start:end], rebuilt_values.transpose(1, 2), rtol=0, atol=1e-6)
+    assert torch.equal(keys[:, :, :start], layer.sink_keys) and torch.equal(keys[:, :, end:], layer.keys)
+    assert torch.equal(values[:, :, end:], layer.values)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_query_sdpa_equals_transformers_sdpa(masked):
+    """grouped_query_sdpa gives transformers' SDPA attention (keys/values repeated per query head) without
+    the repeat: a chunk of 5 queries over 13 keys with a causal offset and a padded row, GQA 4:2."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kvcompress.ops import grouped_query_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, 5), (2, 13), (2, 13)))
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 5, 13, dtype=torch.bool).tril(diagonal=8)
+        mask[1, :, :, :3] = False  # left padding of row 1
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    if mask is None:  # transformers' causal square case
+        query, key, value = query, key[:, :, :5], value[:, :, :5]
+    ref, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    out = grouped_query_sdpa(query, key, value, mask, is_causal=mask is None, scale=0.3)
+    assert out.shape == ref.shape == (2, 5, 4, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        grouped_query_sdpa(torch.randn(1, 3, 2, 16), key, value)
+
+
+def test_patched_chunked_prefill_never_repeats_keys_and_values(monkeypatch):
+    """With patch_xkv, the multi-token calls of a chunked prefill and of a next turn attend without
+    transformers' repeat_kv (a Hq/Hkv-fold copy of the layer's keys and values); the unpatched run does
+    repeat; both generate the same tokens and scores."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    from kvcompress.xkv import patch_xkv
+
+    repeats = []
+    original = sdpa_module.repeat_kv
+
+    def counting(hidden, n_rep):
+        if hidden.shape[-2] > 1:
+            repeats.append(hidden.shape[-2])
+        return original(hidden, n_rep)
+
+    monkeypatch.setattr(sdpa_module, "repeat_kv", counting)
+    model = tiny_model("llama")
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    ids, mask = left_padded_batch(lengths=(96, 80))
+    kw = dict(group_size=2, rank_k=8, rank_v=8, window=4, sink=2, min_compress_tokens=1)
+    runs = []
+    for patched in (False, True):
+        repeats.clear()
+        handle = patch_xkv(model) if patched else None
+        try:
+            runs.append((generate(model, ids, mask, XKVCache(model.config, **kw), prefill_chunk_size=32),
+                         len(repeats)))
+        finally:
+            if handle is not None:
+                handle.remove()
+    (ref, ref_repeats), (out, out_repeats) = runs
+    assert ref_repeats > 0 and out_repeats == 0
+    assert_same_generation(ref, out)
