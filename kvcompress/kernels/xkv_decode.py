@@ -33,9 +33,9 @@ With the kernels, all parts of a layer share one float32 score buffer ``S [B, Hq
 the first columns, then the segments) whose log-sum-exp is taken once: each part's softmax is then already
 normalised over the whole sequence, so the parts' outputs simply add up (no ``(o, lse)`` merge), and the
 sinks and tail are read where they lie (no concatenation). Per layer and step: ``3 * segments + 1``
-launches and ``2 * segments + 3`` torch ops (allocations and the split-K sum): 4 launches and 5 ops for
-sinks + one segment + tail, against 2 launches and 87 torch ops (39 of them views) before
-(``tests/test_kernels_xkv.py`` bounds the count).
+launches and ``segments + 3`` torch ops, all allocations (one more, a float32 accumulator, with several
+segments): 4 launches and 4 ops for sinks + one segment + tail, against 2 launches and 87 torch ops (39 of
+them views) before (``tests/test_kernels_xkv.py`` bounds the count).
 
 1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``, per segment: a program rebuilds one
    ``[BLOCK_T, d]`` key tile of one KV head in registers (``U_k[tile] @ B_k[:, h]`` as two half-width
@@ -50,13 +50,17 @@ sinks + one segment + tail, against 2 launches and 87 torch ops (39 of them view
    the softmax shift of each row: its log-sum-exp over every column (0 for an all-masked row).
 3. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
    all heads, so ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the
-   sequence (split-K) with float32 partials, summed by one reduction. A per-KV-head online-softmax kernel
+   sequence (split-K, at most ``_PV_MAX_SPLITS`` splits) with float32 partials that kernel 4 sums. A
+   per-KV-head online-softmax kernel
    would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768 at the defaults on
    Llama-3-8B), which is why softmax statistics come from the stored scores instead (one cheap extra pass
    over ``Hq*T`` floats).
-4. ``_xkv_output_kernel``, grid ``(H, B)``, per segment: the latent projected by ``B_v[:, h]`` (read in its
-   dtype, accumulated in float32: no float copy of ``B_v``), plus the exact parts' ``softmax . V`` (first
-   segment); the last segment writes the output in the query's dtype (a float32 accumulator in between).
+4. ``_xkv_output_kernel``, grid ``(H, dv / BLOCK_DV, B)``, per segment: the latent (the split-K partials
+   summed in split order while they are loaded: deterministic, no separate reduction) projected by
+   ``BLOCK_DV`` columns of ``B_v[:, h]`` (read in its dtype, accumulated in float32: no float copy of
+   ``B_v``), plus the exact parts' ``softmax . V`` for those columns (first segment); the last segment
+   writes the output in the query's dtype (a float32 accumulator in between). The column chunks give batch
+   1 ``H * dv / 32`` programs instead of ``H``.
 
 Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)*e`` for the factors
 plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
@@ -99,6 +103,12 @@ _POISON_BUFFERS = False
 # Tests set this to a dict (BLOCK_T, BLOCK_R, num_warps, num_stages) to run kernel 1 with one of the
 # autotuner's configs where it does not autotune (the interpreter, KVCOMPRESS_XKV_AUTOTUNE=0).
 _SCORES_FIXED: dict | None = None
+# Kernel 3 splits a segment's tokens over at most this many programs per r_v chunk; kernel 4 sums the
+# splits while it loads the latent, reading G * r_v * splits floats per program, so more splits make
+# kernel 3 wider and kernel 4 longer.
+_PV_MAX_SPLITS = 16
+# Kernel 4's output columns per program (value dims above it are split over the grid).
+_OUT_BLOCK_DV = 32
 
 __all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
@@ -517,10 +527,9 @@ if _HAVE_TRITON:
                  acc, mask=h_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _exact_pv(acc, V, N, S, SHIFT_ROW, b, h, heads, g_ok, col0,
+    def _exact_pv(acc, V, N, S, SHIFT_ROW, b, h, heads, g_ok, col0, offs_dv,
                   stride_vb, stride_vh, stride_vt, stride_vd, stride_sb, stride_sh, stride_st,
-                  DV: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
-        offs_dv = tl.arange(0, DV)
+                  BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
         for e0 in range(0, N, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             e_ok = offs_e < N
@@ -534,9 +543,9 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_output_kernel(
-        LATENT, BV, S, SHIFT, V1, V2, ACC, OUT,
-        RV, G, N1, N2,
-        stride_pb, stride_ph, stride_pr,
+        PART, BV, S, SHIFT, V1, V2, ACC, OUT,
+        RV, G, N1, N2, SPLITS,
+        stride_pb, stride_ps, stride_ph, stride_pr,
         stride_bb, stride_br, stride_bc,
         stride_sb, stride_sh, stride_st,
         stride_mb, stride_mh,
@@ -544,37 +553,49 @@ if _HAVE_TRITON:
         stride_v2b, stride_v2h, stride_v2t, stride_v2d,
         stride_ab, stride_ah, stride_ad,
         stride_ob, stride_oh, stride_od,
-        DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_SP: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_SEG: tl.constexpr, HAS_EXACT: tl.constexpr, ACC_IN: tl.constexpr, ACC_OUT: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """Grid ``(H, B)``: for the ``G`` query heads of KV head ``h``, project a segment's latent
-        ``softmax . U_v`` by ``B_v[:, h]``; add the exact parts' ``softmax . V`` (once);
-        add / write the float32 accumulator (several segments) or write the output in its dtype."""
+        """Grid ``(H, DV / BLOCK_DV, B)``: for the ``G`` query heads of KV head ``h`` and ``BLOCK_DV`` output
+        columns, sum a segment's split-K partials of ``softmax . U_v`` (in split order: deterministic) and
+        project that latent by ``B_v[:, h]``; add the exact parts' ``softmax . V`` (once); add / write the
+        float32 accumulator (several segments) or write the output in its dtype."""
         h = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        dv0 = tl.program_id(1) * BLOCK_DV
+        b = tl.program_id(2).to(tl.int64)
         offs_g = tl.arange(0, BLOCK_G)
         g_ok = offs_g < G
         heads = h * G + offs_g
-        offs_dv = tl.arange(0, DV)
-        acc = tl.zeros([BLOCK_G, DV], dtype=tl.float32)
+        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+        acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
         if HAS_SEG:
+            offs_sp = tl.arange(0, BLOCK_SP)
+            p_base = PART + b * stride_pb
             for r0 in range(0, RV, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < RV
-                latent = tl.load(LATENT + b * stride_pb + heads[:, None] * stride_ph + offs_r[None, :] * stride_pr,
-                                 mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+                # BLOCK_SP splits per load: independent loads in flight instead of one serial chain
+                latent = tl.zeros([BLOCK_G, BLOCK_R], dtype=tl.float32)
+                for s0 in range(0, SPLITS, BLOCK_SP):
+                    sp = s0 + offs_sp
+                    part = tl.load(p_base + sp[:, None, None] * stride_ps + heads[None, :, None] * stride_ph
+                                   + offs_r[None, None, :] * stride_pr,
+                                   mask=(sp < SPLITS)[:, None, None] & g_ok[None, :, None] & r_ok[None, None, :],
+                                   other=0.0)
+                    latent += tl.sum(part, axis=0)
                 bv = tl.load(BV + b * stride_bb + offs_r[:, None] * stride_br + (h * DV + offs_dv)[None, :] * stride_bc,
                              mask=r_ok[:, None], other=0.0).to(tl.float32)
                 acc += tl.dot(latent, bv, input_precision=PRECISION)
         if HAS_EXACT:
             shift = tl.load(SHIFT + b * stride_mb + heads * stride_mh, mask=g_ok, other=0.0)
-            acc = _exact_pv(acc, V1, N1, S, shift, b, h, heads, g_ok, 0,
+            acc = _exact_pv(acc, V1, N1, S, shift, b, h, heads, g_ok, 0, offs_dv,
                             stride_v1b, stride_v1h, stride_v1t, stride_v1d, stride_sb, stride_sh, stride_st,
-                            DV, BLOCK_E, PRECISION)
-            acc = _exact_pv(acc, V2, N2, S, shift, b, h, heads, g_ok, N1,
+                            BLOCK_E, PRECISION)
+            acc = _exact_pv(acc, V2, N2, S, shift, b, h, heads, g_ok, N1, offs_dv,
                             stride_v2b, stride_v2h, stride_v2t, stride_v2d, stride_sb, stride_sh, stride_st,
-                            DV, BLOCK_E, PRECISION)
+                            BLOCK_E, PRECISION)
         a_ptr = ACC + b * stride_ab + heads[:, None] * stride_ah + offs_dv[None, :] * stride_ad
         if ACC_IN:
             acc += tl.load(a_ptr, mask=g_ok[:, None], other=0.0)
@@ -622,18 +643,19 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
                   kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
-    """All parts of one layer in ``3 * segments + 1`` launches and at most ``2 * segments + 3`` torch ops
-    (allocations, the split-K sums; one more float32 accumulator with several segments). Every part's scores
+    """All parts of one layer in ``3 * segments + 1`` launches and ``segments + 3`` torch ops, all of them
+    allocations (one more float32 accumulator with several segments). Every part's scores
     go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the segments) whose log-sum-exp is
     taken once over all parts, so each part's ``softmax`` is already globally normalised and the parts just
     add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and tail).
 
     1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns;
     2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked);
-    3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``, then their sum;
-    4. per segment, :func:`_xkv_output_kernel`: the latent projected by ``B_v`` (in registers, no
-       float copy of ``B_v``), plus the exact parts' ``softmax . V`` on the first segment, written as
-       the output in the query's dtype by the last one (a float32 accumulator between segments).
+    3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``;
+    4. per segment, :func:`_xkv_output_kernel`, grid ``(H, dv / BLOCK_DV, B)``: the partials summed into the
+       latent, projected by ``B_v`` (in registers, no float copy of ``B_v``), plus the exact parts'
+       ``softmax . V`` on the first segment, written as the output in the query's dtype by the last one (a
+       float32 accumulator between segments).
     """
     batch, q_heads, _, head_dim = query.shape
     groups = q_heads // kv_heads
@@ -719,14 +741,14 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         D=head_dim, BLOCK_E=32, BLOCK_S=2048 if device.type == "cuda" else 64, HAS_VALID=has_valid,
         num_warps=8 if device.type == "cuda" else 4,
     )
-    # 3. split-K partials of softmax . U_v, one buffer per segment
+    # 3. split-K partials of softmax . U_v, one buffer per segment (summed by kernel 4)
     block_r, block_tv = 64 if wide else 128, 32 if wide else 64
     partials = []
     for (part, _), col0 in zip(segments, columns):
         tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
         r_chunks = triton.cdiv(rank_v, block_r)
         tiles = triton.cdiv(tokens, block_tv)
-        splits = max(1, min(tiles, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
+        splits = max(1, min(tiles, _PV_MAX_SPLITS, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
         tiles_per_split = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, tiles_per_split)
         partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
@@ -744,33 +766,30 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
             num_warps=4,
         )
-        # The split-K sum as one reduction (deterministic); summing in the output kernel would be a serial
-        # loop over up to ~2 * SMs splits at batch 1.
-        if splits > 1:
-            latent = partial.sum(dim=1)
-            partials.append((latent, latent.stride(), rank_v))
-        else:  # one split: the partial is the latent, no reduction
-            partials.append((partial, (partial.stride(0), partial.stride(2), partial.stride(3)), rank_v))
-    # 4. project, add the exact parts, write
+        partials.append(partial)
+    # 4. sum the partials, project, add the exact parts, write
     v1 = e1.values if e1 is not None else query
     v2 = e2.values if e2 is not None else query
     t1, t2 = v1.stride(), v2.stride()
     acc = out
     if len(segments) > 1:
         acc = torch.empty(batch, q_heads, value_dim, device=device, dtype=torch.float32)
+    # DV chunks multiply the programs (batch 1: H programs would leave most SMs idle); each chunk re-reads
+    # its heads' partials, so the chunks stay at least _OUT_BLOCK_DV columns wide
+    block_dv = min(value_dim, _OUT_BLOCK_DV)
     steps = [(seg, p) for (seg, _), p in zip(segments, partials)] or [(None, None)]
-    for i, (seg, partial_info) in enumerate(steps):
+    for i, (seg, partial) in enumerate(steps):
         if seg is not None:
-            latent, sp, rank_v = partial_info
+            rank_v, splits, sp = partial.shape[-1], partial.shape[1], partial.stride()
             bv, sb = seg.value_right, seg.value_right.stride()
         else:
-            latent, rank_v, bv, sp, sb = scores, 0, scores, (0, 0, 0), (0, 0, 0)
+            partial, rank_v, splits, bv, sp, sb = scores, 0, 0, scores, (0, 0, 0, 0), (0, 0, 0)
         last = i == len(steps) - 1
         _launch(
-            _xkv_output_kernel, (kv_heads, batch),
-            latent, bv, scores, shift, v1, v2, acc, out,
-            rank_v, groups, n1, n2,
-            sp[0], sp[1], sp[2],
+            _xkv_output_kernel, (kv_heads, value_dim // block_dv, batch),
+            partial, bv, scores, shift, v1, v2, acc, out,
+            rank_v, groups, n1, n2, splits,
+            sp[0], sp[1], sp[2], sp[3],
             sb[0], sb[1], sb[2],
             scores.stride(0), scores.stride(1), scores.stride(2),
             shift.stride(0), shift.stride(1),
@@ -778,7 +797,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             t2[0], t2[1], t2[2], t2[3],
             acc.stride(0), acc.stride(-2), acc.stride(-1),
             out.stride(0), out.stride(2), out.stride(3),
-            DV=value_dim, BLOCK_G=block_g, BLOCK_R=32 if wide else 64, BLOCK_E=32,
+            DV=value_dim, BLOCK_DV=block_dv, BLOCK_G=block_g, BLOCK_R=32 if wide else 64,
+            BLOCK_SP=2 if splits < 4 else 4, BLOCK_E=32,
             HAS_SEG=seg is not None, HAS_EXACT=i == 0 and n_exact > 0, ACC_IN=i > 0, ACC_OUT=not last,
             PRECISION=precision, num_warps=4,
         )
