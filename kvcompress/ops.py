@@ -146,7 +146,14 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
     if t < d:
         return truncated_svd(torch.cat([left @ right, rows], dim=-2), rank, method)
     gram_dtype = torch.float64 if method == "exact" or rows.dtype == torch.float64 else torch.float32
-    lw, rw, cw = left.to(gram_dtype), right.to(gram_dtype), rows.to(gram_dtype)
+    rw, cw = right.to(gram_dtype), rows.to(gram_dtype)
+    # left^T left, a block of rows at a time: ``left`` is the long side (the whole compressed sequence), and a
+    # float copy of it (plus the products below) was most of a long chunked prefill's peak memory
+    blocks = _row_blocks(left)
+    left_gram = left.new_zeros(*left.shape[:-2], left.shape[-1], left.shape[-1], dtype=gram_dtype)
+    for a, b in blocks:
+        left_block = _block(left, a, b, gram_dtype)
+        left_gram += left_block.mT @ left_block
     span = right.shape[-2] + rows.shape[-2]
     if span < d:
         # Every stacked row lies in span(right's rows, rows): at most r0 + c < D directions (small chunks).
@@ -154,14 +161,36 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
         # D^2, and its eigendecomposition is the cost that matters. Exact: nothing outside the span is lost.
         q, _ = torch.linalg.qr(torch.cat([rw.mT, cw.mT], dim=-1))  # [..., D, r0 + c]
         rq, cq = rw @ q, cw @ q
-        _, eigenvectors = torch.linalg.eigh(rq.mT @ (lw.mT @ lw) @ rq + cq.mT @ cq)
+        _, eigenvectors = torch.linalg.eigh(rq.mT @ left_gram @ rq + cq.mT @ cq)
         rank = min(rank, span)
         basis = q @ eigenvectors[..., -rank:].flip(-1)  # [..., D, r]
     else:
-        _, eigenvectors = torch.linalg.eigh(rw.mT @ (lw.mT @ lw) @ rw + cw.mT @ cw)
+        _, eigenvectors = torch.linalg.eigh(rw.mT @ left_gram @ rw + cw.mT @ cw)
         basis = eigenvectors[..., -rank:].flip(-1)  # [..., D, r], leading directions first
-    new_left = torch.cat([lw @ (rw @ basis), cw @ basis], dim=-2)
-    return new_left.to(rows.dtype).contiguous(), basis.mT.to(rows.dtype).contiguous()
+    # new left = [left (right basis); rows basis], written block by block into its final dtype
+    projection = rw @ basis  # [..., r0, r]
+    new_left = rows.new_empty(*rows.shape[:-2], t, basis.shape[-1])
+    for a, b in blocks:
+        new_left[..., a:b, :] = _block(left, a, b, gram_dtype) @ projection
+    new_left[..., left.shape[-2]:, :] = cw @ basis
+    return new_left, basis.mT.to(rows.dtype).contiguous()
+
+
+# extend_truncated_svd reads the long factor a block of rows at a time, each block's float copy about this many
+# elements (float32: 16 MiB)
+_ROW_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
+    """Row ranges of ``x`` (``[..., T, w]``) of about ``_ROW_BLOCK_ELEMENTS`` elements each (all batch dims)."""
+    rows = x.shape[-2]
+    per_row = max(1, x.numel() // max(rows, 1))
+    step = max(64, _ROW_BLOCK_ELEMENTS // per_row)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _block(x: torch.Tensor, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+    return x[..., a:b, :].to(dtype)
 
 
 def grouped_query_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -358,11 +358,18 @@ def test_svd_method_is_validated_and_used(monkeypatch):
 
 @pytest.mark.parametrize("method", ["exact", "gram32", "randomized"])
 @pytest.mark.parametrize("split", [500, 40], ids=["tall", "wide-then-tall"])
-def test_extend_truncated_svd_is_the_optimum_of_the_stacked_matrix(method, split):
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "row-blocks"])
+def test_extend_truncated_svd_is_the_optimum_of_the_stacked_matrix(method, split, blocked, monkeypatch):
     """extend_truncated_svd(left, right, rows) == truncated_svd([left @ right; rows]) (the optimum of the
     stacked matrix), lossless at full rank, and close to a one-shot factorisation of all rows on data with
-    decaying spectrum (what a streaming / chunked prefill gives up)."""
+    decaying spectrum (what a streaming / chunked prefill gives up). ``row-blocks``: the long factor is
+    read in blocks of 64 rows (500 = 7 * 64 + 52), as it is for long sequences."""
+    import kvcompress.ops as ops
     from kvcompress.ops import extend_truncated_svd
+
+    if blocked:
+        monkeypatch.setattr(ops, "_ROW_BLOCK_ELEMENTS", 1)  # the smallest block: 64 rows
+        assert len(ops._row_blocks(torch.empty(500, 24))) == 8
 
     g = torch.Generator().manual_seed(11)
     d, rank = 128, 24
