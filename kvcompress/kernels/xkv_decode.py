@@ -33,8 +33,8 @@ With the kernels, all parts of a layer share one float32 score buffer ``S [B, Hq
 the first columns, then the segments) whose log-sum-exp is taken once: each part's softmax is then already
 normalised over the whole sequence, so the parts' outputs simply add up (no ``(o, lse)`` merge), and the
 sinks and tail are read where they lie (no concatenation). Per layer and step: ``3 * segments + 1``
-launches and ``segments + 3`` torch ops, all allocations (one more, a float32 accumulator, with several
-segments): 4 launches and 4 ops for sinks + one segment + tail, against 2 launches and 87 torch ops (39 of
+launches and ``segments + 4`` torch ops, all allocations (one more, a float32 accumulator, with several
+segments): 4 launches and 5 ops for sinks + one segment + tail, against 2 launches and 87 torch ops (39 of
 them views) before (``tests/test_kernels_xkv.py`` bounds the count).
 
 1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``, per segment: a program rebuilds one
@@ -45,16 +45,19 @@ them views) before (``tests/test_kernels_xkv.py`` bounds the count).
    grid axis, so the ``H`` programs of one tile run together: ``U_k[tile]`` comes from HBM once, then from
    L2. On CUDA the tile sizes are autotuned once per (rank, group, head dim, RoPE, dtype), up to 256-token
    tiles that load ``B_k[:, h]`` once per 256 tokens. The token grid splits the sequence across the whole
-   GPU at batch 1 (flash-decoding's purpose).
+   GPU at batch 1 (flash-decoding's purpose). With the scores, each tile's softmax statistics per query
+   head (max, and sum relative to it; ``(-inf, 0)`` where the tile is all masked), in slots of
+   ``_STAT_T`` = 32 tokens whatever tile size the autotuner picks (a larger tile fills its other slots
+   with ``(-inf, 0)``).
 2. ``_xkv_exact_lse_kernel``, grid ``(Hq, B)``: the exact parts' (sinks, tail) scores in float32, then
-   the softmax shift of each row: its log-sum-exp over every column (0 for an all-masked row).
+   the softmax shift of each row: its log-sum-exp over every column (0 for an all-masked row), merging the
+   exact scores with kernel 1's ``T / 32`` slot statistics instead of re-reading the segments' ``T`` scores.
 3. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
    all heads, so ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the
    sequence (split-K, at most ``_PV_MAX_SPLITS`` splits) with float32 partials that kernel 4 sums. A
-   per-KV-head online-softmax kernel
-   would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768 at the defaults on
-   Llama-3-8B), which is why softmax statistics come from the stored scores instead (one cheap extra pass
-   over ``Hq*T`` floats).
+   per-KV-head online-softmax kernel would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator
+   (``r_v`` = 768 at the defaults on Llama-3-8B), which is why the softmax is normalised beforehand, from
+   the stored scores and statistics.
 4. ``_xkv_output_kernel``, grid ``(H, dv / BLOCK_DV, B)``, per segment: the latent (the split-K partials
    summed in split order while they are loaded: deterministic, no separate reduction) projected by
    ``BLOCK_DV`` columns of ``B_v[:, h]`` (read in its dtype, accumulated in float32: no float copy of
@@ -109,6 +112,8 @@ _SCORES_FIXED: dict | None = None
 _PV_MAX_SPLITS = 16
 # Kernel 4's output columns per program (value dims above it are split over the grid).
 _OUT_BLOCK_DV = 32
+# Kernel 1 writes softmax statistics per slot of this many tokens; every BLOCK_T it may use is a multiple.
+_STAT_T = 32
 
 __all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
@@ -370,17 +375,18 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_scores_kernel(
-        Q, UK, BK, COS, SIN, VALID, S,
-        T, R, G, col0, valid_off,
+        Q, UK, BK, COS, SIN, VALID, S, STATS,
+        T, R, G, col0, valid_off, slot0, n_slots,
         stride_qb, stride_qh, stride_qd,
         stride_ub, stride_ut, stride_ur,
         stride_bb, stride_br, stride_bc,
         stride_ct, stride_cd,
         stride_vb, stride_vt,
         stride_sb, stride_sh, stride_st,
+        stride_xp, stride_xb, stride_xh, stride_xn,
         scale,
         HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-        HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        STAT_T: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
     ):
         h = tl.program_id(0)
         tile = tl.program_id(1)
@@ -427,6 +433,25 @@ if _HAVE_TRITON:
         scores = tl.where(keep[None, :], scores, float("-inf"))
         tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
                  mask=g_ok[:, None] & t_ok[None, :])
+        # The tile's softmax statistics, so that kernel 2 combines T / STAT_T of them per row instead of
+        # re-reading the row's T scores. Slots are STAT_T tokens wide whatever BLOCK_T the autotuner picks:
+        # the tile's first slot holds its (max, sum relative to it), the others the empty (-inf, 0).
+        m = tl.max(scores, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.sum(tl.exp(scores - m_safe[:, None]), axis=1)  # an all-masked tile: m = -inf, l = 0
+        x_row = STATS + b * stride_xb + heads * stride_xh
+        if BLOCK_T == STAT_T:
+            x_ptr = x_row + (slot0 + tile) * stride_xn
+            tl.store(x_ptr, m, mask=g_ok)
+            tl.store(x_ptr + stride_xp, l, mask=g_ok)
+        else:
+            offs_k = tl.arange(0, BLOCK_T // STAT_T)
+            slot = tile * (BLOCK_T // STAT_T) + offs_k
+            first = (offs_k == 0)[None, :]
+            x_ptr = x_row[:, None] + (slot0 + slot)[None, :] * stride_xn
+            x_ok = g_ok[:, None] & (slot < n_slots)[None, :]
+            tl.store(x_ptr, tl.where(first, m[:, None], float("-inf")), mask=x_ok)
+            tl.store(x_ptr + stride_xp, tl.where(first, l[:, None], 0.0), mask=x_ok)
 
     @triton.jit
     def _online_update(m, l, s):
@@ -435,6 +460,14 @@ if _HAVE_TRITON:
         m_new = tl.maximum(m, tl.max(s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe), axis=0)
+        return m_new, l
+
+    @triton.jit
+    def _merge_stats(m, l, tm, tl_):
+        """``(m, l)`` merged with a block of other statistics ``(tm, tl_)`` (empty ones are ``(-inf, 0)``)."""
+        m_new = tl.maximum(m, tl.max(tm, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl_ * tl.exp(tm - m_safe), axis=0)
         return m_new, l
 
     @triton.jit
@@ -460,19 +493,21 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_exact_lse_kernel(
-        Q, K1, K2, VALID, S, SHIFT,
-        N1, N2, T_ALL, G, valid_off1, valid_off2,
+        Q, K1, K2, VALID, S, STATS, SHIFT,
+        N1, N2, N_SLOTS, G, valid_off1, valid_off2,
         stride_qb, stride_qh, stride_qd,
         stride_k1b, stride_k1h, stride_k1t, stride_k1d,
         stride_k2b, stride_k2h, stride_k2t, stride_k2d,
         stride_vb, stride_vt,
         stride_sb, stride_sh, stride_st,
+        stride_xp, stride_xb, stride_xh, stride_xn,
         stride_mb, stride_mh,
         scale,
         D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr,
     ):
         """Grid ``(Hq, B)``: one query head's scores of the exact parts (columns ``[0, N1 + N2)`` of ``S``),
-        then its softmax shift: the log-sum-exp over every column (0 for an all-masked row)."""
+        then its softmax shift: the log-sum-exp over every column (0 for an all-masked row), the segments'
+        columns through kernel 1's per-tile statistics."""
         j = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         h = j // G
@@ -487,10 +522,13 @@ if _HAVE_TRITON:
         m, l = _exact_scores(q, m, l, K2, N2, VALID, s_row, b, h, N1, valid_off2,
                              stride_k2b, stride_k2h, stride_k2t, stride_k2d, stride_vb, stride_vt, stride_st, scale,
                              D, BLOCK_E, HAS_VALID)
-        for c0 in range(N1 + N2, T_ALL, BLOCK_S):  # the factored segments' columns (kernel 1 wrote them)
+        x_row = STATS + b * stride_xb + j * stride_xh
+        for c0 in range(0, N_SLOTS, BLOCK_S):
             offs_c = c0 + tl.arange(0, BLOCK_S)
-            s = tl.load(s_row + offs_c * stride_st, mask=offs_c < T_ALL, other=float("-inf"))
-            m, l = _online_update(m, l, s)
+            c_ok = offs_c < N_SLOTS
+            tm = tl.load(x_row + offs_c * stride_xn, mask=c_ok, other=float("-inf"))
+            tl_ = tl.load(x_row + stride_xp + offs_c * stride_xn, mask=c_ok, other=0.0)
+            m, l = _merge_stats(m, l, tm, tl_)
         shift = tl.where(l > 0, m + tl.log(l), 0.0)
         tl.store(SHIFT + b * stride_mb + j * stride_mh, shift)
 
@@ -617,6 +655,7 @@ if _HAVE_TRITON:
                               (128, 64, 8, 2), (128, 128, 8, 2), (256, 32, 8, 2), (256, 32, 8, 3),
                               (256, 64, 8, 2), (256, 64, 8, 3))
     ]
+    assert all(c.kwargs["BLOCK_T"] % _STAT_T == 0 for c in _SCORES_CONFIGS)
     _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE"])(
         _xkv_scores_kernel)
 
@@ -643,14 +682,16 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
                   kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
-    """All parts of one layer in ``3 * segments + 1`` launches and ``segments + 3`` torch ops, all of them
+    """All parts of one layer in ``3 * segments + 1`` launches and ``segments + 4`` torch ops, all of them
     allocations (one more float32 accumulator with several segments). Every part's scores
     go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the segments) whose log-sum-exp is
     taken once over all parts, so each part's ``softmax`` is already globally normalised and the parts just
     add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and tail).
 
-    1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns;
-    2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked);
+    1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns, and each
+       tile's softmax statistics (max, sum) into 32-token slots of a small float32 buffer;
+    2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked)
+       from them and the slot statistics (the segments' scores are not read again);
     3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``;
     4. per segment, :func:`_xkv_output_kernel`, grid ``(H, dv / BLOCK_DV, B)``: the partials summed into the
        latent, projected by ``B_v`` (in registers, no float copy of ``B_v``), plus the exact parts'
@@ -677,11 +718,16 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         return _fused_triton(query, [exact[0][0], joined, *[p for p, _ in segments]], scaling, valid, kv_heads,
                              value_dim, total)
     n_exact = sum(p.length for p, _ in exact)
+    # kernel 1's per-tile softmax statistics: [max, sum] x B x Hq x slots of _STAT_T tokens of every segment
+    slots = [triton.cdiv(p.length, _STAT_T) for p, _ in segments]
+    n_slots = sum(slots)
     scores = torch.empty(batch, q_heads, total, device=device, dtype=torch.float32)
+    stats = torch.empty(2, batch, q_heads, max(n_slots, 1), device=device, dtype=torch.float32)
     shift = torch.empty(batch, q_heads, device=device, dtype=torch.float32)
     out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
     if _POISON_BUFFERS:
         scores.fill_(float("nan"))
+        stats.fill_(float("nan"))
         shift.fill_(float("nan"))
         out.fill_(float("nan"))
     has_valid = valid is not None
@@ -696,9 +742,9 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         kernel = _xkv_scores_kernel
         tuning = _SCORES_FIXED or dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64,
                                        num_warps=4 if wide else 8)
-    col = n_exact
+    col, slot0 = n_exact, 0
     columns = []
-    for part, token0 in segments:
+    for (part, token0), seg_slots in zip(segments, slots):
         tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
         has_rope = part.cos is not None
         cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
@@ -706,21 +752,23 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         kf, kr = part.key_factor, part.key_right
         _launch(
             kernel, lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch),
-            query, kf, kr, cos, sin, valid_arg, scores,
-            tokens, rank_k, groups, col, token0,
+            query, kf, kr, cos, sin, valid_arg, scores, stats,
+            tokens, rank_k, groups, col, token0, slot0, seg_slots,
             sq[0], sq[1], sq[3],
             kf.stride(0), kf.stride(1), kf.stride(2),
             kr.stride(0), kr.stride(1), kr.stride(2),
             cos.stride(0), cos.stride(1) if has_rope else 0,
             stride_vb, stride_vt,
             scores.stride(0), scores.stride(1), scores.stride(2),
+            stats.stride(0), stats.stride(1), stats.stride(2), stats.stride(3),
             float(scaling),
-            HALF=head_dim // 2, BLOCK_G=block_g,
+            HALF=head_dim // 2, BLOCK_G=block_g, STAT_T=_STAT_T,
             HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, **tuning,
         )
         columns.append(col)
         col += tokens
-    # 2. exact scores and the shift over all columns
+        slot0 += seg_slots
+    # 2. exact scores, and the shift over all columns from them and the segments' tile statistics
     (e1, off1), (e2, off2) = (exact + [(None, 0), (None, 0)])[:2]
     k1 = e1.keys if e1 is not None else query
     k2 = e2.keys if e2 is not None else query
@@ -729,16 +777,18 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     s1, s2 = k1.stride(), k2.stride()
     _launch(
         _xkv_exact_lse_kernel, (q_heads, batch),
-        query, k1, k2, valid_arg, scores, shift,
-        n1, n2, total, groups, off1, off2,
+        query, k1, k2, valid_arg, scores, stats, shift,
+        n1, n2, n_slots, groups, off1, off2,
         sq[0], sq[1], sq[3],
         s1[0], s1[1], s1[2], s1[3],
         s2[0], s2[1], s2[2], s2[3],
         stride_vb, stride_vt,
         scores.stride(0), scores.stride(1), scores.stride(2),
+        stats.stride(0), stats.stride(1), stats.stride(2), stats.stride(3),
         shift.stride(0), shift.stride(1),
         float(scaling),
-        D=head_dim, BLOCK_E=32, BLOCK_S=2048 if device.type == "cuda" else 64, HAS_VALID=has_valid,
+        # the interpreter's small block makes the tests' segments span several blocks of slots
+        D=head_dim, BLOCK_E=32, BLOCK_S=1024 if device.type == "cuda" else 8, HAS_VALID=has_valid,
         num_warps=8 if device.type == "cuda" else 4,
     )
     # 3. split-K partials of softmax . U_v, one buffer per segment (summed by kernel 4)
