@@ -29,13 +29,14 @@ averages: ``sum_t P_t (U_v B_v)[t, h] = (P U_v) B_v[:, h]``: the ``r_v``-vector 
 
 The kernels (Triton)
 --------------------
-With the kernels, all parts of a layer share one float32 score buffer ``S [B, Hq, T]`` (exact parts in
-the first columns, then the segments) whose log-sum-exp is taken once: each part's softmax is then already
-normalised over the whole sequence, so the parts' outputs simply add up (no ``(o, lse)`` merge), and the
-sinks and tail are read where they lie (no concatenation). Per layer and step: ``3 * segments + 1``
-launches and ``segments + 4`` torch ops, all allocations (one more, a float32 accumulator, with several
-segments): 4 launches and 5 ops for sinks + one segment + tail, against 2 launches and 87 torch ops (39 of
-them views) before (``tests/test_kernels_xkv.py`` bounds the count).
+With the kernels, each segment is scored into a float32 buffer ``S [B, Hq, T_seg]`` and reduced to
+per-split partials ``(m, l, sum_t exp(s_t - m) U_v[t])`` (flash-decoding's split-K over the sequence), and
+one online softmax per query head merges the exact parts (sinks and tail, read where they lie: no
+concatenation) and the segments' splits by their maxima (the ``(o, lse)`` merge above, unnormalised until
+the end). Per layer and step: ``3 * segments`` launches and ``segments + 3`` torch ops, all allocations
+(one more, a float32 state, with several segments): 3 launches and 4 ops for sinks + one segment + tail,
+against 2 launches and 87 torch ops (39 of them views) before the fused kernels
+(``tests/test_kernels_xkv.py`` bounds the count).
 
 1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``, per segment: a program rebuilds one
    ``[BLOCK_T, d]`` key tile of one KV head in registers (``U_k[tile] @ B_k[:, h]`` as two half-width
@@ -46,24 +47,24 @@ them views) before (``tests/test_kernels_xkv.py`` bounds the count).
    L2. On CUDA the tile sizes are autotuned once per (rank, group, head dim, RoPE, dtype), up to 256-token
    tiles that load ``B_k[:, h]`` once per 256 tokens. The token grid splits the sequence across the whole
    GPU at batch 1 (flash-decoding's purpose). With the scores, each tile's softmax statistics per query
-   head (max, and sum relative to it; ``(-inf, 0)`` where the tile is all masked), in slots of
-   ``_STAT_T`` = 32 tokens whatever tile size the autotuner picks (a larger tile fills its other slots
-   with ``(-inf, 0)``).
-2. ``_xkv_exact_lse_kernel``, grid ``(Hq, B)``: the exact parts' (sinks, tail) scores in float32, then
-   the softmax shift of each row: its log-sum-exp over every column (0 for an all-masked row), merging the
-   exact scores with kernel 1's ``T / 32`` slot statistics instead of re-reading the segments' ``T`` scores.
-3. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
+   head (max ``m``, sum ``l`` relative to it; ``(-inf, 0)`` where the tile is all masked) go to a small
+   buffer, in slots of ``_STAT_T`` = 32 tokens whatever tile size the autotuner picks (the tile's first
+   slot; a larger tile fills its other slots with ``(-inf, 0)``).
+2. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
    all heads, so ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the
-   sequence (split-K, at most ``_PV_MAX_SPLITS`` splits) with float32 partials that kernel 4 sums. A
-   per-KV-head online-softmax kernel would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator
-   (``r_v`` = 768 at the defaults on Llama-3-8B), which is why the softmax is normalised beforehand, from
-   the stored scores and statistics.
-4. ``_xkv_output_kernel``, grid ``(H, dv / BLOCK_DV, B)``, per segment: the latent (the split-K partials
-   summed in split order while they are loaded: deterministic, no separate reduction) projected by
-   ``BLOCK_DV`` columns of ``B_v[:, h]`` (read in its dtype, accumulated in float32: no float copy of
-   ``B_v``), plus the exact parts' ``softmax . V`` for those columns (first segment); the last segment
-   writes the output in the query's dtype (a float32 accumulator in between). The column chunks give batch
-   1 ``H * dv / 32`` programs instead of ``H``.
+   sequence (split-K, at most ``_PV_MAX_SPLITS`` splits, each holding whole tiles of kernel 1: up to 256
+   tokens). A split's ``(m, l)`` come from kernel 1's statistics of its tiles, so the scores are read once,
+   as ``exp(s - m)``; the float32 partials carry ``(m, l)`` in two extra columns. A per-KV-head kernel over
+   the whole sequence would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768
+   at the defaults on Llama-3-8B).
+3. ``_xkv_output_kernel``, grid ``(H, dv / BLOCK_DV, B)``, per segment: the online softmax of the ``G``
+   query heads of KV head ``h`` over ``BLOCK_DV`` output columns. The first launch takes the exact parts
+   (scores in float32, ``softmax . V`` for those columns); each launch merges one segment: its splits'
+   partials weighted by ``exp(m_split - m_segment)`` in split order (deterministic, no separate reduction)
+   into the latent, projected by those columns of ``B_v[:, h]`` (read in its dtype, accumulated in
+   float32: no float copy of ``B_v``). The last launch writes ``acc / l`` in the query's dtype (0 for a row
+   with no valid token); a float32 state buffer carries ``(acc, m, l)`` between launches. The column
+   chunks give batch 1 ``H * dv / 32`` programs instead of ``H``.
 
 Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)*e`` for the factors
 plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
@@ -454,94 +455,32 @@ if _HAVE_TRITON:
             tl.store(x_ptr + stride_xp, tl.where(first, l[:, None], 0.0), mask=x_ok)
 
     @triton.jit
-    def _online_update(m, l, s):
-        """Online log-sum-exp statistics (max ``m``, sum ``l`` relative to it) of a row updated by the
-        block ``s``; a row that is still all ``-inf`` keeps ``m = -inf``, ``l = 0`` instead of NaN."""
-        m_new = tl.maximum(m, tl.max(s, axis=0))
+    def _merge_stats(m, l, tm, tl_, AXIS: tl.constexpr):
+        """Softmax statistics ``(m, l)`` (max, sum relative to it) merged with a block of others ``(tm, tl_)``
+        along ``AXIS``; empty ones are ``(-inf, 0)``, and a row still all empty stays ``(-inf, 0)``, not NaN."""
+        m_new = tl.maximum(m, tl.max(tm, axis=AXIS))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe), axis=0)
+        if AXIS == 0:
+            l = l * tl.exp(m - m_safe) + tl.sum(tl_ * tl.exp(tm - m_safe), axis=0)
+        else:
+            l = l * tl.exp(m - m_safe) + tl.sum(tl_ * tl.exp(tm - m_safe[:, None]), axis=1)
         return m_new, l
-
-    @triton.jit
-    def _merge_stats(m, l, tm, tl_):
-        """``(m, l)`` merged with a block of other statistics ``(tm, tl_)`` (empty ones are ``(-inf, 0)``)."""
-        m_new = tl.maximum(m, tl.max(tm, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.sum(tl_ * tl.exp(tm - m_safe), axis=0)
-        return m_new, l
-
-    @triton.jit
-    def _exact_scores(q, m, l, K, N, VALID, S_ROW, b, h, col0, valid_off,
-                      stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vt, stride_st, scale,
-                      D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr):
-        """Scores of one exact part's ``N`` tokens (keys ``K[b, h]``) into columns ``col0..`` of one row of
-        ``S`` (float32 products, as the reference)."""
-        offs_d = tl.arange(0, D)
-        for e0 in range(0, N, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            e_ok = offs_e < N
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_e[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                        mask=e_ok[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1) * scale
-            keep = e_ok
-            if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_e) * stride_vt, mask=e_ok, other=0) != 0)
-            s = tl.where(keep, s, float("-inf"))
-            tl.store(S_ROW + (col0 + offs_e) * stride_st, s, mask=e_ok)
-            m, l = _online_update(m, l, s)
-        return m, l
-
-    @triton.jit
-    def _xkv_exact_lse_kernel(
-        Q, K1, K2, VALID, S, STATS, SHIFT,
-        N1, N2, N_SLOTS, G, valid_off1, valid_off2,
-        stride_qb, stride_qh, stride_qd,
-        stride_k1b, stride_k1h, stride_k1t, stride_k1d,
-        stride_k2b, stride_k2h, stride_k2t, stride_k2d,
-        stride_vb, stride_vt,
-        stride_sb, stride_sh, stride_st,
-        stride_xp, stride_xb, stride_xh, stride_xn,
-        stride_mb, stride_mh,
-        scale,
-        D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr,
-    ):
-        """Grid ``(Hq, B)``: one query head's scores of the exact parts (columns ``[0, N1 + N2)`` of ``S``),
-        then its softmax shift: the log-sum-exp over every column (0 for an all-masked row), the segments'
-        columns through kernel 1's per-tile statistics."""
-        j = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        h = j // G
-        offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + j * stride_qh + offs_d * stride_qd).to(tl.float32)
-        s_row = S + b * stride_sb + j * stride_sh
-        m = tl.max(tl.full([BLOCK_E], float("-inf"), dtype=tl.float32), axis=0)
-        l = tl.sum(tl.zeros([BLOCK_E], dtype=tl.float32), axis=0)
-        m, l = _exact_scores(q, m, l, K1, N1, VALID, s_row, b, h, 0, valid_off1,
-                             stride_k1b, stride_k1h, stride_k1t, stride_k1d, stride_vb, stride_vt, stride_st, scale,
-                             D, BLOCK_E, HAS_VALID)
-        m, l = _exact_scores(q, m, l, K2, N2, VALID, s_row, b, h, N1, valid_off2,
-                             stride_k2b, stride_k2h, stride_k2t, stride_k2d, stride_vb, stride_vt, stride_st, scale,
-                             D, BLOCK_E, HAS_VALID)
-        x_row = STATS + b * stride_xb + j * stride_xh
-        for c0 in range(0, N_SLOTS, BLOCK_S):
-            offs_c = c0 + tl.arange(0, BLOCK_S)
-            c_ok = offs_c < N_SLOTS
-            tm = tl.load(x_row + offs_c * stride_xn, mask=c_ok, other=float("-inf"))
-            tl_ = tl.load(x_row + stride_xp + offs_c * stride_xn, mask=c_ok, other=0.0)
-            m, l = _merge_stats(m, l, tm, tl_)
-        shift = tl.where(l > 0, m + tl.log(l), 0.0)
-        tl.store(SHIFT + b * stride_mb + j * stride_mh, shift)
 
     @triton.jit
     def _xkv_latent_pv_kernel(
-        S, M, UV, OUT,
-        T, RV, HQ, tiles_per_split, col0,
+        S, STATS, UV, OUT,
+        T, RV, HQ, tiles_per_split, col0, slot0,
         stride_sb, stride_sh, stride_st,
-        stride_mb, stride_mh,
+        stride_xp, stride_xb, stride_xh, stride_xn,
         stride_ub, stride_ut, stride_ur,
         stride_ob, stride_os, stride_oh, stride_or,
-        BLOCK_HQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_HQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SL: tl.constexpr,
+        STAT_T: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        """Grid ``(r_v chunks, splits, B)``: one split of a segment's tokens, all query heads. The split's own
+        softmax max ``m`` (from kernel 1's slot statistics, so one pass over the scores) shifts the
+        exponentials; the partial ``sum_t exp(s_t - m) U_v[t]`` goes to columns ``[0, RV)`` of ``OUT``, and
+        ``(m, l)`` (``l`` the split's sum relative to ``m``) to columns ``RV, RV + 1`` (r chunk 0 only)."""
         rc = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -549,68 +488,133 @@ if _HAVE_TRITON:
         h_ok = offs_h < HQ
         offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < RV
-        m = tl.load(M + b * stride_mb + offs_h * stride_mh, mask=h_ok, other=0.0)
-        acc = tl.zeros([BLOCK_HQ, BLOCK_R], dtype=tl.float32)
         t_begin = split * tiles_per_split * BLOCK_T
+        t_end = tl.minimum(t_begin + tiles_per_split * BLOCK_T, T)
+        x_row = STATS + b * stride_xb + offs_h[:, None] * stride_xh
+        m = tl.max(tl.full([BLOCK_HQ, BLOCK_SL], float("-inf"), dtype=tl.float32), axis=1)
+        l = tl.sum(tl.zeros([BLOCK_HQ, BLOCK_SL], dtype=tl.float32), axis=1)
+        for c0 in range(t_begin // STAT_T, tl.cdiv(t_end, STAT_T), BLOCK_SL):  # BLOCK_T is a multiple of STAT_T
+            offs_c = c0 + tl.arange(0, BLOCK_SL)
+            c_ok = h_ok[:, None] & (offs_c * STAT_T < t_end)[None, :]
+            x_ptr = x_row + (slot0 + offs_c)[None, :] * stride_xn
+            tm = tl.load(x_ptr, mask=c_ok, other=float("-inf"))
+            tl_ = tl.load(x_ptr + stride_xp, mask=c_ok, other=0.0)
+            m, l = _merge_stats(m, l, tm, tl_, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([BLOCK_HQ, BLOCK_R], dtype=tl.float32)
         for i in range(0, tiles_per_split):
             offs_t = t_begin + i * BLOCK_T + tl.arange(0, BLOCK_T)
             t_ok = offs_t < T
             s = tl.load(S + b * stride_sb + offs_h[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
                         mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
-            p = tl.exp(s - m[:, None])  # m = the row's lse over all parts: normalised; masked entries: 0
+            p = tl.exp(s - m_safe[:, None])  # <= 1; masked entries: 0
             u = tl.load(UV + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
                         mask=t_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
-        tl.store(OUT + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_r[None, :] * stride_or,
-                 acc, mask=h_ok[:, None] & r_ok[None, :])
+        o_row = OUT + b * stride_ob + split * stride_os + offs_h * stride_oh
+        tl.store(o_row[:, None] + offs_r[None, :] * stride_or, acc, mask=h_ok[:, None] & r_ok[None, :])
+        if rc == 0:
+            tl.store(o_row + RV * stride_or, m, mask=h_ok)
+            tl.store(o_row + (RV + 1) * stride_or, l, mask=h_ok)
 
     @triton.jit
-    def _exact_pv(acc, V, N, S, SHIFT_ROW, b, h, heads, g_ok, col0, offs_dv,
-                  stride_vb, stride_vh, stride_vt, stride_vd, stride_sb, stride_sh, stride_st,
-                  BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+    def _exact_attend(m, l, acc, q, K, V, N, VALID, b, h, g_ok, offs_dv, valid_off, scale,
+                      stride_kb, stride_kh, stride_kt, stride_kd, stride_wb, stride_wh, stride_wt, stride_wd,
+                      stride_vb, stride_vt,
+                      D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr):
+        """One exact part (keys ``K[b, h]``, values ``V[b, h]``, ``N`` tokens) into the online softmax
+        ``(m, l, acc)`` of the ``G`` query heads ``q`` (float32 scores, as the reference)."""
+        offs_d = tl.arange(0, D)
         for e0 in range(0, N, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             e_ok = offs_e < N
-            s = tl.load(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_e)[None, :] * stride_st,
-                        mask=g_ok[:, None] & e_ok[None, :], other=float("-inf"))
-            p = tl.exp(s - SHIFT_ROW[:, None])
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_e[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_e[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                         mask=e_ok[:, None], other=0.0).to(tl.float32)
-            acc += tl.dot(p, v, input_precision=PRECISION)
-        return acc
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            keep = e_ok
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_e) * stride_vt, mask=e_ok, other=0) != 0)
+            s = tl.where(g_ok[:, None] & keep[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)  # 0 while the row was empty (acc, l are 0 then)
+            p = tl.exp(s - m_safe[:, None])
+            v = tl.load(V + b * stride_wb + h * stride_wh + offs_e[:, None] * stride_wt + offs_dv[None, :] * stride_wd,
+                        mask=e_ok[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        return m, l, acc
 
     @triton.jit
     def _xkv_output_kernel(
-        PART, BV, S, SHIFT, V1, V2, ACC, OUT,
-        RV, G, N1, N2, SPLITS,
+        Q, K1, V1, K2, V2, VALID, PART, BV, STATE, OUT,
+        RV, G, N1, N2, SPLITS, valid_off1, valid_off2,
+        stride_qb, stride_qh, stride_qd,
+        stride_k1b, stride_k1h, stride_k1t, stride_k1d,
+        stride_v1b, stride_v1h, stride_v1t, stride_v1d,
+        stride_k2b, stride_k2h, stride_k2t, stride_k2d,
+        stride_v2b, stride_v2h, stride_v2t, stride_v2d,
+        stride_vb, stride_vt,
         stride_pb, stride_ps, stride_ph, stride_pr,
         stride_bb, stride_br, stride_bc,
-        stride_sb, stride_sh, stride_st,
-        stride_mb, stride_mh,
-        stride_v1b, stride_v1h, stride_v1t, stride_v1d,
-        stride_v2b, stride_v2h, stride_v2t, stride_v2d,
         stride_ab, stride_ah, stride_ad,
         stride_ob, stride_oh, stride_od,
-        DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
+        scale,
+        D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_SP: tl.constexpr, BLOCK_E: tl.constexpr,
-        HAS_SEG: tl.constexpr, HAS_EXACT: tl.constexpr, ACC_IN: tl.constexpr, ACC_OUT: tl.constexpr,
-        PRECISION: tl.constexpr,
+        HAS_SEG: tl.constexpr, HAS_EXACT: tl.constexpr, HAS_VALID: tl.constexpr, ACC_IN: tl.constexpr,
+        ACC_OUT: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """Grid ``(H, DV / BLOCK_DV, B)``: for the ``G`` query heads of KV head ``h`` and ``BLOCK_DV`` output
-        columns, sum a segment's split-K partials of ``softmax . U_v`` (in split order: deterministic) and
-        project that latent by ``B_v[:, h]``; add the exact parts' ``softmax . V`` (once); add / write the
-        float32 accumulator (several segments) or write the output in its dtype."""
+        """Grid ``(H, DV / BLOCK_DV, B)``: the ``G`` query heads of KV head ``h``, ``BLOCK_DV`` output columns.
+        An online softmax ``(m, l, acc)`` (``acc`` unnormalised, relative to ``m``) takes the exact parts
+        (first launch), then one segment per launch: its split-K partials merged by their ``(m, l)`` in
+        split order (deterministic) into the latent, projected by ``B_v[:, h]``. Between launches the state
+        waits in ``STATE`` (float32: ``acc`` in columns ``[0, DV)``, this chunk's ``m, l`` after them); the
+        last launch writes ``acc / l`` (0 for a row with no valid token) in the output's dtype."""
         h = tl.program_id(0)
-        dv0 = tl.program_id(1) * BLOCK_DV
+        chunk = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         offs_g = tl.arange(0, BLOCK_G)
         g_ok = offs_g < G
         heads = h * G + offs_g
-        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-        acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+        offs_dv = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        a_row = STATE + b * stride_ab + heads * stride_ah
+        ml_ptr = a_row + (DV + 2 * chunk) * stride_ad
+        if ACC_IN:
+            acc = tl.load(a_row[:, None] + offs_dv[None, :] * stride_ad, mask=g_ok[:, None], other=0.0)
+            m = tl.load(ml_ptr, mask=g_ok, other=float("-inf"))
+            l = tl.load(ml_ptr + stride_ad, mask=g_ok, other=0.0)
+        else:
+            acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+            m = tl.max(tl.full([BLOCK_G, BLOCK_DV], float("-inf"), dtype=tl.float32), axis=1)
+            l = tl.sum(tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32), axis=1)
+        if HAS_EXACT:
+            offs_d = tl.arange(0, D)
+            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                        mask=g_ok[:, None], other=0.0).to(tl.float32)
+            m, l, acc = _exact_attend(m, l, acc, q, K1, V1, N1, VALID, b, h, g_ok, offs_dv, valid_off1, scale,
+                                      stride_k1b, stride_k1h, stride_k1t, stride_k1d,
+                                      stride_v1b, stride_v1h, stride_v1t, stride_v1d, stride_vb, stride_vt,
+                                      D, BLOCK_E, HAS_VALID, PRECISION)
+            m, l, acc = _exact_attend(m, l, acc, q, K2, V2, N2, VALID, b, h, g_ok, offs_dv, valid_off2, scale,
+                                      stride_k2b, stride_k2h, stride_k2t, stride_k2d,
+                                      stride_v2b, stride_v2h, stride_v2t, stride_v2d, stride_vb, stride_vt,
+                                      D, BLOCK_E, HAS_VALID, PRECISION)
         if HAS_SEG:
             offs_sp = tl.arange(0, BLOCK_SP)
-            p_base = PART + b * stride_pb
+            p_base = PART + b * stride_pb + heads[None, :] * stride_ph
+            # the segment's max and sum over its splits' (m, l)
+            m_seg = tl.max(tl.full([BLOCK_SP, BLOCK_G], float("-inf"), dtype=tl.float32), axis=0)
+            l_seg = tl.sum(tl.zeros([BLOCK_SP, BLOCK_G], dtype=tl.float32), axis=0)
+            for s0 in range(0, SPLITS, BLOCK_SP):
+                sp = s0 + offs_sp
+                sp_ok = (sp < SPLITS)[:, None] & g_ok[None, :]
+                ml = p_base + sp[:, None] * stride_ps + RV * stride_pr
+                m_seg, l_seg = _merge_stats(m_seg, l_seg, tl.load(ml, mask=sp_ok, other=float("-inf")),
+                                            tl.load(ml + stride_pr, mask=sp_ok, other=0.0), 0)
+            m_seg_safe = tl.where(m_seg == float("-inf"), 0.0, m_seg)
+            seg = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
             for r0 in range(0, RV, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < RV
@@ -618,30 +622,30 @@ if _HAVE_TRITON:
                 latent = tl.zeros([BLOCK_G, BLOCK_R], dtype=tl.float32)
                 for s0 in range(0, SPLITS, BLOCK_SP):
                     sp = s0 + offs_sp
-                    part = tl.load(p_base + sp[:, None, None] * stride_ps + heads[None, :, None] * stride_ph
-                                   + offs_r[None, None, :] * stride_pr,
-                                   mask=(sp < SPLITS)[:, None, None] & g_ok[None, :, None] & r_ok[None, None, :],
-                                   other=0.0)
-                    latent += tl.sum(part, axis=0)
+                    sp_ok = (sp < SPLITS)[:, None] & g_ok[None, :]
+                    ms = tl.load(p_base + sp[:, None] * stride_ps + RV * stride_pr, mask=sp_ok,
+                                 other=float("-inf"))
+                    w = tl.exp(ms - m_seg_safe[None, :])  # an empty split (or padding): 0
+                    part = tl.load(p_base[:, :, None] + sp[:, None, None] * stride_ps + offs_r[None, None, :] * stride_pr,
+                                   mask=sp_ok[:, :, None] & r_ok[None, None, :], other=0.0)
+                    latent += tl.sum(part * w[:, :, None], axis=0)
                 bv = tl.load(BV + b * stride_bb + offs_r[:, None] * stride_br + (h * DV + offs_dv)[None, :] * stride_bc,
                              mask=r_ok[:, None], other=0.0).to(tl.float32)
-                acc += tl.dot(latent, bv, input_precision=PRECISION)
-        if HAS_EXACT:
-            shift = tl.load(SHIFT + b * stride_mb + heads * stride_mh, mask=g_ok, other=0.0)
-            acc = _exact_pv(acc, V1, N1, S, shift, b, h, heads, g_ok, 0, offs_dv,
-                            stride_v1b, stride_v1h, stride_v1t, stride_v1d, stride_sb, stride_sh, stride_st,
-                            BLOCK_E, PRECISION)
-            acc = _exact_pv(acc, V2, N2, S, shift, b, h, heads, g_ok, N1, offs_dv,
-                            stride_v2b, stride_v2h, stride_v2t, stride_v2d, stride_sb, stride_sh, stride_st,
-                            BLOCK_E, PRECISION)
-        a_ptr = ACC + b * stride_ab + heads[:, None] * stride_ah + offs_dv[None, :] * stride_ad
-        if ACC_IN:
-            acc += tl.load(a_ptr, mask=g_ok[:, None], other=0.0)
+                seg += tl.dot(latent, bv, input_precision=PRECISION)
+            m_new = tl.maximum(m, m_seg)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha, beta = tl.exp(m - m_safe), tl.exp(m_seg - m_safe)
+            acc = acc * alpha[:, None] + seg * beta[:, None]
+            l = l * alpha + l_seg * beta
+            m = m_new
         if ACC_OUT:
-            tl.store(a_ptr, acc, mask=g_ok[:, None])
+            tl.store(a_row[:, None] + offs_dv[None, :] * stride_ad, acc, mask=g_ok[:, None])
+            tl.store(ml_ptr, m, mask=g_ok)
+            tl.store(ml_ptr + stride_ad, l, mask=g_ok)
         else:
+            out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
             o_ptr = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od
-            tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=g_ok[:, None])
 
     # Kernel 1 does almost all the flops (the key rebuild); its best tile depends on the GPU, so on CUDA it
     # is autotuned once per (rank, group, head dim, RoPE, dtype). Configs that do not fit are skipped by
@@ -656,6 +660,7 @@ if _HAVE_TRITON:
                               (256, 64, 8, 2), (256, 64, 8, 3))
     ]
     assert all(c.kwargs["BLOCK_T"] % _STAT_T == 0 for c in _SCORES_CONFIGS)
+    _MAX_SCORES_BLOCK_T = max(c.kwargs["BLOCK_T"] for c in _SCORES_CONFIGS)
     _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE"])(
         _xkv_scores_kernel)
 
@@ -682,28 +687,25 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
                   kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
-    """All parts of one layer in ``3 * segments + 1`` launches and ``segments + 4`` torch ops, all of them
-    allocations (one more float32 accumulator with several segments). Every part's scores
-    go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the segments) whose log-sum-exp is
-    taken once over all parts, so each part's ``softmax`` is already globally normalised and the parts just
-    add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and tail).
+    """All parts of one layer in ``3 * segments`` launches (1 without segments: the output kernel alone)
+    and ``segments + 3`` torch ops, all of them allocations (one more, the float32 state between output
+    launches, with several segments; 1 without segments). No per-part ``(o, lse)`` merge in torch and no concatenation
+    of sinks and tail: the output kernel's online softmax merges the exact parts and the segments' splits.
 
-    1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns, and each
-       tile's softmax statistics (max, sum) into 32-token slots of a small float32 buffer;
-    2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked)
-       from them and the slot statistics (the segments' scores are not read again);
-    3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``;
-    4. per segment, :func:`_xkv_output_kernel`, grid ``(H, dv / BLOCK_DV, B)``: the partials summed into the
-       latent, projected by ``B_v`` (in registers, no float copy of ``B_v``), plus the exact parts'
-       ``softmax . V`` on the first segment, written as the output in the query's dtype by the last one (a
-       float32 accumulator between segments).
+    1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns of ``S``, and
+       each tile's softmax statistics (max, sum) into 32-token slots of a small float32 buffer;
+    2. per segment, :func:`_xkv_latent_pv_kernel`: per split of whole kernel-1 tiles, ``(m, l)`` from the
+       statistics and the partial ``exp(s - m) . U_v``;
+    3. per segment, :func:`_xkv_output_kernel`, grid ``(H, dv / BLOCK_DV, B)``: the exact parts (first
+       launch) and the segment's splits merged by their maxima, the latent projected by ``B_v`` (in
+       registers, no float copy of ``B_v``), written normalised in the query's dtype by the last launch.
     """
     batch, q_heads, _, head_dim = query.shape
     groups = q_heads // kv_heads
     wide = query.dtype == torch.float32
     precision = "ieee" if wide else "tf32"  # bf16 scores are then as precise as bf16 keys, or better
     device = query.device
-    # token offsets (for ``valid``) of every part; exact parts take the first columns of S
+    # token offsets (for ``valid``) of every part
     exact, segments, offset = [], [], 0
     for part in parts:
         if part.length:
@@ -717,32 +719,30 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             valid = torch.cat([valid[:, o:o + p.length] for p, o in order], dim=-1)
         return _fused_triton(query, [exact[0][0], joined, *[p for p, _ in segments]], scaling, valid, kv_heads,
                              value_dim, total)
-    n_exact = sum(p.length for p, _ in exact)
+    seg_tokens = sum(p.length for p, _ in segments)
     # kernel 1's per-tile softmax statistics: [max, sum] x B x Hq x slots of _STAT_T tokens of every segment
     slots = [triton.cdiv(p.length, _STAT_T) for p, _ in segments]
-    n_slots = sum(slots)
-    scores = torch.empty(batch, q_heads, total, device=device, dtype=torch.float32)
-    stats = torch.empty(2, batch, q_heads, max(n_slots, 1), device=device, dtype=torch.float32)
-    shift = torch.empty(batch, q_heads, device=device, dtype=torch.float32)
     out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
+    scores = stats = query  # placeholders (never read) when there is no segment
+    if segments:
+        scores = torch.empty(batch, q_heads, seg_tokens, device=device, dtype=torch.float32)
+        stats = torch.empty(2, batch, q_heads, sum(slots), device=device, dtype=torch.float32)
     if _POISON_BUFFERS:
-        scores.fill_(float("nan"))
-        stats.fill_(float("nan"))
-        shift.fill_(float("nan"))
-        out.fill_(float("nan"))
+        for buffer in (scores, stats, out) if segments else (out,):
+            buffer.fill_(float("nan"))
     has_valid = valid is not None
-    valid_arg = valid if has_valid else scores  # never read without HAS_VALID
+    valid_arg = valid if has_valid else query  # never read without HAS_VALID
     stride_vb, stride_vt = (valid.stride(0), valid.stride(1)) if has_valid else (0, 0)
     sq = query.stride()
     block_g = _pow2(groups)
-    # 1. factored keys' scores
+    # 1. factored keys' scores and tile statistics
     if _autotune():
         kernel, tuning = _xkv_scores_kernel_tuned, {}
     else:
         kernel = _xkv_scores_kernel
         tuning = _SCORES_FIXED or dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64,
                                        num_warps=4 if wide else 8)
-    col, slot0 = n_exact, 0
+    col, slot0 = 0, 0
     columns = []
     for (part, token0), seg_slots in zip(segments, slots):
         tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
@@ -765,92 +765,80 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             HALF=head_dim // 2, BLOCK_G=block_g, STAT_T=_STAT_T,
             HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, **tuning,
         )
-        columns.append(col)
+        columns.append((col, slot0))
         col += tokens
         slot0 += seg_slots
-    # 2. exact scores, and the shift over all columns from them and the segments' tile statistics
-    (e1, off1), (e2, off2) = (exact + [(None, 0), (None, 0)])[:2]
-    k1 = e1.keys if e1 is not None else query
-    k2 = e2.keys if e2 is not None else query
-    n1 = e1.length if e1 is not None else 0
-    n2 = e2.length if e2 is not None else 0
-    s1, s2 = k1.stride(), k2.stride()
-    _launch(
-        _xkv_exact_lse_kernel, (q_heads, batch),
-        query, k1, k2, valid_arg, scores, stats, shift,
-        n1, n2, n_slots, groups, off1, off2,
-        sq[0], sq[1], sq[3],
-        s1[0], s1[1], s1[2], s1[3],
-        s2[0], s2[1], s2[2], s2[3],
-        stride_vb, stride_vt,
-        scores.stride(0), scores.stride(1), scores.stride(2),
-        stats.stride(0), stats.stride(1), stats.stride(2), stats.stride(3),
-        shift.stride(0), shift.stride(1),
-        float(scaling),
-        # the interpreter's small block makes the tests' segments span several blocks of slots
-        D=head_dim, BLOCK_E=32, BLOCK_S=1024 if device.type == "cuda" else 8, HAS_VALID=has_valid,
-        num_warps=8 if device.type == "cuda" else 4,
-    )
-    # 3. split-K partials of softmax . U_v, one buffer per segment (summed by kernel 4)
+    # 2. per segment, split-K partials of exp(s - split max) . U_v with each split's (max, sum)
     block_r, block_tv = 64 if wide else 128, 32 if wide else 64
+    # A split's (max, sum) comes from kernel 1's statistics, which are per token tile of kernel 1 (in the
+    # tile's first slot): splits must hold whole tiles of it, of any size the autotuner may pick.
+    align = _MAX_SCORES_BLOCK_T if not tuning else tuning["BLOCK_T"]
+    step = max(1, align // block_tv)
     partials = []
-    for (part, _), col0 in zip(segments, columns):
+    for (part, _), (col0, seg_slot0) in zip(segments, columns):
         tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
         r_chunks = triton.cdiv(rank_v, block_r)
         tiles = triton.cdiv(tokens, block_tv)
         splits = max(1, min(tiles, _PV_MAX_SPLITS, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
-        tiles_per_split = triton.cdiv(tiles, splits)
+        tiles_per_split = triton.cdiv(triton.cdiv(tiles, splits), step) * step
         splits = triton.cdiv(tiles, tiles_per_split)
-        partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
+        # a row: the r_v partial sums, then (max, sum), padded so that rows stay 64-byte aligned
+        partial = torch.empty(batch, splits, q_heads, triton.cdiv(rank_v + 2, 16) * 16, device=device,
+                              dtype=torch.float32)
         if _POISON_BUFFERS:
             partial.fill_(float("nan"))
         vf = part.value_factor
         _launch(
             _xkv_latent_pv_kernel, (r_chunks, splits, batch),
-            scores, shift, vf, partial,
-            tokens, rank_v, q_heads, tiles_per_split, col0,
+            scores, stats, vf, partial,
+            tokens, rank_v, q_heads, tiles_per_split, col0, seg_slot0,
             scores.stride(0), scores.stride(1), scores.stride(2),
-            shift.stride(0), shift.stride(1),
+            stats.stride(0), stats.stride(1), stats.stride(2), stats.stride(3),
             vf.stride(0), vf.stride(1), vf.stride(2),
             partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
-            BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
-            num_warps=4,
+            BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r,
+            # the interpreter's 2 slots a step make the tests' splits take several steps
+            BLOCK_SL=min(128, _pow2(tiles_per_split * block_tv // _STAT_T)) if device.type == "cuda" else 2,
+            STAT_T=_STAT_T, PRECISION=precision, num_warps=4,
         )
         partials.append(partial)
-    # 4. sum the partials, project, add the exact parts, write
-    v1 = e1.values if e1 is not None else query
-    v2 = e2.values if e2 is not None else query
-    t1, t2 = v1.stride(), v2.stride()
-    acc = out
-    if len(segments) > 1:
-        acc = torch.empty(batch, q_heads, value_dim, device=device, dtype=torch.float32)
+    # 3. per segment (the exact parts with the first): merge, project, write
+    (e1, off1), (e2, off2) = (exact + [(None, 0), (None, 0)])[:2]
+    k1, v1 = (e1.keys, e1.values) if e1 is not None else (query, query)
+    k2, v2 = (e2.keys, e2.values) if e2 is not None else (query, query)
+    n1 = e1.length if e1 is not None else 0
+    n2 = e2.length if e2 is not None else 0
     # DV chunks multiply the programs (batch 1: H programs would leave most SMs idle); each chunk re-reads
-    # its heads' partials, so the chunks stay at least _OUT_BLOCK_DV columns wide
+    # its heads' partials and exact keys, so the chunks stay at least _OUT_BLOCK_DV columns wide
     block_dv = min(value_dim, _OUT_BLOCK_DV)
+    chunks = value_dim // block_dv
+    state = out  # placeholder: one launch needs no state between launches
+    if len(segments) > 1:  # the online softmax between launches: acc [dv], then (max, sum) per chunk
+        state = torch.empty(batch, q_heads, value_dim + 2 * chunks, device=device, dtype=torch.float32)
     steps = [(seg, p) for (seg, _), p in zip(segments, partials)] or [(None, None)]
     for i, (seg, partial) in enumerate(steps):
         if seg is not None:
-            rank_v, splits, sp = partial.shape[-1], partial.shape[1], partial.stride()
+            rank_v, splits, sp = seg.value_factor.shape[2], partial.shape[1], partial.stride()
             bv, sb = seg.value_right, seg.value_right.stride()
         else:
-            partial, rank_v, splits, bv, sp, sb = scores, 0, 0, scores, (0, 0, 0, 0), (0, 0, 0)
+            partial, rank_v, splits, bv, sp, sb = out, 0, 0, out, (0, 0, 0, 0), (0, 0, 0)
         last = i == len(steps) - 1
         _launch(
-            _xkv_output_kernel, (kv_heads, value_dim // block_dv, batch),
-            partial, bv, scores, shift, v1, v2, acc, out,
-            rank_v, groups, n1, n2, splits,
+            _xkv_output_kernel, (kv_heads, chunks, batch),
+            query, k1, v1, k2, v2, valid_arg, partial, bv, state, out,
+            rank_v, groups, n1, n2, splits, off1, off2,
+            sq[0], sq[1], sq[3],
+            *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(),
+            stride_vb, stride_vt,
             sp[0], sp[1], sp[2], sp[3],
             sb[0], sb[1], sb[2],
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            shift.stride(0), shift.stride(1),
-            t1[0], t1[1], t1[2], t1[3],
-            t2[0], t2[1], t2[2], t2[3],
-            acc.stride(0), acc.stride(-2), acc.stride(-1),
+            state.stride(0), state.stride(-2), state.stride(-1),
             out.stride(0), out.stride(2), out.stride(3),
-            DV=value_dim, BLOCK_DV=block_dv, BLOCK_G=block_g, BLOCK_R=32 if wide else 64,
+            float(scaling),
+            D=head_dim, DV=value_dim, BLOCK_DV=block_dv, BLOCK_G=block_g, BLOCK_R=32 if wide else 64,
             BLOCK_SP=2 if splits < 4 else 4, BLOCK_E=32,
-            HAS_SEG=seg is not None, HAS_EXACT=i == 0 and n_exact > 0, ACC_IN=i > 0, ACC_OUT=not last,
-            PRECISION=precision, num_warps=4,
+            HAS_SEG=seg is not None, HAS_EXACT=i == 0 and bool(exact), HAS_VALID=has_valid, ACC_IN=i > 0,
+            ACC_OUT=not last, PRECISION=precision, num_warps=4,
         )
     return out
 
@@ -993,10 +981,10 @@ def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: fl
 
     Returns:
         ``[B, 1, Hq, dv]`` in the query's dtype (the layout transformers' attention functions return):
-        ``softmax_t(c q.k_t) v_t`` over all valid tokens. With the kernels, every part (segments and the
-        exact sinks and tail, read where they are) is scored into one buffer normalised once
-        (:func:`_fused_triton`: ``3 * segments + 1`` launches, no torch maths); shapes the kernels do not
-        cover, and the reference, merge per-part ``(o, lse)`` as in the module docstring.
+        ``softmax_t(c q.k_t) v_t`` over all valid tokens. With the kernels, the exact sinks and tail (read
+        where they are) and the segments' split-K partials are merged by one online softmax in the output
+        kernel (:func:`_fused_triton`: ``3 * segments`` launches, no torch maths); shapes the kernels do
+        not cover, and the reference, merge per-part ``(o, lse)`` as in the module docstring.
 
     Inside ``torch.compile`` the call goes through the custom op ``torch.ops.kvcompress.xkv_decode_attention``
     (``torch.library.custom_op``, flat arguments; the same paths inside), so a compiled caller keeps it in
