@@ -113,7 +113,10 @@ class XKVLayer(CacheLayerMixin):
     Fused decode (:func:`kvcompress.xkv.patch_xkv`): while ``defer_decode`` is set (by the patch's hook on
     the attention module, for the duration of its forward), a one-token update of a layer that has
     compressed segments returns only the exact tail and records it in ``deferred``; the patched attention
-    function then reads the factors through :meth:`decode_parts` instead of rebuilt keys and values.
+    function then reads the factors through :meth:`decode_parts` instead of rebuilt keys and values. A
+    multi-token update of the group's last layer then also leaves the group's compression to the patch's
+    hook after the attention (``compress_pending``), so the rebuilt keys and values returned for that
+    attention are freed before the factorisation's own buffers are allocated.
     """
 
     is_sliding = False
@@ -134,6 +137,7 @@ class XKVLayer(CacheLayerMixin):
         self.value_rights: list[torch.Tensor] = []
         self.defer_decode = False
         self.deferred: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.compress_pending = False
         # Static capacity (XKVCache(max_cache_len=N)): sinks + compressed tokens + tail capacity == N at all
         # times, the tail's valid length is the device counter ``tail_length`` (host mirror ``_tail_len``,
         # None after compiled steps: re-read once, one sync, by the next eager access).
@@ -336,7 +340,9 @@ class XKVLayer(CacheLayerMixin):
             self.deferred = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
             return self.deferred
         full_keys, full_values = self.full_states()
-        if compresses:
+        if compresses and self.defer_decode:
+            self.compress_pending = True  # patch_xkv's hook compresses once the attention is done
+        elif compresses:
             self._cache._compress_group(self.group)
         return full_keys, full_values
 
@@ -369,6 +375,7 @@ class XKVLayer(CacheLayerMixin):
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_rights, self.value_rights = [], []
         self.deferred = None
+        self.compress_pending = False
         self.tail_length = None
         self.is_initialized = False
 
@@ -1034,6 +1041,12 @@ def patch_xkv(model: torch.nn.Module):
             if layer is not None:
                 setattr(module, _LAYER_ATTR, None)
                 layer.defer_decode, layer.deferred = False, None
+                pending, layer.compress_pending = layer.compress_pending, False
+                if pending and output is not None:
+                    # the group's compression, left by update() until the attention's rebuilt keys and
+                    # values are freed (after a failed forward the tokens stay exact: the next
+                    # multi-token update compresses them)
+                    layer._cache._compress_group(layer.group)
 
         for module, fallback in zip(modules, fallbacks):
             set_attribute(module, _FALLBACK_ATTR, fallback, handle)

@@ -490,9 +490,10 @@ def test_grouped_query_sdpa_equals_transformers_sdpa(masked):
 
 
 def test_patched_chunked_prefill_never_repeats_keys_and_values(monkeypatch):
-    """With patch_xkv, the multi-token calls of a chunked prefill and of a next turn attend without
-    transformers' repeat_kv (a Hq/Hkv-fold copy of the layer's keys and values); the unpatched run does
-    repeat; both generate the same tokens and scores."""
+    """With patch_xkv, the multi-token calls of a chunked prefill attend without transformers' repeat_kv (a
+    Hq/Hkv-fold copy of the layer's keys and values), and each group is compressed by the patch's hook
+    after its last layer's attention instead of inside ``update``; the unpatched run repeats and
+    compresses in ``update``; both generate the same tokens and scores from the same factors."""
     import transformers.integrations.sdpa_attention as sdpa_module
 
     from kvcompress.xkv import patch_xkv
@@ -514,12 +515,64 @@ def test_patched_chunked_prefill_never_repeats_keys_and_values(monkeypatch):
     for patched in (False, True):
         repeats.clear()
         handle = patch_xkv(model) if patched else None
+        cache = XKVCache(model.config, **kw)
+        compressions = []
+        original_compress = cache._compress_group
+
+        def recording(group, cache=cache, compressions=compressions, original=original_compress):
+            last = cache.layers[group.layer_indices[-1]]
+            compressions.append(last.compress_pending)  # False: called from update; True: from the hook
+            original(group)
+
+        cache._compress_group = recording
         try:
-            runs.append((generate(model, ids, mask, XKVCache(model.config, **kw), prefill_chunk_size=32),
-                         len(repeats)))
+            runs.append((generate(model, ids, mask, cache, prefill_chunk_size=32), len(repeats), cache,
+                         compressions))
         finally:
             if handle is not None:
                 handle.remove()
-    (ref, ref_repeats), (out, out_repeats) = runs
+    (ref, ref_repeats, ref_cache, ref_calls), (out, out_repeats, out_cache, out_calls) = runs
     assert ref_repeats > 0 and out_repeats == 0
     assert_same_generation(ref, out)
+    assert len(ref_calls) == len(out_calls) == 3 * len(out_cache.groups)  # 96 + 80 tokens: 3 chunks of 32
+    assert not any(ref_calls) and all(not layer.compress_pending for layer in out_cache.layers)
+    for a, b in zip(ref_cache.groups, out_cache.groups):
+        assert len(a.segments) == len(b.segments) == 1
+        assert torch.equal(a.segments[0].key_factor, b.segments[0].key_factor)
+    assert ref_cache.nbytes() == out_cache.nbytes()
+
+
+def test_patched_prefill_that_fails_leaves_no_pending_compression(monkeypatch):
+    """A multi-token forward that fails after the cache update (here: in the attention) leaves its tokens
+    exact and no compression pending; the next generation on the same cache compresses and matches a
+    fresh unpatched run's tokens."""
+    import kvcompress.xkv as xkv_module
+    from kvcompress.xkv import patch_xkv
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(lengths=(96, 80))
+    kw = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+    original = xkv_module.grouped_query_sdpa
+
+    calls = []
+
+    def failing(*args, **kwargs):  # the second attention: layer 1, the last of group 0, after its update
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    with patch_xkv(model):
+        cache = XKVCache(model.config, **kw)
+        monkeypatch.setattr(xkv_module, "grouped_query_sdpa", failing)
+        with pytest.raises(RuntimeError, match="simulated"):
+            generate(model, ids, mask, cache)
+        assert len(calls) == 2 and cache.layers[1].get_seq_length() == ids.shape[1]  # updated, then failed
+        assert all(not layer.compress_pending for layer in cache.layers)
+        assert all(not group.segments for group in cache.groups)
+        monkeypatch.setattr(xkv_module, "grouped_query_sdpa", original)
+        cache.reset()
+        out = generate(model, ids, mask, cache)
+        assert all(len(group.segments) == 1 for group in cache.groups)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config))
+    assert torch.equal(ref.sequences, out.sequences)
