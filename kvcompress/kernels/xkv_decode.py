@@ -33,9 +33,9 @@ With the kernels, each segment is scored into a float32 buffer ``S [B, Hq, T_seg
 per-split partials ``(m, l, sum_t exp(s_t - m) U_v[t])`` (flash-decoding's split-K over the sequence), and
 one online softmax per query head merges the exact parts (sinks and tail, read where they lie: no
 concatenation) and the segments' splits by their maxima (the ``(o, lse)`` merge above, unnormalised until
-the end). Per layer and step: ``3 * segments`` launches and ``segments + 3`` torch ops, all allocations
-(one more, a float32 state, with several segments): 3 launches and 4 ops for sinks + one segment + tail,
-against 2 launches and 87 torch ops (39 of them views) before the fused kernels
+the end). Per layer and step: ``3 * segments`` launches and 2 torch ops, the output and one float32
+scratch buffer for everything else (1 op without segments): 3 launches and 2 ops for sinks + one segment +
+tail, against 2 launches and 87 torch ops (39 of them views) before the fused kernels
 (``tests/test_kernels_xkv.py`` bounds the count).
 
 1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``, per segment: a program rebuilds one
@@ -52,8 +52,8 @@ against 2 launches and 87 torch ops (39 of them views) before the fused kernels
    slot; a larger tile fills its other slots with ``(-inf, 0)``).
 2. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
    all heads, so ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the
-   sequence (split-K, at most ``_PV_MAX_SPLITS`` splits, each holding whole tiles of kernel 1: up to 256
-   tokens). A split's ``(m, l)`` come from kernel 1's statistics of its tiles, so the scores are read once,
+   sequence (split-K, at most ``_PV_MAX_SPLITS`` splits, each a whole number of kernel 1's tiles: a
+   multiple of 256 tokens when kernel 1 is autotuned). A split's ``(m, l)`` come from kernel 1's statistics of its tiles, so the scores are read once,
    as ``exp(s - m)``; the float32 partials carry ``(m, l)`` in two extra columns. A per-KV-head kernel over
    the whole sequence would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768
    at the defaults on Llama-3-8B).
@@ -107,11 +107,11 @@ _POISON_BUFFERS = False
 # Tests set this to a dict (BLOCK_T, BLOCK_R, num_warps, num_stages) to run kernel 1 with one of the
 # autotuner's configs where it does not autotune (the interpreter, KVCOMPRESS_XKV_AUTOTUNE=0).
 _SCORES_FIXED: dict | None = None
-# Kernel 3 splits a segment's tokens over at most this many programs per r_v chunk; kernel 4 sums the
+# Kernel 2 splits a segment's tokens over at most this many programs per r_v chunk; kernel 3 merges the
 # splits while it loads the latent, reading G * r_v * splits floats per program, so more splits make
-# kernel 3 wider and kernel 4 longer.
+# kernel 2 wider and kernel 3 longer.
 _PV_MAX_SPLITS = 16
-# Kernel 4's output columns per program (value dims above it are split over the grid).
+# Kernel 3's output columns per program (value dims above it are split over the grid).
 _OUT_BLOCK_DV = 32
 # Kernel 1 writes softmax statistics per slot of this many tokens; every BLOCK_T it may use is a multiple.
 _STAT_T = 32
@@ -377,7 +377,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _xkv_scores_kernel(
         Q, UK, BK, COS, SIN, VALID, S, STATS,
-        T, R, G, col0, valid_off, slot0, n_slots,
+        T, R, G, col0, valid_off, slot0, n_slots, s_off, x_off,
         stride_qb, stride_qh, stride_qd,
         stride_ub, stride_ut, stride_ur,
         stride_bb, stride_br, stride_bc,
@@ -432,7 +432,7 @@ if _HAVE_TRITON:
         if HAS_VALID:
             keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_t) * stride_vt, mask=t_ok, other=0) != 0)
         scores = tl.where(keep[None, :], scores, float("-inf"))
-        tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
+        tl.store(S + s_off + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
                  mask=g_ok[:, None] & t_ok[None, :])
         # The tile's softmax statistics, so that kernel 2 combines T / STAT_T of them per row instead of
         # re-reading the row's T scores. Slots are STAT_T tokens wide whatever BLOCK_T the autotuner picks:
@@ -440,7 +440,7 @@ if _HAVE_TRITON:
         m = tl.max(scores, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         l = tl.sum(tl.exp(scores - m_safe[:, None]), axis=1)  # an all-masked tile: m = -inf, l = 0
-        x_row = STATS + b * stride_xb + heads * stride_xh
+        x_row = STATS + x_off + b * stride_xb + heads * stride_xh
         if BLOCK_T == STAT_T:
             x_ptr = x_row + (slot0 + tile) * stride_xn
             tl.store(x_ptr, m, mask=g_ok)
@@ -469,7 +469,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _xkv_latent_pv_kernel(
         S, STATS, UV, OUT,
-        T, RV, HQ, tiles_per_split, col0, slot0,
+        T, RV, HQ, tiles_per_split, col0, slot0, s_off, x_off, o_off,
         stride_sb, stride_sh, stride_st,
         stride_xp, stride_xb, stride_xh, stride_xn,
         stride_ub, stride_ut, stride_ur,
@@ -490,7 +490,7 @@ if _HAVE_TRITON:
         r_ok = offs_r < RV
         t_begin = split * tiles_per_split * BLOCK_T
         t_end = tl.minimum(t_begin + tiles_per_split * BLOCK_T, T)
-        x_row = STATS + b * stride_xb + offs_h[:, None] * stride_xh
+        x_row = STATS + x_off + b * stride_xb + offs_h[:, None] * stride_xh
         m = tl.max(tl.full([BLOCK_HQ, BLOCK_SL], float("-inf"), dtype=tl.float32), axis=1)
         l = tl.sum(tl.zeros([BLOCK_HQ, BLOCK_SL], dtype=tl.float32), axis=1)
         for c0 in range(t_begin // STAT_T, tl.cdiv(t_end, STAT_T), BLOCK_SL):  # BLOCK_T is a multiple of STAT_T
@@ -505,13 +505,13 @@ if _HAVE_TRITON:
         for i in range(0, tiles_per_split):
             offs_t = t_begin + i * BLOCK_T + tl.arange(0, BLOCK_T)
             t_ok = offs_t < T
-            s = tl.load(S + b * stride_sb + offs_h[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
+            s = tl.load(S + s_off + b * stride_sb + offs_h[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
                         mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
             p = tl.exp(s - m_safe[:, None])  # <= 1; masked entries: 0
             u = tl.load(UV + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
                         mask=t_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
-        o_row = OUT + b * stride_ob + split * stride_os + offs_h * stride_oh
+        o_row = OUT + o_off + b * stride_ob + split * stride_os + offs_h * stride_oh
         tl.store(o_row[:, None] + offs_r[None, :] * stride_or, acc, mask=h_ok[:, None] & r_ok[None, :])
         if rc == 0:
             tl.store(o_row + RV * stride_or, m, mask=h_ok)
@@ -549,7 +549,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _xkv_output_kernel(
         Q, K1, V1, K2, V2, VALID, PART, BV, STATE, OUT,
-        RV, G, N1, N2, SPLITS, valid_off1, valid_off2,
+        RV, G, N1, N2, SPLITS, valid_off1, valid_off2, p_off, a_off,
         stride_qb, stride_qh, stride_qd,
         stride_k1b, stride_k1h, stride_k1t, stride_k1d,
         stride_v1b, stride_v1h, stride_v1t, stride_v1d,
@@ -579,7 +579,7 @@ if _HAVE_TRITON:
         g_ok = offs_g < G
         heads = h * G + offs_g
         offs_dv = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
-        a_row = STATE + b * stride_ab + heads * stride_ah
+        a_row = STATE + a_off + b * stride_ab + heads * stride_ah
         ml_ptr = a_row + (DV + 2 * chunk) * stride_ad
         if ACC_IN:
             acc = tl.load(a_row[:, None] + offs_dv[None, :] * stride_ad, mask=g_ok[:, None], other=0.0)
@@ -603,7 +603,7 @@ if _HAVE_TRITON:
                                       D, BLOCK_E, HAS_VALID, PRECISION)
         if HAS_SEG:
             offs_sp = tl.arange(0, BLOCK_SP)
-            p_base = PART + b * stride_pb + heads[None, :] * stride_ph
+            p_base = PART + p_off + b * stride_pb + heads[None, :] * stride_ph
             # the segment's max and sum over its splits' (m, l)
             m_seg = tl.max(tl.full([BLOCK_SP, BLOCK_G], float("-inf"), dtype=tl.float32), axis=0)
             l_seg = tl.sum(tl.zeros([BLOCK_SP, BLOCK_G], dtype=tl.float32), axis=0)
@@ -688,8 +688,8 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
                   kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
     """All parts of one layer in ``3 * segments`` launches (1 without segments: the output kernel alone)
-    and ``segments + 3`` torch ops, all of them allocations (one more, the float32 state between output
-    launches, with several segments; 1 without segments). No per-part ``(o, lse)`` merge in torch and no concatenation
+    and 2 torch ops, both allocations: the output and one float32 scratch buffer that holds the scores,
+    the statistics, the partials and the state between output launches (1 op without segments). No per-part ``(o, lse)`` merge in torch and no concatenation
     of sinks and tail: the output kernel's online softmax merges the exact parts and the segments' splits.
 
     1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns of ``S``, and
@@ -719,48 +719,78 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             valid = torch.cat([valid[:, o:o + p.length] for p, o in order], dim=-1)
         return _fused_triton(query, [exact[0][0], joined, *[p for p, _ in segments]], scaling, valid, kv_heads,
                              value_dim, total)
-    seg_tokens = sum(p.length for p, _ in segments)
-    # kernel 1's per-tile softmax statistics: [max, sum] x B x Hq x slots of _STAT_T tokens of every segment
-    slots = [triton.cdiv(p.length, _STAT_T) for p, _ in segments]
-    out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
-    scores = stats = query  # placeholders (never read) when there is no segment
-    if segments:
-        scores = torch.empty(batch, q_heads, seg_tokens, device=device, dtype=torch.float32)
-        stats = torch.empty(2, batch, q_heads, sum(slots), device=device, dtype=torch.float32)
-    if _POISON_BUFFERS:
-        for buffer in (scores, stats, out) if segments else (out,):
-            buffer.fill_(float("nan"))
     has_valid = valid is not None
     valid_arg = valid if has_valid else query  # never read without HAS_VALID
     stride_vb, stride_vt = (valid.stride(0), valid.stride(1)) if has_valid else (0, 0)
     sq = query.stride()
     block_g = _pow2(groups)
-    # 1. factored keys' scores and tile statistics
     if _autotune():
         kernel, tuning = _xkv_scores_kernel_tuned, {}
     else:
         kernel = _xkv_scores_kernel
         tuning = _SCORES_FIXED or dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64,
                                        num_warps=4 if wide else 8)
+    # The plan: kernel 2's splits per segment. A split's (max, sum) comes from kernel 1's statistics, which
+    # are per token tile of kernel 1 (in the tile's first slot): splits must hold whole tiles of it, of any
+    # size the autotuner may pick.
+    block_r, block_tv = 64 if wide else 128, 32 if wide else 64
+    step = max(1, (_MAX_SCORES_BLOCK_T if not tuning else tuning["BLOCK_T"]) // block_tv)
+    plans = []
+    for part, _ in segments:
+        tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
+        r_chunks = triton.cdiv(rank_v, block_r)
+        tiles = triton.cdiv(tokens, block_tv)
+        splits = max(1, min(tiles, _PV_MAX_SPLITS, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
+        tiles_per_split = triton.cdiv(triton.cdiv(tiles, splits), step) * step
+        # a partials row: the r_v sums, then (max, sum); rows padded to 16 floats (64-byte aligned)
+        plans.append((r_chunks, triton.cdiv(tiles, tiles_per_split), tiles_per_split,
+                      triton.cdiv(rank_v + 2, 16) * 16))
+    # DV chunks multiply kernel 3's programs (batch 1: H programs would leave most SMs idle); each chunk
+    # re-reads its heads' partials and exact keys, so the chunks stay at least _OUT_BLOCK_DV columns wide
+    block_dv = min(value_dim, _OUT_BLOCK_DV)
+    chunks = value_dim // block_dv
+    # All float32 scratch in one allocation, regions 128-byte aligned: S [B, Hq, segment tokens], the
+    # statistics [2, B, Hq, slots] (max, sum), per segment the partials [B, splits, Hq, row], and with
+    # several segments kernel 3's state between launches [B, Hq, dv + 2 * chunks] (acc, then (max, sum)
+    # per chunk).
+    seg_tokens = sum(p.length for p, _ in segments)
+    slots = [triton.cdiv(p.length, _STAT_T) for p, _ in segments]
+    width = value_dim + 2 * chunks
+    sizes = [batch * q_heads * seg_tokens, 2 * batch * q_heads * sum(slots),
+             *[batch * splits * q_heads * row for _, splits, _, row in plans],
+             batch * q_heads * width if len(segments) > 1 else 0]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + triton.cdiv(size, 32) * 32)
+    s_off, x_off, *p_offs, a_off, _ = offsets
+    out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
+    scratch = out  # placeholder (never read): exact parts alone need no scratch
+    if segments:
+        scratch = torch.empty(offsets[-1], device=device, dtype=torch.float32)
+    if _POISON_BUFFERS:
+        out.fill_(float("nan"))
+        scratch.fill_(float("nan"))
+    s_strides = (q_heads * seg_tokens, seg_tokens, 1)
+    x_strides = (batch * q_heads * sum(slots), q_heads * sum(slots), sum(slots), 1)
+    # 1. factored keys' scores and tile statistics
     col, slot0 = 0, 0
     columns = []
     for (part, token0), seg_slots in zip(segments, slots):
         tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
         has_rope = part.cos is not None
-        cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
-        sin = part.sin if has_rope else scores
+        cos = part.cos if has_rope else scratch  # any tensor: never read when HAS_ROPE is False
+        sin = part.sin if has_rope else scratch
         kf, kr = part.key_factor, part.key_right
         _launch(
             kernel, lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch),
-            query, kf, kr, cos, sin, valid_arg, scores, stats,
-            tokens, rank_k, groups, col, token0, slot0, seg_slots,
+            query, kf, kr, cos, sin, valid_arg, scratch, scratch,
+            tokens, rank_k, groups, col, token0, slot0, seg_slots, s_off, x_off,
             sq[0], sq[1], sq[3],
             kf.stride(0), kf.stride(1), kf.stride(2),
             kr.stride(0), kr.stride(1), kr.stride(2),
             cos.stride(0), cos.stride(1) if has_rope else 0,
             stride_vb, stride_vt,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            stats.stride(0), stats.stride(1), stats.stride(2), stats.stride(3),
+            *s_strides, *x_strides,
             float(scaling),
             HALF=head_dim // 2, BLOCK_G=block_g, STAT_T=_STAT_T,
             HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, **tuning,
@@ -769,70 +799,49 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         col += tokens
         slot0 += seg_slots
     # 2. per segment, split-K partials of exp(s - split max) . U_v with each split's (max, sum)
-    block_r, block_tv = 64 if wide else 128, 32 if wide else 64
-    # A split's (max, sum) comes from kernel 1's statistics, which are per token tile of kernel 1 (in the
-    # tile's first slot): splits must hold whole tiles of it, of any size the autotuner may pick.
-    align = _MAX_SCORES_BLOCK_T if not tuning else tuning["BLOCK_T"]
-    step = max(1, align // block_tv)
-    partials = []
-    for (part, _), (col0, seg_slot0) in zip(segments, columns):
+    p_strides = []
+    for (part, _), (col0, seg_slot0), (r_chunks, splits, tiles_per_split, row), p_off in zip(
+            segments, columns, plans, p_offs):
         tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
-        r_chunks = triton.cdiv(rank_v, block_r)
-        tiles = triton.cdiv(tokens, block_tv)
-        splits = max(1, min(tiles, _PV_MAX_SPLITS, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
-        tiles_per_split = triton.cdiv(triton.cdiv(tiles, splits), step) * step
-        splits = triton.cdiv(tiles, tiles_per_split)
-        # a row: the r_v partial sums, then (max, sum), padded so that rows stay 64-byte aligned
-        partial = torch.empty(batch, splits, q_heads, triton.cdiv(rank_v + 2, 16) * 16, device=device,
-                              dtype=torch.float32)
-        if _POISON_BUFFERS:
-            partial.fill_(float("nan"))
+        p_strides.append((splits * q_heads * row, q_heads * row, row, 1))
         vf = part.value_factor
         _launch(
             _xkv_latent_pv_kernel, (r_chunks, splits, batch),
-            scores, stats, vf, partial,
-            tokens, rank_v, q_heads, tiles_per_split, col0, seg_slot0,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            stats.stride(0), stats.stride(1), stats.stride(2), stats.stride(3),
+            scratch, scratch, vf, scratch,
+            tokens, rank_v, q_heads, tiles_per_split, col0, seg_slot0, s_off, x_off, p_off,
+            *s_strides, *x_strides,
             vf.stride(0), vf.stride(1), vf.stride(2),
-            partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+            *p_strides[-1],
             BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r,
             # the interpreter's 2 slots a step make the tests' splits take several steps
             BLOCK_SL=min(128, _pow2(tiles_per_split * block_tv // _STAT_T)) if device.type == "cuda" else 2,
             STAT_T=_STAT_T, PRECISION=precision, num_warps=4,
         )
-        partials.append(partial)
     # 3. per segment (the exact parts with the first): merge, project, write
     (e1, off1), (e2, off2) = (exact + [(None, 0), (None, 0)])[:2]
     k1, v1 = (e1.keys, e1.values) if e1 is not None else (query, query)
     k2, v2 = (e2.keys, e2.values) if e2 is not None else (query, query)
     n1 = e1.length if e1 is not None else 0
     n2 = e2.length if e2 is not None else 0
-    # DV chunks multiply the programs (batch 1: H programs would leave most SMs idle); each chunk re-reads
-    # its heads' partials and exact keys, so the chunks stay at least _OUT_BLOCK_DV columns wide
-    block_dv = min(value_dim, _OUT_BLOCK_DV)
-    chunks = value_dim // block_dv
-    state = out  # placeholder: one launch needs no state between launches
-    if len(segments) > 1:  # the online softmax between launches: acc [dv], then (max, sum) per chunk
-        state = torch.empty(batch, q_heads, value_dim + 2 * chunks, device=device, dtype=torch.float32)
-    steps = [(seg, p) for (seg, _), p in zip(segments, partials)] or [(None, None)]
-    for i, (seg, partial) in enumerate(steps):
+    steps = list(zip(segments, plans, p_offs, p_strides)) or [(None, None, 0, (0, 0, 0, 0))]
+    for i, (seg, plan, p_off, sp) in enumerate(steps):
         if seg is not None:
-            rank_v, splits, sp = seg.value_factor.shape[2], partial.shape[1], partial.stride()
+            seg = seg[0]
+            rank_v, splits = seg.value_factor.shape[2], plan[1]
             bv, sb = seg.value_right, seg.value_right.stride()
         else:
-            partial, rank_v, splits, bv, sp, sb = out, 0, 0, out, (0, 0, 0, 0), (0, 0, 0)
+            rank_v, splits, bv, sb = 0, 0, scratch, (0, 0, 0)
         last = i == len(steps) - 1
         _launch(
             _xkv_output_kernel, (kv_heads, chunks, batch),
-            query, k1, v1, k2, v2, valid_arg, partial, bv, state, out,
-            rank_v, groups, n1, n2, splits, off1, off2,
+            query, k1, v1, k2, v2, valid_arg, scratch, bv, scratch, out,
+            rank_v, groups, n1, n2, splits, off1, off2, p_off, a_off,
             sq[0], sq[1], sq[3],
             *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(),
             stride_vb, stride_vt,
-            sp[0], sp[1], sp[2], sp[3],
+            *sp,
             sb[0], sb[1], sb[2],
-            state.stride(0), state.stride(-2), state.stride(-1),
+            q_heads * width, width, 1,
             out.stride(0), out.stride(2), out.stride(3),
             float(scaling),
             D=head_dim, DV=value_dim, BLOCK_DV=block_dv, BLOCK_G=block_g, BLOCK_R=32 if wide else 64,
