@@ -813,8 +813,9 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             vf.stride(0), vf.stride(1), vf.stride(2),
             *p_strides[-1],
             BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r,
-            # the interpreter's 2 slots a step make the tests' splits take several steps
-            BLOCK_SL=min(128, _pow2(tiles_per_split * block_tv // _STAT_T)) if device.type == "cuda" else 2,
+            # 32 slots a step: 128 made ptxas spill (sm_90, bf16); the interpreter's 2 make the tests' splits
+            # take several steps
+            BLOCK_SL=min(32, _pow2(tiles_per_split * block_tv // _STAT_T)) if device.type == "cuda" else 2,
             STAT_T=_STAT_T, PRECISION=precision, num_warps=4,
         )
     # 3. per segment (the exact parts with the first): merge, project, write
