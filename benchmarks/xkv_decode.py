@@ -23,8 +23,8 @@ Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs). Abou
 Host work per fused call (printed as "per call: ..."): torch ops dispatched (views included) and Triton
 launches. Counted under the CPU interpreter for sinks + one segment + tail: before the single-buffer
 rewrite 87 torch ops (39 of them views; a torch.cat of sinks and tail, logsumexp/where merges, a float copy
-of B_v) + 2 launches; now 2 torch ops (the output and one float32 scratch allocation; the split-K sum
-and the softmax merge are in the output kernel) + 3 launches (``tests/test_kernels_xkv.py`` bounds it). patch_xkv's attention function adds 1 view (the mask row).
+of B_v) + 2 launches; after, 5 torch ops (4 allocations and the split-K sum) + 4 launches
+(``tests/test_kernels_xkv.py`` bounds it). patch_xkv's attention function adds 1 view (the mask row).
 
 GPU:
     PYTHONPATH=. python benchmarks/xkv_decode.py

@@ -27,12 +27,10 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 # -- random cases ---------------------------------------------------------------------------------
 def make_case(batch=2, q_heads=8, kv_heads=2, head_dim=32, rank_k=24, rank_v=40, layout=("e3", "f37", "f50", "e9"),
-              pad=(0, 7), rope=True, dtype=torch.float32, device="cpu", seed=0, value_dim=None):
+              pad=(0, 7), rope=True, dtype=torch.float32, device="cpu", seed=0):
     """A query and parts in token order: ``"eN"`` an exact part of N tokens, ``"fN"`` a factored segment
-    of N tokens (RoPE at its slots when ``rope``). ``pad[b]`` masks the first tokens of row ``b``. Values
-    have ``value_dim`` features (default ``head_dim``)."""
+    of N tokens (RoPE at its slots when ``rope``). ``pad[b]`` masks the first tokens of row ``b``."""
     g = torch.Generator().manual_seed(seed)
-    value_dim = value_dim or head_dim
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
@@ -42,14 +40,14 @@ def make_case(batch=2, q_heads=8, kv_heads=2, head_dim=32, rank_k=24, rank_v=40,
     for item in layout:
         kind, n = item[0], int(item[1:])
         if kind == "e":
-            parts.append(ExactPart(randn(batch, kv_heads, n, head_dim), randn(batch, kv_heads, n, value_dim)))
+            parts.append(ExactPart(randn(batch, kv_heads, n, head_dim), randn(batch, kv_heads, n, head_dim)))
         else:
             cos = sin = None
             if rope:
                 cos, sin = rope_cos_sin(inv_freq, torch.arange(slot, slot + n))
                 cos, sin = cos.to(device), sin.to(device)
             parts.append(FactoredPart(randn(batch, n, rank_k), randn(batch, rank_k, kv_heads * head_dim, scale=rank_k ** -0.5),
-                                      randn(batch, n, rank_v), randn(batch, rank_v, kv_heads * value_dim, scale=rank_v ** -0.5),
+                                      randn(batch, n, rank_v), randn(batch, rank_v, kv_heads * head_dim, scale=rank_v ** -0.5),
                                       cos, sin))
         slot += n
     valid = torch.ones(batch, slot, dtype=torch.bool)
@@ -97,13 +95,6 @@ CASES = {
     "four_exact_parts": dict(layout=("e3", "f20", "e5", "f30", "e2", "e4"), pad=(0, 9)),
     "exact_only": dict(layout=("e5", "e7"), pad=(2, 0)),
     "short_segment_one_split": dict(layout=("e2", "f20", "e3"), pad=(0, 3)),
-    # kernel 4's DV chunks (32 columns a program): 4 chunks, and one narrower than a chunk; batch 1 splits
-    # kernel 3 over 7 programs, so kernel 4 sums the partials over two blocks of splits, the last one ragged
-    "dv128_batch1_seven_splits": dict(batch=1, value_dim=128, layout=("e2", "f400", "e3"), pad=(5,)),
-    "dv16_two_segments": dict(value_dim=16, pad=(3, 0)),
-    "dv64_mha_no_sinks": dict(q_heads=4, kv_heads=4, value_dim=64, layout=("f130", "e6"), pad=(0, 40)),
-    # row 1 masks the whole first segment and the whole first token tile of the second
-    "pad_masks_whole_tiles": dict(pad=(0, 80)),
 }
 
 
@@ -118,13 +109,10 @@ GPU_SHAPES = [dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=128, rank_v=192,
 count_ops_and_launches = xkv_decode.count_ops_and_launches
 
 
-# Bounds on one fused call (the Triton path), as measured: sinks + one segment + tail is 3 launches
-# (scores, latent partials, output) and 2 torch ops (allocations: the output, one float32 scratch buffer
-# for scores, tile statistics, partials and state), two segments 6 launches and 2 ops. The version before
-# the fused kernels took 2 launches and 87 torch ops, among them a torch.cat of sinks and tail every step
-# and a float copy of B_v; a torch-side split-K sum, a separate log-sum-exp launch or one allocation per
-# buffer would break these.
-OP_BOUNDS = {"one_segment": (("e4", "f100", "e20"), 3, 2), "two_segments": (("e4", "f60", "f40", "e20"), 6, 2)}
+# Bounds on one fused call (the Triton path): sinks + one segment + tail is 4 launches and 5 torch ops (4
+# allocations, the split-K sum); the version before this bound took 2 launches and 87 torch ops, among
+# them a torch.cat of sinks and tail every step and a float copy of B_v.
+OP_BOUNDS = {"one_segment": (("e4", "f100", "e20"), 4, 6), "two_segments": (("e4", "f60", "f40", "e20"), 7, 9)}
 
 
 # -- reference ------------------------------------------------------------------------------------
@@ -135,8 +123,7 @@ def test_reference_matches_naive_float64(name):
                                naive_attention(query, parts, scaling, valid), rtol=1e-10, atol=1e-12)
     query, parts, scaling, valid = make_case(**CASES[name], dtype=torch.float32, seed=1)
     out = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
-    value_dim = CASES[name].get("value_dim") or query.shape[-1]
-    assert out.dtype == torch.float32 and out.shape == (query.shape[0], 1, query.shape[1], value_dim)
+    assert out.dtype == torch.float32 and out.shape == (query.shape[0], 1, query.shape[1], query.shape[-1])
     assert rel_err(out, naive_attention(query, parts, scaling, valid)) < 1e-5
 
 
@@ -206,13 +193,8 @@ for name, case in CASES.items():
     errors[name] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
 for block_t, block_r in ((256, 64), (128, 32)):  # the autotuner's large token tiles (T < BLOCK_T included)
     xkv_decode._SCORES_FIXED = dict(BLOCK_T=block_t, BLOCK_R=block_r, num_warps=8, num_stages=2)
-    # pad 140 masks a whole 128-token tile of row 1 and most statistics slots of its first 256-token tile
-    for name, pad in (("gqa4_pad_two_segments", None), ("gqa8_no_rope_three_segments", None),
-                      ("pad_masks_whole_tiles", (0, 140))):
-        case = dict(CASES[name], layout=("e3", "f300", "f37", "e9"))
-        if pad:
-            case["pad"] = pad
-        query, parts, scaling, valid = make_case(**case, seed=6)
+    for name in ("gqa4_pad_two_segments", "gqa8_no_rope_three_segments"):
+        query, parts, scaling, valid = make_case(**dict(CASES[name], layout=("e3", "f300", "f37", "e9")), seed=6)
         ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
         out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
         errors[f"{{name}}_tile{{block_t}}"] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
@@ -238,7 +220,7 @@ def test_triton_interpreter_matches_reference_fp32():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
-    assert set(CASES) <= set(result["errors"]) and len(result["errors"]) == len(CASES) + 6
+    assert set(CASES) <= set(result["errors"]) and len(result["errors"]) == len(CASES) + 4
     for name, error in result["errors"].items():
         assert error <= 1e-4, (name, error)
     assert result["masked_row_ok"]

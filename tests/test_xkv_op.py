@@ -186,8 +186,7 @@ def test_compiled_interpreter_kernels_match_reference_fp32():
     assert len(result) == sum(map(len, INTERPRETED.values()))
     for name, r in result.items():
         assert max(r["errors"]) <= 1e-5, (name, r)
-        # the kernels, not the reference (0 launches); exact parts alone take one launch
-        assert min(r["launches"]) >= (1 if name.endswith("/exact_only") else 3), (name, r)
+        assert min(r["launches"]) >= 2, (name, r)  # the kernels, not the reference
         assert r["graphs"] == 1 and r["op_calls"] == 1, (name, r)
 
 

@@ -29,13 +29,12 @@ averages: ``sum_t P_t (U_v B_v)[t, h] = (P U_v) B_v[:, h]``: the ``r_v``-vector 
 
 The kernels (Triton)
 --------------------
-With the kernels, each segment is scored into a float32 buffer ``S [B, Hq, T_seg]`` and reduced to
-per-split partials ``(m, l, sum_t exp(s_t - m) U_v[t])`` (flash-decoding's split-K over the sequence), and
-one online softmax per query head merges the exact parts (sinks and tail, read where they lie: no
-concatenation) and the segments' splits by their maxima (the ``(o, lse)`` merge above, unnormalised until
-the end). Per layer and step: ``3 * segments`` launches and 2 torch ops, the output and one float32
-scratch buffer for everything else (1 op without segments): 3 launches and 2 ops for sinks + one segment +
-tail, against 2 launches and 87 torch ops (39 of them views) before the fused kernels
+With the kernels, all parts of a layer share one float32 score buffer ``S [B, Hq, T]`` (exact parts in
+the first columns, then the segments) whose log-sum-exp is taken once: each part's softmax is then already
+normalised over the whole sequence, so the parts' outputs simply add up (no ``(o, lse)`` merge), and the
+sinks and tail are read where they lie (no concatenation). Per layer and step: ``3 * segments + 1``
+launches and ``2 * segments + 3`` torch ops (allocations and the split-K sum): 4 launches and 5 ops for
+sinks + one segment + tail, against 2 launches and 87 torch ops (39 of them views) before
 (``tests/test_kernels_xkv.py`` bounds the count).
 
 1. ``_xkv_scores_kernel``, grid ``(H, token tiles, B)``, per segment: a program rebuilds one
@@ -46,25 +45,18 @@ tail, against 2 launches and 87 torch ops (39 of them views) before the fused ke
    grid axis, so the ``H`` programs of one tile run together: ``U_k[tile]`` comes from HBM once, then from
    L2. On CUDA the tile sizes are autotuned once per (rank, group, head dim, RoPE, dtype), up to 256-token
    tiles that load ``B_k[:, h]`` once per 256 tokens. The token grid splits the sequence across the whole
-   GPU at batch 1 (flash-decoding's purpose). With the scores, each tile's softmax statistics per query
-   head (max ``m``, sum ``l`` relative to it; ``(-inf, 0)`` where the tile is all masked) go to a small
-   buffer, in slots of ``_STAT_T`` = 32 tokens whatever tile size the autotuner picks (the tile's first
-   slot; a larger tile fills its other slots with ``(-inf, 0)``).
-2. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
+   GPU at batch 1 (flash-decoding's purpose).
+2. ``_xkv_exact_lse_kernel``, grid ``(Hq, B)``: the exact parts' (sinks, tail) scores in float32, then
+   the softmax shift of each row: its log-sum-exp over every column (0 for an all-masked row).
+3. ``_xkv_latent_pv_kernel``, grid ``(r_v chunks, sequence splits, B)``, per segment: ``U_v`` is shared by
    all heads, so ``P U_v`` is a ``[Hq, T] x [T, r_v]`` product for all query heads at once, split over the
-   sequence (split-K, at most ``_PV_MAX_SPLITS`` splits, each a whole number of kernel 1's tiles: a
-   multiple of 256 tokens when kernel 1 is autotuned). A split's ``(m, l)`` come from kernel 1's statistics of its tiles, so the scores are read once,
-   as ``exp(s - m)``; the float32 partials carry ``(m, l)`` in two extra columns. A per-KV-head kernel over
-   the whole sequence would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768
-   at the defaults on Llama-3-8B).
-3. ``_xkv_output_kernel``, grid ``(H, dv / BLOCK_DV, B)``, per segment: the online softmax of the ``G``
-   query heads of KV head ``h`` over ``BLOCK_DV`` output columns. The first launch takes the exact parts
-   (scores in float32, ``softmax . V`` for those columns); each launch merges one segment: its splits'
-   partials weighted by ``exp(m_split - m_segment)`` in split order (deterministic, no separate reduction)
-   into the latent, projected by those columns of ``B_v[:, h]`` (read in its dtype, accumulated in
-   float32: no float copy of ``B_v``). The last launch writes ``acc / l`` in the query's dtype (0 for a row
-   with no valid token); a float32 state buffer carries ``(acc, m, l)`` between launches. The column
-   chunks give batch 1 ``H * dv / 32`` programs instead of ``H``.
+   sequence (split-K) with float32 partials, summed by one reduction. A per-KV-head online-softmax kernel
+   would re-read ``U_v`` ``H`` times and hold a ``G x r_v`` accumulator (``r_v`` = 768 at the defaults on
+   Llama-3-8B), which is why softmax statistics come from the stored scores instead (one cheap extra pass
+   over ``Hq*T`` floats).
+4. ``_xkv_output_kernel``, grid ``(H, B)``, per segment: the latent projected by ``B_v[:, h]`` (read in its
+   dtype, accumulated in float32: no float copy of ``B_v``), plus the exact parts' ``softmax . V`` (first
+   segment); the last segment writes the output in the query's dtype (a float32 accumulator in between).
 
 Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)*e`` for the factors
 plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
@@ -107,14 +99,6 @@ _POISON_BUFFERS = False
 # Tests set this to a dict (BLOCK_T, BLOCK_R, num_warps, num_stages) to run kernel 1 with one of the
 # autotuner's configs where it does not autotune (the interpreter, KVCOMPRESS_XKV_AUTOTUNE=0).
 _SCORES_FIXED: dict | None = None
-# Kernel 2 splits a segment's tokens over at most this many programs per r_v chunk; kernel 3 merges the
-# splits while it loads the latent, reading G * r_v * splits floats per program, so more splits make
-# kernel 2 wider and kernel 3 longer.
-_PV_MAX_SPLITS = 16
-# Kernel 3's output columns per program (value dims above it are split over the grid).
-_OUT_BLOCK_DV = 32
-# Kernel 1 writes softmax statistics per slot of this many tokens; every BLOCK_T it may use is a multiple.
-_STAT_T = 32
 
 __all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
@@ -376,18 +360,17 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_scores_kernel(
-        Q, UK, BK, COS, SIN, VALID, S, STATS,
-        T, R, G, col0, valid_off, slot0, n_slots, s_off, x_off,
+        Q, UK, BK, COS, SIN, VALID, S,
+        T, R, G, col0, valid_off,
         stride_qb, stride_qh, stride_qd,
         stride_ub, stride_ut, stride_ur,
         stride_bb, stride_br, stride_bc,
         stride_ct, stride_cd,
         stride_vb, stride_vt,
         stride_sb, stride_sh, stride_st,
-        stride_xp, stride_xb, stride_xh, stride_xn,
         scale,
         HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-        STAT_T: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
     ):
         h = tl.program_id(0)
         tile = tl.program_id(1)
@@ -432,55 +415,85 @@ if _HAVE_TRITON:
         if HAS_VALID:
             keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_t) * stride_vt, mask=t_ok, other=0) != 0)
         scores = tl.where(keep[None, :], scores, float("-inf"))
-        tl.store(S + s_off + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
+        tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
                  mask=g_ok[:, None] & t_ok[None, :])
-        # The tile's softmax statistics, so that kernel 2 combines T / STAT_T of them per row instead of
-        # re-reading the row's T scores. Slots are STAT_T tokens wide whatever BLOCK_T the autotuner picks:
-        # the tile's first slot holds its (max, sum relative to it), the others the empty (-inf, 0).
-        m = tl.max(scores, axis=1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l = tl.sum(tl.exp(scores - m_safe[:, None]), axis=1)  # an all-masked tile: m = -inf, l = 0
-        x_row = STATS + x_off + b * stride_xb + heads * stride_xh
-        if BLOCK_T == STAT_T:
-            x_ptr = x_row + (slot0 + tile) * stride_xn
-            tl.store(x_ptr, m, mask=g_ok)
-            tl.store(x_ptr + stride_xp, l, mask=g_ok)
-        else:
-            offs_k = tl.arange(0, BLOCK_T // STAT_T)
-            slot = tile * (BLOCK_T // STAT_T) + offs_k
-            first = (offs_k == 0)[None, :]
-            x_ptr = x_row[:, None] + (slot0 + slot)[None, :] * stride_xn
-            x_ok = g_ok[:, None] & (slot < n_slots)[None, :]
-            tl.store(x_ptr, tl.where(first, m[:, None], float("-inf")), mask=x_ok)
-            tl.store(x_ptr + stride_xp, tl.where(first, l[:, None], 0.0), mask=x_ok)
 
     @triton.jit
-    def _merge_stats(m, l, tm, tl_, AXIS: tl.constexpr):
-        """Softmax statistics ``(m, l)`` (max, sum relative to it) merged with a block of others ``(tm, tl_)``
-        along ``AXIS``; empty ones are ``(-inf, 0)``, and a row still all empty stays ``(-inf, 0)``, not NaN."""
-        m_new = tl.maximum(m, tl.max(tm, axis=AXIS))
+    def _online_update(m, l, s):
+        """Online log-sum-exp statistics (max ``m``, sum ``l`` relative to it) of a row updated by the
+        block ``s``; a row that is still all ``-inf`` keeps ``m = -inf``, ``l = 0`` instead of NaN."""
+        m_new = tl.maximum(m, tl.max(s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if AXIS == 0:
-            l = l * tl.exp(m - m_safe) + tl.sum(tl_ * tl.exp(tm - m_safe), axis=0)
-        else:
-            l = l * tl.exp(m - m_safe) + tl.sum(tl_ * tl.exp(tm - m_safe[:, None]), axis=1)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe), axis=0)
         return m_new, l
 
     @triton.jit
-    def _xkv_latent_pv_kernel(
-        S, STATS, UV, OUT,
-        T, RV, HQ, tiles_per_split, col0, slot0, s_off, x_off, o_off,
+    def _exact_scores(q, m, l, K, N, VALID, S_ROW, b, h, col0, valid_off,
+                      stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vt, stride_st, scale,
+                      D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr):
+        """Scores of one exact part's ``N`` tokens (keys ``K[b, h]``) into columns ``col0..`` of one row of
+        ``S`` (float32 products, as the reference)."""
+        offs_d = tl.arange(0, D)
+        for e0 in range(0, N, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            e_ok = offs_e < N
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_e[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                        mask=e_ok[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1) * scale
+            keep = e_ok
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_e) * stride_vt, mask=e_ok, other=0) != 0)
+            s = tl.where(keep, s, float("-inf"))
+            tl.store(S_ROW + (col0 + offs_e) * stride_st, s, mask=e_ok)
+            m, l = _online_update(m, l, s)
+        return m, l
+
+    @triton.jit
+    def _xkv_exact_lse_kernel(
+        Q, K1, K2, VALID, S, SHIFT,
+        N1, N2, T_ALL, G, valid_off1, valid_off2,
+        stride_qb, stride_qh, stride_qd,
+        stride_k1b, stride_k1h, stride_k1t, stride_k1d,
+        stride_k2b, stride_k2h, stride_k2t, stride_k2d,
+        stride_vb, stride_vt,
         stride_sb, stride_sh, stride_st,
-        stride_xp, stride_xb, stride_xh, stride_xn,
+        stride_mb, stride_mh,
+        scale,
+        D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr,
+    ):
+        """Grid ``(Hq, B)``: one query head's scores of the exact parts (columns ``[0, N1 + N2)`` of ``S``),
+        then its softmax shift: the log-sum-exp over every column (0 for an all-masked row)."""
+        j = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        h = j // G
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * stride_qb + j * stride_qh + offs_d * stride_qd).to(tl.float32)
+        s_row = S + b * stride_sb + j * stride_sh
+        m = tl.max(tl.full([BLOCK_E], float("-inf"), dtype=tl.float32), axis=0)
+        l = tl.sum(tl.zeros([BLOCK_E], dtype=tl.float32), axis=0)
+        m, l = _exact_scores(q, m, l, K1, N1, VALID, s_row, b, h, 0, valid_off1,
+                             stride_k1b, stride_k1h, stride_k1t, stride_k1d, stride_vb, stride_vt, stride_st, scale,
+                             D, BLOCK_E, HAS_VALID)
+        m, l = _exact_scores(q, m, l, K2, N2, VALID, s_row, b, h, N1, valid_off2,
+                             stride_k2b, stride_k2h, stride_k2t, stride_k2d, stride_vb, stride_vt, stride_st, scale,
+                             D, BLOCK_E, HAS_VALID)
+        for c0 in range(N1 + N2, T_ALL, BLOCK_S):  # the factored segments' columns (kernel 1 wrote them)
+            offs_c = c0 + tl.arange(0, BLOCK_S)
+            s = tl.load(s_row + offs_c * stride_st, mask=offs_c < T_ALL, other=float("-inf"))
+            m, l = _online_update(m, l, s)
+        shift = tl.where(l > 0, m + tl.log(l), 0.0)
+        tl.store(SHIFT + b * stride_mb + j * stride_mh, shift)
+
+    @triton.jit
+    def _xkv_latent_pv_kernel(
+        S, M, UV, OUT,
+        T, RV, HQ, tiles_per_split, col0,
+        stride_sb, stride_sh, stride_st,
+        stride_mb, stride_mh,
         stride_ub, stride_ut, stride_ur,
         stride_ob, stride_os, stride_oh, stride_or,
-        BLOCK_HQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SL: tl.constexpr,
-        STAT_T: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_HQ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """Grid ``(r_v chunks, splits, B)``: one split of a segment's tokens, all query heads. The split's own
-        softmax max ``m`` (from kernel 1's slot statistics, so one pass over the scores) shifts the
-        exponentials; the partial ``sum_t exp(s_t - m) U_v[t]`` goes to columns ``[0, RV)`` of ``OUT``, and
-        ``(m, l)`` (``l`` the split's sum relative to ``m``) to columns ``RV, RV + 1`` (r chunk 0 only)."""
         rc = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -488,164 +501,88 @@ if _HAVE_TRITON:
         h_ok = offs_h < HQ
         offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < RV
-        t_begin = split * tiles_per_split * BLOCK_T
-        t_end = tl.minimum(t_begin + tiles_per_split * BLOCK_T, T)
-        x_row = STATS + x_off + b * stride_xb + offs_h[:, None] * stride_xh
-        m = tl.max(tl.full([BLOCK_HQ, BLOCK_SL], float("-inf"), dtype=tl.float32), axis=1)
-        l = tl.sum(tl.zeros([BLOCK_HQ, BLOCK_SL], dtype=tl.float32), axis=1)
-        for c0 in range(t_begin // STAT_T, tl.cdiv(t_end, STAT_T), BLOCK_SL):  # BLOCK_T is a multiple of STAT_T
-            offs_c = c0 + tl.arange(0, BLOCK_SL)
-            c_ok = h_ok[:, None] & (offs_c * STAT_T < t_end)[None, :]
-            x_ptr = x_row + (slot0 + offs_c)[None, :] * stride_xn
-            tm = tl.load(x_ptr, mask=c_ok, other=float("-inf"))
-            tl_ = tl.load(x_ptr + stride_xp, mask=c_ok, other=0.0)
-            m, l = _merge_stats(m, l, tm, tl_, 1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        m = tl.load(M + b * stride_mb + offs_h * stride_mh, mask=h_ok, other=0.0)
         acc = tl.zeros([BLOCK_HQ, BLOCK_R], dtype=tl.float32)
+        t_begin = split * tiles_per_split * BLOCK_T
         for i in range(0, tiles_per_split):
             offs_t = t_begin + i * BLOCK_T + tl.arange(0, BLOCK_T)
             t_ok = offs_t < T
-            s = tl.load(S + s_off + b * stride_sb + offs_h[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
+            s = tl.load(S + b * stride_sb + offs_h[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
                         mask=h_ok[:, None] & t_ok[None, :], other=float("-inf"))
-            p = tl.exp(s - m_safe[:, None])  # <= 1; masked entries: 0
+            p = tl.exp(s - m[:, None])  # m = the row's lse over all parts: normalised; masked entries: 0
             u = tl.load(UV + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
                         mask=t_ok[:, None] & r_ok[None, :], other=0.0)
             acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
-        o_row = OUT + o_off + b * stride_ob + split * stride_os + offs_h * stride_oh
-        tl.store(o_row[:, None] + offs_r[None, :] * stride_or, acc, mask=h_ok[:, None] & r_ok[None, :])
-        if rc == 0:
-            tl.store(o_row + RV * stride_or, m, mask=h_ok)
-            tl.store(o_row + (RV + 1) * stride_or, l, mask=h_ok)
+        tl.store(OUT + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_r[None, :] * stride_or,
+                 acc, mask=h_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _exact_attend(m, l, acc, q, K, V, N, VALID, b, h, g_ok, offs_dv, valid_off, scale,
-                      stride_kb, stride_kh, stride_kt, stride_kd, stride_wb, stride_wh, stride_wt, stride_wd,
-                      stride_vb, stride_vt,
-                      D: tl.constexpr, BLOCK_E: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr):
-        """One exact part (keys ``K[b, h]``, values ``V[b, h]``, ``N`` tokens) into the online softmax
-        ``(m, l, acc)`` of the ``G`` query heads ``q`` (float32 scores, as the reference)."""
-        offs_d = tl.arange(0, D)
+    def _exact_pv(acc, V, N, S, SHIFT_ROW, b, h, heads, g_ok, col0,
+                  stride_vb, stride_vh, stride_vt, stride_vd, stride_sb, stride_sh, stride_st,
+                  DV: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+        offs_dv = tl.arange(0, DV)
         for e0 in range(0, N, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             e_ok = offs_e < N
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_e[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+            s = tl.load(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_e)[None, :] * stride_st,
+                        mask=g_ok[:, None] & e_ok[None, :], other=float("-inf"))
+            p = tl.exp(s - SHIFT_ROW[:, None])
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_e[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
                         mask=e_ok[:, None], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            keep = e_ok
-            if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_e) * stride_vt, mask=e_ok, other=0) != 0)
-            s = tl.where(g_ok[:, None] & keep[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)  # 0 while the row was empty (acc, l are 0 then)
-            p = tl.exp(s - m_safe[:, None])
-            v = tl.load(V + b * stride_wb + h * stride_wh + offs_e[:, None] * stride_wt + offs_dv[None, :] * stride_wd,
-                        mask=e_ok[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
-        return m, l, acc
+            acc += tl.dot(p, v, input_precision=PRECISION)
+        return acc
 
     @triton.jit
     def _xkv_output_kernel(
-        Q, K1, V1, K2, V2, VALID, PART, BV, STATE, OUT,
-        RV, G, N1, N2, SPLITS, valid_off1, valid_off2, p_off, a_off,
-        stride_qb, stride_qh, stride_qd,
-        stride_k1b, stride_k1h, stride_k1t, stride_k1d,
-        stride_v1b, stride_v1h, stride_v1t, stride_v1d,
-        stride_k2b, stride_k2h, stride_k2t, stride_k2d,
-        stride_v2b, stride_v2h, stride_v2t, stride_v2d,
-        stride_vb, stride_vt,
-        stride_pb, stride_ps, stride_ph, stride_pr,
+        LATENT, BV, S, SHIFT, V1, V2, ACC, OUT,
+        RV, G, N1, N2,
+        stride_pb, stride_ph, stride_pr,
         stride_bb, stride_br, stride_bc,
+        stride_sb, stride_sh, stride_st,
+        stride_mb, stride_mh,
+        stride_v1b, stride_v1h, stride_v1t, stride_v1d,
+        stride_v2b, stride_v2h, stride_v2t, stride_v2d,
         stride_ab, stride_ah, stride_ad,
         stride_ob, stride_oh, stride_od,
-        scale,
-        D: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_SP: tl.constexpr, BLOCK_E: tl.constexpr,
-        HAS_SEG: tl.constexpr, HAS_EXACT: tl.constexpr, HAS_VALID: tl.constexpr, ACC_IN: tl.constexpr,
-        ACC_OUT: tl.constexpr, PRECISION: tl.constexpr,
+        DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_SEG: tl.constexpr, HAS_EXACT: tl.constexpr, ACC_IN: tl.constexpr, ACC_OUT: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
-        """Grid ``(H, DV / BLOCK_DV, B)``: the ``G`` query heads of KV head ``h``, ``BLOCK_DV`` output columns.
-        An online softmax ``(m, l, acc)`` (``acc`` unnormalised, relative to ``m``) takes the exact parts
-        (first launch), then one segment per launch: its split-K partials merged by their ``(m, l)`` in
-        split order (deterministic) into the latent, projected by ``B_v[:, h]``. Between launches the state
-        waits in ``STATE`` (float32: ``acc`` in columns ``[0, DV)``, this chunk's ``m, l`` after them); the
-        last launch writes ``acc / l`` (0 for a row with no valid token) in the output's dtype."""
+        """Grid ``(H, B)``: for the ``G`` query heads of KV head ``h``, project a segment's latent
+        ``softmax . U_v`` by ``B_v[:, h]``; add the exact parts' ``softmax . V`` (once);
+        add / write the float32 accumulator (several segments) or write the output in its dtype."""
         h = tl.program_id(0)
-        chunk = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
         offs_g = tl.arange(0, BLOCK_G)
         g_ok = offs_g < G
         heads = h * G + offs_g
-        offs_dv = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
-        a_row = STATE + a_off + b * stride_ab + heads * stride_ah
-        ml_ptr = a_row + (DV + 2 * chunk) * stride_ad
-        if ACC_IN:
-            acc = tl.load(a_row[:, None] + offs_dv[None, :] * stride_ad, mask=g_ok[:, None], other=0.0)
-            m = tl.load(ml_ptr, mask=g_ok, other=float("-inf"))
-            l = tl.load(ml_ptr + stride_ad, mask=g_ok, other=0.0)
-        else:
-            acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
-            m = tl.max(tl.full([BLOCK_G, BLOCK_DV], float("-inf"), dtype=tl.float32), axis=1)
-            l = tl.sum(tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32), axis=1)
-        if HAS_EXACT:
-            offs_d = tl.arange(0, D)
-            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                        mask=g_ok[:, None], other=0.0).to(tl.float32)
-            m, l, acc = _exact_attend(m, l, acc, q, K1, V1, N1, VALID, b, h, g_ok, offs_dv, valid_off1, scale,
-                                      stride_k1b, stride_k1h, stride_k1t, stride_k1d,
-                                      stride_v1b, stride_v1h, stride_v1t, stride_v1d, stride_vb, stride_vt,
-                                      D, BLOCK_E, HAS_VALID, PRECISION)
-            m, l, acc = _exact_attend(m, l, acc, q, K2, V2, N2, VALID, b, h, g_ok, offs_dv, valid_off2, scale,
-                                      stride_k2b, stride_k2h, stride_k2t, stride_k2d,
-                                      stride_v2b, stride_v2h, stride_v2t, stride_v2d, stride_vb, stride_vt,
-                                      D, BLOCK_E, HAS_VALID, PRECISION)
+        offs_dv = tl.arange(0, DV)
+        acc = tl.zeros([BLOCK_G, DV], dtype=tl.float32)
         if HAS_SEG:
-            offs_sp = tl.arange(0, BLOCK_SP)
-            p_base = PART + p_off + b * stride_pb + heads[None, :] * stride_ph
-            # the segment's max and sum over its splits' (m, l)
-            m_seg = tl.max(tl.full([BLOCK_SP, BLOCK_G], float("-inf"), dtype=tl.float32), axis=0)
-            l_seg = tl.sum(tl.zeros([BLOCK_SP, BLOCK_G], dtype=tl.float32), axis=0)
-            for s0 in range(0, SPLITS, BLOCK_SP):
-                sp = s0 + offs_sp
-                sp_ok = (sp < SPLITS)[:, None] & g_ok[None, :]
-                ml = p_base + sp[:, None] * stride_ps + RV * stride_pr
-                m_seg, l_seg = _merge_stats(m_seg, l_seg, tl.load(ml, mask=sp_ok, other=float("-inf")),
-                                            tl.load(ml + stride_pr, mask=sp_ok, other=0.0), 0)
-            m_seg_safe = tl.where(m_seg == float("-inf"), 0.0, m_seg)
-            seg = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
             for r0 in range(0, RV, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < RV
-                # BLOCK_SP splits per load: independent loads in flight instead of one serial chain
-                latent = tl.zeros([BLOCK_G, BLOCK_R], dtype=tl.float32)
-                for s0 in range(0, SPLITS, BLOCK_SP):
-                    sp = s0 + offs_sp
-                    sp_ok = (sp < SPLITS)[:, None] & g_ok[None, :]
-                    ms = tl.load(p_base + sp[:, None] * stride_ps + RV * stride_pr, mask=sp_ok,
-                                 other=float("-inf"))
-                    w = tl.exp(ms - m_seg_safe[None, :])  # an empty split (or padding): 0
-                    part = tl.load(p_base[:, :, None] + sp[:, None, None] * stride_ps + offs_r[None, None, :] * stride_pr,
-                                   mask=sp_ok[:, :, None] & r_ok[None, None, :], other=0.0)
-                    latent += tl.sum(part * w[:, :, None], axis=0)
+                latent = tl.load(LATENT + b * stride_pb + heads[:, None] * stride_ph + offs_r[None, :] * stride_pr,
+                                 mask=g_ok[:, None] & r_ok[None, :], other=0.0)
                 bv = tl.load(BV + b * stride_bb + offs_r[:, None] * stride_br + (h * DV + offs_dv)[None, :] * stride_bc,
                              mask=r_ok[:, None], other=0.0).to(tl.float32)
-                seg += tl.dot(latent, bv, input_precision=PRECISION)
-            m_new = tl.maximum(m, m_seg)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha, beta = tl.exp(m - m_safe), tl.exp(m_seg - m_safe)
-            acc = acc * alpha[:, None] + seg * beta[:, None]
-            l = l * alpha + l_seg * beta
-            m = m_new
+                acc += tl.dot(latent, bv, input_precision=PRECISION)
+        if HAS_EXACT:
+            shift = tl.load(SHIFT + b * stride_mb + heads * stride_mh, mask=g_ok, other=0.0)
+            acc = _exact_pv(acc, V1, N1, S, shift, b, h, heads, g_ok, 0,
+                            stride_v1b, stride_v1h, stride_v1t, stride_v1d, stride_sb, stride_sh, stride_st,
+                            DV, BLOCK_E, PRECISION)
+            acc = _exact_pv(acc, V2, N2, S, shift, b, h, heads, g_ok, N1,
+                            stride_v2b, stride_v2h, stride_v2t, stride_v2d, stride_sb, stride_sh, stride_st,
+                            DV, BLOCK_E, PRECISION)
+        a_ptr = ACC + b * stride_ab + heads[:, None] * stride_ah + offs_dv[None, :] * stride_ad
+        if ACC_IN:
+            acc += tl.load(a_ptr, mask=g_ok[:, None], other=0.0)
         if ACC_OUT:
-            tl.store(a_row[:, None] + offs_dv[None, :] * stride_ad, acc, mask=g_ok[:, None])
-            tl.store(ml_ptr, m, mask=g_ok)
-            tl.store(ml_ptr + stride_ad, l, mask=g_ok)
+            tl.store(a_ptr, acc, mask=g_ok[:, None])
         else:
-            out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
             o_ptr = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od
-            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(o_ptr, acc.to(OUT.dtype.element_ty), mask=g_ok[:, None])
 
     # Kernel 1 does almost all the flops (the key rebuild); its best tile depends on the GPU, so on CUDA it
     # is autotuned once per (rank, group, head dim, RoPE, dtype). Configs that do not fit are skipped by
@@ -659,8 +596,6 @@ if _HAVE_TRITON:
                               (128, 64, 8, 2), (128, 128, 8, 2), (256, 32, 8, 2), (256, 32, 8, 3),
                               (256, 64, 8, 2), (256, 64, 8, 3))
     ]
-    assert all(c.kwargs["BLOCK_T"] % _STAT_T == 0 for c in _SCORES_CONFIGS)
-    _MAX_SCORES_BLOCK_T = max(c.kwargs["BLOCK_T"] for c in _SCORES_CONFIGS)
     _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE"])(
         _xkv_scores_kernel)
 
@@ -687,25 +622,25 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
                   kv_heads: int, value_dim: int, total: int) -> torch.Tensor:
-    """All parts of one layer in ``3 * segments`` launches (1 without segments: the output kernel alone)
-    and 2 torch ops, both allocations: the output and one float32 scratch buffer that holds the scores,
-    the statistics, the partials and the state between output launches (1 op without segments). No per-part ``(o, lse)`` merge in torch and no concatenation
-    of sinks and tail: the output kernel's online softmax merges the exact parts and the segments' splits.
+    """All parts of one layer in ``3 * segments + 1`` launches and at most ``2 * segments + 3`` torch ops
+    (allocations, the split-K sums; one more float32 accumulator with several segments). Every part's scores
+    go to one float32 buffer ``S [B, Hq, T]`` (exact parts first, then the segments) whose log-sum-exp is
+    taken once over all parts, so each part's ``softmax`` is already globally normalised and the parts just
+    add up (no per-part ``(o, lse)`` merge, no concatenation of sinks and tail).
 
-    1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns of ``S``, and
-       each tile's softmax statistics (max, sum) into 32-token slots of a small float32 buffer;
-    2. per segment, :func:`_xkv_latent_pv_kernel`: per split of whole kernel-1 tiles, ``(m, l)`` from the
-       statistics and the partial ``exp(s - m) . U_v``;
-    3. per segment, :func:`_xkv_output_kernel`, grid ``(H, dv / BLOCK_DV, B)``: the exact parts (first
-       launch) and the segment's splits merged by their maxima, the latent projected by ``B_v`` (in
-       registers, no float copy of ``B_v``), written normalised in the query's dtype by the last launch.
+    1. per segment, :func:`_xkv_scores_kernel`: rebuilt keys scored into the segment's columns;
+    2. :func:`_xkv_exact_lse_kernel`: the exact parts' scores, then the row's shift (lse, 0 if all masked);
+    3. per segment, :func:`_xkv_latent_pv_kernel`: split-K partials of ``softmax . U_v``, then their sum;
+    4. per segment, :func:`_xkv_output_kernel`: the latent projected by ``B_v`` (in registers, no
+       float copy of ``B_v``), plus the exact parts' ``softmax . V`` on the first segment, written as
+       the output in the query's dtype by the last one (a float32 accumulator between segments).
     """
     batch, q_heads, _, head_dim = query.shape
     groups = q_heads // kv_heads
     wide = query.dtype == torch.float32
     precision = "ieee" if wide else "tf32"  # bf16 scores are then as precise as bf16 keys, or better
     device = query.device
-    # token offsets (for ``valid``) of every part
+    # token offsets (for ``valid``) of every part; exact parts take the first columns of S
     exact, segments, offset = [], [], 0
     for part in parts:
         if part.length:
@@ -719,136 +654,133 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             valid = torch.cat([valid[:, o:o + p.length] for p, o in order], dim=-1)
         return _fused_triton(query, [exact[0][0], joined, *[p for p, _ in segments]], scaling, valid, kv_heads,
                              value_dim, total)
+    n_exact = sum(p.length for p, _ in exact)
+    scores = torch.empty(batch, q_heads, total, device=device, dtype=torch.float32)
+    shift = torch.empty(batch, q_heads, device=device, dtype=torch.float32)
+    out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
+    if _POISON_BUFFERS:
+        scores.fill_(float("nan"))
+        shift.fill_(float("nan"))
+        out.fill_(float("nan"))
     has_valid = valid is not None
-    valid_arg = valid if has_valid else query  # never read without HAS_VALID
+    valid_arg = valid if has_valid else scores  # never read without HAS_VALID
     stride_vb, stride_vt = (valid.stride(0), valid.stride(1)) if has_valid else (0, 0)
     sq = query.stride()
     block_g = _pow2(groups)
+    # 1. factored keys' scores
     if _autotune():
         kernel, tuning = _xkv_scores_kernel_tuned, {}
     else:
         kernel = _xkv_scores_kernel
         tuning = _SCORES_FIXED or dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64,
                                        num_warps=4 if wide else 8)
-    # The plan: kernel 2's splits per segment. A split's (max, sum) comes from kernel 1's statistics, which
-    # are per token tile of kernel 1 (in the tile's first slot): splits must hold whole tiles of it, of any
-    # size the autotuner may pick.
-    block_r, block_tv = 64 if wide else 128, 32 if wide else 64
-    step = max(1, (_MAX_SCORES_BLOCK_T if not tuning else tuning["BLOCK_T"]) // block_tv)
-    plans = []
-    for part, _ in segments:
-        tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
-        r_chunks = triton.cdiv(rank_v, block_r)
-        tiles = triton.cdiv(tokens, block_tv)
-        splits = max(1, min(tiles, _PV_MAX_SPLITS, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
-        tiles_per_split = triton.cdiv(triton.cdiv(tiles, splits), step) * step
-        # a partials row: the r_v sums, then (max, sum); rows padded to 16 floats (64-byte aligned)
-        plans.append((r_chunks, triton.cdiv(tiles, tiles_per_split), tiles_per_split,
-                      triton.cdiv(rank_v + 2, 16) * 16))
-    # DV chunks multiply kernel 3's programs (batch 1: H programs would leave most SMs idle); each chunk
-    # re-reads its heads' partials and exact keys, so the chunks stay at least _OUT_BLOCK_DV columns wide
-    block_dv = min(value_dim, _OUT_BLOCK_DV)
-    chunks = value_dim // block_dv
-    # All float32 scratch in one allocation, regions 128-byte aligned: S [B, Hq, segment tokens], the
-    # statistics [2, B, Hq, slots] (max, sum), per segment the partials [B, splits, Hq, row], and with
-    # several segments kernel 3's state between launches [B, Hq, dv + 2 * chunks] (acc, then (max, sum)
-    # per chunk).
-    seg_tokens = sum(p.length for p, _ in segments)
-    slots = [triton.cdiv(p.length, _STAT_T) for p, _ in segments]
-    width = value_dim + 2 * chunks
-    sizes = [batch * q_heads * seg_tokens, 2 * batch * q_heads * sum(slots),
-             *[batch * splits * q_heads * row for _, splits, _, row in plans],
-             batch * q_heads * width if len(segments) > 1 else 0]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + triton.cdiv(size, 32) * 32)
-    s_off, x_off, *p_offs, a_off, _ = offsets
-    out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
-    scratch = out  # placeholder (never read): exact parts alone need no scratch
-    if segments:
-        scratch = torch.empty(offsets[-1], device=device, dtype=torch.float32)
-    if _POISON_BUFFERS:
-        out.fill_(float("nan"))
-        scratch.fill_(float("nan"))
-    s_strides = (q_heads * seg_tokens, seg_tokens, 1)
-    x_strides = (batch * q_heads * sum(slots), q_heads * sum(slots), sum(slots), 1)
-    # 1. factored keys' scores and tile statistics
-    col, slot0 = 0, 0
+    col = n_exact
     columns = []
-    for (part, token0), seg_slots in zip(segments, slots):
+    for part, token0 in segments:
         tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
         has_rope = part.cos is not None
-        cos = part.cos if has_rope else scratch  # any tensor: never read when HAS_ROPE is False
-        sin = part.sin if has_rope else scratch
+        cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
+        sin = part.sin if has_rope else scores
         kf, kr = part.key_factor, part.key_right
         _launch(
             kernel, lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch),
-            query, kf, kr, cos, sin, valid_arg, scratch, scratch,
-            tokens, rank_k, groups, col, token0, slot0, seg_slots, s_off, x_off,
+            query, kf, kr, cos, sin, valid_arg, scores,
+            tokens, rank_k, groups, col, token0,
             sq[0], sq[1], sq[3],
             kf.stride(0), kf.stride(1), kf.stride(2),
             kr.stride(0), kr.stride(1), kr.stride(2),
             cos.stride(0), cos.stride(1) if has_rope else 0,
             stride_vb, stride_vt,
-            *s_strides, *x_strides,
+            scores.stride(0), scores.stride(1), scores.stride(2),
             float(scaling),
-            HALF=head_dim // 2, BLOCK_G=block_g, STAT_T=_STAT_T,
+            HALF=head_dim // 2, BLOCK_G=block_g,
             HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, **tuning,
         )
-        columns.append((col, slot0))
+        columns.append(col)
         col += tokens
-        slot0 += seg_slots
-    # 2. per segment, split-K partials of exp(s - split max) . U_v with each split's (max, sum)
-    p_strides = []
-    for (part, _), (col0, seg_slot0), (r_chunks, splits, tiles_per_split, row), p_off in zip(
-            segments, columns, plans, p_offs):
+    # 2. exact scores and the shift over all columns
+    (e1, off1), (e2, off2) = (exact + [(None, 0), (None, 0)])[:2]
+    k1 = e1.keys if e1 is not None else query
+    k2 = e2.keys if e2 is not None else query
+    n1 = e1.length if e1 is not None else 0
+    n2 = e2.length if e2 is not None else 0
+    s1, s2 = k1.stride(), k2.stride()
+    _launch(
+        _xkv_exact_lse_kernel, (q_heads, batch),
+        query, k1, k2, valid_arg, scores, shift,
+        n1, n2, total, groups, off1, off2,
+        sq[0], sq[1], sq[3],
+        s1[0], s1[1], s1[2], s1[3],
+        s2[0], s2[1], s2[2], s2[3],
+        stride_vb, stride_vt,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        shift.stride(0), shift.stride(1),
+        float(scaling),
+        D=head_dim, BLOCK_E=32, BLOCK_S=2048 if device.type == "cuda" else 64, HAS_VALID=has_valid,
+        num_warps=8 if device.type == "cuda" else 4,
+    )
+    # 3. split-K partials of softmax . U_v, one buffer per segment
+    block_r, block_tv = 64 if wide else 128, 32 if wide else 64
+    partials = []
+    for (part, _), col0 in zip(segments, columns):
         tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
-        p_strides.append((splits * q_heads * row, q_heads * row, row, 1))
+        r_chunks = triton.cdiv(rank_v, block_r)
+        tiles = triton.cdiv(tokens, block_tv)
+        splits = max(1, min(tiles, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
+        tiles_per_split = triton.cdiv(tiles, splits)
+        splits = triton.cdiv(tiles, tiles_per_split)
+        partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
+        if _POISON_BUFFERS:
+            partial.fill_(float("nan"))
         vf = part.value_factor
         _launch(
             _xkv_latent_pv_kernel, (r_chunks, splits, batch),
-            scratch, scratch, vf, scratch,
-            tokens, rank_v, q_heads, tiles_per_split, col0, seg_slot0, s_off, x_off, p_off,
-            *s_strides, *x_strides,
+            scores, shift, vf, partial,
+            tokens, rank_v, q_heads, tiles_per_split, col0,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            shift.stride(0), shift.stride(1),
             vf.stride(0), vf.stride(1), vf.stride(2),
-            *p_strides[-1],
-            BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r,
-            # 32 slots a step: 128 made ptxas spill (sm_90, bf16); the interpreter's 2 make the tests' splits
-            # take several steps
-            BLOCK_SL=min(32, _pow2(tiles_per_split * block_tv // _STAT_T)) if device.type == "cuda" else 2,
-            STAT_T=_STAT_T, PRECISION=precision, num_warps=4,
+            partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+            BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
+            num_warps=4,
         )
-    # 3. per segment (the exact parts with the first): merge, project, write
-    (e1, off1), (e2, off2) = (exact + [(None, 0), (None, 0)])[:2]
-    k1, v1 = (e1.keys, e1.values) if e1 is not None else (query, query)
-    k2, v2 = (e2.keys, e2.values) if e2 is not None else (query, query)
-    n1 = e1.length if e1 is not None else 0
-    n2 = e2.length if e2 is not None else 0
-    steps = list(zip(segments, plans, p_offs, p_strides)) or [(None, None, 0, (0, 0, 0, 0))]
-    for i, (seg, plan, p_off, sp) in enumerate(steps):
+        # The split-K sum as one reduction (deterministic); summing in the output kernel would be a serial
+        # loop over up to ~2 * SMs splits at batch 1.
+        if splits > 1:
+            latent = partial.sum(dim=1)
+            partials.append((latent, latent.stride(), rank_v))
+        else:  # one split: the partial is the latent, no reduction
+            partials.append((partial, (partial.stride(0), partial.stride(2), partial.stride(3)), rank_v))
+    # 4. project, add the exact parts, write
+    v1 = e1.values if e1 is not None else query
+    v2 = e2.values if e2 is not None else query
+    t1, t2 = v1.stride(), v2.stride()
+    acc = out
+    if len(segments) > 1:
+        acc = torch.empty(batch, q_heads, value_dim, device=device, dtype=torch.float32)
+    steps = [(seg, p) for (seg, _), p in zip(segments, partials)] or [(None, None)]
+    for i, (seg, partial_info) in enumerate(steps):
         if seg is not None:
-            seg = seg[0]
-            rank_v, splits = seg.value_factor.shape[2], plan[1]
+            latent, sp, rank_v = partial_info
             bv, sb = seg.value_right, seg.value_right.stride()
         else:
-            rank_v, splits, bv, sb = 0, 0, scratch, (0, 0, 0)
+            latent, rank_v, bv, sp, sb = scores, 0, scores, (0, 0, 0), (0, 0, 0)
         last = i == len(steps) - 1
         _launch(
-            _xkv_output_kernel, (kv_heads, chunks, batch),
-            query, k1, v1, k2, v2, valid_arg, scratch, bv, scratch, out,
-            rank_v, groups, n1, n2, splits, off1, off2, p_off, a_off,
-            sq[0], sq[1], sq[3],
-            *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(),
-            stride_vb, stride_vt,
-            *sp,
+            _xkv_output_kernel, (kv_heads, batch),
+            latent, bv, scores, shift, v1, v2, acc, out,
+            rank_v, groups, n1, n2,
+            sp[0], sp[1], sp[2],
             sb[0], sb[1], sb[2],
-            q_heads * width, width, 1,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            shift.stride(0), shift.stride(1),
+            t1[0], t1[1], t1[2], t1[3],
+            t2[0], t2[1], t2[2], t2[3],
+            acc.stride(0), acc.stride(-2), acc.stride(-1),
             out.stride(0), out.stride(2), out.stride(3),
-            float(scaling),
-            D=head_dim, DV=value_dim, BLOCK_DV=block_dv, BLOCK_G=block_g, BLOCK_R=32 if wide else 64,
-            BLOCK_SP=2 if splits < 4 else 4, BLOCK_E=32,
-            HAS_SEG=seg is not None, HAS_EXACT=i == 0 and bool(exact), HAS_VALID=has_valid, ACC_IN=i > 0,
-            ACC_OUT=not last, PRECISION=precision, num_warps=4,
+            DV=value_dim, BLOCK_G=block_g, BLOCK_R=32 if wide else 64, BLOCK_E=32,
+            HAS_SEG=seg is not None, HAS_EXACT=i == 0 and n_exact > 0, ACC_IN=i > 0, ACC_OUT=not last,
+            PRECISION=precision, num_warps=4,
         )
     return out
 
@@ -991,10 +923,10 @@ def xkv_decode_attention(query: torch.Tensor, parts: Sequence[Part], scaling: fl
 
     Returns:
         ``[B, 1, Hq, dv]`` in the query's dtype (the layout transformers' attention functions return):
-        ``softmax_t(c q.k_t) v_t`` over all valid tokens. With the kernels, the exact sinks and tail (read
-        where they are) and the segments' split-K partials are merged by one online softmax in the output
-        kernel (:func:`_fused_triton`: ``3 * segments`` launches, no torch maths); shapes the kernels do
-        not cover, and the reference, merge per-part ``(o, lse)`` as in the module docstring.
+        ``softmax_t(c q.k_t) v_t`` over all valid tokens. With the kernels, every part (segments and the
+        exact sinks and tail, read where they are) is scored into one buffer normalised once
+        (:func:`_fused_triton`: ``3 * segments + 1`` launches, no torch maths); shapes the kernels do not
+        cover, and the reference, merge per-part ``(o, lse)`` as in the module docstring.
 
     Inside ``torch.compile`` the call goes through the custom op ``torch.ops.kvcompress.xkv_decode_attention``
     (``torch.library.custom_op``, flat arguments; the same paths inside), so a compiled caller keeps it in
