@@ -149,7 +149,7 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
     rw, cw = right.to(gram_dtype), rows.to(gram_dtype)
     # left^T left, a block of rows at a time: ``left`` is the long side (the whole compressed sequence), and a
     # float copy of it (plus the products below) was most of a long chunked prefill's peak memory
-    blocks = _row_blocks(left)
+    blocks = row_blocks(left.shape[-2], left.numel() // max(left.shape[-2], 1))
     left_gram = left.new_zeros(*left.shape[:-2], left.shape[-1], left.shape[-1], dtype=gram_dtype)
     for a, b in blocks:
         left_block = _block(left, a, b, gram_dtype)
@@ -176,16 +176,15 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
     return new_left, basis.mT.to(rows.dtype).contiguous()
 
 
-# extend_truncated_svd reads the long factor a block of rows at a time, each block's float copy about this many
-# elements (float32: 16 MiB)
-_ROW_BLOCK_ELEMENTS = 1 << 22
+# Work over a long sequence (extend_truncated_svd's factor, XKVLayer.full_states' rebuild) goes a block of rows
+# at a time, each block's temporaries about this many elements (float32: 16 MiB), at least 64 rows
+ROW_BLOCK_ELEMENTS = 1 << 22
 
 
-def _row_blocks(x: torch.Tensor) -> list[tuple[int, int]]:
-    """Row ranges of ``x`` (``[..., T, w]``) of about ``_ROW_BLOCK_ELEMENTS`` elements each (all batch dims)."""
-    rows = x.shape[-2]
-    per_row = max(1, x.numel() // max(rows, 1))
-    step = max(64, _ROW_BLOCK_ELEMENTS // per_row)
+def row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges covering ``rows`` rows, each about ``ROW_BLOCK_ELEMENTS`` elements when a row
+    (all batch dims included) holds ``row_elements``: the temporaries of long-sequence work stay a few MiB."""
+    step = max(64, ROW_BLOCK_ELEMENTS // max(1, row_elements))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 

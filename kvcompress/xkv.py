@@ -53,7 +53,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from .models import text_config
 from .ops import (SVD_METHODS, apply_rope, extend_truncated_svd, grouped_query_sdpa, rope_cos_sin, rope_inv_freq,
-                  tensor_nbytes, truncated_svd)
+                  row_blocks, tensor_nbytes, truncated_svd)
 
 Rank = int | float | None
 
@@ -61,10 +61,6 @@ Rank = int | float | None
 # one in-place write (amortised O(1)) instead of a torch.cat that copies the whole tail every step.
 _TAIL_ALIGN = 256  # capacities are multiples of this many tokens
 _TAIL_GROWTH = 1.25
-# Rebuilding a segment for the non-fused paths (prefill attention, unpatched decode) works a block of tokens
-# at a time: each temporary holds about this many elements (float32 RoPE: 16 MiB).
-_REBUILD_BLOCK_ELEMENTS = 1 << 22
-_REBUILD_MIN_BLOCK = 64
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -739,16 +735,14 @@ class XKVCache(Cache):
         """Write one layer's rebuilt segment into ``keys``/``values`` (``[B, H, T, d]`` views): keys
         ``RoPE(A_k[t] B_k)`` (rotated by slot when ``pre_rope``), values ``A_v[t] B_v``.
 
-        A block of tokens at a time, so the temporaries (the product, RoPE in float32) stay about
-        ``_REBUILD_BLOCK_ELEMENTS`` elements whatever the segment's length and the batch."""
+        A block of tokens at a time (:func:`kvcompress.ops.row_blocks`), so the temporaries (the product,
+        RoPE in float32) stay a few MiB whatever the segment's length and the batch."""
         batch, tokens = segment.key_factor.shape[:2]
         heads = self.num_kv_heads
         width = heads * max(self.head_dim, self.value_head_dim)
-        block = max(_REBUILD_MIN_BLOCK, _REBUILD_BLOCK_ELEMENTS // max(1, batch * width))
         table = (self._rope_table(segment.start, segment.length, segment.key_factor.device)
                  if self.pre_rope else None)  # the segment's own table (shared with the fused decode)
-        for a in range(0, tokens, block):
-            b = min(a + block, tokens)
+        for a, b in row_blocks(tokens, batch * width):
             k = torch.matmul(segment.key_factor[:, a:b], key_right).view(batch, b - a, heads, self.head_dim)
             if table is not None:
                 k = apply_rope(k, table[0][a:b, None, :], table[1][a:b, None, :])
@@ -893,8 +887,7 @@ def _fallback_attention(module: torch.nn.Module, implementation: str):
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def _grouped_prefill_applies(module: torch.nn.Module, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                             kwargs: dict) -> bool:
+def _grouped_prefill_applies(module: torch.nn.Module, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
     """Whether a multi-token call can take :func:`_grouped_prefill_attention` instead of the model's SDPA:
     a GQA module whose previous implementation was ``sdpa``, a 4-D mask or none (then a plain causal square),
     and none of the extras SDPA treats specially (softcap, position bias, attention sinks)."""
@@ -949,7 +942,7 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     # where older dynamo versions cannot trace module.__dict__ methods
     layer = getattr(module, _LAYER_ATTR, None)
     if layer is None or layer.deferred is None or key is not layer.deferred[0]:
-        if layer is not None and query.shape[2] > 1 and _grouped_prefill_applies(module, key, attention_mask, kwargs):
+        if layer is not None and query.shape[2] > 1 and _grouped_prefill_applies(module, attention_mask, kwargs):
             return _grouped_prefill_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return getattr(module, _FALLBACK_ATTR)(module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)

@@ -368,8 +368,8 @@ def test_extend_truncated_svd_is_the_optimum_of_the_stacked_matrix(method, split
     from kvcompress.ops import extend_truncated_svd
 
     if blocked:
-        monkeypatch.setattr(ops, "_ROW_BLOCK_ELEMENTS", 1)  # the smallest block: 64 rows
-        assert len(ops._row_blocks(torch.empty(500, 24))) == 8
+        monkeypatch.setattr(ops, "ROW_BLOCK_ELEMENTS", 1)  # the smallest block: 64 rows
+        assert ops.row_blocks(500, 24) == [(a, min(a + 64, 500)) for a in range(0, 500, 64)]
 
     g = torch.Generator().manual_seed(11)
     d, rank = 128, 24
@@ -435,8 +435,9 @@ def test_extend_truncated_svd_small_chunk_route_is_the_same_optimum(method):
 
 def test_full_states_rebuilds_block_by_block_exactly(monkeypatch):
     """full_states writes segments into one buffer a block of tokens at a time: with blocks forced small
-    (several per segment, a ragged last one) it equals the segment rebuilt in one piece, RoPE included."""
-    import kvcompress.xkv as xkv_module
+    (64 tokens: two per segment, a ragged last one) it equals the segment rebuilt in one piece, RoPE
+    included."""
+    import kvcompress.ops as ops
     from kvcompress.ops import apply_rope
 
     model = tiny_model("llama")
@@ -446,10 +447,8 @@ def test_full_states_rebuilds_block_by_block_exactly(monkeypatch):
     layer = cache.layers[0]
     (segment,) = layer.group.segments
     batch, heads = layer.keys.shape[:2]
-    width = heads * max(cache.head_dim, cache.value_head_dim)
-    monkeypatch.setattr(xkv_module, "_REBUILD_MIN_BLOCK", 1)
-    monkeypatch.setattr(xkv_module, "_REBUILD_BLOCK_ELEMENTS", batch * width * 7)  # 7 tokens a block
-    assert segment.length % 7 != 0 and segment.length > 14
+    monkeypatch.setattr(ops, "ROW_BLOCK_ELEMENTS", 1)  # the smallest block: 64 tokens
+    assert segment.length % 64 != 0 and segment.length > 64
     keys, values = layer.full_states()
     start, end = layer.sink_keys.shape[-2], layer.sink_keys.shape[-2] + segment.length
     whole = torch.matmul(segment.key_factor, layer.key_rights[0]).view(batch, segment.length, heads, -1)
