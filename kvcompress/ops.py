@@ -103,22 +103,39 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
         left = u[..., :rank] * s[..., None, :rank]
         return left.to(x.dtype).contiguous(), v[..., :rank].mT.to(x.dtype).contiguous()
     gram_dtype = torch.float32 if method == "gram32" and x.dtype != torch.float64 else torch.float64
-    xw = x.to(gram_dtype)
+    # x is read a block at a time (rows when tall, columns when wide) and converted per block: a float copy
+    # of the whole stacked group (512 MiB in float32 for 32K tokens x 4096) was the factorisation's peak
+    batch_dims = x.shape[:-2]
     if t >= d:
-        _, eigenvectors = torch.linalg.eigh(xw.mT @ xw)  # ascending eigenvalues
+        gram = x.new_zeros(*batch_dims, d, d, dtype=gram_dtype)
+        blocks = row_blocks(t, x.numel() // max(t, 1))
+        for a, b in blocks:
+            rows = x[..., a:b, :].to(gram_dtype)
+            gram += rows.mT @ rows
+        _, eigenvectors = torch.linalg.eigh(gram)  # ascending eigenvalues
         right = eigenvectors[..., -rank:].flip(-1).mT  # [..., r, D], leading directions first
-        left = xw @ right.mT
-        return left.to(x.dtype).contiguous(), right.to(x.dtype).contiguous()
+        left = x.new_empty(*batch_dims, t, rank)
+        for a, b in blocks:
+            left[..., a:b, :] = x[..., a:b, :].to(gram_dtype) @ right.mT
+        return left, right.to(x.dtype).contiguous()
     # Wide (fewer tokens than the group width, e.g. a 4K prompt over 4 layers x 8 heads x 128): the Gram
     # matrix of the token side, x x^T = U S^2 U^T, is the small one. left = U_r S_r and right = U_r^T x / S_r
     # (= V_r^T); the product U_r U_r^T x is the optimal projection whatever S_r is, the clamp only keeps a
     # zero singular value (rank-deficient input) from turning its row of ``right`` into inf/NaN.
-    eigenvalues, eigenvectors = torch.linalg.eigh(xw @ xw.mT)
+    gram = x.new_zeros(*batch_dims, t, t, dtype=gram_dtype)
+    blocks = row_blocks(d, x.numel() // max(d, 1))  # column ranges
+    for a, b in blocks:
+        columns = x[..., a:b].to(gram_dtype)
+        gram += columns @ columns.mT
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     u = eigenvectors[..., -rank:].flip(-1)  # [..., T, r]
     sigma = eigenvalues[..., -rank:].flip(-1).clamp_min(0).sqrt()  # [..., r]
-    right = (u.mT @ xw) / sigma.clamp_min(torch.finfo(gram_dtype).tiny)[..., :, None]
+    inverse_sigma = 1.0 / sigma.clamp_min(torch.finfo(gram_dtype).tiny)[..., :, None]
+    right = x.new_empty(*batch_dims, rank, d)
+    for a, b in blocks:
+        right[..., a:b] = (u.mT @ x[..., a:b].to(gram_dtype)) * inverse_sigma
     left = u * sigma[..., None, :]
-    return left.to(x.dtype).contiguous(), right.to(x.dtype).contiguous()
+    return left.to(x.dtype).contiguous(), right
 
 
 def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Tensor, rank: int,
@@ -176,8 +193,8 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
     return new_left, basis.mT.to(rows.dtype).contiguous()
 
 
-# Work over a long sequence (extend_truncated_svd's factor, XKVLayer.full_states' rebuild) goes a block of rows
-# at a time, each block's temporaries about this many elements (float32: 16 MiB), at least 64 rows
+# Work over a long sequence (the factorisations' inputs, XKVLayer.full_states' rebuild) goes a block of rows (or
+# columns) at a time, each block's temporaries about this many elements (float32: 16 MiB), at least 64 rows
 ROW_BLOCK_ELEMENTS = 1 << 22
 
 

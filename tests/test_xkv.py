@@ -308,13 +308,20 @@ def test_smollm2_needle_2k_same_answer_as_stock(smollm2):
 
 @pytest.mark.parametrize("shape", [(600, 128), (96, 300)], ids=["tall", "wide"])
 @pytest.mark.parametrize("method", ["exact", "gram32", "randomized"])
-def test_truncated_svd_methods_reach_near_optimal_error(method, shape):
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "blocks"])
+def test_truncated_svd_methods_reach_near_optimal_error(method, shape, blocked, monkeypatch):
+    """Every route reaches the Eckart-Young optimum (randomized within 5%), with orthonormal right factors.
+    ``blocks``: the input is read 64 rows (tall) or 64 columns (wide) at a time, ragged last block and a
+    batch dimension included, as it is for long prompts; the batched result equals the per-row one."""
+    import kvcompress.ops as ops
     from kvcompress.ops import truncated_svd
 
     g = torch.Generator().manual_seed(7)
     t, d = shape
     x = torch.randn(t, d, generator=g) * torch.exp(-torch.arange(d) / 16.0)
     rank = 24
+    if blocked:
+        monkeypatch.setattr(ops, "ROW_BLOCK_ELEMENTS", 1)  # the smallest block: 64 rows or columns
     optimum = torch.linalg.svdvals(x.double())[rank:].pow(2).sum().sqrt()
     left, right = truncated_svd(x, rank, method)
     assert left.shape == (t, rank) and right.shape == (rank, d)
@@ -322,6 +329,10 @@ def test_truncated_svd_methods_reach_near_optimal_error(method, shape):
     assert err < (1.0001 if method != "randomized" else 1.05), err
     # right factors have orthonormal rows in every route
     torch.testing.assert_close(right @ right.T, torch.eye(rank), atol=1e-4, rtol=0)
+    if blocked and method != "randomized":
+        other = torch.randn(t, d, generator=g) * torch.exp(-torch.arange(d) / 16.0)
+        batch_left, batch_right = truncated_svd(torch.stack([x, other]), rank, method)
+        torch.testing.assert_close(batch_left[0] @ batch_right[0], left @ right, atol=1e-5, rtol=1e-5)
 
 
 def test_wide_full_rank_factorisation_is_exact_even_when_rank_deficient():
