@@ -209,17 +209,22 @@ print("RESULT " + json.dumps(dict(errors=errors, fused_calls=calls, counts=count
 """
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (the kernels run on GPUs with Triton)")
-def test_triton_interpreter_matches_reference_fp32():
-    """The Triton kernels under TRITON_INTERPRET=1 (a subprocess: the variable must be set before Triton
-    is imported, and must not leak into other tests), output buffers poisoned with NaN."""
-    script = _INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent))
+def run_interpreted(script: str) -> dict:
+    """Run ``script`` under TRITON_INTERPRET=1 in a subprocess (the variable must be set before Triton is
+    imported, and must not leak into other tests); returns the JSON of its last ``RESULT `` line."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("KVCOMPRESS_DISABLE_TRITON", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (the kernels run on GPUs with Triton)")
+def test_triton_interpreter_matches_reference_fp32():
+    """The Triton kernels under TRITON_INTERPRET=1 (a subprocess: see run_interpreted), output buffers
+    poisoned with NaN."""
+    result = run_interpreted(_INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent)))
     assert set(CASES) <= set(result["errors"]) and len(result["errors"]) == len(CASES) + 4
     for name, error in result["errors"].items():
         assert error <= 1e-4, (name, error)

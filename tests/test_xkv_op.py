@@ -6,18 +6,13 @@ reference inside the op and, when Triton is installed, the interpreted kernels (
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kvcompress.kernels import xkv_decode
 from kvcompress.kernels.xkv_decode import xkv_decode_attention
-from test_kernels_xkv import GPU_SHAPES, HAVE_TRITON, TESTS, make_case, rel_err
+from test_kernels_xkv import GPU_SHAPES, HAVE_TRITON, TESTS, make_case, rel_err, run_interpreted
 
 # Part layouts the op must flatten: sinks + segments + tail, a missing sink or tail part (empty exact
 # tensors), no segment, exact parts between segments (joined, ``valid`` permuted), mixed RoPE tables.
@@ -176,13 +171,8 @@ def test_compiled_interpreter_kernels_match_reference_fp32():
     """The op runs the interpreted Triton kernels (TRITON_INTERPRET=1, a subprocess as in
     test_kernels_xkv.py) inside compiled fullgraph calls: the reference's output, launches really made
     on every call, one graph for two calls."""
-    script = _INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent), INTERPRETED=INTERPRETED)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("KVCOMPRESS_DISABLE_TRITON", None)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = run_interpreted(_INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent),
+                                                        INTERPRETED=INTERPRETED))
     assert len(result) == sum(map(len, INTERPRETED.values()))
     for name, r in result.items():
         assert max(r["errors"]) <= 1e-5, (name, r)
