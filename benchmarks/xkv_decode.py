@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention
 from kvcompress.ops import apply_rope, rope_cos_sin
+from kvcompress.xkv import _rope_table_dtype
 
 LLAMA8B = dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=512, rank_v=768, theta=500000.0)
 SINK, TAIL = 4, 64
@@ -64,6 +65,7 @@ def make_layer(batch: int, tokens: int, shape: dict, dtype: torch.dtype, device:
     parts, slot = [ExactPart(randn(batch, h, SINK, d), randn(batch, h, SINK, d))], SINK
     for n in segments:
         cos, sin = rope_cos_sin(inv_freq.to(device), torch.arange(slot, slot + n, device=device))
+        cos, sin = cos.to(_rope_table_dtype(dtype)), sin.to(_rope_table_dtype(dtype))  # as XKVCache passes them
         parts.append(FactoredPart(randn(batch, n, rk), randn(batch, rk, h * d, scale=rk ** -0.5),
                                   randn(batch, n, rv), randn(batch, rv, h * d, scale=rv ** -0.5), cos, sin))
         slot += n

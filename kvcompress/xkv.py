@@ -445,7 +445,8 @@ class XKVLayer(CacheLayerMixin):
         for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
             cos = sin = None
             if self._cache.pre_rope:
-                cos, sin = self._cache._rope_table(segment.start, segment.length, segment.key_factor.device)
+                cos, sin = self._cache._rope_table(segment.start, segment.length, segment.key_factor.device,
+                                                   _rope_table_dtype(segment.key_factor.dtype))
             parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
         if tail is None:
             tail = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
@@ -465,6 +466,13 @@ class XKVLayer(CacheLayerMixin):
             return 0
         return tensor_nbytes(self._key_buffer, self._value_buffer, self.sink_keys, self.sink_values,
                              *self.key_rights, *self.value_rights)
+
+
+def _rope_table_dtype(states_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the cache's RoPE tables: float16 for 16-bit states (half the bytes the fused decode's
+    key-rebuild kernel reads for them; 5e-4 relative error, finer than the bfloat16 tables stock attention
+    rotates bfloat16 keys with), float32 otherwise. Rotations are computed in float32 either way."""
+    return torch.float16 if states_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def _resolve_rank(name: str, rank: Rank, width: int) -> int:
@@ -712,21 +720,23 @@ class XKVCache(Cache):
             group.segments = []
 
     # -- compression -------------------------------------------------------------------------------
-    def _rope_table(self, start: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[T, rotary_dim]`` (float32) of slots ``start..start+T``, built once per segment and
-        shared by every layer and every decode step (2-D, as the fused decode reads them: no per-step view);
-        part of what the cache holds (``nbytes()`` counts it)."""
-        key = (start, length, device)
+    def _rope_table(self, start: int, length: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[T, rotary_dim]`` of slots ``start..start+T``, built once per segment and shared by every
+        layer and every decode step (2-D, as the fused decode reads them: no per-step view); part of what the
+        cache holds (``nbytes()`` counts it). ``dtype``: :func:`_rope_table_dtype` of the cached states (float16
+        for 16-bit states), the angles computed in float32 first."""
+        key = (start, length, device, dtype)
         table = self._rope_tables.get(key)
         if table is None:
             positions = torch.arange(start, start + length, device=device)
-            cos, sin = rope_cos_sin(self._inv_freq, positions)
-            table = self._rope_tables[key] = (cos, sin)
+            table = tuple(t.to(dtype) for t in rope_cos_sin(self._inv_freq, positions))  # angles in float32
+            self._rope_tables[key] = table
         return table
 
     def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
         """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``."""
-        cos, sin = self._rope_table(start, keys.shape[1], keys.device)
+        cos, sin = self._rope_table(start, keys.shape[1], keys.device, _rope_table_dtype(keys.dtype))
         cos, sin = cos[:, None, :], sin[:, None, :]
         return apply_rope(keys, cos, sin if sign > 0 else -sin)
 
@@ -740,8 +750,8 @@ class XKVCache(Cache):
         batch, tokens = segment.key_factor.shape[:2]
         heads = self.num_kv_heads
         width = heads * max(self.head_dim, self.value_head_dim)
-        table = (self._rope_table(segment.start, segment.length, segment.key_factor.device)
-                 if self.pre_rope else None)  # the segment's own table (shared with the fused decode)
+        table = (self._rope_table(segment.start, segment.length, segment.key_factor.device,
+                                  _rope_table_dtype(segment.key_factor.dtype)) if self.pre_rope else None)  # the segment's own table (shared with the fused decode)
         for a, b in row_blocks(tokens, batch * width):
             k = torch.matmul(segment.key_factor[:, a:b], key_right).view(batch, b - a, heads, self.head_dim)
             if table is not None:
@@ -832,7 +842,8 @@ class XKVCache(Cache):
             if self._capacity is not None and not torch.compiler.is_compiling():
                 tensors = [new_segment.key_factor, new_segment.value_factor]
                 if self.pre_rope:
-                    tensors += self._rope_table(new_segment.start, new_segment.length, new_segment.key_factor.device)
+                    tensors += self._rope_table(new_segment.start, new_segment.length, new_segment.key_factor.device,
+                                                _rope_table_dtype(new_segment.key_factor.dtype))
                 for tensor in tensors:
                     torch._dynamo.mark_static_address(tensor)
         for layer in layers:
@@ -843,13 +854,14 @@ class XKVCache(Cache):
 
         Per group, per batch row, with element size ``e``:
         ``e * [sum_segments T_s*(r_k,s + r_v,s) + G*(r_k,s + r_v,s)*H*d  +  G*T_exact*2*H*d]``,
-        plus, with ``pre_rope``, one float32 cos/sin table per segment shared by all layers:
-        ``4 * 2 * T_s * rotary_dim``.
+        plus, with ``pre_rope``, one cos/sin table per segment shared by all layers:
+        ``t * 2 * T_s * rotary_dim`` with ``t`` = 2 bytes (float16) for 16-bit states, else 4 (float32).
         """
         total = 0
         if self.pre_rope:
             segments = self.groups[0].segments if self.groups else []
-            total += sum(4 * 2 * s.length * 2 * len(self._inv_freq) for s in segments)
+            total += sum(_rope_table_dtype(s.key_factor.dtype).itemsize * 2 * s.length * 2 * len(self._inv_freq)
+                         for s in segments)
         for group in self.groups:
             layer: XKVLayer = self.layers[group.layer_indices[0]]  # type: ignore[assignment]
             if not layer.is_initialized:

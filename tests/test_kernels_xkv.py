@@ -19,7 +19,7 @@ from conftest import tiny_model
 from kvcompress.kernels import xkv_decode
 from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention, xkv_decode_attention_reference
 from kvcompress.ops import rope_cos_sin
-from kvcompress.xkv import XKVCache, XKVLayer, patch_xkv, tail_capacity
+from kvcompress.xkv import XKVCache, XKVLayer, _rope_table_dtype, patch_xkv, tail_capacity
 
 TESTS = Path(__file__).resolve().parent
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -45,7 +45,8 @@ def make_case(batch=2, q_heads=8, kv_heads=2, head_dim=32, rank_k=24, rank_v=40,
             cos = sin = None
             if rope:
                 cos, sin = rope_cos_sin(inv_freq, torch.arange(slot, slot + n))
-                cos, sin = cos.to(device), sin.to(device)
+                # the table dtype XKVCache hands the decode (float16 for 16-bit states)
+                cos, sin = cos.to(device, _rope_table_dtype(dtype)), sin.to(device, _rope_table_dtype(dtype))
             parts.append(FactoredPart(randn(batch, n, rank_k), randn(batch, rank_k, kv_heads * head_dim, scale=rank_k ** -0.5),
                                       randn(batch, n, rank_v), randn(batch, rank_v, kv_heads * head_dim, scale=rank_v ** -0.5),
                                       cos, sin))

@@ -138,23 +138,31 @@ def test_sliding_window_layers_stay_stock():
                                                                  "DynamicSlidingWindowLayer"]
 
 
-def test_truncated_rank_nbytes_equals_formula_and_frees_full_tensors():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_truncated_rank_nbytes_equals_formula_and_frees_full_tensors(dtype):
     config = tiny_config("llama", num_hidden_layers=4)
-    model = tiny_model("llama", seed=2)
+    model = tiny_model("llama", seed=2).to(dtype)
     prompt, new, window, sink = 120, 6, 8, 3
     ids = torch.randint(3, 160, (2, prompt), generator=torch.Generator().manual_seed(0))
     cache = XKVCache(config, group_size=2, rank_k=0.25, rank_v=10, window=window, sink=sink)
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                    max_new_tokens=new, do_sample=False, pad_token_id=0)
     # Independent evaluation of docs/xkv.md's formula.
-    batch, heads, head_dim, g, groups, elem = 2, 2, 16, 2, 2, 4
+    batch, heads, head_dim, g, groups, elem = 2, 2, 16, 2, 2, dtype.itemsize
     width = g * heads * head_dim
     r_k, r_v = math.ceil(0.25 * width), 10
     compressed = prompt - sink - window
     exact = sink + window + (new - 1)  # the last generated token is never fed back
     per_group = compressed * (r_k + r_v) + g * (r_k + r_v) * heads * head_dim + g * exact * 2 * heads * head_dim
-    rope_table = 4 * 2 * compressed * head_dim  # float32 cos and sin of the compressed slots, shared
+    # cos and sin of the compressed slots, shared: float32, or float16 for 16-bit states (the fused
+    # decode's kernel reads them per key tile)
+    table_elem = 4 if dtype == torch.float32 else 2
+    rope_table = table_elem * 2 * compressed * head_dim
     assert cache.nbytes() == elem * batch * groups * per_group + rope_table == cache.expected_nbytes()
+    (segment,) = cache.groups[0].segments
+    cos, sin = cache.layers[0].decode_parts()[1].cos, cache.layers[0].decode_parts()[1].sin
+    assert cos.dtype == sin.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
+    assert cos.shape == (segment.length, head_dim)
     dense = elem * batch * 4 * (prompt + new - 1) * 2 * heads * head_dim
     assert cache.nbytes() < dense / 1.5
     for layer in cache.layers:

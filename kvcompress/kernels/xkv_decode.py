@@ -122,9 +122,11 @@ class FactoredPart:
     ``value_factor @ value_right``.
 
     Shapes: ``key_factor [B, T, r_k]``, ``key_right [B, r_k, H*d]``, ``value_factor [B, T, r_v]``,
-    ``value_right [B, r_v, H*dv]``; ``cos``/``sin`` ``[T, rotary_dim]`` float32, the rotate-half table of the
+    ``value_right [B, r_v, H*dv]``; ``cos``/``sin`` ``[T, rotary_dim]``, the rotate-half table of the
     segment's slots (both halves equal, as :func:`kvcompress.ops.rope_cos_sin` builds them), or ``None``
-    when the keys are stored rotated (``pre_rope=False``).
+    when the keys are stored rotated (``pre_rope=False``). The table is float32, or float16 for 16-bit
+    factors (``XKVCache`` passes float16 there: the kernel's table reads halve, at 5e-4 relative error,
+    finer than the bfloat16 rotation of stock attention); both paths rotate in float32.
     """
 
     key_factor: torch.Tensor
@@ -371,6 +373,7 @@ if _HAVE_TRITON:
         scale,
         HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
         HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
+        KEYS_IN_QUERY_DTYPE: tl.constexpr,
     ):
         h = tl.program_id(0)
         tile = tl.program_id(1)
@@ -394,9 +397,12 @@ if _HAVE_TRITON:
             k1 += tl.dot(u, b1, input_precision=PRECISION)
             k2 += tl.dot(u, b2, input_precision=PRECISION)
         if HAS_ROPE:
-            # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); both halves of the table are equal
-            c = tl.load(COS + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None], other=0.0)
-            s = tl.load(SIN + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None], other=0.0)
+            # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); both halves of the table are equal,
+            # so only the first is read (a float16 table halves these reads again)
+            c = tl.load(COS + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
+                        other=0.0).to(tl.float32)
+            s = tl.load(SIN + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
+                        other=0.0).to(tl.float32)
             r1 = k1 * c - k2 * s
             r2 = k2 * c + k1 * s
         else:
@@ -406,10 +412,17 @@ if _HAVE_TRITON:
         g_ok = offs_g < G
         heads = h * G + offs_g
         q_ptr = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
-        q1 = tl.load(q_ptr, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        q2 = tl.load(q_ptr + HALF * stride_qd, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        scores = tl.dot(q1, tl.trans(r1), input_precision=PRECISION)
-        scores += tl.dot(q2, tl.trans(r2), input_precision=PRECISION)
+        q1 = tl.load(q_ptr, mask=g_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptr + HALF * stride_qd, mask=g_ok[:, None], other=0.0)
+        if KEYS_IN_QUERY_DTYPE:
+            # half-precision inputs: the rotated keys are rounded to the query's dtype, as stock attention
+            # holds them, and scored by a 16-bit dot with float32 accumulation; a float32 dot here would move
+            # float32 keys through shared memory at twice the bytes
+            scores = tl.dot(q1, tl.trans(r1.to(q1.dtype)))
+            scores += tl.dot(q2, tl.trans(r2.to(q2.dtype)))
+        else:
+            scores = tl.dot(q1.to(tl.float32), tl.trans(r1), input_precision=PRECISION)
+            scores += tl.dot(q2.to(tl.float32), tl.trans(r2), input_precision=PRECISION)
         scores = scores * scale
         keep = t_ok
         if HAS_VALID:
@@ -592,6 +605,7 @@ if _HAVE_TRITON:
     _SCORES_CONFIGS = [
         triton.Config({"BLOCK_T": bt, "BLOCK_R": br}, num_warps=w, num_stages=st)
         for bt, br, w, st in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3),
+                              (128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4),
                               (64, 32, 4, 4), (128, 32, 8, 4), (64, 128, 8, 2),
                               (128, 64, 8, 2), (128, 128, 8, 2), (256, 32, 8, 2), (256, 32, 8, 3),
                               (256, 64, 8, 2), (256, 64, 8, 3))
@@ -672,8 +686,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         kernel, tuning = _xkv_scores_kernel_tuned, {}
     else:
         kernel = _xkv_scores_kernel
-        tuning = _SCORES_FIXED or dict(BLOCK_T=32 if wide else 64, BLOCK_R=32 if wide else 64,
-                                       num_warps=4 if wide else 8)
+        tuning = _SCORES_FIXED or (dict(BLOCK_T=32, BLOCK_R=32, num_warps=4) if wide else
+                                   dict(BLOCK_T=128, BLOCK_R=64, num_warps=4, num_stages=3))
     col = n_exact
     columns = []
     for part, token0 in segments:
@@ -694,7 +708,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             scores.stride(0), scores.stride(1), scores.stride(2),
             float(scaling),
             HALF=head_dim // 2, BLOCK_G=block_g,
-            HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, **tuning,
+            HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, KEYS_IN_QUERY_DTYPE=not wide, **tuning,
         )
         columns.append(col)
         col += tokens
