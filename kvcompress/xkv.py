@@ -226,6 +226,12 @@ class XKVLayer(CacheLayerMixin):
         self.tail_length.fill_(seen + new)
         self._tail_len = seen + new
 
+    def _zeros(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """Zeros of ``shape`` (``like``'s dtype; the layer's device): static storage, in the previous sequence's
+        tensor of ``role`` when it fits (:meth:`XKVCache._kept`), else new."""
+        kept = self._cache._kept((role, self.layer_idx), shape, like.dtype, self.device)
+        return kept.zero_() if kept is not None else torch.zeros(shape, dtype=like.dtype, device=self.device)
+
     def _mark_static(self) -> None:
         """Tell torch.compile the tensors this layer reads have fixed addresses (CUDA graphs then read them
         in place instead of copying them into the graph's inputs at every replay). Eager only."""
@@ -242,8 +248,10 @@ class XKVLayer(CacheLayerMixin):
         remaining = remaining_keys.shape[-2]
         if self.is_static:
             capacity = self.tail_capacity() - count
-            new_keys = remaining_keys.new_zeros(*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1])
-            new_values = remaining_values.new_zeros(*remaining_values.shape[:2], capacity, remaining_values.shape[-1])
+            new_keys = self._zeros("tail_keys", (*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1]),
+                                   remaining_keys)
+            new_values = self._zeros("tail_values", (*remaining_values.shape[:2], capacity, remaining_values.shape[-1]),
+                                     remaining_values)
             new_keys[..., :remaining, :].copy_(remaining_keys)
             new_values[..., :remaining, :].copy_(remaining_values)
             self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
@@ -265,10 +273,12 @@ class XKVLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = empty.clone(), value_states[..., :0, :].clone()
         if self.is_static:  # the whole capacity at once; zeros: stale slots are masked but must not be NaN
             shape = (*key_states.shape[:2], self.max_cache_len)
-            self._key_buffer = key_states.new_zeros(*shape, key_states.shape[-1])
-            self._value_buffer = value_states.new_zeros(*shape, value_states.shape[-1])
+            self.sink_keys = self._cache._reuse(("sink_keys", self.layer_idx), self.sink_keys)
+            self.sink_values = self._cache._reuse(("sink_values", self.layer_idx), self.sink_values)
+            self._key_buffer = self._zeros("tail_keys", (*shape, key_states.shape[-1]), key_states)
+            self._value_buffer = self._zeros("tail_values", (*shape, value_states.shape[-1]), value_states)
             self._tail_len = 0
-            self.tail_length = torch.zeros((), dtype=torch.long, device=key_states.device)
+            self.tail_length = self._zeros("tail_length", (), torch.zeros((), dtype=torch.long))
             self._mark_static()
         else:
             self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()  # capacity 0: grows on append
@@ -546,7 +556,10 @@ class XKVCache(Cache):
             ``is_compileable`` is True, so ``generate`` compiles the decode step on GPU (CUDA graphs) as for
             ``StaticCache``. Overflow raises ``ValueError`` naming ``max_cache_len`` (checked on eager updates;
             compiled steps cannot check without a host sync). Compression stays eager: multi-token updates
-            (prefill, a next turn) must not run inside ``torch.compile``.
+            (prefill, a next turn) must not run inside ``torch.compile``. ``reset()`` keeps the storage for
+            the next sequence (as ``StaticCache`` keeps its buffers): a sequence of the same shapes (prompt
+            length, batch) writes into the same tensors, so the compiled decode's CUDA graphs replay instead
+            of being recorded again for every request.
         merge_segments: tokens compressed after the group's first compression (the next chunk of a chunked
             prefill, the next turn of a conversation) extend the group's last segment with an incremental
             SVD (``kvcompress.ops.extend_truncated_svd``): one basis for the whole sequence, so the memory
@@ -637,6 +650,9 @@ class XKVCache(Cache):
                            max_cache_len=max_cache_len, merge_segments=merge_segments)
         self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Static capacity: the previous sequence's tensors, by role, kept by reset() so that the next
+        # sequence writes into the same storage (see _kept / _reuse)
+        self._kept_storage: dict[tuple, torch.Tensor] = {}
 
         self.groups = [_Group(full_layers[i : i + group_size]) for i in range(0, len(full_layers), group_size)]
         layers: list[CacheLayerMixin] = [None] * num_layers  # type: ignore[list-item]
@@ -714,10 +730,55 @@ class XKVCache(Cache):
         super().crop(tokens_to_remove)
 
     def reset(self) -> None:
+        """Forget every token. With a static capacity the storage is kept for the next sequence, as
+        ``StaticCache`` keeps its buffers: each tensor the compiled decode reads is written in place by the
+        next sequence whenever its shape matches (same prompt length, batch and capacity), so the CUDA
+        graphs recorded for this sequence replay for the next one instead of being recorded again (tens of
+        milliseconds for a whole model). Tensors that the next sequence does not reuse are freed at the
+        following ``reset()``."""
+        kept: dict[tuple, torch.Tensor] = {}
+        if self.is_static:
+            for layer in self.layers:
+                if isinstance(layer, XKVLayer) and layer.is_initialized:
+                    i = layer.layer_idx
+                    kept.update({("tail_keys", i): layer._key_buffer, ("tail_values", i): layer._value_buffer,
+                                 ("tail_length", i): layer.tail_length, ("sink_keys", i): layer.sink_keys,
+                                 ("sink_values", i): layer.sink_values})
+                    kept.update({("key_right", i, j): t for j, t in enumerate(layer.key_rights)})
+                    kept.update({("value_right", i, j): t for j, t in enumerate(layer.value_rights)})
+            for g, group in enumerate(self.groups):
+                for j, segment in enumerate(group.segments):
+                    kept[("key_factor", g, j)] = segment.key_factor
+                    kept[("value_factor", g, j)] = segment.value_factor
+            for key, (cos, sin) in self._rope_tables.items():
+                kept[("cos", *key)], kept[("sin", *key)] = cos, sin
         super().reset()
+        self._kept_storage = kept
         self._rope_tables.clear()
         for group in self.groups:
             group.segments = []
+
+    @property
+    def is_static(self) -> bool:
+        return self._capacity is not None
+
+    def _kept(self, role: tuple, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The previous sequence's tensor of ``role`` if it has this shape, dtype and device (static capacity,
+        eager only), taken out of the kept storage; else ``None``. Its contents are stale."""
+        if not self.is_static or torch.compiler.is_compiling():
+            return None
+        old = self._kept_storage.get(role)
+        if old is None or tuple(old.shape) != tuple(shape) or old.dtype != dtype or old.device != device:
+            return None
+        return self._kept_storage.pop(role)
+
+    def _reuse(self, role: tuple, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s values in the previous sequence's storage of ``role`` when that fits (see
+        :meth:`_kept`), so its address stays the one the compiled graphs read; else ``tensor`` itself."""
+        old = self._kept(role, tensor.shape, tensor.dtype, tensor.device)
+        if old is None or old.stride() != tensor.stride():
+            return tensor
+        return old.copy_(tensor)
 
     # -- compression -------------------------------------------------------------------------------
     def _rope_table(self, start: int, length: int, device: torch.device,
@@ -730,8 +791,8 @@ class XKVCache(Cache):
         table = self._rope_tables.get(key)
         if table is None:
             positions = torch.arange(start, start + length, device=device)
-            table = tuple(t.to(dtype) for t in rope_cos_sin(self._inv_freq, positions))  # angles in float32
-            self._rope_tables[key] = table
+            cos, sin = (t.to(dtype) for t in rope_cos_sin(self._inv_freq, positions))  # angles in float32
+            table = self._rope_tables[key] = (self._reuse(("cos", *key), cos), self._reuse(("sin", *key), sin))
         return table
 
     def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
@@ -817,20 +878,27 @@ class XKVCache(Cache):
         else:
             merge = False
         # Everything is computed: commit to all layers at once.
+        g = self.groups.index(group)
         for i, layer in enumerate(layers):
+            n = layer.layer_idx
             if to_sink:
-                layer.sink_keys = torch.cat([layer.sink_keys, layer.keys[:, :, :to_sink]], dim=-2)
-                layer.sink_values = torch.cat([layer.sink_values, layer.values[:, :, :to_sink]], dim=-2)
+                layer.sink_keys = self._reuse(("sink_keys", n), torch.cat([layer.sink_keys, layer.keys[:, :, :to_sink]], dim=-2))
+                layer.sink_values = self._reuse(("sink_values", n),
+                                                torch.cat([layer.sink_values, layer.values[:, :, :to_sink]], dim=-2))
             if new_segment is not None:
                 if merge:
                     layer.key_rights.pop()
                     layer.value_rights.pop()
-                layer.key_rights.append(rights[0][i].contiguous())
-                layer.value_rights.append(rights[1][i].contiguous())
+                j = len(layer.key_rights)
+                layer.key_rights.append(self._reuse(("key_right", n, j), rights[0][i].contiguous()))
+                layer.value_rights.append(self._reuse(("value_right", n, j), rights[1][i].contiguous()))
             layer._drop_tail_front(to_sink + to_compress)
         if merge:
             group.segments.pop()
         if new_segment is not None:
+            j = len(group.segments)
+            new_segment.key_factor = self._reuse(("key_factor", g, j), new_segment.key_factor)
+            new_segment.value_factor = self._reuse(("value_factor", g, j), new_segment.value_factor)
             group.segments.append(new_segment)
         if merge:
             # RoPE tables are shared by the groups and cached by (start, length): drop those no segment uses

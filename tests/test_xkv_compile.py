@@ -64,6 +64,61 @@ def test_static_cache_greedy_matches_growable(family, fused):
     assert torch.equal(full, stock)
 
 
+def _static_storage(cache: XKVCache) -> dict[tuple, int]:
+    """Address of every tensor a compiled decode step reads, by role."""
+    out = {}
+    for layer in cache.layers:
+        i = layer.layer_idx
+        out.update({("tail_keys", i): layer._key_buffer.data_ptr(), ("tail_values", i): layer._value_buffer.data_ptr(),
+                    ("tail_length", i): layer.tail_length.data_ptr(), ("sink_keys", i): layer.sink_keys.data_ptr()})
+        out.update({("key_right", i, j): t.data_ptr() for j, t in enumerate(layer.key_rights)})
+        out.update({("value_right", i, j): t.data_ptr() for j, t in enumerate(layer.value_rights)})
+    for g, group in enumerate(cache.groups):
+        for j, segment in enumerate(group.segments):
+            out[("key_factor", g, j)] = segment.key_factor.data_ptr()
+            out[("value_factor", g, j)] = segment.value_factor.data_ptr()
+    for key, (cos, sin) in cache._rope_tables.items():
+        out[("cos", *key)], out[("sin", *key)] = cos.data_ptr(), sin.data_ptr()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_static_cache_reset_keeps_storage_so_graphs_replay(chunk):
+    """After reset(), a sequence of the same shapes writes into the same tensors (the CUDA graphs recorded
+    for the first sequence replay: no re-recording per request), with the tokens of a fresh cache; a sequence
+    of other shapes still gets a fresh cache's tokens, and what it cannot reuse is freed at the next reset."""
+    model = make_model()
+    ids, mask = prompts([40, 31])
+    gen = dict(new_tokens=6, disable_compile=True)
+    if chunk:
+        gen["prefill_chunk_size"] = chunk
+    make = lambda: XKVCache(model.config, max_cache_len=56, **SMALL)  # noqa: E731
+    with patch_xkv(model):
+        fresh = greedy(model, make(), ids, mask, **gen)
+        cache = make()
+        first = greedy(model, cache, ids, mask, **gen)
+        before = _static_storage(cache)
+        assert any(role[0] == "key_factor" for role in before) and any(role[0] == "cos" for role in before)
+        cache.reset()
+        again = greedy(model, cache, ids, mask, **gen)
+        assert _static_storage(cache) == before  # every tensor of the decode step at its old address
+        assert not cache._kept_storage
+        assert torch.equal(first, fresh) and torch.equal(again, fresh)
+        # another prompt length: other shapes; the cache still gives a fresh cache's tokens
+        ids2, mask2 = prompts([33, 26], seed=3)
+        cache.reset()
+        other = greedy(model, cache, ids2, mask2, **gen)
+        assert torch.equal(other, greedy(model, make(), ids2, mask2, **gen))
+        stale = dict(cache._kept_storage)
+        assert stale, "the first sequence's factors (other lengths) are still kept, until the next reset"
+        cache.reset()
+        assert all(cache._kept_storage.get(role) is not t for role, t in stale.items())
+    growable = XKVCache(model.config, **SMALL)
+    greedy(model, growable, ids, mask, **gen)
+    growable.reset()
+    assert not growable._kept_storage  # only a static capacity keeps storage
+
+
 def test_static_cache_overflow_names_max_cache_len_and_changes_nothing():
     model = make_model()
     ids, mask = prompts([40, 31])
