@@ -148,7 +148,7 @@ class XKVLayer(CacheLayerMixin):
 
     @property
     def is_static(self) -> bool:
-        return self._cache.max_cache_len is not None
+        return self._cache.is_static
 
     def _valid_tail(self) -> int:
         """Valid tail tokens as a Python int (static: one host sync after compiled steps)."""
@@ -226,11 +226,11 @@ class XKVLayer(CacheLayerMixin):
         self.tail_length.fill_(seen + new)
         self._tail_len = seen + new
 
-    def _zeros(self, role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        """Zeros of ``shape`` (``like``'s dtype; the layer's device): static storage, in the previous sequence's
-        tensor of ``role`` when it fits (:meth:`XKVCache._kept`), else new."""
-        kept = self._cache._kept((role, self.layer_idx), shape, like.dtype, self.device)
-        return kept.zero_() if kept is not None else torch.zeros(shape, dtype=like.dtype, device=self.device)
+    def _zeros(self, role: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Zeros on the layer's device for static storage: the previous sequence's tensor of ``role`` when it
+        fits (:meth:`XKVCache._kept`), else a new one."""
+        kept = self._cache._kept((role, self.layer_idx), shape, dtype, self.device)
+        return kept.zero_() if kept is not None else torch.zeros(shape, dtype=dtype, device=self.device)
 
     def _mark_static(self) -> None:
         """Tell torch.compile the tensors this layer reads have fixed addresses (CUDA graphs then read them
@@ -249,9 +249,9 @@ class XKVLayer(CacheLayerMixin):
         if self.is_static:
             capacity = self.tail_capacity() - count
             new_keys = self._zeros("tail_keys", (*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1]),
-                                   remaining_keys)
+                                   remaining_keys.dtype)
             new_values = self._zeros("tail_values", (*remaining_values.shape[:2], capacity, remaining_values.shape[-1]),
-                                     remaining_values)
+                                     remaining_values.dtype)
             new_keys[..., :remaining, :].copy_(remaining_keys)
             new_values[..., :remaining, :].copy_(remaining_values)
             self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
@@ -275,10 +275,10 @@ class XKVLayer(CacheLayerMixin):
             shape = (*key_states.shape[:2], self.max_cache_len)
             self.sink_keys = self._cache._reuse(("sink_keys", self.layer_idx), self.sink_keys)
             self.sink_values = self._cache._reuse(("sink_values", self.layer_idx), self.sink_values)
-            self._key_buffer = self._zeros("tail_keys", (*shape, key_states.shape[-1]), key_states)
-            self._value_buffer = self._zeros("tail_values", (*shape, value_states.shape[-1]), value_states)
+            self._key_buffer = self._zeros("tail_keys", (*shape, key_states.shape[-1]), key_states.dtype)
+            self._value_buffer = self._zeros("tail_values", (*shape, value_states.shape[-1]), value_states.dtype)
             self._tail_len = 0
-            self.tail_length = self._zeros("tail_length", (), torch.zeros((), dtype=torch.long))
+            self.tail_length = self._zeros("tail_length", (), torch.long)
             self._mark_static()
         else:
             self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()  # capacity 0: grows on append
@@ -760,6 +760,7 @@ class XKVCache(Cache):
 
     @property
     def is_static(self) -> bool:
+        """True with a static capacity (``max_cache_len`` set)."""
         return self._capacity is not None
 
     def _kept(self, role: tuple, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
@@ -811,8 +812,9 @@ class XKVCache(Cache):
         batch, tokens = segment.key_factor.shape[:2]
         heads = self.num_kv_heads
         width = heads * max(self.head_dim, self.value_head_dim)
+        # the segment's own table (shared with the fused decode)
         table = (self._rope_table(segment.start, segment.length, segment.key_factor.device,
-                                  _rope_table_dtype(segment.key_factor.dtype)) if self.pre_rope else None)  # the segment's own table (shared with the fused decode)
+                                  _rope_table_dtype(segment.key_factor.dtype)) if self.pre_rope else None)
         for a, b in row_blocks(tokens, batch * width):
             k = torch.matmul(segment.key_factor[:, a:b], key_right).view(batch, b - a, heads, self.head_dim)
             if table is not None:
@@ -882,7 +884,8 @@ class XKVCache(Cache):
         for i, layer in enumerate(layers):
             n = layer.layer_idx
             if to_sink:
-                layer.sink_keys = self._reuse(("sink_keys", n), torch.cat([layer.sink_keys, layer.keys[:, :, :to_sink]], dim=-2))
+                layer.sink_keys = self._reuse(("sink_keys", n),
+                                              torch.cat([layer.sink_keys, layer.keys[:, :, :to_sink]], dim=-2))
                 layer.sink_values = self._reuse(("sink_values", n),
                                                 torch.cat([layer.sink_values, layer.values[:, :, :to_sink]], dim=-2))
             if new_segment is not None:
@@ -907,7 +910,7 @@ class XKVCache(Cache):
             for key in [k for k in self._rope_tables if k[:2] not in used]:
                 del self._rope_tables[key]
         if new_segment is not None:
-            if self._capacity is not None and not torch.compiler.is_compiling():
+            if self.is_static and not torch.compiler.is_compiling():
                 tensors = [new_segment.key_factor, new_segment.value_factor]
                 if self.pre_rope:
                     tensors += self._rope_table(new_segment.start, new_segment.length, new_segment.key_factor.device,
