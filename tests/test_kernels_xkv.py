@@ -178,6 +178,13 @@ sys.path[:0] = [{tests!r}, {root!r}]
 import torch
 from kvcompress.kernels import xkv_decode
 from test_kernels_xkv import CASES, OP_BOUNDS, count_ops_and_launches, make_case, rel_err, patched_generation_matches
+tma_calls = [0]
+_tma_usable = xkv_decode._tma_usable
+def counting_tma_usable(*args):
+    used = _tma_usable(*args)
+    tma_calls[0] += used
+    return used
+xkv_decode._tma_usable = counting_tma_usable
 counts = {{}}
 for name, (layout, _, _) in OP_BOUNDS.items():
     for masked in (False, True):
@@ -206,15 +213,19 @@ out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=T
 ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
 masked_row_ok = bool(torch.isfinite(out).all() and (out[1] == 0).all() and rel_err(out[0], ref[0]) <= 1e-4)
 calls = patched_generation_matches("llama", dict(hidden_size=128))
-print("RESULT " + json.dumps(dict(errors=errors, fused_calls=calls, counts=counts, masked_row_ok=masked_row_ok)))
+print("RESULT " + json.dumps(dict(errors=errors, fused_calls=calls, counts=counts, masked_row_ok=masked_row_ok,
+                                  tma_calls=tma_calls[0])))
 """
 
 
-def run_interpreted(script: str) -> dict:
-    """Run ``script`` under TRITON_INTERPRET=1 in a subprocess (the variable must be set before Triton is
-    imported, and must not leak into other tests); returns the JSON of its last ``RESULT `` line."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def run_interpreted(script: str, **env_vars: str) -> dict:
+    """Run ``script`` under TRITON_INTERPRET=1 (plus ``env_vars``) in a subprocess (the variable must be set
+    before Triton is imported, and must not leak into other tests); returns the JSON of its last ``RESULT ``
+    line."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **env_vars)
     env.pop("KVCOMPRESS_DISABLE_TRITON", None)
+    if "KVCOMPRESS_XKV_TMA" not in env_vars:
+        env.pop("KVCOMPRESS_XKV_TMA", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -222,10 +233,16 @@ def run_interpreted(script: str) -> dict:
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (the kernels run on GPUs with Triton)")
-def test_triton_interpreter_matches_reference_fp32():
+@pytest.mark.parametrize("tma", [False, True])
+def test_triton_interpreter_matches_reference_fp32(tma):
     """The Triton kernels under TRITON_INTERPRET=1 (a subprocess: see run_interpreted), output buffers
-    poisoned with NaN."""
-    result = run_interpreted(_INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent)))
+    poisoned with NaN; ``tma``: kernel 1's opt-in tensor-descriptor loads (KVCOMPRESS_XKV_TMA=1), which
+    must really be taken."""
+    if tma and xkv_decode.TensorDescriptor is None:
+        pytest.skip("this Triton has no host-side tensor descriptors")
+    result = run_interpreted(_INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent)),
+                             **({"KVCOMPRESS_XKV_TMA": "1"} if tma else {}))
+    assert (result["tma_calls"] > 0) == tma
     assert set(CASES) <= set(result["errors"]) and len(result["errors"]) == len(CASES) + 4
     for name, error in result["errors"].items():
         assert error <= 1e-4, (name, error)
@@ -243,7 +260,10 @@ def test_triton_interpreter_matches_reference_fp32():
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_kernel_matches_reference(dtype, tol, shape):
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_kernel_matches_reference(dtype, tol, shape, tma, monkeypatch):
+    if tma:  # kernel 1's opt-in tensor-descriptor loads (sm_90+; elsewhere the pointer path runs)
+        monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "1")
     query, parts, scaling, valid = make_case(**shape, dtype=dtype, device="cuda", seed=5)
     ref = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
     xkv_decode._POISON_BUFFERS = True
