@@ -475,7 +475,7 @@ class XKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         return tensor_nbytes(self._key_buffer, self._value_buffer, self.sink_keys, self.sink_values,
-                             *self.key_rights, *self.value_rights)
+                             *self.key_rights, *self.value_rights, self.tail_length)
 
 
 def _rope_table_dtype(states_dtype: torch.dtype) -> torch.dtype:
@@ -688,9 +688,11 @@ class XKVCache(Cache):
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated: as ``nbytes()`` but counting the exact-tail buffers' whole capacity (the growable
-        storage keeps up to 25% + 256 tokens of headroom per layer)."""
+        storage keeps up to 25% + 256 tokens of headroom per layer) and, with a static capacity, the storage
+        ``reset()`` kept for the next sequence that it has not reused (yet)."""
         total = sum(group.nbytes() for group in self.groups)
         total += sum(tensor_nbytes(*table) for table in self._rope_tables.values())
+        total += tensor_nbytes(*self._kept_storage.values())
         for layer in self.layers:
             if isinstance(layer, XKVLayer):
                 total += layer.reserved_nbytes()

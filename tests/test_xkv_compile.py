@@ -99,8 +99,12 @@ def test_static_cache_reset_keeps_storage_so_graphs_replay(chunk):
         first = greedy(model, cache, ids, mask, **gen)
         before = _static_storage(cache)
         assert any(role[0] == "key_factor" for role in before) and any(role[0] == "cos" for role in before)
+        reserved = cache.reserved_nbytes()
         cache.reset()
+        # the kept storage is still allocated: reserved_nbytes says so, nbytes counts no tokens
+        assert cache.nbytes() == 0 and cache.reserved_nbytes() == reserved
         again = greedy(model, cache, ids, mask, **gen)
+        assert cache.reserved_nbytes() == reserved
         assert _static_storage(cache) == before  # every tensor of the decode step at its old address
         assert not cache._kept_storage
         assert torch.equal(first, fresh) and torch.equal(again, fresh)
