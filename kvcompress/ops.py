@@ -110,13 +110,13 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
         gram = x.new_zeros(*batch_dims, d, d, dtype=gram_dtype)
         blocks = row_blocks(t, x.numel() // max(t, 1))
         for a, b in blocks:
-            rows = x[..., a:b, :].to(gram_dtype)
+            rows = _block(x, a, b, gram_dtype)
             gram += rows.mT @ rows
         _, eigenvectors = torch.linalg.eigh(gram)  # ascending eigenvalues
         right = eigenvectors[..., -rank:].flip(-1).mT  # [..., r, D], leading directions first
         left = x.new_empty(*batch_dims, t, rank)
         for a, b in blocks:
-            left[..., a:b, :] = x[..., a:b, :].to(gram_dtype) @ right.mT
+            left[..., a:b, :] = _block(x, a, b, gram_dtype) @ right.mT
         return left, right.to(x.dtype).contiguous()
     # Wide (fewer tokens than the group width, e.g. a 4K prompt over 4 layers x 8 heads x 128): the Gram
     # matrix of the token side, x x^T = U S^2 U^T, is the small one. left = U_r S_r and right = U_r^T x / S_r

@@ -232,12 +232,22 @@ class XKVLayer(CacheLayerMixin):
         kept = self._cache._kept((role, self.layer_idx), shape, dtype, self.device)
         return kept.zero_() if kept is not None else torch.zeros(shape, dtype=dtype, device=self.device)
 
+    def _static_storage(self) -> dict[tuple, torch.Tensor]:
+        """The tensors a compiled decode step reads from this layer, by role (static capacity): what
+        :meth:`_mark_static` marks and what ``XKVCache.reset`` keeps for the next sequence."""
+        i = self.layer_idx
+        storage = {("tail_keys", i): self._key_buffer, ("tail_values", i): self._value_buffer,
+                   ("tail_length", i): self.tail_length, ("sink_keys", i): self.sink_keys,
+                   ("sink_values", i): self.sink_values}
+        storage.update({("key_right", i, j): t for j, t in enumerate(self.key_rights)})
+        storage.update({("value_right", i, j): t for j, t in enumerate(self.value_rights)})
+        return storage
+
     def _mark_static(self) -> None:
         """Tell torch.compile the tensors this layer reads have fixed addresses (CUDA graphs then read them
         in place instead of copying them into the graph's inputs at every replay). Eager only."""
         if self.is_static and not torch.compiler.is_compiling():
-            for tensor in (self._key_buffer, self._value_buffer, self.tail_length, self.sink_keys,
-                           self.sink_values, *self.key_rights, *self.value_rights):
+            for tensor in self._static_storage().values():
                 torch._dynamo.mark_static_address(tensor)
 
     def _drop_tail_front(self, count: int) -> None:
@@ -742,12 +752,7 @@ class XKVCache(Cache):
         if self.is_static:
             for layer in self.layers:
                 if isinstance(layer, XKVLayer) and layer.is_initialized:
-                    i = layer.layer_idx
-                    kept.update({("tail_keys", i): layer._key_buffer, ("tail_values", i): layer._value_buffer,
-                                 ("tail_length", i): layer.tail_length, ("sink_keys", i): layer.sink_keys,
-                                 ("sink_values", i): layer.sink_values})
-                    kept.update({("key_right", i, j): t for j, t in enumerate(layer.key_rights)})
-                    kept.update({("value_right", i, j): t for j, t in enumerate(layer.value_rights)})
+                    kept.update(layer._static_storage())
             for g, group in enumerate(self.groups):
                 for j, segment in enumerate(group.segments):
                     kept[("key_factor", g, j)] = segment.key_factor
