@@ -236,8 +236,8 @@ def run_interpreted(script: str, **env_vars: str) -> dict:
 @pytest.mark.parametrize("tma", [False, True])
 def test_triton_interpreter_matches_reference_fp32(tma):
     """The Triton kernels under TRITON_INTERPRET=1 (a subprocess: see run_interpreted), output buffers
-    poisoned with NaN; ``tma``: kernel 1's opt-in tensor-descriptor loads (KVCOMPRESS_XKV_TMA=1), which
-    must really be taken."""
+    poisoned with NaN; ``tma``: kernel 1's tensor-descriptor loads (KVCOMPRESS_XKV_TMA=1 forces them in the
+    interpreter; by default they are for CUDA sm_90+ only), which must really be taken."""
     if tma and xkv_decode.TensorDescriptor is None:
         pytest.skip("this Triton has no host-side tensor descriptors")
     result = run_interpreted(_INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent)),
@@ -262,8 +262,8 @@ def test_triton_interpreter_matches_reference_fp32(tma):
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("tma", [False, True])
 def test_gpu_kernel_matches_reference(dtype, tol, shape, tma, monkeypatch):
-    if tma:  # kernel 1's opt-in tensor-descriptor loads (sm_90+; elsewhere the pointer path runs)
-        monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "1")
+    # kernel 1's tensor-descriptor loads (the default on sm_90+; elsewhere the pointer path runs either way)
+    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "1" if tma else "0")
     query, parts, scaling, valid = make_case(**shape, dtype=dtype, device="cuda", seed=5)
     ref = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
     xkv_decode._POISON_BUFFERS = True
@@ -273,6 +273,24 @@ def test_gpu_kernel_matches_reference(dtype, tol, shape, tma, monkeypatch):
         xkv_decode._POISON_BUFFERS = False
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) <= tol
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_tma_switch_modes_and_layout_rules(monkeypatch):
+    """KVCOMPRESS_XKV_TMA: default 'auto' is CUDA sm_90+ only (so off for CPU tensors), '1' forces it where
+    the layout allows, '0' never; a misaligned stride falls back to the pointer loads; a typo is an error
+    naming the variable and its allowed values."""
+    factor, right = torch.zeros(2, 64, 32), torch.zeros(2, 32, 16)
+    monkeypatch.delenv("KVCOMPRESS_XKV_TMA", raising=False)
+    assert not xkv_decode._tma_usable(factor, right)
+    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "0")
+    assert not xkv_decode._tma_usable(factor, right)
+    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "1")
+    assert xkv_decode._tma_usable(factor, right) == (xkv_decode.TensorDescriptor is not None)
+    assert not xkv_decode._tma_usable(torch.zeros(2, 64, 33)[..., :32], right)  # row stride of 33 floats
+    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "yes")
+    with pytest.raises(ValueError, match="KVCOMPRESS_XKV_TMA.*'auto'.*'0'.*'1'"):
+        xkv_decode._tma_usable(factor, right)
 
 
 # -- growable exact tail --------------------------------------------------------------------------

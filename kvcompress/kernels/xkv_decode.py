@@ -93,7 +93,7 @@ try:  # Triton is optional: without it (CPU-only installs) the reference is the 
     _HAVE_TRITON = True
 except Exception:  # ImportError, or a broken install without a GPU toolchain
     _HAVE_TRITON = False
-try:  # host-side TMA descriptors (Triton >= 3.3): the opt-in KVCOMPRESS_XKV_TMA path of kernel 1
+try:  # host-side TMA descriptors (Triton >= 3.3): kernel 1's TMA path (see _tma_usable)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except Exception:
     TensorDescriptor = None
@@ -642,16 +642,25 @@ def _sm90_or_newer(index: int) -> bool:
 
 
 def _tma_usable(key_factor: torch.Tensor, key_right: torch.Tensor) -> bool:
-    """Kernel 1 loads ``U_k``/``B_k`` through TMA tensor descriptors (Hopper) when ``KVCOMPRESS_XKV_TMA=1``,
-    Triton has host-side descriptors, the GPU is sm_90 or newer (or Triton's interpreter) and both factors
-    meet TMA's layout rules (last dim contiguous, 16-byte aligned base and strides).
+    """Whether kernel 1 loads ``U_k``/``B_k`` through TMA tensor descriptors (Hopper's bulk copy engine).
 
-    Opt-in (session 5): in a standalone copy of kernel 1 on an H100, TMA loads took batch 8 x 32K from 662
-    to 587 us and batch 1 x 32K from 91 to 80 us; this fused path has passed only the CPU interpreter tests,
-    and its GPU tests have not run yet, so it stays off by default."""
-    if os.environ.get("KVCOMPRESS_XKV_TMA", "") != "1" or TensorDescriptor is None:
+    ``KVCOMPRESS_XKV_TMA`` unset (or ``auto``): on for CUDA tensors on sm_90 or newer; ``0``: never;
+    ``1``: also in Triton's interpreter (tests). In every case Triton must have host-side descriptors and
+    both factors must meet TMA's layout rules (last dim contiguous, 16-byte aligned base and strides);
+    otherwise the pointer loads run.
+
+    On by default since session 6: on the H100, the fused call at batch 8 x 32K went from 848 to 768 us
+    per layer (kernel 1: 656 -> 576 us) and batch 1 x 4K from 38.7 to 36.8 us; the GPU tests compare both
+    paths against the reference (docs/performance-notes.md, step 20)."""
+    mode = os.environ.get("KVCOMPRESS_XKV_TMA", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"KVCOMPRESS_XKV_TMA={mode!r}: allowed values are 'auto' (default), '0' and '1'")
+    if mode == "0" or TensorDescriptor is None:
         return False
-    if key_factor.is_cuda and not _sm90_or_newer(key_factor.device.index or 0):
+    if key_factor.is_cuda:
+        if not _sm90_or_newer(key_factor.device.index or 0):
+            return False
+    elif mode != "1":
         return False
     for t in (key_factor, key_right):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
