@@ -228,6 +228,23 @@ def test_gpu_kernel_deepseek_shapes(dtype, tol, heads, tokens):
     assert torch.isfinite(out).all() and rel_err(out, ref) <= tol
 
 
+def test_tile_config_follows_tokens_per_program_and_shared_memory(monkeypatch):
+    """16-bit latents take 64-token tiles in 3 stages when a program gets <= 512 tokens and three tiles
+    fit in shared memory (H100: 227 KB); otherwise, and for float32, the small tiles."""
+    small = {"block_m": 16, "block_t": 32, "num_warps": 4, "num_stages": 2}
+    assert mla_decode._config(torch.bfloat16, 512, 64, 1, 16, 32768, torch.device("cpu")) == small  # interpreter
+    monkeypatch.setattr(mla_decode, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    config = lambda dtype, batch, smem: (monkeypatch.setattr(mla_decode, "shared_memory", lambda d: smem),  # noqa: E731
+                                         mla_decode._config(dtype, 512, 64, batch, 16, 32768, cuda))[1]
+    big = {"block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3}
+    assert config(torch.bfloat16, 1, 227 * 1024) == big  # 128 chunks of 256 tokens
+    assert config(torch.float16, 1, 227 * 1024) == big
+    assert config(torch.bfloat16, 1, 163 * 1024) == small  # A100: 3 x 72 KB tiles do not fit
+    assert config(torch.bfloat16, 8, 227 * 1024) == small  # 32 chunks of 1024 tokens
+    assert config(torch.float32, 1, 227 * 1024)["block_t"] == 16
+
+
 # -- growable storage -----------------------------------------------------------------------------
 def feed(layers, steps, batch=2, width=(12, 4), prefill=5, seed=0):
     """The same prefill then single-token updates into every layer; returns what the last update returned."""

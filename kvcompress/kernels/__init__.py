@@ -49,3 +49,16 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_memory(index: int) -> int:
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 48 * 1024)
+
+
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on a CUDA ``device`` (the opt-in per-block limit: 227 KB
+    on an H100, 163 KB on an A100); 0 elsewhere (Triton's CPU interpreter), which picks the small tiles."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())

@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from . import next_pow2 as _pow2, sm_count, triton_usable
+from . import next_pow2 as _pow2, shared_memory, sm_count, triton_usable
 
 try:  # Triton is optional: without it (CPU-only installs) the reference is the only path
     import triton
@@ -327,11 +327,25 @@ def plan(batch: int, rows: int, tokens: int, device: torch.device, block_m: int 
     return math.ceil(tokens / chunk_len), chunk_len
 
 
-def _config(dtype: torch.dtype, rank: int) -> dict:
+def _config(dtype: torch.dtype, rank: int, rope_dim: int, batch: int, rows: int, tokens: int,
+            device: torch.device) -> dict:
     """Block sizes: BLOCK_M = 16 query rows (tl.dot's minimum, = V2-Lite's 16 heads), latent tiles of
-    32 tokens (16 for 4-byte types, to keep the [BLOCK_T, r] tile in the same shared memory)."""
-    wide = dtype in (torch.float32, torch.float64)
-    return {"block_m": 16, "block_t": 16 if wide or rank > 512 else 32, "num_warps": 4, "num_stages": 2}
+    32 tokens (16 for 4-byte types, to keep the [BLOCK_T, r] tile in the same shared memory).
+
+    When the split leaves each program few tokens (<= 512: batch 1, where ``plan`` cuts 32K into 128
+    chunks of 256), 16-bit latents take 64-token tiles in a 3-stage pipeline if three such tiles fit in
+    shared memory (221 KB at r = 512, p = 64: Hopper's 227 KB does, an A100's 163 KB does not). On the
+    H100 at 16 heads x 32K, under CUDA-graph replay: batch 1 went from 30.8 to 25.3 us (2.38x -> 1.95x
+    the bytes floor), while batch 8 (1024-token chunks) stays fastest with the small tiles, 113.9 us
+    against 114.6 (docs/results/perf/mla_kernel_sweep_s6_h100.json)."""
+    if dtype in (torch.float32, torch.float64) or rank > 512:
+        return {"block_m": 16, "block_t": 16, "num_warps": 4, "num_stages": 2}
+    small = {"block_m": 16, "block_t": 32, "num_warps": 4, "num_stages": 2}
+    _, chunk_len = plan(batch, rows, tokens, device, small["block_m"], small["block_t"])
+    big_tiles = 3 * 64 * (rank + rope_dim) * dtype.itemsize
+    if chunk_len <= 512 and shared_memory(device) >= big_tiles:
+        return {"block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3}
+    return small
 
 
 def _direct(kernel):
@@ -349,7 +363,7 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
     batch, heads, queries, rank = q_latent.shape
     tokens, p = latent.shape[1], rope_key.shape[2]
     rows = heads * queries
-    cfg = _config(latent.dtype, rank)
+    cfg = _config(latent.dtype, rank, p, batch, rows, tokens, latent.device)
     block_m = block_m or cfg["block_m"]
     block_t = block_t or cfg["block_t"]
     chunks, chunk_len = plan(batch, rows, tokens, latent.device, block_m, block_t, min_chunk)
