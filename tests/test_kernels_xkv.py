@@ -293,6 +293,60 @@ def test_tma_switch_modes_and_layout_rules(monkeypatch):
         xkv_decode._tma_usable(factor, right)
 
 
+_TMA_FALLBACK_SCRIPT = r"""
+import json, os, sys, warnings
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path[:0] = [{tests!r}, {root!r}]
+import torch
+from kvcompress.kernels import xkv_decode
+from test_kernels_xkv import make_case, rel_err
+real_launch, attempts = xkv_decode._launch, []
+def launch(kernel, grid, *args, **kwargs):  # a Triton whose TMA lowering fails: the TMA launch raises
+    attempts.append(bool(kwargs.get("USE_TMA")))
+    if kwargs.get("USE_TMA"):
+        raise RuntimeError("no TMA lowering here")
+    return real_launch(kernel, grid, *args, **kwargs)
+xkv_decode._launch = launch
+result = {{}}
+query, parts, scaling, valid = make_case(seed=3)
+ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
+os.environ["KVCOMPRESS_XKV_TMA"] = "1"  # forced: the failure is an error
+try:
+    xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+    result["forced_raised"] = False
+except RuntimeError as error:
+    result["forced_raised"] = "no TMA lowering" in str(error)
+result["failures_after_forced"] = len(xkv_decode._TMA_FAILURE)
+# auto, with TMA made usable on these CPU tensors (as on an sm_90 GPU): warn once, then pointer loads
+xkv_decode._tma_mode = lambda: "auto"
+xkv_decode._tma_usable = lambda kf, kr: not xkv_decode._TMA_FAILURE
+attempts.clear()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+    after_first = list(attempts)
+    second = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+result.update(errors=[rel_err(first, ref), rel_err(second, ref)], after_first=after_first,
+              after_second=attempts[len(after_first):], warnings=[str(w.message) for w in caught])
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_tma_failure_falls_back_to_pointer_loads_with_one_warning():
+    """Default mode: a TMA launch that fails (a Triton or driver without the lowering) warns once and the
+    call, and every later one, runs the pointer loads with the reference's result; forced mode (=1)
+    raises instead. In the interpreter, with the failure injected at the launch."""
+    result = run_interpreted(_TMA_FALLBACK_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent)))
+    assert result["forced_raised"] and result["failures_after_forced"] == 0
+    assert all(error <= 1e-4 for error in result["errors"]), result["errors"]
+    # the first segment's TMA launch fails once; it and every later launch take the pointer loads
+    assert result["after_first"][0] is True and result["after_first"][1] is False
+    assert result["after_first"].count(True) == 1
+    assert True not in result["after_second"]
+    assert len(result["warnings"]) == 1 and "TMA loads failed" in result["warnings"][0]
+
+
 # -- growable exact tail --------------------------------------------------------------------------
 def test_tail_capacity_policy():
     assert tail_capacity(1, 0) == 256 and tail_capacity(256, 0) == 256 and tail_capacity(257, 0) == 512

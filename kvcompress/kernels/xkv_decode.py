@@ -79,6 +79,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -641,21 +642,40 @@ def _sm90_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+_TMA_FAILURE: list[str] = []  # set by _tma_failed: the default (auto) mode then keeps to the pointer loads
+
+
+def _tma_mode() -> str:
+    mode = os.environ.get("KVCOMPRESS_XKV_TMA", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"KVCOMPRESS_XKV_TMA={mode!r}: allowed values are 'auto' (default), '0' and '1'")
+    return mode
+
+
+def _tma_failed(error: Exception) -> None:
+    """The default TMA path failed to compile or launch (a Triton or driver without the lowering this
+    kernel needs): warn once and use the pointer loads from now on in this process."""
+    if not _TMA_FAILURE:
+        warnings.warn(f"kvcompress: the xKV decode kernel's TMA loads failed ({type(error).__name__}: "
+                      f"{str(error)[:200]}); using pointer loads. KVCOMPRESS_XKV_TMA=0 skips the attempt, "
+                      "=1 makes it an error.", RuntimeWarning, stacklevel=3)
+    _TMA_FAILURE.append(f"{type(error).__name__}: {error}")
+
+
 def _tma_usable(key_factor: torch.Tensor, key_right: torch.Tensor) -> bool:
     """Whether kernel 1 loads ``U_k``/``B_k`` through TMA tensor descriptors (Hopper's bulk copy engine).
 
-    ``KVCOMPRESS_XKV_TMA`` unset (or ``auto``): on for CUDA tensors on sm_90 or newer; ``0``: never;
-    ``1``: also in Triton's interpreter (tests). In every case Triton must have host-side descriptors and
+    ``KVCOMPRESS_XKV_TMA`` unset (or ``auto``): on for CUDA tensors on sm_90 or newer, until a TMA
+    launch fails (then a warning and the pointer loads); ``0``: never; ``1``: also in Triton's
+    interpreter (tests), and a failure is an error. In every case Triton must have host-side descriptors and
     both factors must meet TMA's layout rules (last dim contiguous, 16-byte aligned base and strides);
     otherwise the pointer loads run.
 
     On by default since session 6: on the H100, the fused call at batch 8 x 32K went from 848 to 768 us
     per layer (kernel 1: 656 -> 576 us) and batch 1 x 4K from 38.7 to 36.8 us; the GPU tests compare both
     paths against the reference (docs/performance-notes.md, step 20)."""
-    mode = os.environ.get("KVCOMPRESS_XKV_TMA", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"KVCOMPRESS_XKV_TMA={mode!r}: allowed values are 'auto' (default), '0' and '1'")
-    if mode == "0" or TensorDescriptor is None:
+    mode = _tma_mode()
+    if mode == "0" or TensorDescriptor is None or (_TMA_FAILURE and mode == "auto"):
         return False
     if key_factor.is_cuda:
         if not _sm90_or_newer(key_factor.device.index or 0):
@@ -745,27 +765,31 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
         sin = part.sin if has_rope else scores
         kf, kr = part.key_factor, part.key_right
-        use_tma = _tma_usable(kf, kr)
-        uk, bk = kf, kr
-        if use_tma:
+        grid = lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch)  # noqa: E731
+        args = [query, kf, kr, cos, sin, valid_arg, scores,
+                tokens, rank_k, groups, col, token0,
+                sq[0], sq[1], sq[3],
+                kf.stride(0), kf.stride(1), kf.stride(2),
+                kr.stride(0), kr.stride(1), kr.stride(2),
+                cos.stride(0), cos.stride(1) if has_rope else 0,
+                stride_vb, stride_vt,
+                scores.stride(0), scores.stride(1), scores.stride(2),
+                float(scaling)]
+        constants = dict(HALF=head_dim // 2, BLOCK_G=block_g, HAS_ROPE=has_rope, HAS_VALID=has_valid,
+                         PRECISION=precision, KEYS_IN_QUERY_DTYPE=not wide, **tuning)
+        if _tma_usable(kf, kr):
             block_t, block_r = tuning.get("BLOCK_T", 128), tuning.get("BLOCK_R", 64)  # the pre-hook resets them
-            uk = TensorDescriptor(kf, list(kf.shape), list(kf.stride()), [1, block_t, block_r])
-            bk = TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [1, block_r, head_dim // 2])
-        _launch(
-            kernel, lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch),
-            query, uk, bk, cos, sin, valid_arg, scores,
-            tokens, rank_k, groups, col, token0,
-            sq[0], sq[1], sq[3],
-            kf.stride(0), kf.stride(1), kf.stride(2),
-            kr.stride(0), kr.stride(1), kr.stride(2),
-            cos.stride(0), cos.stride(1) if has_rope else 0,
-            stride_vb, stride_vt,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            float(scaling),
-            HALF=head_dim // 2, BLOCK_G=block_g,
-            HAS_ROPE=has_rope, HAS_VALID=has_valid, PRECISION=precision, KEYS_IN_QUERY_DTYPE=not wide,
-            USE_TMA=use_tma, **tuning,
-        )
+            descriptors = [TensorDescriptor(kf, list(kf.shape), list(kf.stride()), [1, block_t, block_r]),
+                           TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [1, block_r, head_dim // 2])]
+            try:
+                _launch(kernel, grid, args[0], *descriptors, *args[3:], USE_TMA=True, **constants)
+            except Exception as error:  # a Triton/GPU whose TMA lowering rejects the kernel: nothing ran
+                if _tma_mode() == "1":
+                    raise
+                _tma_failed(error)
+                _launch(kernel, grid, *args, USE_TMA=False, **constants)
+        else:
+            _launch(kernel, grid, *args, USE_TMA=False, **constants)
         columns.append(col)
         col += tokens
     # 2. exact scores and the shift over all columns
