@@ -465,8 +465,7 @@ class XKVLayer(CacheLayerMixin):
         for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
             cos = sin = None
             if self._cache.pre_rope:
-                cos, sin = self._cache._rope_table(segment.start, segment.length, segment.key_factor.device,
-                                                   _rope_table_dtype(segment.key_factor.dtype))
+                cos, sin = self._cache._segment_rope_table(segment)
             parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
         if tail is None:
             tail = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
@@ -803,6 +802,11 @@ class XKVCache(Cache):
             table = self._rope_tables[key] = (self._reuse(("cos", *key), cos), self._reuse(("sin", *key), sin))
         return table
 
+    def _segment_rope_table(self, segment: _Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin table of ``segment``'s slots, in the dtype its factors' states call for."""
+        return self._rope_table(segment.start, segment.length, segment.key_factor.device,
+                                _rope_table_dtype(segment.key_factor.dtype))
+
     def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
         """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``."""
         cos, sin = self._rope_table(start, keys.shape[1], keys.device, _rope_table_dtype(keys.dtype))
@@ -820,8 +824,7 @@ class XKVCache(Cache):
         heads = self.num_kv_heads
         width = heads * max(self.head_dim, self.value_head_dim)
         # the segment's own table (shared with the fused decode)
-        table = (self._rope_table(segment.start, segment.length, segment.key_factor.device,
-                                  _rope_table_dtype(segment.key_factor.dtype)) if self.pre_rope else None)
+        table = self._segment_rope_table(segment) if self.pre_rope else None
         for a, b in row_blocks(tokens, batch * width):
             k = torch.matmul(segment.key_factor[:, a:b], key_right).view(batch, b - a, heads, self.head_dim)
             if table is not None:
@@ -920,8 +923,7 @@ class XKVCache(Cache):
             if self.is_static and not torch.compiler.is_compiling():
                 tensors = [new_segment.key_factor, new_segment.value_factor]
                 if self.pre_rope:
-                    tensors += self._rope_table(new_segment.start, new_segment.length, new_segment.key_factor.device,
-                                                _rope_table_dtype(new_segment.key_factor.dtype))
+                    tensors += self._segment_rope_table(new_segment)
                 for tensor in tensors:
                     torch._dynamo.mark_static_address(tensor)
         for layer in layers:
