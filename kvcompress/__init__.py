@@ -1,19 +1,27 @@
 """kvcompress: KV-cache compression caches for Hugging Face ``transformers`` generation.
 
-Methods (one module each): :class:`XKVCache` (cross-layer SVD, ``kvcompress.xkv``).
+Methods, one home each: :class:`XKVCache` (cross-layer SVD, ``kvcompress.xkv``), :class:`MLALatentCache`
+and :func:`patch_mla` (DeepSeek latent-only caching, ``kvcompress.mla``), :class:`TPLACache` and
+:func:`patch_tpla` (tensor-parallel latent attention, ``kvcompress.tpla``), :func:`convert_gqa_to_mla`
+(TransMLA, ``kvcompress.transmla``). Importing this package registers every method
+(``kvcompress.registry``); :func:`patch_model` switches one on for an existing model.
 """
 
-from .xkv import XKVCache, default_group_size, patch_xkv
-from .registry import get_method, list_methods, make_cache, register_method
-from .patch import PatchHandle, patch_model
+from .registry import MethodParams, get_method, list_methods, make_cache, register_method
+from .hooks import PatchHandle
+from .patch import patch_model
+from .xkv import XKVCache, XKVParams, default_group_size, patch_xkv
+from .mla import MLALatentCache, MLAParams, absorbed_attention, patch_mla
+from .tpla import TPLACache, TPLAParams, patch_tpla
+from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token
 
 __version__ = "0.1.0"
 
-__all__ = ["XKVCache", "default_group_size", "patch_xkv", "__version__"]
-__all__ += ["get_method", "list_methods", "make_cache", "register_method", "PatchHandle", "patch_model"]
-from .mla import MLALatentCache, absorbed_attention, patch_mla
-__all__ += ["MLALatentCache", "absorbed_attention", "patch_mla"]
-from .tpla import TPLACache, patch_tpla
-__all__ += ["TPLACache", "patch_tpla"]
-from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token
-__all__ += ["convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token"]
+__all__ = [
+    "__version__",
+    "get_method", "list_methods", "make_cache", "register_method", "MethodParams", "PatchHandle", "patch_model",
+    "XKVCache", "XKVParams", "default_group_size", "patch_xkv",
+    "MLALatentCache", "MLAParams", "absorbed_attention", "patch_mla",
+    "TPLACache", "TPLAParams", "patch_tpla",
+    "convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token",
+]

@@ -56,18 +56,33 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache
 
 from .kernels import triton_usable
 from .models import text_config
+from .registry import MethodParams, Range, param, register_method
 from .ops import tensor_nbytes
-from .patch import PatchHandle, replace_forward, set_attribute
+from .hooks import PatchHandle, replace_forward, set_attribute
+from .storage import GrowableLayer, StaticBufferLayer
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _STATE_ATTRIBUTE = "kvcompress_mla"
+
+
+@dataclass(frozen=True)
+class MLAParams(MethodParams):
+    """The parameters of the registered method ``mla`` (:func:`patch_mla` and :class:`MLALatentCache`)."""
+
+    method: ClassVar[str] = "mla"
+
+    max_absorbed_tokens: int = param(16, "forwards of at most this many new tokens take the absorbed path "
+                                     "(patch_model only)", Range(int, low=1))
+    max_cache_len: int | None = param(None, "None (storage grows) or a fixed capacity in tokens "
+                                      "(static shapes: compileable, CUDA graphs)", Range(int, low=1), none_ok=True)
 
 
 def _mla_config(config):
@@ -82,163 +97,6 @@ def _mla_config(config):
 
 
 # -- the cache ----------------------------------------------------------------------------------------
-GROWTH_FACTOR = 1.25  # capacity grows geometrically: amortised O(1) copies per appended token
-GROWTH_GRANULE = 256  # capacities are multiples of this many tokens
-
-
-class GrowableLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose ``keys``/``values`` (``[B, n, T, d]``) live in preallocated storage.
-
-    ``DynamicLayer`` concatenates the whole cache with each new token (``O(T)`` bytes copied per step);
-    here a step writes its tokens in place into spare capacity. The first allocation holds the prompt plus
-    256 to 511 spare tokens; when capacity runs out the storage grows
-    to ``max(needed, 1.25 * capacity)`` rounded up to a multiple of 256 tokens, so the copies are
-    amortised ``O(1)`` per token and the number of reallocations is logarithmic in the length. With
-    ``max_cache_len`` the storage is allocated once at that capacity and exceeding it raises; the valid
-    length is still a Python int (the returned views change shape every step), so this is not what
-    ``torch.compile`` / CUDA graphs need: ``MLALatentCache(max_cache_len=...)`` uses
-    :class:`StaticMLALatentLayer` for that.
-
-    ``keys``/``values`` are views of the valid tokens (``[:, :, :T]``), so every ``cache_utils`` operation
-    written against them still works; assigning a tensor to them replaces the storage with it (capacity =
-    its length). ``nbytes()`` counts the valid tokens only (the cache's formula, comparable with
-    ``DynamicCache``); ``reserved_nbytes()`` counts the allocated storage; ``reallocations`` counts growths.
-    """
-
-    def __init__(self, max_cache_len: int | None = None):
-        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
-                                          or max_cache_len < 1):
-            raise ValueError(f"max_cache_len must be None (grow as needed) or an int >= 1, got {max_cache_len!r}")
-        self.max_cache_len = max_cache_len
-        self._key_storage: torch.Tensor | None = None
-        self._value_storage: torch.Tensor | None = None
-        self._length = 0
-        self.reallocations = 0
-        super().__init__()
-
-    # keys/values: views of the valid part; assignment (cache_utils' offload, prefetch, ...) replaces storage
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._key_storage is None else self._key_storage[:, :, : self._length]
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._key_storage = tensor
-        self._length = 0 if tensor is None or tensor.dim() < 2 else tensor.shape[-2]
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._value_storage is None else self._value_storage[:, :, : self._length]
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        if tensor is not None and tensor.dim() >= 2 and self._key_storage is not None and tensor.shape[-2] != self._length:
-            raise ValueError(f"values of {tensor.shape[-2]} tokens assigned to a layer holding {self._length} keys; "
-                             "assign keys first, then values of the same length")
-        self._value_storage = tensor
-
-    @property
-    def capacity(self) -> int:
-        """Tokens the storage can hold before it must grow."""
-        return 0 if self._key_storage is None or self._key_storage.dim() < 2 else self._key_storage.shape[-2]
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        # value_states optional: some transformers versions' early initialisation passes the keys only
-        self.device = key_states.device
-        self._key_storage = self._value_storage = None
-        self._length = 0
-        self.is_initialized = True
-
-    def _grow(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self.max_cache_len is not None:
-            if needed > self.max_cache_len:
-                raise ValueError(f"layer {getattr(self, 'layer_idx', '?')}: {needed} tokens do not fit max_cache_len="
-                                 f"{self.max_cache_len}; build the cache with a larger max_cache_len (or None to grow)")
-            capacity = self.max_cache_len
-        elif self.capacity == 0:
-            # first allocation (the prompt): room for one granule of decode tokens, not 25% of a long
-            # prompt, so a 32K prefill neither reserves 8K spare tokens nor copies itself at the first step
-            capacity = -(-(needed + GROWTH_GRANULE) // GROWTH_GRANULE) * GROWTH_GRANULE
-        else:
-            wanted = max(needed, math.ceil(GROWTH_FACTOR * self.capacity))
-            capacity = -(-wanted // GROWTH_GRANULE) * GROWTH_GRANULE
-        batch, n = key_states.shape[:2]
-        keys = key_states.new_empty(batch, n, capacity, key_states.shape[-1])
-        values = value_states.new_empty(batch, value_states.shape[1], capacity, value_states.shape[-1])
-        if self._length:
-            keys[:, :, : self._length] = self.keys
-            values[:, :, : self._length] = self.values
-        self._key_storage, self._value_storage = keys, values
-        self.reallocations += 1
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write the new tokens after the valid ones (growing the storage if needed); return views of all."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        needed = self._length + new
-        store = self._key_storage
-        # empty (fresh, reset or cropped to 0): storage of another batch/dtype/device cannot be reused
-        stale = store is None or (self._length == 0 and (
-            store.shape[:2] != key_states.shape[:2] or store.shape[-1] != key_states.shape[-1]
-            or store.dtype != key_states.dtype or store.device != key_states.device))
-        if stale:
-            self._key_storage = self._value_storage = None
-        if stale or needed > self.capacity:
-            self._grow(needed, key_states, value_states)
-        self._key_storage[:, :, self._length : needed] = key_states
-        self._value_storage[:, :, self._length : needed] = value_states
-        self._length = needed
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._length if self.is_initialized else 0
-
-    def reset(self) -> None:
-        self._key_storage = self._value_storage = None
-        self._length = 0
-        self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tokens (a negative int, transformers 5.24), or keep the first
-        ``tokens_to_remove`` (a non-negative int: the older ``max_length`` meaning). Storage is kept."""
-        if not self.is_initialized:
-            return
-        if tokens_to_remove < 0:
-            self._length = max(0, self._length + tokens_to_remove)
-        else:
-            self._length = min(self._length, tokens_to_remove)
-
-    def _rebuild(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """New storage of the current capacity holding ``keys``/``values`` (a new batch), valid part only."""
-        capacity = max(self.capacity, keys.shape[-2])
-        self._key_storage = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
-        self._value_storage = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
-        self._key_storage[:, :, : keys.shape[-2]] = keys
-        self._value_storage[:, :, : values.shape[-2]] = values
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the batch rows (beam search) in place: same storage, same capacity."""
-        if self._length:
-            idx = beam_idx.to(self._key_storage.device)
-            self._key_storage[:, :, : self._length] = self.keys.index_select(0, idx)
-            self._value_storage[:, :, : self._length] = self.values.index_select(0, idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._length:
-            self._rebuild(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._length:
-            self._rebuild(self.keys[indices, ...], self.values[indices, ...])
-
-    def nbytes(self) -> int:
-        """Bytes of the valid tokens' keys and values (what ``DynamicLayer`` would hold)."""
-        return tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
-
-    def reserved_nbytes(self) -> int:
-        """Bytes of the allocated storage (valid tokens + spare capacity)."""
-        return tensor_nbytes(self._key_storage, self._value_storage) if self.is_initialized else 0
 
 
 class _LatentLayerNames:
@@ -323,85 +181,29 @@ class MLALatentLayer(_LatentLayerNames, GrowableLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
 
-class StaticMLALatentLayer(_LatentLayerNames, StaticLayer):
+class StaticMLALatentLayer(_LatentLayerNames, StaticBufferLayer):
     """One layer of an :class:`MLALatentCache` built with ``max_cache_len``: fixed-capacity storage that a
-    compiled / CUDA-graph-captured decode step can update (transformers' ``StaticLayer`` recipe).
+    compiled / CUDA-graph-captured decode step can update (:class:`kvcompress.storage.StaticBufferLayer`,
+    transformers' ``StaticLayer`` recipe).
 
     ``keys`` (the latent, ``[B, 1, max_cache_len, kv_lora_rank]``) and ``values`` (the RoPE key,
     ``[B, 1, max_cache_len, qk_rope_head_dim]``) are allocated once at the first update and marked as static
     addresses; ``cumulative_length`` is a 0-d device tensor counting the valid tokens. An update writes the
-    new tokens with ``index_copy_`` at ``cumulative_length + arange(new)`` and returns the *whole* storage, so
-    shapes never change between steps; the tail past ``cumulative_length`` is stale and must be masked (the
-    mask transformers builds for a static cache does, and the patched attention also passes
-    ``kv_lengths = cumulative_length`` to the decode kernel). ``is_compileable = True`` (inherited) makes
-    ``generate`` compile the decode step on GPU, as for ``StaticCache``.
-
-    Overflow: an eager update checks ``max_cache_len`` against a host-side mirror of the length (no sync);
-    inside compiled code it cannot (the length is only on the device), and the first eager update after
-    compiled steps re-reads the device counter once.
+    new tokens in place and returns the *whole* storage, so shapes never change between steps; the tail
+    past ``cumulative_length`` is stale and must be masked (the mask transformers builds for a static cache
+    does, and the patched attention also passes ``kv_lengths = cumulative_length`` to the decode kernel).
+    ``is_compileable = True`` (inherited) makes ``generate`` compile the decode step on GPU, as for
+    ``StaticCache``.
     """
 
     def __init__(self, layer_idx: int, kv_lora_rank: int, qk_rope_head_dim: int, max_cache_len: int):
-        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
-            raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         super().__init__(max_cache_len)
         self._set_widths(layer_idx, kv_lora_rank, qk_rope_head_dim)
-        # host mirror of cumulative_length for the eager overflow check; None = unknown (compiled steps ran)
-        self._host_length: int | None = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.max_cache_len
-
-    @property
-    def reallocations(self) -> int:
-        """1 once the storage exists: it is never reallocated."""
-        return int(self.is_initialized)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new tokens at ``cumulative_length`` in place; return the full-capacity storage."""
         self.check_states(key_states, value_states)
-        new = key_states.shape[-2]
-        if torch.compiler.is_compiling():
-            # the device counter advances inside the graph; reading it here would be a host sync
-            self._host_length = None
-        else:
-            seen = self._host_length
-            if seen is None:  # compiled steps ran since the last eager update: one sync to catch up
-                seen = int(self.cumulative_length) if self.is_initialized else 0
-            if seen + new > self.max_cache_len:
-                raise ValueError(
-                    f"layer {self.layer_idx}: {seen} cached + {new} new tokens do not fit max_cache_len="
-                    f"{self.max_cache_len}; build the MLALatentCache with a larger max_cache_len (or None to grow)")
-            self._host_length = seen + new
         return super().update(key_states, value_states)
-
-    def get_seq_length(self) -> torch.Tensor | int:
-        """Valid tokens: the 0-d device counter (as ``StaticLayer``: no sync, no recompiles), 0 before use."""
-        return super().get_seq_length()
-
-    def reset(self) -> None:
-        super().reset()
-        self._host_length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._host_length = None
-
-    def valid_tokens(self) -> int:
-        """Valid tokens as a Python int (one host sync on GPU)."""
-        return int(self.cumulative_length) if self.is_initialized else 0
-
-    def nbytes(self) -> int:
-        """Bytes of the valid tokens' latents and RoPE keys (the formula; one host sync)."""
-        if not self.is_initialized:
-            return 0
-        batch = self.keys.shape[0]
-        return batch * self.valid_tokens() * (self.kv_lora_rank + self.qk_rope_head_dim) * self.keys.element_size()
-
-    def reserved_nbytes(self) -> int:
-        """Bytes of the fixed-capacity storage."""
-        return tensor_nbytes(self.keys, self.values) if self.is_initialized else 0
 
 
 
@@ -438,7 +240,7 @@ class MLALatentCache(Cache):
             updates; compiled steps cannot check without a host sync).
     """
 
-    def __init__(self, config, max_cache_len: int | None = None):
+    def __init__(self, config, max_cache_len: int | None = MLAParams.max_cache_len):
         cfg = _mla_config(config)
         self.num_layers = cfg.num_hidden_layers
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -736,7 +538,7 @@ def mla_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "kv_b_proj") and hasattr(m, "kv_a_proj_with_mqa")]
 
 
-def patch_mla(model: torch.nn.Module, max_absorbed_tokens: int = 16) -> PatchHandle:
+def patch_mla(model: torch.nn.Module, max_absorbed_tokens: int = MLAParams.max_absorbed_tokens) -> PatchHandle:
     """Install absorbed MLA attention on every DeepSeek-V2/V3 attention of ``model``.
 
     Forwards of at most ``max_absorbed_tokens`` new tokens (decode steps, short follow-up turns) take the
@@ -789,3 +591,29 @@ def patch_mla(model: torch.nn.Module, max_absorbed_tokens: int = 16) -> PatchHan
         set_attribute(module, _STATE_ATTRIBUTE, state, handle)
         replace_forward(module, _mla_forward, handle)
     return handle
+
+
+# -- the registered method ---------------------------------------------------------------------------
+
+
+def _build_mla(model_or_config, max_absorbed_tokens: int, max_cache_len: int | None = None) -> MLALatentCache:
+    # max_absorbed_tokens belongs to the attention patch
+    return MLALatentCache(model_or_config, max_cache_len=max_cache_len)
+
+
+def _install_mla(model, handle: PatchHandle, max_absorbed_tokens: int, max_cache_len: int | None = None) -> None:
+    # patch_mla validates (attention implementation, ...) before it changes anything, then records its
+    # own undo steps; removing the outer handle removes it.
+    handle.add_undo(patch_mla(model, max_absorbed_tokens=max_absorbed_tokens).remove)
+
+
+register_method(
+    "mla",
+    summary="DeepSeek MLA: cache only the latent and RoPE key; absorbed attention for decode",
+    build=_build_mla,
+    params=MLAParams,
+    families=SUPPORTED_MODEL_TYPES,
+    install=_install_mla,
+    cache_class="kvcompress.mla.MLALatentCache",
+    doc="docs/mla.md",
+)

@@ -1,12 +1,9 @@
-"""The one place where kvcompress changes a live model: every hook is registered and removed here.
-
-``PatchHandle`` collects undo actions; ``handle.remove()`` (or leaving a ``with`` block) runs them in
-reverse order, restoring the model exactly as it was. ``replace_forward`` swaps one module's forward
-for another function (e.g. MLA's absorbed attention) on that instance only.
+"""``patch_model``: switch a registered method on for an existing model or pipeline.
 
 ``patch_model(model, method, **params)`` makes every later ``model.generate(...)`` on that instance,
 including the calls a ``transformers.pipeline`` makes, run with a fresh cache of ``method``; methods that
-need another attention forward install it here too (their ``install`` step). Rules, documented in
+need another attention forward install it too (their ``install`` step, which changes the model only
+through :mod:`kvcompress.hooks`, so ``handle.remove()`` undoes everything). Rules, documented in
 docs/registry.md:
 
 * a fresh cache per ``generate`` call; the newest one is kept on ``handle.last_cache`` until the next call
@@ -26,92 +23,17 @@ from __future__ import annotations
 import functools
 import logging
 import types
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers.generation.utils import ALL_CACHE_NAMES
 
-if TYPE_CHECKING:  # registry.py imports method modules, which import this one: import it where used
-    from .registry import Method
+from .hooks import PatchHandle, replace_forward, set_attribute, undo_on_failure
+from .registry import Method, get_method
 
 logger = logging.getLogger(__name__)
 
-_MISSING = object()
-
-
-class PatchHandle:
-    """Undo record for changes made to a model; usable as a context manager."""
-
-    def __init__(self, model: torch.nn.Module | None = None, description: str = ""):
-        self.model = model
-        self.description = description
-        self._undo: list[Callable[[], None]] = []
-        self.active = True
-        # filled by patch_model:
-        self.method: Method | None = None
-        self.params: dict[str, Any] = {}
-        self.last_cache: Any = None  # the cache of the newest patched generate() call
-        self.caches_made = 0  # how many generate() calls ran with a cache of this method
-
-    def add_undo(self, undo: Callable[[], None]) -> None:
-        self._undo.append(undo)
-
-    def remove(self) -> None:
-        """Restore everything this handle changed (idempotent)."""
-        while self._undo:
-            self._undo.pop()()
-        self.active = False
-        self.last_cache = None
-
-    def __deepcopy__(self, memo) -> "PatchHandle":
-        # A copy would undo changes on the original model, and a deep-copied patched model would keep
-        # reporting to this handle: refuse instead of copying something that cannot be right.
-        raise TypeError(
-            f"{self!r} cannot be copied: copy.deepcopy a model before patching it or after handle.remove(), "
-            "then patch the copy"
-        )
-
-    def __enter__(self) -> "PatchHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
-        return f"PatchHandle({self.description or type(self.model).__name__}, {state})"
-
-
-def replace_forward(module: torch.nn.Module, forward: Callable, handle: PatchHandle) -> None:
-    """Bind ``forward(module, *args, **kwargs)`` as ``module.forward``; ``handle.remove()`` undoes it."""
-    previous = module.__dict__.get("forward", _MISSING)
-    module.forward = types.MethodType(forward, module)
-
-    def undo() -> None:
-        if previous is _MISSING:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = previous
-
-    handle.add_undo(undo)
-
-
-def set_attribute(obj: object, name: str, value: object, handle: PatchHandle) -> None:
-    """``setattr(obj, name, value)``, restored (or deleted if it was absent) by ``handle.remove()``."""
-    previous = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
-    setattr(obj, name, value)
-
-    def undo() -> None:
-        if previous is _MISSING:
-            try:
-                delattr(obj, name)
-            except AttributeError:
-                pass
-        else:
-            setattr(obj, name, previous)
-
-    handle.add_undo(undo)
+__all__ = ["GENERATE_CACHE_KWARG", "PatchHandle", "active_patch", "patch_model", "replace_forward", "set_attribute"]
 
 
 # -- patch_model -------------------------------------------------------------------------------------
@@ -206,8 +128,6 @@ def patch_model(model: torch.nn.Module, method: str | Method, /, **params: Any) 
         raise TypeError(f"model must be a transformers model with generate(), got {type(model).__name__}")
     if getattr(model, "config", None) is None:
         raise TypeError(f"model must have a config, got {type(model).__name__} without one")
-    from .registry import get_method
-
     spec = get_method(method)
     spec.check_family(model)
     resolved = spec.resolve_params(params)
@@ -221,12 +141,9 @@ def patch_model(model: torch.nn.Module, method: str | Method, /, **params: Any) 
 
     handle = PatchHandle(model, description=f"{spec.name} on {type(model).__name__}")
     handle.method, handle.params = spec, resolved
-    try:
+    with undo_on_failure(handle):  # also on KeyboardInterrupt: never leave a half-patched model
         if spec.install is not None:
             spec.install(model, handle, **resolved)
         _install_generate(model, spec, resolved, handle)
         set_attribute(model, _ACTIVE, handle, handle)
-    except BaseException:  # includes KeyboardInterrupt: never leave a half-patched model
-        handle.remove()
-        raise
     return handle

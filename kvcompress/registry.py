@@ -1,35 +1,38 @@
 """Every KV-cache method by name: one declaration per method feeds ``make_cache``, ``patch_model``,
 the error messages and the ``kvcompress methods`` table.
 
-A method is declared once with :func:`register_method`: its name, the model families it supports (by
-``config.model_type``), its parameters (default, accepted types and ranges, one line of help) and a
-``build(model_or_config, **params)`` function that returns a fresh cache. Methods that also need a
-different attention forward (MLA's absorbed attention) declare ``install(model, handle, **params)``,
-which :func:`kvcompress.patch.patch_model` calls; ``install`` must make every change through
-``kvcompress.patch`` (``replace_forward``/``set_attribute`` with the handle it is given) so that
-``handle.remove()`` undoes it.
+A method's parameters are declared once, as a frozen dataclass deriving from :class:`MethodParams`
+whose fields are the parameters, each made with :func:`param` (default, accepted types and ranges, one
+line of help). Constructing it validates every value (``__post_init__``), so the cache class, the
+registry and the command line share one set of rules and one wording of errors. The method module then
+calls :func:`register_method` with its name, the model families it supports (by ``config.model_type``),
+that dataclass and a ``build(model_or_config, **params)`` function returning a fresh cache. Methods that
+also need a different attention forward (MLA's absorbed attention) declare ``install(model, handle,
+**params)``, which :func:`kvcompress.patch.patch_model` calls; ``install`` makes every change through
+:mod:`kvcompress.hooks` with the handle it is given, so that ``handle.remove()`` undoes it.
+
+This module imports no method: each method module registers itself when imported (``import kvcompress``
+imports them all), so the import graph has no cycle.
 
 Validation order, all before any cache is built or any model touched: unknown method name, unsupported
 model family, unknown parameter name, parameter type, parameter range. Limits that depend on the
 model (e.g. xKV's ``group_size`` must divide the number of layers) are checked by the cache class
 itself, with messages of the same form.
 
-Adding a method: write its cache (one module), then add one ``register_method(...)`` block at the
-end of this file.
+Adding a method: write its module (cache, parameter dataclass, ``register_method(...)`` at the end) and
+import it from ``kvcompress/__init__.py``.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .models import text_config
-
-_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,55 @@ class Param:
         return value
 
 
+_DECLARATION = "kvcompress_param"  # dataclass field metadata key holding a parameter's declaration
+
+
+def param(default: Any, help: str, *accepts: Range, none_ok: bool = False, note: str = "") -> Any:
+    """One field of a :class:`MethodParams` dataclass: the default, the accepted :class:`Range` s (any one
+    may match), whether ``None`` is allowed, one line of help, and a ``note`` for a limit that depends on
+    the model (checked by the cache class, shown in help only)."""
+    if not accepts:
+        raise ValueError("param() needs at least one Range of accepted values")
+    return field(default=default, metadata={_DECLARATION: (help, tuple(accepts), none_ok, note)})
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Base class of a method's parameter declaration (a frozen dataclass, one :func:`param` field each).
+
+    ``MyParams(**values)`` fills in the defaults and validates every value, raising ``TypeError`` (wrong
+    type) or ``ValueError`` (out of range) that names the method (``method``, a class attribute), the
+    parameter and the allowed values. :meth:`declared` gives the parameters as :class:`Param` s for the
+    registry's table and command-line parsing.
+    """
+
+    method: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for p in self.declared():
+            p.validate(getattr(self, p.name), self.method or type(self).__name__)
+
+    @classmethod
+    def declared(cls) -> tuple[Param, ...]:
+        """The parameters, in declaration order."""
+        out = []
+        for f in dataclasses.fields(cls):
+            if _DECLARATION not in f.metadata:
+                raise TypeError(f"{cls.__name__}.{f.name} must be declared with kvcompress.registry.param()")
+            help_text, accepts, none_ok, note = f.metadata[_DECLARATION]
+            out.append(Param(f.name, f.default, help_text, accepts, none_ok=none_ok, note=note))
+        return tuple(out)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{name: default}`` of every parameter."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{name: value}`` of every parameter."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered method; build caches with :func:`make_cache`, patch models with ``patch_model``."""
@@ -214,7 +266,7 @@ def register_method(
     *,
     summary: str,
     build: Callable[..., Any],
-    params: Sequence[Param] = (),
+    params: type[MethodParams] | Sequence[Param] = (),
     families: Sequence[str] | None = None,
     install: Callable[..., None] | None = None,
     cache_class: str = "",
@@ -227,10 +279,11 @@ def register_method(
         summary: one line for ``kvcompress methods``.
         build: ``build(model_or_config, **params) -> Cache``; receives every declared parameter, defaults
             filled in and validated.
-        params: the parameters, each with default, allowed values and help.
+        params: the parameter declaration, a :class:`MethodParams` dataclass (or a sequence of
+            :class:`Param`, each with default, allowed values and help).
         families: the ``config.model_type`` values supported; ``None`` for any decoder-only model.
         install: optional ``install(model, handle, **params)``, called by ``patch_model`` to change the
-            model (e.g. its attention forward) through ``kvcompress.patch`` and ``handle``.
+            model (e.g. its attention forward) through :mod:`kvcompress.hooks` and ``handle``.
         cache_class: dotted name of the cache class, for the table.
         doc: the page in docs/ that explains the method.
         replace: allow replacing a method of the same name (otherwise that is a ``ValueError``).
@@ -243,6 +296,8 @@ def register_method(
         raise TypeError(f"build must be callable, got {build!r}")
     if install is not None and not callable(install):
         raise TypeError(f"install must be callable or None, got {install!r}")
+    if isinstance(params, type) and issubclass(params, MethodParams):
+        params = params.declared()
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise ValueError(f"method {name!r} declares a parameter twice: {names}")
@@ -284,18 +339,7 @@ def make_cache(name: str, model_or_config, **params):
     return method.build(model_or_config, **resolved)
 
 
-def signature_defaults(cls_or_fn) -> dict[str, Any]:
-    """Default values of a class's ``__init__`` (or a function's) keyword parameters, read with inspect, so
-    a declaration never copies numbers that the class owns."""
-    target = cls_or_fn.__init__ if inspect.isclass(cls_or_fn) else cls_or_fn
-    return {
-        name: p.default
-        for name, p in inspect.signature(target).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
-# -- built-in methods -------------------------------------------------------------------------------
+# -- the stock baseline ------------------------------------------------------------------------------
 
 
 def _build_dynamic(model_or_config):
@@ -310,163 +354,4 @@ register_method(
     summary="stock transformers DynamicCache: the uncompressed baseline",
     build=_build_dynamic,
     cache_class="transformers.DynamicCache",
-)
-
-
-def _xkv_params() -> tuple[Param, ...]:
-    from .ops import SVD_METHODS
-    from .xkv import XKVCache
-
-    d = signature_defaults(XKVCache)
-    rank_ranges = (Range(int, low=1), Range(float, low=0.0, high=1.0, low_open=True))
-    return (
-        Param("group_size", d["group_size"], "adjacent layers sharing one SVD (None: divisor nearest 4)",
-              (Range(int, low=1),), none_ok=True, note="must divide the number of full-attention layers"),
-        Param("rank_k", d["rank_k"], "rank of the keys' group SVD: absolute, fraction of the width, None = full",
-              rank_ranges, none_ok=True, note="int at most group_size*kv_heads*head_dim"),
-        Param("rank_v", d["rank_v"], "rank of the values' group SVD: absolute, fraction of the width, None = full",
-              rank_ranges, none_ok=True, note="int at most group_size*kv_heads*head_dim"),
-        Param("window", d["window"], "most recent prompt tokens kept exact", (Range(int, low=0),)),
-        Param("sink", d["sink"], "first tokens of the sequence kept exact", (Range(int, low=0),)),
-        Param("pre_rope", d["pre_rope"], "compress keys before RoPE (True) or as rotated", (Range(bool),)),
-        Param("min_compress_tokens", d["min_compress_tokens"], "fewest tokens worth a new compressed segment",
-              (Range(int, low=1),)),
-        Param("svd_method", d["svd_method"], "factorisation route: auto, exact, gram32, randomized",
-              (Range(str, choices=SVD_METHODS),), note="auto = exact on CPU, gram32 on GPU"),
-        Param("max_cache_len", d["max_cache_len"], "None (storage grows) or a fixed capacity in tokens "
-              "(static shapes: compileable, CUDA graphs)", (Range(int, low=1),), none_ok=True),
-        Param("merge_segments", d["merge_segments"], "later compressions (prefill chunks, next turns) extend "
-              "the last segment by an incremental SVD instead of starting a new one", (Range(bool),)),
-    )
-
-
-def _build_xkv(model_or_config, **params):
-    from .xkv import XKVCache
-
-    return XKVCache(model_or_config, **params)
-
-
-def _install_xkv(model, handle, **params) -> None:
-    """Fused decode (``patch_xkv``) where the model's attention allows it; elsewhere (flash/flex attention)
-    the cache still works unpatched, rebuilding keys and values each step, so patching must not fail."""
-    import warnings
-
-    from .xkv import patch_xkv
-
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    if implementation not in ("sdpa", "eager"):
-        warnings.warn(f"xkv: attention implementation {implementation!r} has no fused decode path; the cache "
-                      "rebuilds keys and values each step (load the model with attn_implementation='sdpa' for it)",
-                      stacklevel=3)
-        return
-    handle.add_undo(patch_xkv(model).remove)
-
-
-register_method(
-    "xkv",
-    summary="cross-layer SVD: adjacent layers share one low-rank token factor (xKV)",
-    build=_build_xkv,
-    params=_xkv_params(),
-    families=("llama", "qwen2", "mistral"),
-    install=_install_xkv,
-    cache_class="kvcompress.xkv.XKVCache",
-    doc="docs/xkv.md",
-)
-
-
-def _mla_params() -> tuple[Param, ...]:
-    from .mla import MLALatentCache, patch_mla
-
-    d = signature_defaults(patch_mla)
-    c = signature_defaults(MLALatentCache)
-    return (
-        Param("max_absorbed_tokens", d["max_absorbed_tokens"],
-              "forwards of at most this many new tokens take the absorbed path (patch_model only)",
-              (Range(int, low=1),)),
-        Param("max_cache_len", c["max_cache_len"], "None (storage grows) or a fixed capacity in tokens "
-              "(static shapes: compileable, CUDA graphs)", (Range(int, low=1),), none_ok=True),
-    )
-
-
-def _build_mla(model_or_config, max_absorbed_tokens: int, max_cache_len: int | None = None):
-    from .mla import MLALatentCache
-
-    # max_absorbed_tokens belongs to the attention patch
-    return MLALatentCache(model_or_config, max_cache_len=max_cache_len)
-
-
-def _install_mla(model, handle, max_absorbed_tokens: int, max_cache_len: int | None = None) -> None:
-    from .mla import patch_mla
-
-    # patch_mla validates (attention implementation, ...) before it changes anything, then records its
-    # own undo steps; removing the outer handle removes it.
-    handle.add_undo(patch_mla(model, max_absorbed_tokens=max_absorbed_tokens).remove)
-
-
-def _mla_families() -> tuple[str, ...]:
-    from .mla import SUPPORTED_MODEL_TYPES
-
-    return tuple(SUPPORTED_MODEL_TYPES)
-
-
-register_method(
-    "mla",
-    summary="DeepSeek MLA: cache only the latent and RoPE key; absorbed attention for decode",
-    build=_build_mla,
-    params=_mla_params(),
-    families=_mla_families(),
-    install=_install_mla,
-    cache_class="kvcompress.mla.MLALatentCache",
-    doc="docs/mla.md",
-)
-
-
-def _tpla_params() -> tuple[Param, ...]:
-    from .tpla import ROTATIONS, patch_tpla
-
-    d = signature_defaults(patch_tpla)
-    return (
-        Param("num_shards", d["num_shards"], "latent shards N (each caches kv_lora_rank/N + the RoPE key)",
-              (Range(int, low=1),), note="must divide kv_lora_rank"),
-        Param("rotation", d["rotation"], "orthogonal transform folded in before slicing",
-              (Range(str, choices=tuple(r for r in ROTATIONS if r is not None)),), none_ok=True,
-              note="hadamard needs kv_lora_rank a power of two"),
-        Param("max_absorbed_tokens", d["max_absorbed_tokens"],
-              "forwards of at most this many new tokens take the TPLA path (patch_model only)", (Range(int, low=1),)),
-        Param("distributed", d["distributed"], "one torch.distributed rank per shard (world size = num_shards)",
-              (Range(bool),)),
-    )
-
-
-def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool):
-    from .tpla import TPLACache
-
-    shard = None
-    if distributed:
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("tpla: distributed=True needs torch.distributed initialised (init_process_group) first")
-        if dist.get_world_size() != num_shards:
-            raise ValueError(f"tpla: world size {dist.get_world_size()} != num_shards={num_shards}")
-        shard = dist.get_rank()
-    return TPLACache(model_or_config, num_shards=num_shards, rotation=rotation, shard=shard)
-
-
-def _install_tpla(model, handle, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool) -> None:
-    from .tpla import patch_tpla
-
-    handle.add_undo(patch_tpla(model, num_shards=num_shards, rotation=rotation,
-                               max_absorbed_tokens=max_absorbed_tokens, distributed=distributed).remove)
-
-
-register_method(
-    "tpla",
-    summary="TPLA: MLA latent split over N shards, per-shard softmax decode (tensor-parallel latent attention)",
-    build=_build_tpla,
-    params=_tpla_params(),
-    families=_mla_families(),
-    install=_install_tpla,
-    cache_class="kvcompress.tpla.TPLACache",
-    doc="docs/tpla.md",
 )

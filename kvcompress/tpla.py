@@ -69,6 +69,7 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,13 +78,30 @@ from transformers.cache_utils import Cache
 from .mla import (SUPPORTED_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, GrowableLayer, _mla_config, absorbed_attention,
                   mla_attention_modules)
 from .ops import tensor_nbytes
-from .patch import PatchHandle, replace_forward, set_attribute
+from .hooks import PatchHandle, replace_forward, set_attribute
+from .registry import MethodParams, Range, param, register_method
 
 ROTATIONS = ("hadamard", "pca", None)
 _STATE_ATTRIBUTE = "kvcompress_tpla"
 
 
 # -- validation -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TPLAParams(MethodParams):
+    """The parameters of the registered method ``tpla`` (:func:`patch_tpla` and :class:`TPLACache`)."""
+
+    method: ClassVar[str] = "tpla"
+
+    num_shards: int = param(2, "latent shards N (each caches kv_lora_rank/N + the RoPE key)", Range(int, low=1),
+                            note="must divide kv_lora_rank")
+    rotation: str | None = param("hadamard", "orthogonal transform folded in before slicing",
+                                 Range(str, choices=tuple(r for r in ROTATIONS if r is not None)), none_ok=True,
+                                 note="hadamard needs kv_lora_rank a power of two")
+    max_absorbed_tokens: int = param(16, "forwards of at most this many new tokens take the TPLA path "
+                                     "(patch_model only)", Range(int, low=1))
+    distributed: bool = param(False, "one torch.distributed rank per shard (world size = num_shards)", Range(bool))
+
+
 def check_layout(kv_lora_rank: int, num_shards: object, rotation: object) -> None:
     """Raise TypeError/ValueError (naming the parameter and what is allowed) unless ``num_shards`` splits a
     latent of ``kv_lora_rank`` values and ``rotation`` is supported for it.
@@ -253,7 +271,8 @@ class TPLACache(Cache):
         max_cache_len: ``None`` (storage grows geometrically) or a fixed capacity in tokens.
     """
 
-    def __init__(self, config, num_shards: int = 2, rotation: str | None = "hadamard", shard: int | None = None,
+    def __init__(self, config, num_shards: int = TPLAParams.num_shards, rotation: str | None = TPLAParams.rotation,
+                 shard: int | None = None,
                  max_cache_len: int | None = None):
         cfg = _mla_config(config)
         check_layout(cfg.kv_lora_rank, num_shards, rotation)
@@ -482,10 +501,10 @@ def _tpla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
 
 def patch_tpla(
     model: torch.nn.Module,
-    num_shards: int = 2,
-    rotation: str | None = "hadamard",
-    max_absorbed_tokens: int = 16,
-    distributed: bool = False,
+    num_shards: int = TPLAParams.num_shards,
+    rotation: str | None = TPLAParams.rotation,
+    max_absorbed_tokens: int = TPLAParams.max_absorbed_tokens,
+    distributed: bool = TPLAParams.distributed,
     calibration: torch.Tensor | None = None,
     process_group=None,
 ) -> PatchHandle:
@@ -568,3 +587,37 @@ def patch_tpla(
         set_attribute(module, _STATE_ATTRIBUTE, state, handle)
         replace_forward(module, _tpla_forward, handle)
     return handle
+
+
+# -- the registered method ---------------------------------------------------------------------------
+
+
+def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool) -> TPLACache:
+    shard = None
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("tpla: distributed=True needs torch.distributed initialised (init_process_group) first")
+        if dist.get_world_size() != num_shards:
+            raise ValueError(f"tpla: world size {dist.get_world_size()} != num_shards={num_shards}")
+        shard = dist.get_rank()
+    return TPLACache(model_or_config, num_shards=num_shards, rotation=rotation, shard=shard)
+
+
+def _install_tpla(model, handle: PatchHandle, num_shards: int, rotation, max_absorbed_tokens: int,
+                  distributed: bool) -> None:
+    handle.add_undo(patch_tpla(model, num_shards=num_shards, rotation=rotation,
+                               max_absorbed_tokens=max_absorbed_tokens, distributed=distributed).remove)
+
+
+register_method(
+    "tpla",
+    summary="TPLA: MLA latent split over N shards, per-shard softmax decode (tensor-parallel latent attention)",
+    build=_build_tpla,
+    params=TPLAParams,
+    families=SUPPORTED_MODEL_TYPES,
+    install=_install_tpla,
+    cache_class="kvcompress.tpla.TPLACache",
+    doc="docs/tpla.md",
+)

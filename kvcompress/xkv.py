@@ -47,15 +47,46 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
+from .hooks import PatchHandle, add_hook, register_attention, set_attention_implementation, set_attribute, undo_on_failure
 from .models import text_config
+from .registry import MethodParams, Range, param, register_method
 from .ops import (SVD_METHODS, apply_rope, extend_truncated_svd, grouped_query_sdpa, rope_cos_sin, rope_inv_freq,
                   row_blocks, tensor_nbytes, truncated_svd)
 
 Rank = int | float | None
+
+_RANK = (Range(int, low=1), Range(float, low=0.0, high=1.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class XKVParams(MethodParams):
+    """The parameters of :class:`XKVCache` (and of the registered method ``xkv``), declared once."""
+
+    method: ClassVar[str] = "xkv"
+
+    group_size: int | None = param(None, "adjacent layers sharing one SVD (None: divisor nearest 4)",
+                                   Range(int, low=1), none_ok=True,
+                                   note="must divide the number of full-attention layers")
+    rank_k: Rank = param(0.125, "rank of the keys' group SVD: absolute, fraction of the width, None = full",
+                         *_RANK, none_ok=True, note="int at most group_size*kv_heads*head_dim")
+    rank_v: Rank = param(0.1875, "rank of the values' group SVD: absolute, fraction of the width, None = full",
+                         *_RANK, none_ok=True, note="int at most group_size*kv_heads*head_dim")
+    window: int = param(64, "most recent prompt tokens kept exact", Range(int, low=0))
+    sink: int = param(4, "first tokens of the sequence kept exact", Range(int, low=0))
+    pre_rope: bool = param(True, "compress keys before RoPE (True) or as rotated", Range(bool))
+    min_compress_tokens: int = param(32, "fewest tokens worth a new compressed segment", Range(int, low=1))
+    svd_method: str = param("auto", "factorisation route: auto, exact, gram32, randomized",
+                            Range(str, choices=SVD_METHODS), note="auto = exact on CPU, gram32 on GPU")
+    max_cache_len: int | None = param(None, "None (storage grows) or a fixed capacity in tokens "
+                                      "(static shapes: compileable, CUDA graphs)", Range(int, low=1), none_ok=True)
+    merge_segments: bool = param(True, "later compressions (prefill chunks, next turns) extend the last "
+                                 "segment by an incremental SVD instead of starting a new one", Range(bool))
+
 
 # The exact tail lives in a preallocated buffer that grows geometrically, so appending a decoded token is
 # one in-place write (amortised O(1)) instead of a torch.cat that copies the whole tail every step.
@@ -582,16 +613,16 @@ class XKVCache(Cache):
     def __init__(
         self,
         config,
-        group_size: int | None = None,
-        rank_k: Rank = 0.125,
-        rank_v: Rank = 0.1875,
-        window: int = 64,
-        sink: int = 4,
-        pre_rope: bool = True,
-        min_compress_tokens: int = 32,
-        svd_method: str = "auto",
-        max_cache_len: int | None = None,
-        merge_segments: bool = True,
+        group_size: int | None = XKVParams.group_size,
+        rank_k: Rank = XKVParams.rank_k,
+        rank_v: Rank = XKVParams.rank_v,
+        window: int = XKVParams.window,
+        sink: int = XKVParams.sink,
+        pre_rope: bool = XKVParams.pre_rope,
+        min_compress_tokens: int = XKVParams.min_compress_tokens,
+        svd_method: str = XKVParams.svd_method,
+        max_cache_len: int | None = XKVParams.max_cache_len,
+        merge_segments: bool = XKVParams.merge_segments,
     ):
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
@@ -1085,11 +1116,6 @@ def patch_xkv(model: torch.nn.Module):
         TypeError: ``model`` is not a transformers model with ``set_attn_implementation``.
         ValueError: no attention modules found, or the model is already patched by ``patch_xkv``.
     """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from .patch import PatchHandle, set_attribute
-
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(model, "set_attn_implementation", None)):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -1107,11 +1133,10 @@ def patch_xkv(model: torch.nn.Module):
         raise ValueError(f"no attention modules with layer_idx found in {type(model).__name__}")
     name = XKV_ATTENTION_PREFIX + previous
     fallbacks = [_fallback_attention(module, previous) for module in modules]  # raises before any change
-    ALL_ATTENTION_FUNCTIONS.register(name, xkv_attention_forward)  # global and idempotent: left registered
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[previous])
 
     handle = PatchHandle(model, description=f"xkv fused decode on {type(model).__name__}")
-    try:
+    with undo_on_failure(handle):
+        register_attention(name, xkv_attention_forward, previous, handle)
         def pre_hook(module, args, kwargs):
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if isinstance(cache, XKVCache) and module.layer_idx < len(cache.layers):
@@ -1136,15 +1161,36 @@ def patch_xkv(model: torch.nn.Module):
         for module, fallback in zip(modules, fallbacks):
             set_attribute(module, _FALLBACK_ATTR, fallback, handle)
             set_attribute(module, _LAYER_ATTR, None, handle)  # the active layer while the module runs
-            pre = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-            post = module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
-            handle.add_undo(pre.remove)
-            handle.add_undo(post.remove)
-        model.set_attn_implementation(name)
-        handle.add_undo(lambda: model.set_attn_implementation(previous))
-        if config._attn_implementation != name:
-            raise RuntimeError(f"transformers refused attention implementation {name!r} for {type(model).__name__}")
-    except BaseException:
-        handle.remove()
-        raise
+            add_hook(module.register_forward_pre_hook(pre_hook, with_kwargs=True), handle)
+            add_hook(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True), handle)
+        set_attention_implementation(model, name, handle)
     return handle
+
+
+# -- the registered method ---------------------------------------------------------------------------
+
+
+def _install_xkv(model, handle: PatchHandle, **params) -> None:
+    """Fused decode (``patch_xkv``) where the model's attention allows it; elsewhere (flash/flex attention)
+    the cache still works unpatched, rebuilding keys and values each step, so patching must not fail."""
+    import warnings
+
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):
+        warnings.warn(f"xkv: attention implementation {implementation!r} has no fused decode path; the cache "
+                      "rebuilds keys and values each step (load the model with attn_implementation='sdpa' for it)",
+                      stacklevel=3)
+        return
+    handle.add_undo(patch_xkv(model).remove)
+
+
+register_method(
+    "xkv",
+    summary="cross-layer SVD: adjacent layers share one low-rank token factor (xKV)",
+    build=XKVCache,
+    params=XKVParams,
+    families=("llama", "qwen2", "mistral"),
+    install=_install_xkv,
+    cache_class="kvcompress.xkv.XKVCache",
+    doc="docs/xkv.md",
+)

@@ -294,8 +294,15 @@ def test_growable_cache_ops_match_dynamic_layer():
         grow.values = grow.values[:, :, :3]
     (gk, gv), (ck, cv) = feed([grow, cat], 3, batch=4, prefill=1, seed=4)
     assert torch.equal(gk, ck) and torch.equal(gv, cv)
-    grow.crop(100)  # the older transformers meaning: keep the first 100 tokens
-    assert grow.get_seq_length() == 100 and torch.equal(grow.keys, ck[:, :, :100])
+    for argument in (0, -1, 100, -10_000):  # every crop argument: DynamicLayer's length, or its error
+        try:
+            cat.crop(argument)
+        except Exception as stock_error:
+            with pytest.raises(type(stock_error)):
+                grow.crop(argument)
+        else:
+            grow.crop(argument)
+        assert grow.get_seq_length() == cat.get_seq_length() and torch.equal(grow.keys, cat.keys)
     grow.reset()
     assert grow.get_seq_length() == 0 and grow.nbytes() == grow.reserved_nbytes() == 0 and grow.keys is None
     feed([grow], 2, batch=1)  # a new batch size after reset
