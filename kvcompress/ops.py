@@ -108,20 +108,46 @@ def nonzero_components(left: torch.Tensor, right: torch.Tensor) -> int:
     return int(nonzero[-1]) + 1 if nonzero.numel() else 0
 
 
-# Smallest kept singular value, relative to the largest, the float32 Gram route resolves: its Gram matrix holds
-# sigma^2, and an eigenvalue below ~eps32 * sigma_max^2 is rounding noise, so the direction found for it is an
+# Smallest singular value, relative to the largest, whose direction a Gram route resolves: its Gram matrix holds
+# sigma^2, and an eigenvalue below ~eps * sigma_max^2 is rounding noise, so the direction found for it is an
 # arbitrary mix of the directions at that level (the product is still an orthogonal projection, but no longer
-# the optimal one). 32 * eps32 (sigma ratio ~2e-3) leaves a margin for the eigensolver's own error.
-GRAM32_MIN_SIGMA_RATIO = (32 * torch.finfo(torch.float32).eps) ** 0.5
+# the optimal one). 32 * eps leaves a margin for the eigensolver's own error: ~2e-3 in float32, ~1e-7 in float64.
+def gram_min_sigma_ratio(dtype: torch.dtype) -> float:
+    """``sqrt(32 * eps)`` of ``dtype``: below this fraction of the largest singular value, a Gram route computed
+    in ``dtype`` no longer resolves a component's direction."""
+    return (32 * torch.finfo(dtype).eps) ** 0.5
+
+
+GRAM32_MIN_SIGMA_RATIO = gram_min_sigma_ratio(torch.float32)
+
+
+def _null(sigma: torch.Tensor, size: int, dtype: torch.dtype, gram: bool) -> torch.Tensor:
+    """Which components (``sigma`` ``[..., r]``, measured as norms of the projected matrix) are zero.
+
+    ``rank_tolerance`` for a backward-stable route (the randomised one's small SVD). A Gram route's direction
+    for a zero singular value carries the Gram matrix's rounding (``size * eps * sigma_max^2``) divided by the
+    gap to each resolved eigenvalue ``sigma_j^2``, so the matrix projected on it is up to
+    ``size * eps * sigma_max^2 / sigma_j`` rather than ``size * eps * sigma_max``: in float64 the threshold grows
+    by ``sigma_max / sigma_j`` for the smallest resolved ``sigma_j`` (at most ``size * sqrt(eps / 32) *
+    sigma_max``). Not in float32, where that bound would reach real components: there a component between
+    ``rank_tolerance`` and ``GRAM32_MIN_SIGMA_RATIO`` sends the factorisation to the float64 route instead.
+    """
+    tol = rank_tolerance(sigma, size, dtype)[..., None]
+    if gram and dtype == torch.float64:
+        top = sigma.amax(dim=-1, keepdim=True)
+        resolved = sigma >= top * gram_min_sigma_ratio(dtype)
+        smallest = torch.where(resolved, sigma, top).amin(dim=-1, keepdim=True)
+        tol = tol * torch.where(smallest > 0, top / torch.where(smallest > 0, smallest, 1.0), 1.0)
+    return sigma <= tol
 
 
 def _finish(left: torch.Tensor, right: torch.Tensor, sigma: torch.Tensor, size: int,
-            work_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero the components of ``left``/``right`` (in place where possible) whose accurately computed singular
-    value ``sigma`` (``[..., r]``) is below ``rank_tolerance``, and move them last (stable order otherwise)."""
+            work_dtype: torch.dtype, gram: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the components of ``left``/``right`` (in place where possible) that ``_null`` finds zero from their
+    accurately computed singular values ``sigma`` (``[..., r]``), and move them last (stable order otherwise)."""
     if sigma.shape[-1] == 0:
         return left, right
-    null = sigma <= rank_tolerance(sigma, size, work_dtype)[..., None]
+    null = _null(sigma, size, work_dtype, gram)
     if not bool(null.any()):
         return left, right
     order = torch.sort(null.to(torch.int8), dim=-1, stable=True).indices
@@ -135,12 +161,12 @@ def _finish(left: torch.Tensor, right: torch.Tensor, sigma: torch.Tensor, size: 
 
 
 def _gram32_unresolved(sigma: torch.Tensor, size: int) -> bool:
-    """Whether a float32 Gram factorisation kept a component (above the numerical-rank tolerance) too small for
-    float32 to have resolved its direction (see ``GRAM32_MIN_SIGMA_RATIO``)."""
+    """Whether a float32 Gram factorisation kept a non-zero component too small for float32 to have resolved
+    its direction (see ``GRAM32_MIN_SIGMA_RATIO``)."""
     if sigma.shape[-1] == 0:
         return False
     top = sigma.amax(dim=-1, keepdim=True)
-    kept = sigma > rank_tolerance(sigma, size, torch.float32)[..., None]
+    kept = ~_null(sigma, size, torch.float32, gram=True)
     return bool((kept & (sigma < top * GRAM32_MIN_SIGMA_RATIO)).any())
 
 
@@ -187,7 +213,7 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
         work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         u, s, v = torch.svd_lowrank(x.to(work_dtype), q=min(rank + 16, t, d), niter=2)
         left = (u[..., :rank] * s[..., None, :rank]).to(x.dtype)
-        return _finish(left, v[..., :rank].mT.to(x.dtype), s[..., :rank], size, work_dtype)
+        return _finish(left, v[..., :rank].mT.to(x.dtype), s[..., :rank], size, work_dtype, gram=False)
     gram_dtype = torch.float32 if method == "gram32" and x.dtype != torch.float64 else torch.float64
     # x is read a block at a time (rows when tall, columns when wide) and converted per block: a float copy
     # of the whole stacked group (512 MiB in float32 for 32K tokens x 4096) was the factorisation's peak
@@ -209,7 +235,7 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
             sigma2 += part.square().sum(dim=-2)
             left[..., a:b, :] = part
         sigma = sigma2.sqrt()
-        if gram_dtype == torch.float32 and rank < d and _gram32_unresolved(sigma, size):
+        if gram_dtype == torch.float32 and _gram32_unresolved(sigma, size):
             return truncated_svd(x, rank, "exact")
         return _finish(left, right.to(x.dtype).contiguous(), sigma, size, gram_dtype)
     # Wide (fewer tokens than the group width, e.g. a 4K prompt over 4 layers x 8 heads x 128): the Gram
@@ -230,9 +256,9 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
     for a, b in blocks:
         sigma2 += (u.mT @ x[..., a:b].to(gram_dtype)).square().sum(dim=-1)
     sigma = sigma2.sqrt()
-    if gram_dtype == torch.float32 and rank < t and _gram32_unresolved(sigma, size):
+    if gram_dtype == torch.float32 and _gram32_unresolved(sigma, size):
         return truncated_svd(x, rank, "exact")
-    null = sigma <= rank_tolerance(sigma, size, gram_dtype)[..., None]
+    null = _null(sigma, size, gram_dtype, gram=True)
     inverse_sigma = torch.where(null, 0.0, 1.0 / torch.where(null, 1.0, sigma))[..., :, None]
     right = x.new_empty(*batch_dims, rank, d)
     for a, b in blocks:
@@ -303,7 +329,7 @@ def extend_truncated_svd(left: torch.Tensor, right: torch.Tensor, rows: torch.Te
     sigma2 += part.square().sum(dim=-2)
     new_left[..., left.shape[-2]:, :] = part
     sigma = sigma2.sqrt()
-    if gram_dtype == torch.float32 and basis.shape[-1] < min(span, d) and _gram32_unresolved(sigma, max(t, d)):
+    if gram_dtype == torch.float32 and _gram32_unresolved(sigma, max(t, d)):
         return extend_truncated_svd(left, right, rows, rank, "exact")
     return _finish(new_left, basis.mT.to(rows.dtype).contiguous(), sigma, max(t, d), gram_dtype)
 
