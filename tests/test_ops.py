@@ -281,3 +281,26 @@ def test_fuzz_every_route_shape_rank_dtype_and_degenerate_kind():
                     scale = x.double().abs().amax()
                     torch.testing.assert_close(left.double() @ right.double(), x.double(), rtol=0,
                                                atol=float(16 * torch.finfo(dtype).eps * scale * full ** 0.5))
+
+
+@pytest.mark.parametrize("rank", [8, None], ids=["rank8", "full"])
+@pytest.mark.parametrize("method", ["exact", "gram32"])
+def test_xkv_cache_of_a_repeated_token_prompt_rebuilds_finite_states(method, rank):
+    """End to end: one token repeated, so every layer's keys/values are one row repeated and the group's stacked
+    matrix is rank 1 and wide (40 tokens < 2 layers x 4 heads x 16); the rebuilt states were NaN."""
+    from transformers import LlamaConfig
+
+    from kvcompress import XKVCache
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                         intermediate_size=64, vocab_size=64)
+    cache = XKVCache(config, group_size=2, rank_k=rank, rank_v=rank, window=0, sink=0, min_compress_tokens=1,
+                     svd_method=method, pre_rope=False)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        k = torch.randn(1, 4, 1, 16, generator=g).expand(1, 4, 40, 16).contiguous()
+        cache.update(k, (2 * k).contiguous(), layer)
+    for layer in range(2):
+        keys, values = cache.layers[layer].full_states()
+        assert torch.isfinite(keys).all() and torch.isfinite(values).all()
+        torch.testing.assert_close(values, 2 * keys, atol=1e-4, rtol=1e-4)
