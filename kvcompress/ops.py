@@ -182,7 +182,10 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
     counts the rest). A component is zero when its singular value, measured as the norm of ``x`` projected
     on its direction, is at most ``max(T, D) * eps * sigma_max`` with ``eps`` the machine epsilon of the
     precision the route computes in (float64 for ``"exact"``, float32 otherwise; ``rank_tolerance``): it
-    would only reproduce rounding noise. The factors are always finite for finite input.
+    would only reproduce rounding noise. The float64 Gram route multiplies that threshold by ``sigma_max /
+    sigma_j`` for its smallest resolved singular value ``sigma_j`` (>= ``gram_min_sigma_ratio(float64)``, ~1e-7,
+    of the largest), the rounding its null directions pick up from the Gram matrix. The factors are always
+    finite for finite input.
 
     ``method`` (one of ``SVD_METHODS``; ``"auto"`` resolves with ``resolve_svd_method``):
 
@@ -196,10 +199,10 @@ def truncated_svd(x: torch.Tensor, rank: int, method: str = "exact") -> tuple[to
       directions whose singular values are below ~1e-3.5 of the largest lose accuracy; those are the
       discarded ones at the ranks xKV uses, and the product's error stays at the optimum (measured in
       docs/performance.md). Route choice by conditioning: when a kept, non-zero component is below
-      ``GRAM32_MIN_SIGMA_RATIO`` (~2e-3) of the largest, the factorisation is redone by ``"exact"``. At full
-      rank (``rank >= min(T, D)``) it never is: the kept directions then span the whole space, and the product
-      (an orthogonal projection onto them, ``x V V^T`` or ``U U^T x``) is ``x`` to float32 rounding whatever
-      the conditioning.
+      ``GRAM32_MIN_SIGMA_RATIO`` (~2e-3) of the largest, float32 has not resolved its direction and the
+      factorisation is redone by ``"exact"`` (the float64 Gram route); at full rank too, so that rank-deficient
+      input gets its exact zeros and ill-conditioned fp16 input (large magnitudes, condition 1e4) is
+      reproduced to the exact route's error.
     - ``"randomized"``: Halko et al.'s randomised range finder (``torch.svd_lowrank``, ``r + 16`` samples,
       2 power iterations) in float32: only matrix products and small factorisations, so it is the fastest
       on GPUs, at a few percent more error than the optimum. Not deterministic across devices. At full rank
