@@ -320,6 +320,116 @@ def test_unsupported_models_and_inputs():
         calibration_text("train")
 
 
+class WorkStarted(Exception):
+    """Raised by a stand-in for the first expensive stage: validation must come before it."""
+
+
+def _no_work(*args, **kwargs):
+    raise WorkStarted
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"recovery_lr": math.nan, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got nan"),
+        ({"recovery_lr": math.inf, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got inf"),
+        ({"recovery_lr": -1e-3, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got -0.001"),
+        ({"recovery_lr": 0.0, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0"),
+        ({"recovery_lr": True, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got True"),
+        ({"recovery_lr": "1e-4", "recovery_steps": 2}, r"recovery_lr must be a finite float > 0"),
+        ({"recovery_lr": math.nan}, r"recovery_lr must be a finite float > 0"),  # even without recovery
+        ({"recovery_steps": 1.5}, r"recovery_steps must be an int >= 0, got 1.5"),
+        ({"recovery_steps": True}, r"recovery_steps must be an int >= 0, got True"),
+        ({"balance_kv": "yes"}, r"balance_kv must be True or False, got 'yes'"),
+        ({"rope_interleave": 1}, r"rope_interleave must be True or False, got 1"),
+        ({"progress": None}, r"progress must be True or False, got None"),
+        ({"kv_lora_rank": 50, "rope_dim": 16}, r"kv_lora_rank must be an int in \[2, .* = 49\]"),
+        ({"calibration": torch.zeros(2, 8)}, r"calibration must be a non-empty 1-D or 2-D integer tensor .* dtype torch.float32"),
+        ({"calibration": torch.full((1, 8), -1)}, r"calibration token ids must be in \[0, vocab_size=160\)"),
+    ],
+)
+def test_bad_convert_arguments_are_rejected_before_any_work(monkeypatch, calibration, kwargs, match):
+    import kvcompress.transmla.convert as convert_module
+
+    for stage in ("_input_moments", "calibration_tokens", "_rorope_basis", "distill_from_teacher"):
+        monkeypatch.setattr(convert_module, stage, _no_work)
+    kwargs = {"kv_lora_rank": 9, "rope_dim": 8, "calibration": calibration, "progress": False} | kwargs
+    with pytest.raises(ValueError, match=match):
+        convert_gqa_to_mla(sharp_model("llama"), **kwargs)
+
+
+def test_bad_tokenizer_is_rejected_before_sampling(monkeypatch):
+    import kvcompress.transmla.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "_input_moments", _no_work)
+    with pytest.raises(TypeError, match=r"tokenizer must be None or a callable tokenizer, got int"):
+        convert_gqa_to_mla(sharp_model("llama"), kv_lora_rank=9, rope_dim=8, tokenizer=42, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"lr": math.nan}, ValueError, r"lr must be a finite float > 0, got nan"),
+        ({"lr": math.inf}, ValueError, r"lr must be a finite float > 0, got inf"),
+        ({"lr": -1e-3}, ValueError, r"lr must be a finite float > 0, got -0.001"),
+        ({"lr": True}, ValueError, r"lr must be a finite float > 0, got True"),
+        ({"temperature": math.inf}, ValueError, r"temperature must be a finite float > 0, got inf"),
+        ({"temperature": math.nan}, ValueError, r"temperature must be a finite float > 0, got nan"),
+        ({"temperature": 0}, ValueError, r"temperature must be a finite float > 0, got 0"),
+        ({"steps": 0}, ValueError, r"steps must be an int >= 1, got 0"),
+        ({"steps": 2.0}, ValueError, r"steps must be an int >= 1, got 2.0"),
+        ({"batch_size": 0}, ValueError, r"batch_size must be an int >= 1, got 0"),
+        ({"progress": "no"}, ValueError, r"progress must be True or False, got 'no'"),
+        ({"tokens": "some text"}, TypeError, r"^tokens must be a LongTensor of token ids"),
+        ({"tokens": torch.zeros(2, 8)}, ValueError, r"^tokens must be a non-empty 1-D or 2-D integer tensor .* dtype torch.float32"),
+        ({"tokens": torch.full((1, 8), 160)}, ValueError, r"tokens token ids must be in \[0, vocab_size=160\), got ids in \[160, 160\]"),
+        ({"tokens": [torch.arange(4), torch.arange(5)]}, ValueError,
+         r"tokens: the 1-D token tensors of the list must have equal lengths, got \[4, 5\]"),
+        ({"student": "model"}, TypeError, r"student must be a causal LM \(torch.nn.Module\), got str"),
+        ({"teacher": None}, TypeError, r"teacher must be a causal LM \(torch.nn.Module\), got NoneType"),
+        ({"teacher": "student"}, ValueError, r"student and teacher must be two different models"),
+        ({"teacher": tiny_model("llama", vocab_size=200)}, ValueError,
+         r"student and teacher must share a vocabulary: vocab_size 160 and 200"),
+    ],
+)
+def test_bad_distill_arguments_are_rejected_before_any_work(kwargs, error, match):
+    student, teacher = tiny_model("llama", seed=1), tiny_model("llama")
+    teacher.register_forward_pre_hook(_no_work)
+    student.register_forward_pre_hook(_no_work)
+    flags = [p.requires_grad for p in student.parameters()]
+    args = {"student": student, "teacher": teacher, "tokens": tokens(), "steps": 2, "progress": False} | kwargs
+    if args["teacher"] == "student":
+        args["teacher"] = student
+    with pytest.raises(error, match=match):
+        distill_from_teacher(**args)
+    assert not student.training and flags == [p.requires_grad for p in student.parameters()]
+
+
+def test_distillation_refuses_a_teacher_sharing_parameters_with_the_student():
+    student, teacher = tiny_model("llama", seed=1), tiny_model("llama")
+    student.model.embed_tokens = teacher.model.embed_tokens
+    before = teacher.model.embed_tokens.weight.clone()
+    with pytest.raises(ValueError, match=r"student and teacher must share no parameters .*; 1 shared"):
+        distill_from_teacher(student, teacher, tokens(), steps=1, progress=False)
+    assert torch.equal(before, teacher.model.embed_tokens.weight)
+
+
+def test_sampled_calibration_rejects_an_unknown_split():
+    with pytest.raises(ValueError, match=r"split must be 'calibration' or 'heldout', got 'train'"):
+        calibration_tokens(tiny_model("llama"), num_sequences=1, seq_len=4, split="train", progress=False)
+
+
+def test_distillation_runs_the_teacher_in_eval_mode_and_restores_its_mode(calibration):
+    """A teacher left in training mode (dropout) must still give deterministic targets."""
+    teacher = sharp_model("llama", attention_dropout=0.5)
+    student = convert_gqa_to_mla(teacher, kv_lora_rank=9, rope_dim=8, calibration=calibration, progress=False)
+    teacher.train()
+    modes = []
+    teacher.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    distill_from_teacher(student, teacher, calibration, steps=2, progress=False)
+    assert modes == [False, False] and teacher.training
+
+
 # -- the real model ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_lossless_and_a_2x_smaller_cache(smollm2):

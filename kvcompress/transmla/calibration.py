@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import text_config
+from .checks import check_bool
 from .source import _Source
 
 
@@ -44,9 +45,18 @@ def calibration_tokens(
     random model): text sampled from the model itself, from its BOS token, with ``torch`` seeded by ``seed``
     (the global RNG state is restored afterwards).
     """
+    if tokenizer is None and not isinstance(model, torch.nn.Module):  # the model samples the text
+        raise TypeError(f"model must be a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be None or a callable tokenizer, got {type(tokenizer).__name__}")
     for name, value in (("num_sequences", num_sequences), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if split not in ("calibration", "heldout"):
+        raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    check_bool("progress", progress)
     if tokenizer is not None:
         ids = tokenizer(calibration_text(split), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         if ids.numel() < num_sequences * seq_len:
@@ -74,20 +84,31 @@ def calibration_tokens(
     return out[:, :seq_len].cpu()
 
 
-def _as_token_batch(calibration) -> torch.LongTensor:
-    if isinstance(calibration, torch.Tensor):
-        tokens = calibration
-    elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(t, torch.Tensor) for t in calibration):
-        tokens = torch.stack([t.reshape(-1) for t in calibration])
+def _as_token_batch(value, name: str = "calibration", vocab_size: int | None = None) -> torch.LongTensor:
+    """``value`` (the argument ``name``: a 1-D or 2-D integer tensor, or a list of 1-D ones) as ``[rows, tokens]``
+    int64, checked against ``[0, vocab_size)`` when given."""
+    if isinstance(value, torch.Tensor):
+        tokens = value
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(t, torch.Tensor) for t in value):
+        if len({t.numel() for t in value}) != 1:
+            raise ValueError(f"{name}: the 1-D token tensors of the list must have equal lengths, "
+                             f"got {sorted({t.numel() for t in value})}")
+        tokens = torch.stack([t.reshape(-1) for t in value])
     else:
+        allowed = "None (built-in offline text), " if name == "calibration" else ""
         raise TypeError(
-            "calibration must be None (built-in offline text), a LongTensor of token ids [sequences, tokens] "
-            f"or a list of equal-length 1-D LongTensors; got {type(calibration).__name__}"
+            f"{name} must be {allowed}a LongTensor of token ids [sequences, tokens] "
+            f"or a list of equal-length 1-D LongTensors; got {type(value).__name__}"
         )
     if tokens.dim() == 1:
         tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.numel() == 0 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
-        raise ValueError(f"calibration token ids must be a non-empty 2-D integer tensor, got shape {tuple(tokens.shape)}")
+    if tokens.dim() != 2 or tokens.numel() == 0 or tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be a non-empty 1-D or 2-D integer tensor of token ids, got shape "
+                         f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
+    if vocab_size is not None:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} token ids must be in [0, vocab_size={vocab_size}), got ids in [{low}, {high}]")
     return tokens.long()
 
 

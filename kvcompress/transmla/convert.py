@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config
 
 from ..models import text_config
 from .calibration import _as_token_batch, _input_moments, calibration_tokens
+from .checks import check_bool, check_int, check_positive_float
 from .distill import distill_from_teacher
 from .rorope import _allot_slots, _block_frequencies, _rorope_basis, _split, _Split
 from .source import _augmented, _check_settings, _inspect_source, _Source
@@ -221,29 +222,35 @@ def convert_gqa_to_mla(
         (a dict: settings, cache elements per token, per-layer energy kept, recovery losses).
 
     Raises:
-        TypeError: unsupported model type/architecture or dtype (float16), bad ``calibration`` type.
-        ValueError: ``kv_lora_rank``, ``rope_dim``, ``freq_fold``, ``rorope_basis`` or ``recovery_steps``
-            out of range, odd head dim, sequence-length-dependent RoPE.
+        TypeError: unsupported model type/architecture or dtype (float16), bad ``calibration`` type, a
+            ``tokenizer`` that is not callable.
+        ValueError: ``kv_lora_rank``, ``rope_dim``, ``freq_fold``, ``rorope_basis``, ``recovery_steps`` or
+            ``recovery_lr`` (finite, > 0) out of range, a flag that is not a bool, calibration token ids out
+            of the vocabulary, odd head dim, sequence-length-dependent RoPE. Every argument is checked
+            before any work starts; a Ctrl-C during conversion leaves ``model`` as it was.
     """
     src = _inspect_source(model)
     param = next(model.parameters())
     kv_lora_rank, rope_dim = _check_settings(src, kv_lora_rank, rope_dim, freq_fold, param.dtype)
     if rorope_basis not in ("qk", "key"):
         raise ValueError(f"rorope_basis must be 'qk' or 'key', got {rorope_basis!r}")
-    if not isinstance(recovery_steps, int) or isinstance(recovery_steps, bool) or recovery_steps < 0:
-        raise ValueError(f"recovery_steps must be an int >= 0, got {recovery_steps!r}")
+    balance_kv = check_bool("balance_kv", balance_kv)
+    rope_interleave = check_bool("rope_interleave", rope_interleave)
+    progress = check_bool("progress", progress)
+    recovery_steps = check_int("recovery_steps", recovery_steps, 0)
+    recovery_lr = check_positive_float("recovery_lr", recovery_lr)
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be None or a callable tokenizer, got {type(tokenizer).__name__}")
     lossless = rope_dim == src.key_dim and kv_lora_rank == 2 * src.key_dim - rope_dim + 1 and freq_fold == 1
     tokens = None
     if calibration is not None:
-        tokens = _as_token_batch(calibration)
-        if int(tokens.max()) >= src.config.vocab_size or int(tokens.min()) < 0:
-            raise ValueError(f"calibration token ids must be in [0, vocab_size={src.config.vocab_size})")
-    elif not lossless or recovery_steps > 0:
-        tokens = calibration_tokens(model, tokenizer, progress=progress)
+        tokens = _as_token_batch(calibration, "calibration", src.config.vocab_size)
 
     was_training = model.training
-    model.eval()
+    model.eval()  # sampling and calibration statistics without dropout; the mode is restored below
     try:
+        if tokens is None and (not lossless or recovery_steps > 0):
+            tokens = calibration_tokens(model, tokenizer, progress=progress)
         if tokens is None:  # lossless without data: any orthogonal bases are exact at full rank
             moments = [torch.eye(src.hidden + 1, dtype=torch.float64) for _ in src.layers]
         else:
