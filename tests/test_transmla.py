@@ -430,6 +430,105 @@ def test_distillation_runs_the_teacher_in_eval_mode_and_restores_its_mode(calibr
     assert modes == [False, False] and teacher.training
 
 
+# -- progress and interruption -------------------------------------------------------------------------
+def test_progress_bars_show_and_can_be_turned_off(capsys, calibration):
+    source = sharp_model("llama")
+    bars = ("sampling calibration text", "calibration forward", "converting layers", "recovery distillation")
+
+    calibration_tokens(source, num_sequences=1, seq_len=4)
+    convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, calibration=calibration, recovery_steps=1)
+    shown = capsys.readouterr().err
+    assert all(bar in shown for bar in bars), shown
+    assert "4/4" in shown and "3/3" in shown  # calibration rows, tokens sampled after BOS
+
+    calibration_tokens(source, num_sequences=1, seq_len=4, progress=False)
+    convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, calibration=calibration, recovery_steps=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def _source_snapshot(model, ids):
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    was_training = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(ids, **kw)
+    for name, m in model.named_modules():
+        m.train(was_training[name])
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modes": was_training,
+        "grad_flags": {k: p.requires_grad for k, p in model.named_parameters()},
+        "generated": generated,
+    }
+
+
+def _assert_unchanged(model, snapshot, ids):
+    assert {name: m.training for name, m in model.named_modules()} == snapshot["modes"]
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == snapshot["grad_flags"]
+    state = model.state_dict()
+    assert state.keys() == snapshot["state"].keys()
+    assert all(torch.equal(snapshot["state"][k], state[k]) for k in state)
+    again = _source_snapshot(model, ids)
+    assert torch.equal(again["generated"], snapshot["generated"])
+
+
+@pytest.mark.parametrize("stage", ["sampling", "calibration", "rorope", "layers"])
+def test_ctrl_c_during_conversion_leaves_the_source_unchanged(monkeypatch, calibration, stage):
+    import kvcompress.transmla.convert as convert_module
+
+    source = tiny_model("llama")
+    source.train()
+    source.model.layers[0].eval()  # mixed modes must come back as they were, not all train or all eval
+    ids = tokens(batch=1, length=6, seed=4)
+    snapshot = _source_snapshot(source, ids)
+    rng = torch.random.get_rng_state()
+    calls = []
+
+    def interrupt(*args, **kwargs):
+        calls.append(stage)
+        if len(calls) == 2:  # mid-way: one call went through
+            raise KeyboardInterrupt
+
+    handle = None
+    if stage in ("sampling", "calibration"):
+        handle = source.model.layers[1].register_forward_pre_hook(interrupt)
+    else:
+        name = "_rorope_basis" if stage == "rorope" else "_convert_layer"
+        original = getattr(convert_module, name)
+        monkeypatch.setattr(convert_module, name, lambda *a, **k: (interrupt(), original(*a, **k))[1])
+    with pytest.raises(KeyboardInterrupt):
+        convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, progress=False,
+                           calibration=None if stage == "sampling" else calibration)
+    assert len(calls) == 2
+    if handle is not None:
+        handle.remove()
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    _assert_unchanged(source, snapshot, ids)
+
+
+def test_ctrl_c_during_recovery_keeps_the_steps_done_and_the_source_unchanged(calibration):
+    source = tiny_model("llama")
+    source.train()
+    ids = tokens(batch=1, length=6, seed=4)
+    snapshot = _source_snapshot(source, ids)
+    forwards = []
+
+    def interrupt(module, args, kwargs):
+        forwards.append(kwargs.get("output_hidden_states", False))
+        recovery = [f for f in forwards if not f]  # calibration forwards ask for hidden states
+        if len(recovery) == 3:
+            raise KeyboardInterrupt
+
+    handle = source.register_forward_pre_hook(interrupt, with_kwargs=True)
+    with pytest.warns(UserWarning, match="recovery distillation interrupted after 2 of 5 steps"):
+        converted = convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, calibration=calibration,
+                                       recovery_steps=5, progress=False)
+    handle.remove()
+    assert len(converted.transmla_info["recovery_losses"]) == 2
+    assert not converted.training and all(p.requires_grad for p in converted.parameters())
+    _assert_unchanged(source, snapshot, ids)
+
+
 # -- the real model ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_lossless_and_a_2x_smaller_cache(smollm2):

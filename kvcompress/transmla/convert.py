@@ -38,7 +38,7 @@ from .calibration import _as_token_batch, _input_moments, calibration_tokens
 from .checks import check_bool, check_int, check_positive_float
 from .distill import distill_from_teacher
 from .rorope import _allot_slots, _block_frequencies, _rorope_basis, _split, _Split
-from .source import _augmented, _check_settings, _inspect_source, _Source
+from .source import _augmented, _check_settings, _eval_mode, _inspect_source, _Source
 
 ANCHOR_RATIO = 1e-4  # rho: the latent's bounded norm over the anchor; rho^2 is below float32 resolution
 
@@ -246,17 +246,13 @@ def convert_gqa_to_mla(
     if calibration is not None:
         tokens = _as_token_batch(calibration, "calibration", src.config.vocab_size)
 
-    was_training = model.training
-    model.eval()  # sampling and calibration statistics without dropout; the mode is restored below
-    try:
+    with _eval_mode(model):  # sampling and calibration statistics without dropout
         if tokens is None and (not lossless or recovery_steps > 0):
             tokens = calibration_tokens(model, tokenizer, progress=progress)
         if tokens is None:  # lossless without data: any orthogonal bases are exact at full rank
             moments = [torch.eye(src.hidden + 1, dtype=torch.float64) for _ in src.layers]
         else:
             moments = _input_moments(model, src, tokens, progress)
-    finally:
-        model.train(was_training)
 
     block_freq = _block_frequencies(src, freq_fold)
     wks = [_augmented(layer.self_attn.k_proj) for layer in src.layers]
@@ -267,8 +263,9 @@ def convert_gqa_to_mla(
 
     config = _deepseek_config(src, kv_lora_rank, rope_dim, slot_freq, rope_interleave)
     attn_impl = getattr(src.config, "_attn_implementation", None)
-    new = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                           **({"attn_implementation": attn_impl} if attn_impl else {}))
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: keep the caller's RNG stream
+        new = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                               **({"attn_implementation": attn_impl} if attn_impl else {}))
     norm_eps = new.model.layers[0].self_attn.kv_a_layernorm.variance_epsilon
 
     state, layer_stats = {}, []

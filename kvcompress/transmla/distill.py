@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..models import text_config
 from .calibration import _as_token_batch
 from .checks import check_bool, check_int, check_positive_float
+from .source import _eval_mode
 
 
 def distill_from_teacher(
@@ -71,35 +72,33 @@ def distill_from_teacher(
         raise ValueError(f"student and teacher must share no parameters (the teacher is not trained); {len(shared)} shared")
     device = next(student.parameters()).device
     flags = {name: p.requires_grad for name, p in student.named_parameters()}
-    teacher_was_training = teacher.training
     losses: list[float] = []
-    try:
-        trained = []
-        for name, p in student.named_parameters():
-            train = ".self_attn." in name and "layernorm" not in name
-            p.requires_grad_(train)
-            if train:
-                trained.append(p)
-        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
-        teacher.eval()  # deterministic targets: no dropout in the teacher
-        student.train()
-        for step in tqdm(range(steps), desc="recovery distillation", disable=not progress):
-            rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(tokens)
-            row = tokens[rows].to(device)
-            with torch.no_grad():
-                target = F.log_softmax(teacher(input_ids=row, use_cache=False).logits.float() / temperature, -1)
-            logits = student(input_ids=row, use_cache=False).logits.float() / temperature
-            loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target.flatten(0, 1), log_target=True,
-                            reduction="batchmean")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    except KeyboardInterrupt:
-        warnings.warn(f"recovery distillation interrupted after {len(losses)} of {steps} steps", stacklevel=2)
-    finally:
-        for name, p in student.named_parameters():
-            p.requires_grad_(flags[name])
-        student.eval()
-        teacher.train(teacher_was_training)
+    with _eval_mode(teacher):  # deterministic targets: no dropout in the teacher
+        try:
+            trained = []
+            for name, p in student.named_parameters():
+                train = ".self_attn." in name and "layernorm" not in name
+                p.requires_grad_(train)
+                if train:
+                    trained.append(p)
+            optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+            student.train()
+            for step in tqdm(range(steps), desc="recovery distillation", disable=not progress):
+                rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(tokens)
+                row = tokens[rows].to(device)
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(input_ids=row, use_cache=False).logits.float() / temperature, -1)
+                logits = student(input_ids=row, use_cache=False).logits.float() / temperature
+                loss = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), target.flatten(0, 1), log_target=True,
+                                reduction="batchmean")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        except KeyboardInterrupt:
+            warnings.warn(f"recovery distillation interrupted after {len(losses)} of {steps} steps", stacklevel=2)
+        finally:
+            for name, p in student.named_parameters():
+                p.requires_grad_(flags[name])
+            student.eval()
     return losses

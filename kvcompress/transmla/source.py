@@ -8,6 +8,8 @@ ride along with the weights in every second moment and change of basis.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -133,3 +135,16 @@ def _augmented(linear: torch.nn.Linear) -> torch.Tensor:
     weight = linear.weight.detach().double().cpu()
     bias = linear.bias.detach().double().cpu() if linear.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     return torch.cat([weight, bias[:, None]], dim=1)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside; afterwards (also after an error or Ctrl-C) every submodule's own
+    ``training`` flag as it was, so a model with mixed modes comes back mixed."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
