@@ -14,6 +14,8 @@ One module per stage of the conversion, each with its part of the maths:
   :func:`convert_gqa_to_mla` (items 3-6);
 - :mod:`.distill`: recovery training against the source model.
 
+:mod:`.checks` holds the argument checks they share (every argument is checked before any work).
+
 Lossless setting: ``rope_dim = D``, ``kv_lora_rank = D + 1``, ``freq_fold = 1`` (the defaults; ``D = G d``
 for ``G`` KV heads of dim ``d``): every key keeps RoPE at its own frequency (per-slot frequencies go into a
 ``longrope`` table whose short and long factors are equal, i.e. static), the latent is the values, and the
