@@ -320,6 +320,215 @@ def test_unsupported_models_and_inputs():
         calibration_text("train")
 
 
+class WorkStarted(Exception):
+    """Raised by a stand-in for the first expensive stage: validation must come before it."""
+
+
+def _no_work(*args, **kwargs):
+    raise WorkStarted
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"recovery_lr": math.nan, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got nan"),
+        ({"recovery_lr": math.inf, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got inf"),
+        ({"recovery_lr": -1e-3, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got -0.001"),
+        ({"recovery_lr": 0.0, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0"),
+        ({"recovery_lr": True, "recovery_steps": 2}, r"recovery_lr must be a finite float > 0, got True"),
+        ({"recovery_lr": "1e-4", "recovery_steps": 2}, r"recovery_lr must be a finite float > 0"),
+        ({"recovery_lr": math.nan}, r"recovery_lr must be a finite float > 0"),  # even without recovery
+        ({"recovery_steps": 1.5}, r"recovery_steps must be an int >= 0, got 1.5"),
+        ({"recovery_steps": True}, r"recovery_steps must be an int >= 0, got True"),
+        ({"balance_kv": "yes"}, r"balance_kv must be True or False, got 'yes'"),
+        ({"rope_interleave": 1}, r"rope_interleave must be True or False, got 1"),
+        ({"progress": None}, r"progress must be True or False, got None"),
+        ({"kv_lora_rank": 50, "rope_dim": 16}, r"kv_lora_rank must be an int in \[2, .* = 49\]"),
+        ({"calibration": torch.zeros(2, 8)}, r"calibration must be a non-empty 1-D or 2-D integer tensor .* dtype torch.float32"),
+        ({"calibration": torch.full((1, 8), -1)}, r"calibration token ids must be in \[0, vocab_size=160\)"),
+    ],
+)
+def test_bad_convert_arguments_are_rejected_before_any_work(monkeypatch, calibration, kwargs, match):
+    import kvcompress.transmla.convert as convert_module
+
+    for stage in ("_input_moments", "calibration_tokens", "_rorope_basis", "distill_from_teacher"):
+        monkeypatch.setattr(convert_module, stage, _no_work)
+    kwargs = {"kv_lora_rank": 9, "rope_dim": 8, "calibration": calibration, "progress": False} | kwargs
+    with pytest.raises(ValueError, match=match):
+        convert_gqa_to_mla(sharp_model("llama"), **kwargs)
+
+
+def test_bad_tokenizer_is_rejected_before_sampling(monkeypatch):
+    import kvcompress.transmla.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "_input_moments", _no_work)
+    with pytest.raises(TypeError, match=r"tokenizer must be None or a callable tokenizer, got int"):
+        convert_gqa_to_mla(sharp_model("llama"), kv_lora_rank=9, rope_dim=8, tokenizer=42, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"lr": math.nan}, ValueError, r"lr must be a finite float > 0, got nan"),
+        ({"lr": math.inf}, ValueError, r"lr must be a finite float > 0, got inf"),
+        ({"lr": -1e-3}, ValueError, r"lr must be a finite float > 0, got -0.001"),
+        ({"lr": True}, ValueError, r"lr must be a finite float > 0, got True"),
+        ({"temperature": math.inf}, ValueError, r"temperature must be a finite float > 0, got inf"),
+        ({"temperature": math.nan}, ValueError, r"temperature must be a finite float > 0, got nan"),
+        ({"temperature": 0}, ValueError, r"temperature must be a finite float > 0, got 0"),
+        ({"steps": 0}, ValueError, r"steps must be an int >= 1, got 0"),
+        ({"steps": 2.0}, ValueError, r"steps must be an int >= 1, got 2.0"),
+        ({"batch_size": 0}, ValueError, r"batch_size must be an int >= 1, got 0"),
+        ({"progress": "no"}, ValueError, r"progress must be True or False, got 'no'"),
+        ({"tokens": "some text"}, TypeError, r"^tokens must be a LongTensor of token ids"),
+        ({"tokens": torch.zeros(2, 8)}, ValueError, r"^tokens must be a non-empty 1-D or 2-D integer tensor .* dtype torch.float32"),
+        ({"tokens": torch.full((1, 8), 160)}, ValueError, r"tokens token ids must be in \[0, vocab_size=160\), got ids in \[160, 160\]"),
+        ({"tokens": [torch.arange(4), torch.arange(5)]}, ValueError,
+         r"tokens: the 1-D token tensors of the list must have equal lengths, got \[4, 5\]"),
+        ({"student": "model"}, TypeError, r"student must be a causal LM \(torch.nn.Module\), got str"),
+        ({"teacher": None}, TypeError, r"teacher must be a causal LM \(torch.nn.Module\), got NoneType"),
+        ({"teacher": "student"}, ValueError, r"student and teacher must be two different models"),
+        ({"teacher": tiny_model("llama", vocab_size=200)}, ValueError,
+         r"student and teacher must share a vocabulary: vocab_size 160 and 200"),
+    ],
+)
+def test_bad_distill_arguments_are_rejected_before_any_work(kwargs, error, match):
+    student, teacher = tiny_model("llama", seed=1), tiny_model("llama")
+    teacher.register_forward_pre_hook(_no_work)
+    student.register_forward_pre_hook(_no_work)
+    flags = [p.requires_grad for p in student.parameters()]
+    args = {"student": student, "teacher": teacher, "tokens": tokens(), "steps": 2, "progress": False} | kwargs
+    if args["teacher"] == "student":
+        args["teacher"] = student
+    with pytest.raises(error, match=match):
+        distill_from_teacher(**args)
+    assert not student.training and flags == [p.requires_grad for p in student.parameters()]
+
+
+def test_distillation_refuses_a_teacher_sharing_parameters_with_the_student():
+    student, teacher = tiny_model("llama", seed=1), tiny_model("llama")
+    student.model.embed_tokens = teacher.model.embed_tokens
+    before = teacher.model.embed_tokens.weight.clone()
+    with pytest.raises(ValueError, match=r"student and teacher must share no parameters .*; 1 shared"):
+        distill_from_teacher(student, teacher, tokens(), steps=1, progress=False)
+    assert torch.equal(before, teacher.model.embed_tokens.weight)
+
+
+def test_sampled_calibration_rejects_an_unknown_split():
+    with pytest.raises(ValueError, match=r"split must be 'calibration' or 'heldout', got 'train'"):
+        calibration_tokens(tiny_model("llama"), num_sequences=1, seq_len=4, split="train", progress=False)
+
+
+def test_distillation_runs_the_teacher_in_eval_mode_and_restores_its_mode(calibration):
+    """A teacher left in training mode (dropout) must still give deterministic targets."""
+    teacher = sharp_model("llama", attention_dropout=0.5)
+    student = convert_gqa_to_mla(teacher, kv_lora_rank=9, rope_dim=8, calibration=calibration, progress=False)
+    teacher.train()
+    modes = []
+    teacher.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    distill_from_teacher(student, teacher, calibration, steps=2, progress=False)
+    assert modes == [False, False] and teacher.training
+
+
+# -- progress and interruption -------------------------------------------------------------------------
+def test_progress_bars_show_and_can_be_turned_off(capsys, calibration):
+    source = sharp_model("llama")
+    bars = ("sampling calibration text", "calibration forward", "converting layers", "recovery distillation")
+
+    calibration_tokens(source, num_sequences=1, seq_len=4)
+    convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, calibration=calibration, recovery_steps=1)
+    shown = capsys.readouterr().err
+    assert all(bar in shown for bar in bars), shown
+    assert "4/4" in shown and "3/3" in shown  # calibration rows, tokens sampled after BOS
+
+    calibration_tokens(source, num_sequences=1, seq_len=4, progress=False)
+    convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, calibration=calibration, recovery_steps=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def _source_snapshot(model, ids):
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    was_training = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(ids, **kw)
+    for name, m in model.named_modules():
+        m.train(was_training[name])
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modes": was_training,
+        "grad_flags": {k: p.requires_grad for k, p in model.named_parameters()},
+        "generated": generated,
+    }
+
+
+def _assert_unchanged(model, snapshot, ids):
+    assert {name: m.training for name, m in model.named_modules()} == snapshot["modes"]
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == snapshot["grad_flags"]
+    state = model.state_dict()
+    assert state.keys() == snapshot["state"].keys()
+    assert all(torch.equal(snapshot["state"][k], state[k]) for k in state)
+    again = _source_snapshot(model, ids)
+    assert torch.equal(again["generated"], snapshot["generated"])
+
+
+@pytest.mark.parametrize("stage", ["sampling", "calibration", "rorope", "layers"])
+def test_ctrl_c_during_conversion_leaves_the_source_unchanged(monkeypatch, calibration, stage):
+    import kvcompress.transmla.convert as convert_module
+
+    source = tiny_model("llama")
+    source.train()
+    source.model.layers[0].eval()  # mixed modes must come back as they were, not all train or all eval
+    ids = tokens(batch=1, length=6, seed=4)
+    snapshot = _source_snapshot(source, ids)
+    rng = torch.random.get_rng_state()
+    calls = []
+
+    def interrupt(*args, **kwargs):
+        calls.append(stage)
+        if len(calls) == 2:  # mid-way: one call went through
+            raise KeyboardInterrupt
+
+    handle = None
+    if stage in ("sampling", "calibration"):
+        handle = source.model.layers[1].register_forward_pre_hook(interrupt)
+    else:
+        name = "_rorope_basis" if stage == "rorope" else "_convert_layer"
+        original = getattr(convert_module, name)
+        monkeypatch.setattr(convert_module, name, lambda *a, **k: (interrupt(), original(*a, **k))[1])
+    with pytest.raises(KeyboardInterrupt):
+        convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, progress=False,
+                           calibration=None if stage == "sampling" else calibration)
+    assert len(calls) == 2
+    if handle is not None:
+        handle.remove()
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    _assert_unchanged(source, snapshot, ids)
+
+
+def test_ctrl_c_during_recovery_keeps_the_steps_done_and_the_source_unchanged(calibration):
+    source = tiny_model("llama")
+    source.train()
+    ids = tokens(batch=1, length=6, seed=4)
+    snapshot = _source_snapshot(source, ids)
+    forwards = []
+
+    def interrupt(module, args, kwargs):
+        forwards.append(kwargs.get("output_hidden_states", False))
+        recovery = [f for f in forwards if not f]  # calibration forwards ask for hidden states
+        if len(recovery) == 3:
+            raise KeyboardInterrupt
+
+    handle = source.register_forward_pre_hook(interrupt, with_kwargs=True)
+    with pytest.warns(UserWarning, match="recovery distillation interrupted after 2 of 5 steps"):
+        converted = convert_gqa_to_mla(source, kv_lora_rank=9, rope_dim=8, calibration=calibration,
+                                       recovery_steps=5, progress=False)
+    handle.remove()
+    assert len(converted.transmla_info["recovery_losses"]) == 2
+    assert not converted.training and all(p.requires_grad for p in converted.parameters())
+    _assert_unchanged(source, snapshot, ids)
+
+
 # -- the real model ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_lossless_and_a_2x_smaller_cache(smollm2):
