@@ -17,8 +17,8 @@ with the reason. Example (GPU, MLA: eager and compiled latent cache against stoc
     kvcompress bench --model deepseek-v3-attn --layers 4 --context 32768 --methods dynamic,mla \\
     --baselines static-compiled --compile-methods
 
-Writes bench.json, bench.md and bench.png under --out. The benchmark code lives in the source
-checkout's benchmarks/ directory (see benchmarks/speed.py for what each figure means).
+Writes bench.json, bench.md and bench.png under --out (default results/bench). The code is
+kvcompress.bench.speed (its docstring says what each figure means).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BASELINE_NAMES = ("dynamic", "static", "static-compiled")  # benchmarks.speed.BASELINES (kept import-free)
+BASELINE_NAMES = ("dynamic", "static", "static-compiled")  # kvcompress.bench.speed.BASELINES (kept import-free)
 
 HELP = "prefill/decode time, cache bytes and peak memory of methods, as ratios to the stock cache"
 
@@ -76,11 +76,10 @@ def _baselines(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .ruler_cli import load_benchmark_module
+    from .bench import speed
+    from .bench.spec import parse_method_specs
 
-    speed = load_benchmark_module("speed")
-    runner = load_benchmark_module("ruler.runner")
-    methods = runner.parse_methods(args.methods)
+    methods = parse_method_specs(args.methods)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     budget = args.budget_gib

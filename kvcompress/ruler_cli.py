@@ -7,30 +7,17 @@ Example (a small CPU run):
 
 Outputs under --out: dataset.jsonl (the samples), results/<method>.jsonl (one record per sample,
 appended as it finishes; rerun the same command after an interrupt to resume), summary.md and
-accuracy_vs_ratio.png. The benchmark code lives in the source checkout's benchmarks/ directory.
+accuracy_vs_ratio.png. The code is kvcompress.ruler; benchmarks/ruler/ has the peers (other tools on the
+same samples).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 HELP = "RULER accuracy of methods against the stock cache (offline tasks, resumable)"
-
-
-def load_benchmark_module(name: str):
-    """Import ``benchmarks.<name>`` from the source checkout this package was installed from."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "__init__.py").is_file():
-        raise RuntimeError(
-            f"'kvcompress {name.split('.')[0]}' runs the benchmarks/ directory of a source checkout, which this "
-            f"installation ({root}) does not have: clone the repository and run pip install -e '.[bench]' there"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(f"benchmarks.{name}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    generate = load_benchmark_module("ruler.generate")
-    runner = load_benchmark_module("ruler.runner")
-    report = load_benchmark_module("ruler.report")
-    results = load_benchmark_module("ruler.results")
+    from .bench.spec import parse_method_specs
+    from .ruler import generate, report, results, runner
 
     out = Path(args.out)
     title = args.title or f"RULER, {args.model}, length {'/'.join(map(str, args.length))}"
@@ -72,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {md}" + (f" and {png}" if png else ""))
         return 0
 
-    methods = runner.parse_methods(args.methods)  # validate before the slow model load
+    methods = parse_method_specs(args.methods)  # validate before the slow model load
     tasks = generate.parse_tasks(args.tasks)
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

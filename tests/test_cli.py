@@ -63,3 +63,51 @@ def test_module_entry_point_runs():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("METHOD")
+
+
+def _package_sources():
+    from pathlib import Path
+
+    import kvcompress
+
+    root = Path(kvcompress.__file__).parent
+    return sorted(root.rglob("*.py"))
+
+
+def test_the_package_never_imports_benchmarks_nor_edits_sys_path():
+    """``kvcompress ruler`` and ``bench`` run from a wheel: nothing in the package reaches for the source
+    checkout's benchmarks/ directory or puts a directory on ``sys.path``."""
+    import ast
+
+    sources = _package_sources()
+    assert any(p.name == "speed.py" and p.parent.name == "bench" for p in sources)
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "benchmarks" for a in node.names), path
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert (node.module or "").split(".")[0] != "benchmarks", path
+            elif isinstance(node, ast.Attribute) and node.attr == "path":
+                assert not (isinstance(node.value, ast.Name) and node.value.id == "sys"), f"sys.path in {path}"
+
+
+def test_ruler_and_bench_modules_import_with_benchmarks_unimportable(tmp_path):
+    """In a fresh interpreter where ``import benchmarks`` fails (as in a wheel install), every module the
+    ruler and bench verbs use imports and the verbs' parsers build."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'benchmarks':\n"
+        "            raise ImportError('benchmarks is not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import kvcompress.cli, kvcompress.bench.speed, kvcompress.bench.spec, kvcompress.ruler.runner\n"
+        "import kvcompress.ruler.report, kvcompress.ruler.generate\n"
+        "kvcompress.cli.build_parser()\n"
+        "assert not any(m.split('.')[0] == 'benchmarks' for m in sys.modules)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

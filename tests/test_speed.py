@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import speed
-from benchmarks.ruler.runner import parse_methods
+from kvcompress.bench import speed
+from kvcompress.bench.spec import parse_method_specs as parse_methods
 from conftest import tiny_model
 
 
@@ -169,8 +169,6 @@ def test_an_out_of_memory_entry_is_a_row_and_the_run_goes_on(llama, monkeypatch)
 
 
 def test_prefill_chunk_applies_to_every_row_and_keeps_tokens():
-    from benchmarks import speed
-    from benchmarks.ruler.runner import parse_methods
 
     model = tiny_model("llama")
     out = speed.bench(model, parse_methods("dynamic,xkv:group_size=2:window=8:sink=2:min_compress_tokens=8"),

@@ -537,3 +537,13 @@ def model_input(sample: dict) -> str:
     """The user message of a sample (what goes inside the chat template)."""
     return sample["context"] + sample["question"]
 
+
+def build_prompt(tokenizer, sample: dict, chat_template: bool | None = None) -> str:
+    """The text fed to the model: the user message in the chat template (``None``: when the tokenizer
+    has one), then the answer prefix, as RULER does for chat models."""
+    use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if use_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": model_input(sample)}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text + sample["answer_prefix"].lstrip()
+    return model_input(sample) + sample["answer_prefix"]

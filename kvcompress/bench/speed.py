@@ -10,7 +10,7 @@ only had to read the weights and the cache once. And the largest batch (at this 
 (at this batch) that fit ``budget_gib``, extrapolated linearly from each entry's measured per-row peak
 (compressed caches carry a few fixed-size factors, so this is an estimate).
 
-Entries are registry methods (``--methods``) and stock baselines (``--baselines``, issue #9: compare
+Entries are registry methods (``--methods``) and stock baselines (``--baselines``: compare
 against stock with the same launch-overhead treatment): ``static`` (``StaticCache``, eager) and
 ``static-compiled`` (``StaticCache`` + generate()'s automatic ``torch.compile`` of the decode step with
 mode ``reduce-overhead``, i.e. CUDA graphs, as transformers 5.17 and 5.24 both do when a compilable
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.plotting import pyplot, save_figure
+from .plotting import pyplot, save_figure
 
 SHAPES = ("smollm2", "llama-3.1-8b", "deepseek-v2-lite", "deepseek-v3-attn")
 
@@ -91,7 +91,7 @@ def shape_config(name: str, layers: int | None = None):
 def load_model(name: str, device: str, dtype: torch.dtype, layers: int | None = None):
     """``smollm2`` from its GGUF file, or a named shape with random weights built on ``device``."""
     if name == "smollm2":
-        from kvcompress.models import load_smollm2
+        from ..models import load_smollm2
 
         model, _ = load_smollm2(dtype=dtype, device=device)
         if layers is not None:
@@ -149,24 +149,13 @@ def _rss() -> int:
         return 0
 
 
-def copy_bandwidth(device: str, gib: float = 1.0) -> float | None:
+def copy_bandwidth(device: str) -> float | None:
     """Measured device-memory bandwidth in bytes/s (a copy reads and writes each byte); None on CPU."""
     if not str(device).startswith("cuda"):
         return None
-    n = int(gib * 2**30) // 4
-    src = torch.empty(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n * 4 / best
+    from .hardware import copy_bandwidth as measure
+
+    return measure(device)
 
 
 # Stock transformers caches measured as bench entries (not registry methods: they are the references)
@@ -203,12 +192,9 @@ def _generate(model, input_ids, new_tokens: int, sync, *, method=None, cache=Non
     """
     from transformers import LogitsProcessorList
 
-    from benchmarks.ruler.runner import install_method, make_cache
+    from ..patch import GENERATE_CACHE_KWARG
+    from .spec import install_method, make_cache
 
-    try:
-        from kvcompress.patch import GENERATE_CACHE_KWARG
-    except ImportError:
-        GENERATE_CACHE_KWARG = "past_key_values"
     handle = install_method(method, model) if method is not None else None
     try:
         if cache is None and handle is None:
@@ -281,8 +267,8 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     """
     from tqdm.auto import tqdm
 
-    from benchmarks.ruler.results import cache_nbytes
-    from benchmarks.ruler.runner import MethodSpec, make_cache
+    from ..ops import cache_nbytes
+    from .spec import MethodSpec, make_cache
 
     for name, value, low in (("batch", batch, 1), ("context", context, 2), ("new_tokens", new_tokens, 2),
                              ("repeats", repeats, 1)):
@@ -442,13 +428,12 @@ def _compiled_spec(model, item, capacity: int):
     value, ``None`` included, is kept. The row is skipped when the cache cannot be built for this model or
     is not ``is_compileable``.
     """
-    from benchmarks.ruler.runner import MethodSpec, make_cache
+    from ..registry import get_method
+    from .spec import MethodSpec, make_cache
 
     try:
-        from kvcompress.registry import get_method
-
         declared = get_method(item.name).param_map
-    except (ImportError, ValueError, TypeError):  # no registry, or an unknown name (make_cache says so below)
+    except (ValueError, TypeError):  # an unknown name (make_cache says so below)
         declared = {}
     params = dict(item.params)
     if "max_cache_len" in declared and "max_cache_len" not in params:
@@ -477,7 +462,7 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
     """
     from transformers import CompileConfig
 
-    from benchmarks.ruler.runner import install_method
+    from .spec import install_method
 
     if not cuda and backend is None:
         row["skipped"] = (f"needs CUDA: mode {COMPILE_MODE!r} is CUDA graphs and generate() compiles only on GPU "
