@@ -322,3 +322,25 @@ def test_kvpress_adapter_validates_and_splits_without_kvpress():
         ("<u>ctx text", "\nWhat is it?</u> The answer is")
     with pytest.raises(ValueError, match="question not found"):
         K.split_prompt("no question here", sample)
+
+
+def test_kvpress_adapter_loads_the_ruler_modules_without_kvcompress_init():
+    """In kvpress's environment (an older transformers) kvcompress/__init__ cannot run: the adapter loads
+    only the standard-library modules of kvcompress.ruler, and neither torch nor transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            "from benchmarks.ruler.peers import kvpress_eval as K\n"
+            "generate, results, scoring = K.ruler_modules()\n"
+            "assert scoring.score('It is 42.', ['42'], 'string_match_all') == 1.0\n"
+            "assert callable(generate.build_prompt) and callable(results.cache_nbytes)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kvcompress', 'torch', 'transformers')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    loaded = eval(out.stdout)
+    assert "kvcompress.xkv" not in loaded and "torch" not in loaded and "transformers" not in loaded, loaded
+    assert "kvcompress.ruler.generate" in loaded
