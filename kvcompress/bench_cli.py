@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         out = speed.bench(model, methods, batch=args.batch, context=args.context, new_tokens=args.new_tokens,
                           repeats=args.repeats, budget_gib=budget, baselines=args.baselines,
                           compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk,
-                          compile_methods=args.compile_methods,
+                          compile_methods=args.compile_methods, random_weights=args.model != "smollm2",
                           on_result=lambda partial: speed.write_outputs(partial, args.out, stem))
     except KeyboardInterrupt:
         print(f"interrupted: the methods measured so far are in {args.out}/{stem}.json", file=sys.stderr)
