@@ -356,3 +356,24 @@ def test_bench_reports_the_logit_error_against_dynamic_and_the_prompt_kind(llama
     md = speed.markdown(out)
     assert "logit err max/mean" in md and "context 96 (random token ids)" in md and "(random)" in md
     assert "random token ids into a model with random weights" in md
+
+
+def test_a_missing_matplotlib_is_noted_once(llama, monkeypatch, tmp_path, capsys):
+    import builtins
+
+    from kvcompress.bench import plotting
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(plotting, "_missing_noted", False)
+    out = speed.bench(llama, parse_methods("dynamic"), context=16, new_tokens=2, repeats=1, progress=False)
+    for _ in range(3):  # the CLI writes the outputs after every row and at the end
+        paths = speed.write_outputs(out, tmp_path, "t")
+    assert "png" not in paths and paths["md"].exists()
+    assert capsys.readouterr().out.count("matplotlib is not installed") == 1
