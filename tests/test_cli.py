@@ -255,3 +255,43 @@ def test_sigint_during_start_up_exits_130():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "interrupted" and "Traceback" not in result.stderr
+
+
+# -- the demo's summary ----------------------------------------------------------------------------------
+def test_demo_summary_names_the_model_says_whether_the_answers_agree_and_gives_both_ratios():
+    from transformers import DynamicCache
+
+    from kvcompress.demo import Answer, summary
+    from kvcompress.xkv import XKVCache
+
+    class Reserving:  # a compressed cache with growth headroom
+        def nbytes(self):
+            return 2**20
+
+        def reserved_nbytes(self):
+            return 2 * 2**20
+
+    dense = Answer("DynamicCache", "4212345", DynamicCache(), 4 * 2**20, 1.0)
+    same = summary([dense, Answer("XKVCache", "4212345", Reserving(), 2**20, 2.0)], "4212345", "SmolLM2-135M-Instruct")
+    text = "\n".join(same)
+    assert "same answer: yes, SmolLM2-135M-Instruct gave the same answer with both caches ('4212345')" in text
+    assert "4.00x smaller cache (75% less)" in text and "(nbytes)" in text
+    assert "2.00x counting the bytes allocated (2.00 MiB for XKVCache: reserved_nbytes" in text
+    assert text.count("(found)") == 2
+    other = "\n".join(summary([dense, Answer("XKVCache", "42", Reserving(), 2**20, 2.0)], "4212345", "M"))
+    assert "same answer: no, M answered '4212345' with DynamicCache and '42' with XKVCache" in other
+    assert "(MISSED)" in other
+    plain = "\n".join(summary([dense, Answer("Other", "x", DynamicCache(), 2**20, 1.0)], "y", "M"))
+    assert "reserved_nbytes" not in plain  # only where the cache reports it
+    assert callable(getattr(XKVCache, "reserved_nbytes", None))  # the demo's cache does
+
+
+def test_demo_checks_its_arguments_before_loading(no_model_load, capsys):
+    for argv, message in ((["--depth", "2"], "argument --depth: expected a number in [0, 1], got 2.0"),
+                          (["--context", "10"], "argument --context: expected an int >= 128"),
+                          (["--max-new-tokens", "0"], "argument --max-new-tokens: expected an int >= 1"),
+                          (["--device", "tpu"], "--device: unknown device 'tpu'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
