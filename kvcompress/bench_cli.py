@@ -17,8 +17,8 @@ with the reason. Example (GPU, MLA: eager and compiled latent cache against stoc
     kvcompress bench --model deepseek-v3-attn --layers 4 --context 32768 --methods dynamic,mla \\
     --baselines static-compiled --compile-methods
 
-Writes bench.json, bench.md and bench.png under --out (default results/bench). The code is
-kvcompress.bench.speed (its docstring says what each figure means).
+Writes <stem>.json, <stem>.md and <stem>.png (stem default bench_<model>_<device>) under --out (default
+results/bench). The code is kvcompress.bench.speed (its docstring says what each figure means).
 """
 
 from __future__ import annotations

@@ -97,9 +97,9 @@ def load_model(name: str, device: str, dtype: torch.dtype, layers: int | None = 
     if name == "smollm2":
         from ..models import load_smollm2
 
-        model, _ = load_smollm2(dtype=dtype, device=device)
         if layers is not None:
             raise ValueError("layers applies to the random-weight shapes only, not to smollm2")
+        model, _ = load_smollm2(dtype=dtype, device=device)
         return model
     from transformers import AutoModelForCausalLM
 
