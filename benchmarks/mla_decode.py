@@ -56,6 +56,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DynamicCache
 
+from kvcompress.bench.hardware import copy_bandwidth, mla_kernel_inputs, sync
 from kvcompress.kernels import triton_usable
 from kvcompress.kernels import mla_decode as mla_kernel
 from kvcompress.mla import MLALatentCache, absorbed_attention, patch_mla
@@ -99,11 +100,6 @@ def fill(cache, cfg, batch: int, tokens: int, dtype, device) -> None:
 def cache_bytes(cache) -> int:
     """Every layer's keys/values bytes, the same count for both caches (stock holds the same latent)."""
     return sum(tensor_nbytes(l.keys, l.values) for l in cache.layers if l.is_initialized)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def compiled_graphs() -> int:
@@ -158,23 +154,6 @@ def decode(model, cache, batch: int, steps: int, warmup: int, device: str, budge
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["transient_gib"] = (torch.cuda.max_memory_allocated() - held) / 2**30
     return result
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a device copy of 1 GiB (CPU: 256 MiB), counting bytes read and written."""
-    n = (2**30 if device == "cuda" else 2**28) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync(device)
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n * 2 / best
 
 
 def weight_bytes(model) -> int:
@@ -287,13 +266,6 @@ def triton_disabled(disabled: bool):
             os.environ["KVCOMPRESS_DISABLE_TRITON"] = before
 
 
-def kernel_inputs(batch: int, heads: int, tokens: int, dtype, device: str, seed: int = 0, r: int = 512, p: int = 64):
-    """Fresh random decode inputs (S = 1): queries, latent and RoPE key of unit scale."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)
-    return rand(batch, heads, 1, r), rand(batch, heads, 1, p), rand(batch, tokens, r), rand(batch, tokens, p)
-
-
 @torch.no_grad()
 def kernel_check(device: str) -> list[dict]:
     """Kernel vs the float32 reference on fresh random inputs: ragged lengths, left padding, a key mask."""
@@ -301,7 +273,7 @@ def kernel_check(device: str) -> list[dict]:
     for dtype in (torch.bfloat16, torch.float32):
         for heads, tokens in ((16, 4099), (128, 1531)):
             batch = 4
-            q, qr, c, k = kernel_inputs(batch, heads, tokens, dtype, device, seed=heads)
+            q, qr, c, k = mla_kernel_inputs(batch, heads, tokens, dtype, device, seed=heads)
             starts = torch.tensor([0, 17, 0, 1000], device=device)
             lengths = torch.tensor([tokens, tokens - 17, 33, tokens - 1000], device=device)
             key_mask = torch.rand(batch, tokens, device=device) > 0.1
@@ -333,7 +305,7 @@ def kernel_timing(contexts, batches, dtype, device: str, bandwidth: float, sweep
             for batch in batches:
                 row = {"heads": heads, "context": tokens, "batch": batch}
                 try:
-                    q, qr, c, k = kernel_inputs(batch, heads, tokens, dtype, device)
+                    q, qr, c, k = mla_kernel_inputs(batch, heads, tokens, dtype, device)
                     cache_bytes_ = (c.numel() + k.numel()) * c.element_size()
                     row["cache_bytes"] = cache_bytes_
                     row["floor_ms"] = 1000 * cache_bytes_ / bandwidth

@@ -6,14 +6,13 @@ bytes at the measured copy bandwidth).
     PYTHONPATH=. OUT=docs/results python benchmarks/mla_kernel_sweep.py   # writes $OUT/perf/mla_kernel_sweep_s6_h100.json
     DEFAULT_ONLY=1 PYTHONPATH=. python benchmarks/mla_kernel_sweep.py     # only the tiles _config picks
 
-Needs CUDA and Triton. Session 6's figures in docs/performance.md (MLA section) come from this script on
+Needs CUDA and Triton. The MLA kernel figures in docs/performance.md (MLA section) come from this script on
 one H100.
 """
-import os, sys, json, itertools
-sys.path.insert(0, os.getcwd())
+import os, json, itertools
 import torch
 from triton.testing import do_bench
-from benchmarks.mla_decode import kernel_inputs, copy_bandwidth
+from kvcompress.bench.hardware import copy_bandwidth, mla_kernel_inputs as kernel_inputs
 from kvcompress.kernels import mla_decode as m
 
 bw = copy_bandwidth("cuda")

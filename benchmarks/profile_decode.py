@@ -15,8 +15,8 @@ import torch
 
 
 def main() -> None:
-    from benchmarks import speed
-    from benchmarks.ruler.runner import install_method, make_cache, parse_methods
+    from kvcompress.bench import speed
+    from kvcompress.bench.spec import install_method, make_cache, parse_method_specs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3.1-8b", choices=speed.SHAPES)
@@ -34,7 +34,7 @@ def main() -> None:
                         generator=torch.Generator(device=device).manual_seed(0))
     from kvcompress.patch import GENERATE_CACHE_KWARG
 
-    for method in parse_methods(args.methods):
+    for method in parse_method_specs(args.methods):
         handle = install_method(method, model)
 
         def generate(new_tokens: int):

@@ -17,8 +17,8 @@ with the reason. Example (GPU, MLA: eager and compiled latent cache against stoc
     kvcompress bench --model deepseek-v3-attn --layers 4 --context 32768 --methods dynamic,mla \\
     --baselines static-compiled --compile-methods
 
-Writes bench.json, bench.md and bench.png under --out. The benchmark code lives in the source
-checkout's benchmarks/ directory (see benchmarks/speed.py for what each figure means).
+Writes <stem>.json, <stem>.md and <stem>.png (stem default bench_<model>_<device>) under --out (default
+results/bench). The code is kvcompress.bench.speed (its docstring says what each figure means).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-BASELINE_NAMES = ("dynamic", "static", "static-compiled")  # benchmarks.speed.BASELINES (kept import-free)
+from .cli_args import check_device, check_smollm2, int_at_least, method_specs, positive_float
+
+BASELINE_NAMES = ("dynamic", "static", "static-compiled")  # kvcompress.bench.speed.BASELINES (kept import-free)
 
 HELP = "prefill/decode time, cache bytes and peak memory of methods, as ratios to the stock cache"
 
@@ -35,12 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2",
                         choices=["smollm2", "llama-3.1-8b", "deepseek-v2-lite", "deepseek-v3-attn"],
                         help="the real SmolLM2, or a random-weight shape (default smollm2)")
-    parser.add_argument("--layers", type=int, default=None, help="cut a random-weight shape to this many layers")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--context", type=int, default=4096, help="prompt tokens per row (default 4096)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
-    parser.add_argument("--methods", default="dynamic,xkv",
-                        help="comma list of name[:param=value...]; dynamic is always measured too")
+    parser.add_argument("--layers", type=int_at_least(1), default=None,
+                        help="cut a random-weight shape to this many layers (not for smollm2)")
+    parser.add_argument("--batch", type=int_at_least(1), default=1, help="batch size (default 1)")
+    parser.add_argument("--context", type=int_at_least(2), default=4096, help="prompt tokens per row (default 4096)")
+    parser.add_argument("--new-tokens", type=int_at_least(2), default=32, help="decode steps timed (default 32)")
+    parser.add_argument("--methods", type=method_specs, default="dynamic,xkv",
+                        help="comma list of name[:param=value...] ('kvcompress methods' lists them); dynamic is "
+                        "always measured too")
     parser.add_argument("--baselines", type=_baselines, default="dynamic",
                         help="comma list of stock references: " + ", ".join(BASELINE_NAMES)
                         + " (default dynamic, always measured; static-compiled compiles for minutes on a big model)")
@@ -52,10 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile backend of the compiled rows (static-compiled, --compile-methods) "
                         "(default inductor with reduce-overhead on GPU; on CPU they are skipped unless given, e.g. "
                         "eager, which only checks the plumbing)")
-    parser.add_argument("--prefill-chunk", type=int, default=None,
+    parser.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
                         help="chunked prefill of this many tokens for every row (generate's prefill_chunk_size)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per method, best kept (default 2)")
-    parser.add_argument("--budget-gib", type=float, default=None,
+    parser.add_argument("--repeats", type=int_at_least(1), default=2, help="runs per method, best kept (default 2)")
+    parser.add_argument("--budget-gib", type=positive_float, default=None,
                         help="memory budget for the largest batch/context estimate (default: the GPU's memory)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -73,14 +77,31 @@ def _baselines(text: str) -> str:
     return text
 
 
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Every check that needs no model (exit 2 naming the option); ``args.device`` becomes the device used."""
+    if args.model == "smollm2":
+        if args.layers is not None:
+            parser.error("--layers cuts the random-weight shapes only (llama-3.1-8b, deepseek-v2-lite, "
+                         "deepseek-v3-attn), not smollm2")
+        check_smollm2(parser)
+    args.device = check_device(parser, args.device)
+    if args.compile_backend is not None:
+        import torch
+
+        if args.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+            # the usual ones: torch's default list leaves out those tagged debug, eager among them
+            usual = sorted(set(torch.compiler.list_backends()) | {"eager", "aot_eager"})
+            parser.error(f"--compile-backend: unknown backend {args.compile_backend!r}; allowed: {', '.join(usual)} "
+                         "(or any name in torch.compiler.list_backends(exclude_tags=()))")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .ruler_cli import load_benchmark_module
+    from .bench import speed
+    from .bench.spec import parse_method_specs
 
-    speed = load_benchmark_module("speed")
-    runner = load_benchmark_module("ruler.runner")
-    methods = runner.parse_methods(args.methods)
+    methods = parse_method_specs(args.methods) if isinstance(args.methods, str) else args.methods
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     budget = args.budget_gib
@@ -93,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         out = speed.bench(model, methods, batch=args.batch, context=args.context, new_tokens=args.new_tokens,
                           repeats=args.repeats, budget_gib=budget, baselines=args.baselines,
                           compile_backend=args.compile_backend, prefill_chunk=args.prefill_chunk,
-                          compile_methods=args.compile_methods,
+                          compile_methods=args.compile_methods, random_weights=args.model != "smollm2",
                           on_result=lambda partial: speed.write_outputs(partial, args.out, stem))
     except KeyboardInterrupt:
         print(f"interrupted: the methods measured so far are in {args.out}/{stem}.json", file=sys.stderr)

@@ -3,7 +3,7 @@ integration tests and the xKV measurements.
 
 The haystack is RULER's repeated noise sentences; the needle is "One of the special magic numbers for
 {key} is: {number}." placed at a relative ``depth`` of the context, and the question asks for the number.
-The full RULER generator with all its tasks lives in ``benchmarks/ruler``.
+The full RULER generator with all its tasks is ``kvcompress.ruler``.
 """
 
 from __future__ import annotations

@@ -63,3 +63,235 @@ def test_module_entry_point_runs():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("METHOD")
+
+
+def _package_sources():
+    from pathlib import Path
+
+    import kvcompress
+
+    root = Path(kvcompress.__file__).parent
+    return sorted(root.rglob("*.py"))
+
+
+def test_the_package_never_imports_benchmarks_nor_edits_sys_path():
+    """``kvcompress ruler`` and ``bench`` run from a wheel: nothing in the package reaches for the source
+    checkout's benchmarks/ directory or puts a directory on ``sys.path``."""
+    import ast
+
+    sources = _package_sources()
+    assert any(p.name == "speed.py" and p.parent.name == "bench" for p in sources)
+    for path in sources:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "benchmarks" for a in node.names), path
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert (node.module or "").split(".")[0] != "benchmarks", path
+            elif isinstance(node, ast.Attribute) and node.attr == "path":
+                assert not (isinstance(node.value, ast.Name) and node.value.id == "sys"), f"sys.path in {path}"
+
+
+def test_ruler_and_bench_modules_import_with_benchmarks_unimportable(tmp_path):
+    """In a fresh interpreter where ``import benchmarks`` fails (as in a wheel install), every module the
+    ruler and bench verbs use imports and the verbs' parsers build."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'benchmarks':\n"
+        "            raise ImportError('benchmarks is not installed')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import kvcompress.cli, kvcompress.bench.speed, kvcompress.bench.spec, kvcompress.ruler.runner\n"
+        "import kvcompress.ruler.report, kvcompress.ruler.generate\n"
+        "kvcompress.cli.build_parser()\n"
+        "assert not any(m.split('.')[0] == 'benchmarks' for m in sys.modules)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# -- --help keeps the examples' line breaks ------------------------------------------------------------
+@pytest.mark.parametrize("verb", ["ruler", "bench"])
+def test_help_keeps_the_examples_line_breaks(verb, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    doc = importlib.import_module(VERBS[verb]).__doc__.splitlines()
+    continued = [(line, nxt) for line, nxt in zip(doc, doc[1:]) if line.endswith("\\")]
+    assert continued  # the examples that go on over two lines
+    for line, nxt in continued:
+        assert f"{line}\n{nxt}\n" in out, line
+
+
+# -- every argument is checked before anything is loaded -------------------------------------------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: a bad argument must end the command before."""
+    from kvcompress import models
+    from kvcompress.bench import speed
+    from kvcompress.ruler import runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_smollm2", refuse)
+    monkeypatch.setattr(speed, "load_model", refuse)
+    monkeypatch.setattr(speed, "bench", refuse)
+    monkeypatch.setattr(runner, "run_ruler", refuse)
+
+
+BAD_BENCH = [
+    (["--methods", "nosuch"], "--methods", "unknown method 'nosuch'; known methods: dynamic, xkv"),
+    (["--methods", "xkv:rnak_k=2"], "--methods", "has no parameter 'rnak_k'; allowed parameters: group_size"),
+    (["--methods", "xkv:rank_k=2.0"], "--methods", "rank_k=2.0 is out of range; allowed: int >= 1, float in (0, 1]"),
+    (["--methods", "xkv:rank_k"], "--methods", "is not param=value"),
+    (["--methods", "dynamic,dynamic"], "--methods", "each method may appear once"),
+    (["--layers", "0"], "--layers", "expected an int >= 1, got 0"),
+    (["--layers", "2"], "--layers", "not smollm2"),
+    (["--budget-gib", "-1"], "--budget-gib", "expected a number > 0, got -1"),
+    (["--batch", "0"], "--batch", "expected an int >= 1"),
+    (["--context", "1"], "--context", "expected an int >= 2"),
+    (["--new-tokens", "x"], "--new-tokens", "expected an int >= 2, got 'x'"),
+    (["--repeats", "0"], "--repeats", "expected an int >= 1"),
+    (["--prefill-chunk", "0"], "--prefill-chunk", "expected an int >= 1"),
+    (["--baselines", "stat"], "--baselines", "allowed: dynamic, static, static-compiled"),
+    (["--device", "gpu"], "--device", "allowed: auto, cpu, cuda or cuda:N"),
+    (["--compile-backend", "nope"], "--compile-backend", "allowed: "),
+]
+BAD_RULER = [
+    (["--methods", "nosuch"], "--methods", "unknown method 'nosuch'"),
+    (["--methods", "xkv:window=-1"], "--methods", "window=-1 is out of range; allowed: int >= 0"),
+    (["--methods", "mla"], "--methods mla", "does not support model_type='llama'"),
+    (["--samples", "0"], "--samples", "expected an int >= 1, got 0"),
+    (["--length", "0"], "--length", "expected an int >= 256, got 0"),
+    (["--length", "1024", "100"], "--length", "expected an int >= 256, got 100"),
+    (["--batch-size", "0"], "--batch-size", "expected an int >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens", "expected an int >= 1"),
+    (["--tasks", "foo"], "--tasks", "unknown task 'foo'; allowed: all, niah, qa"),
+    (["--dataset", "/nonexistent/d.jsonl"], "--dataset", "no such file"),
+    (["--device", "gpu"], "--device", "allowed: auto, cpu, cuda or cuda:N"),
+    (["--report-only", "--generate-only"], "--report-only", "exclude each other"),
+]
+
+
+@pytest.mark.parametrize("verb,argv,option,message",
+                         [("bench", *case) for case in BAD_BENCH] + [("ruler", *case) for case in BAD_RULER])
+def test_bad_arguments_exit_2_naming_the_option_before_any_load(verb, argv, option, message, no_model_load, capsys,
+                                                                  tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, *argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"kvcompress {verb}: error:" in err and option in err and message in err, err
+
+
+@pytest.mark.parametrize("verb", ["bench", "ruler"])
+def test_cuda_without_cuda_is_a_usage_error(verb, no_model_load, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_ruler_dataset_checks(no_model_load, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    vt = tmp_path / "vt.jsonl"
+    vt.write_text('{"task": "vt", "id": "vt/1024/0"}\n')
+    for argv, message in ((["--dataset", str(bad)], "not a RULER JSONL dataset"),
+                          (["--dataset", str(vt), "--tasks", "niah"], "holds no sample of the tasks asked for"),
+                          (["--dataset", str(vt), "--generate-only"], "cannot be combined with --dataset")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["ruler", *argv, "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_ruler_report_only_without_results_is_an_error(no_model_load, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ruler", "--report-only", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--report-only: no results in {tmp_path / 'results'}" in capsys.readouterr().err
+
+
+def test_ruler_min_length_matches_the_generator():
+    from kvcompress import ruler_cli
+    from kvcompress.ruler import generate
+
+    assert ruler_cli.MIN_LENGTH == generate.MIN_LENGTH
+
+
+# -- Ctrl-C at any point ends with "interrupted" and 130 -----------------------------------------------
+def test_ctrl_c_while_building_the_parser_or_validating(monkeypatch, capsys):
+    from kvcompress import bench_cli, cli
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_cli, "validate", interrupt)
+    assert main(["bench"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(cli, "build_parser", interrupt)
+    assert main(["methods"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_sigint_during_start_up_exits_130():
+    """A real SIGINT while the verbs' parsers are built (start-up, before any verb runs)."""
+    code = ("import os, signal, sys\n"
+            "import kvcompress.bench_cli as b, kvcompress.cli as c\n"
+            "b.add_arguments = lambda parser: os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.exit(c.main(['bench']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "interrupted" and "Traceback" not in result.stderr
+
+
+# -- the demo's summary ----------------------------------------------------------------------------------
+def test_demo_summary_names_the_model_says_whether_the_answers_agree_and_gives_both_ratios():
+    from transformers import DynamicCache
+
+    from kvcompress.demo import Answer, summary
+    from kvcompress.xkv import XKVCache
+
+    class Reserving:  # a compressed cache with growth headroom
+        def nbytes(self):
+            return 2**20
+
+        def reserved_nbytes(self):
+            return 2 * 2**20
+
+    dense = Answer("DynamicCache", "4212345", DynamicCache(), 4 * 2**20, 1.0)
+    same = summary([dense, Answer("XKVCache", "4212345", Reserving(), 2**20, 2.0)], "4212345", "SmolLM2-135M-Instruct")
+    text = "\n".join(same)
+    assert "same answer: yes, SmolLM2-135M-Instruct gave the same answer with both caches ('4212345')" in text
+    assert "4.00x smaller cache (75% less)" in text and "(nbytes)" in text
+    assert "2.00x counting the bytes allocated (2.00 MiB for XKVCache: reserved_nbytes" in text
+    assert text.count("(found)") == 2
+    other = "\n".join(summary([dense, Answer("XKVCache", "42", Reserving(), 2**20, 2.0)], "4212345", "M"))
+    assert "same answer: no, M answered '4212345' with DynamicCache and '42' with XKVCache" in other
+    assert "(MISSED)" in other
+    plain = "\n".join(summary([dense, Answer("Other", "x", DynamicCache(), 2**20, 1.0)], "y", "M"))
+    assert "reserved_nbytes" not in plain  # only where the cache reports it
+    assert callable(getattr(XKVCache, "reserved_nbytes", None))  # the demo's cache does
+
+
+def test_demo_checks_its_arguments_before_loading(no_model_load, capsys):
+    for argv, message in ((["--depth", "2"], "argument --depth: expected a number in [0, 1], got 2.0"),
+                          (["--context", "10"], "argument --context: expected an int >= 128"),
+                          (["--max-new-tokens", "0"], "argument --max-new-tokens: expected an int >= 1"),
+                          (["--device", "tpu"], "--device: unknown device 'tpu'")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", *argv])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

@@ -11,10 +11,11 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.ruler import generate as G
-from benchmarks.ruler import report, runner
-from benchmarks.ruler.results import ResultsFile, method_slug
-from benchmarks.ruler.scoring import score, string_match_all, string_match_part
+from kvcompress.bench.spec import MethodSpec, install_method_needed, parse_method_specs
+from kvcompress.ruler import generate as G
+from kvcompress.ruler import report, runner
+from kvcompress.ruler.results import ResultsFile, method_slug
+from kvcompress.ruler.scoring import score, string_match_all, string_match_part
 from conftest import tiny_model
 
 
@@ -150,15 +151,15 @@ def test_string_match_part():
 
 # -- methods -----------------------------------------------------------------------------------------
 def test_parse_methods():
-    ms = runner.parse_methods("dynamic, xkv:rank_k=0.25:rank_v=8:window=None:pre_rope=false")
-    assert ms[0] == runner.MethodSpec("dynamic", "dynamic", {})
-    assert ms[1].params == {"rank_k": 0.25, "rank_v": 8, "window": None, "pre_rope": False}
+    ms = parse_method_specs("dynamic, xkv:rank_k=0.25:rank_v=8:group_size=None:pre_rope=false")
+    assert ms[0] == MethodSpec("dynamic", "dynamic", {})
+    assert ms[1].params == {"rank_k": 0.25, "rank_v": 8, "group_size": None, "pre_rope": False}
     with pytest.raises(ValueError, match="param=value"):
-        runner.parse_methods("xkv:rank_k")
+        parse_method_specs("xkv:rank_k")
     with pytest.raises(ValueError, match="once"):
-        runner.parse_methods("dynamic,dynamic")
+        parse_method_specs("dynamic,dynamic")
     with pytest.raises(ValueError, match="at least one"):
-        runner.parse_methods(" , ")
+        parse_method_specs(" , ")
     assert method_slug("xkv:rank_k=0.25:rank_v=0.375") == "xkv_rank_k-0.25_rank_v-0.375"
 
 
@@ -190,7 +191,7 @@ METHODS = "dynamic,xkv:rank_k=0.25:rank_v=0.375:window=16"
 
 def test_runner_records_every_sample(tiny, tmp_path):
     model, tokenizer, samples = tiny
-    out = runner.run_ruler(model, tokenizer, samples, runner.parse_methods(METHODS), tmp_path, batch_size=2,
+    out = runner.run_ruler(model, tokenizer, samples, parse_method_specs(METHODS), tmp_path, batch_size=2,
                            max_new_tokens=4, progress=False)
     assert set(out) == {"dynamic", "xkv:rank_k=0.25:rank_v=0.375:window=16"}
     for recs in out.values():
@@ -209,7 +210,7 @@ def test_runner_records_every_sample(tiny, tmp_path):
 
 def test_runner_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
     model, tokenizer, samples = tiny
-    methods = runner.parse_methods(METHODS)
+    methods = parse_method_specs(METHODS)
     calls = []
     real = runner.generate_batch
 
@@ -238,12 +239,12 @@ def test_runner_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
 def test_runner_rejects_bad_method_before_running(tiny, tmp_path):
     model, tokenizer, samples = tiny
     with pytest.raises(ValueError, match="unknown method"):
-        runner.run_ruler(model, tokenizer, samples, runner.parse_methods("snapkv"), tmp_path, progress=False)
+        runner.run_ruler(model, tokenizer, samples, [MethodSpec("snapkv", "snapkv", {})], tmp_path, progress=False)
     with pytest.raises((TypeError, ValueError), match="rank_k"):
-        runner.run_ruler(model, tokenizer, samples, runner.parse_methods("xkv:rank_k=7.5"), tmp_path,
-                         progress=False)
+        runner.run_ruler(model, tokenizer, samples, [MethodSpec("xkv:rank_k=7.5", "xkv", {"rank_k": 7.5})],
+                         tmp_path, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
-        runner.run_ruler(model, tokenizer, samples, runner.parse_methods("dynamic"), tmp_path, batch_size=0)
+        runner.run_ruler(model, tokenizer, samples, parse_method_specs("dynamic"), tmp_path, batch_size=0)
     assert not list(tmp_path.iterdir())
 
 
@@ -285,7 +286,7 @@ def test_smollm2_lengths_and_a_real_answer(smollm2, tmp_path):
     for s in samples:
         budget = 1024 - G.TASKS[s["task"]].tokens_to_generate
         assert budget - 80 <= count(s["context"] + s["question"] + s["answer_prefix"]) <= budget, s["id"]
-    out = runner.run_ruler(model, tokenizer, samples[:1], runner.parse_methods("dynamic"), tmp_path,
+    out = runner.run_ruler(model, tokenizer, samples[:1], parse_method_specs("dynamic"), tmp_path,
                            max_new_tokens=12, progress=False)
     rec = out["dynamic"][0]
     assert rec["score"] == 1.0, rec["prediction"]  # SmolLM2 finds a single needle at 1k with the stock cache
@@ -297,10 +298,10 @@ def test_runner_patches_models_for_methods_with_an_install_step(tiny, tmp_path):
     _, tokenizer, samples = tiny
     model = tiny_model("deepseek_v2", max_position_embeddings=4096)
     forwards = [layer.self_attn.forward for layer in model.model.layers]
-    assert runner.install_method_needed(runner.parse_methods("mla")[0])
-    assert runner.install_method_needed(runner.parse_methods("xkv")[0])  # fused decode (patch_xkv)
-    assert not runner.install_method_needed(runner.parse_methods("dynamic")[0])
-    out = runner.run_ruler(model, tokenizer, samples[:1], runner.parse_methods("dynamic,mla"), tmp_path,
+    assert install_method_needed(parse_method_specs("mla")[0])
+    assert install_method_needed(parse_method_specs("xkv")[0])  # fused decode (patch_xkv)
+    assert not install_method_needed(parse_method_specs("dynamic")[0])
+    out = runner.run_ruler(model, tokenizer, samples[:1], parse_method_specs("dynamic,mla"), tmp_path,
                            max_new_tokens=2, progress=False)
     assert out["mla"][0]["cache_bytes"] > 0 and out["mla"][0]["id"] == samples[0]["id"]
     assert [layer.self_attn.forward for layer in model.model.layers] == forwards  # patch removed
@@ -321,3 +322,25 @@ def test_kvpress_adapter_validates_and_splits_without_kvpress():
         ("<u>ctx text", "\nWhat is it?</u> The answer is")
     with pytest.raises(ValueError, match="question not found"):
         K.split_prompt("no question here", sample)
+
+
+def test_kvpress_adapter_loads_the_ruler_modules_without_kvcompress_init():
+    """In kvpress's environment (an older transformers) kvcompress/__init__ cannot run: the adapter loads
+    only the standard-library modules of kvcompress.ruler, and neither torch nor transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\n"
+            "from benchmarks.ruler.peers import kvpress_eval as K\n"
+            "generate, results, scoring = K.ruler_modules()\n"
+            "assert scoring.score('It is 42.', ['42'], 'string_match_all') == 1.0\n"
+            "assert callable(generate.build_prompt) and callable(results.cache_nbytes)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('kvcompress', 'torch', 'transformers')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    loaded = eval(out.stdout)
+    assert "kvcompress.xkv" not in loaded and "torch" not in loaded and "transformers" not in loaded, loaded
+    assert "kvcompress.ruler.generate" in loaded

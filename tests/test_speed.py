@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import speed
-from benchmarks.ruler.runner import parse_methods
+from kvcompress.bench import speed
+from kvcompress.bench.spec import parse_method_specs as parse_methods
 from conftest import tiny_model
 
 
@@ -169,8 +169,6 @@ def test_an_out_of_memory_entry_is_a_row_and_the_run_goes_on(llama, monkeypatch)
 
 
 def test_prefill_chunk_applies_to_every_row_and_keeps_tokens():
-    from benchmarks import speed
-    from benchmarks.ruler.runner import parse_methods
 
     model = tiny_model("llama")
     out = speed.bench(model, parse_methods("dynamic,xkv:group_size=2:window=8:sink=2:min_compress_tokens=8"),
@@ -317,3 +315,65 @@ def test_ratios_are_to_dynamic_wherever_it_is_listed():
             row.setdefault(key, 1.0)
     speed._add_ratios(rows)
     assert rows[0]["decode_ms_ratio"] == 1.5 and rows[1]["decode_ms_ratio"] == 1.0
+
+
+def test_cpu_peak_is_at_least_the_cache_for_every_row(llama):
+    """The peak of a row is what its run held at its highest: never below the cache it ends with, also
+    for rows after one that freed memory (which the process keeps and reuses without growing)."""
+    out = speed.bench(llama, parse_methods("dynamic,xkv:rank_k=0.25:rank_v=0.375"), batch=2, context=256,
+                      new_tokens=4, repeats=2, baselines="static", progress=False)
+    rows = [r for r in out["results"] if "skipped" not in r]
+    assert [r["method"] for r in rows] == ["dynamic", "xkv:rank_k=0.25:rank_v=0.375", "static"]
+    for r in rows:
+        assert r["peak_bytes"] >= r["cache_bytes"] > 0, r
+    assert out["setup"]["cpu_peak"] == "rss-high-water-mark"  # Linux + glibc: the exact peak
+
+
+def test_logit_agreement_compares_steps_while_the_tokens_before_them_agree():
+    ref = [torch.tensor([[0.0, 1.0, float("-inf")], [2.0, 0.0, float("-inf")]]) for _ in range(3)]
+    ours = [t.clone() for t in ref]
+    ours[0][0, 0] += 0.5  # step 0, row 0
+    ours[2][1, 1] -= 4.0  # step 2, row 1: compared only if row 1's tokens 0 and 1 agree
+    tokens = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    same = speed.logit_agreement(ref, tokens, ours, tokens)
+    assert same["logit_max_err"] == 4.0 and same["logit_steps"] == 3
+    assert same["logit_mean_err"] == pytest.approx(4.5 / 12)  # 2 finite logits x 2 rows x 3 steps
+    # row 1 picked another token at step 0: its later steps continue another text and are not compared
+    other = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    parted = speed.logit_agreement(ref, tokens, ours, other)
+    assert parted["logit_max_err"] == 0.5 and parted["logit_mean_err"] == pytest.approx(0.5 / 8)
+    assert speed.logit_agreement(ref, tokens, ours, torch.zeros(3, 3, dtype=torch.long)) is None
+
+
+def test_bench_reports_the_logit_error_against_dynamic_and_the_prompt_kind(llama):
+    out = speed.bench(llama, parse_methods("dynamic,xkv:rank_k=0.125:rank_v=0.125:window=0:sink=0"), context=96,
+                      new_tokens=4, repeats=1, baselines="static", progress=False, random_weights=True)
+    rows = {r["method"]: r for r in out["results"]}
+    assert rows["dynamic"]["logit_max_err"] == 0.0 and rows["dynamic"]["logit_steps"] == 4
+    assert rows["static"]["logit_max_err"] < 1e-4  # the same attention over the same keys and values
+    xkv = rows["xkv:rank_k=0.125:rank_v=0.125:window=0:sink=0"]
+    assert xkv["logit_max_err"] > 1e-3 and xkv["logit_mean_err"] <= xkv["logit_max_err"]
+    md = speed.markdown(out)
+    assert "logit err max/mean" in md and "context 96 (random token ids)" in md and "(random)" in md
+    assert "random token ids into a model with random weights" in md
+
+
+def test_a_missing_matplotlib_is_noted_once(llama, monkeypatch, tmp_path, capsys):
+    import builtins
+
+    from kvcompress.bench import plotting
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(plotting, "_missing_noted", False)
+    out = speed.bench(llama, parse_methods("dynamic"), context=16, new_tokens=2, repeats=1, progress=False)
+    for _ in range(3):  # the CLI writes the outputs after every row and at the end
+        paths = speed.write_outputs(out, tmp_path, "t")
+    assert "png" not in paths and paths["md"].exists()
+    assert capsys.readouterr().out.count("matplotlib is not installed") == 1

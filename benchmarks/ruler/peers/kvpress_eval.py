@@ -1,8 +1,9 @@
 """NVIDIA kvpress presses on the very same RULER JSONL samples, written as our per-sample records.
 
 kvpress pins ``transformers<5.3`` while kvcompress needs 5.17+, so this script runs in its own
-virtual environment and imports nothing from ``kvcompress`` (only ``benchmarks.ruler``'s stdlib
-modules and the prompt builder)::
+virtual environment and imports only the standard-library modules of ``kvcompress.ruler`` (the dataset
+reader, the prompt builder, the scoring and the results files), without running ``kvcompress/__init__``
+(which needs the newer transformers); see :func:`ruler_modules`::
 
     python -m venv /tmp/kvpress-venv
     /tmp/kvpress-venv/bin/pip install torch==2.13.0           # the local CPU build; on GPU the CUDA one
@@ -78,6 +79,29 @@ def _stub_unused_imports() -> None:
             sys.modules[name] = module
 
 
+def ruler_modules():
+    """``kvcompress.ruler``'s ``generate``, ``results`` and ``scoring`` modules (standard library only).
+
+    Where ``kvcompress`` is not imported yet, it is registered as a bare package (its directory, found on
+    the path or next to this checkout's benchmarks/, without running its ``__init__``, which imports the
+    caches and needs a transformers newer than kvpress allows), so only these three modules load.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    if "kvcompress" not in sys.modules:
+        spec = importlib.util.find_spec("kvcompress")
+        if spec is not None and spec.submodule_search_locations:
+            where = list(spec.submodule_search_locations)
+        else:  # not installed in this environment: the checkout this script lives in
+            where = [str(Path(__file__).resolve().parents[3] / "kvcompress")]
+        package = types.ModuleType("kvcompress")
+        package.__path__ = where
+        sys.modules["kvcompress"] = package
+    return tuple(importlib.import_module(f"kvcompress.ruler.{name}") for name in ("generate", "results", "scoring"))
+
+
 def split_prompt(prompt: str, sample: dict) -> tuple[str, str]:
     """``(context part, question part)`` of a full prompt: the question starts at the sample's question."""
     at = prompt.rfind(sample["question"])
@@ -129,10 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.ruler.generate import read_jsonl
-    from benchmarks.ruler.results import ResultsFile, cache_nbytes
-    from benchmarks.ruler.runner import build_prompt
-    from benchmarks.ruler.scoring import score
+    generate, results, scoring = ruler_modules()
+    read_jsonl, build_prompt = generate.read_jsonl, generate.build_prompt
+    ResultsFile, cache_nbytes, score = results.ResultsFile, results.cache_nbytes, scoring.score
 
     if not args.gguf or not Path(args.gguf).is_file():
         parser.error("--gguf must name the SmolLM2 GGUF file (or set KVCOMPRESS_SMOLLM2_GGUF)")

@@ -1,7 +1,7 @@
 """Run kvcompress methods on a RULER JSONL dataset: greedy answers, RULER scores, cache bytes.
 
-Each method is a spec ``name[:param=value[:param=value...]]`` (``dynamic``,
-``xkv:rank_k=0.25:rank_v=0.375``); values are parsed as int, float, bool or None, else kept as text.
+Each method is a :class:`kvcompress.bench.spec.MethodSpec` (``dynamic``, ``xkv:rank_k=0.25:rank_v=0.375``,
+parsed and checked by :func:`kvcompress.bench.spec.parse_method_specs`).
 Every sample (or batch of samples of one task, ``batch_size``) gets a fresh cache; the prompt is the
 sample's user message in the model's chat template (when it has one) followed by the task's answer
 prefix, and up to ``tokens_to_generate`` tokens are decoded greedily. ``cache_bytes`` is the cache's
@@ -12,120 +12,13 @@ one task differ by a few tokens only, so left padding adds at most a few tokens'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 
-from .generate import model_input
+from ..bench.spec import MethodSpec, install_method, install_method_needed, make_cache
+from .generate import build_prompt
 from .results import ResultsFile, cache_nbytes
 from .scoring import score
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method as given on the command line: ``label`` is the spec text, ``name`` and ``params`` parsed."""
-
-    label: str
-    name: str
-    params: dict = field(default_factory=dict)
-
-
-def parse_value(text: str):
-    """``"None"`` -> None, ``"true"``/``"false"`` -> bool, then int, then float, else the text itself."""
-    low = text.strip().lower()
-    if low in ("none", "null"):
-        return None
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_methods(spec: str | Iterable[str]) -> list[MethodSpec]:
-    """Parse ``"dynamic,xkv:rank_k=0.25:rank_v=0.375"`` into :class:`MethodSpec` s (labels must differ)."""
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    if not items:
-        raise ValueError("methods must name at least one method, e.g. 'dynamic,xkv:rank_k=0.25:rank_v=0.375'")
-    out = []
-    for item in items:
-        name, *pairs = item.split(":")
-        params = {}
-        for pair in pairs:
-            if "=" not in pair:
-                raise ValueError(f"methods: {pair!r} in {item!r} is not param=value (expected name:param=value:...)")
-            key, value = pair.split("=", 1)
-            params[key.strip()] = parse_value(value)
-        out.append(MethodSpec(item, name.strip().lower(), params))
-    labels = [m.label for m in out]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"methods: each method may appear once, got {labels}")
-    return out
-
-
-def _registry():
-    try:
-        from kvcompress import registry
-    except ImportError:  # an older kvcompress without the registry: the two founding methods only
-        return None
-    return registry
-
-
-def available_methods() -> list[str]:
-    """Names accepted by :func:`make_cache` (the registry's when it exists)."""
-    registry = _registry()
-    return list(registry.list_methods()) if registry else ["dynamic", "xkv"]
-
-
-def make_cache(method: MethodSpec, model):
-    """A fresh cache for ``method`` on ``model``: ``kvcompress.registry.make_cache`` when the registry
-    exists (it validates names and parameters), else ``DynamicCache`` / ``XKVCache`` directly."""
-    registry = _registry()
-    if registry is not None:
-        return registry.make_cache(method.name, model, **method.params)
-    if method.name == "dynamic":
-        from transformers import DynamicCache
-
-        if method.params:
-            raise ValueError(f"method 'dynamic' takes no parameters, got {sorted(method.params)}")
-        return DynamicCache(config=model.config)
-    if method.name == "xkv":
-        from kvcompress import XKVCache
-
-        return XKVCache(model.config, **method.params)
-    raise ValueError(f"unknown method {method.name!r}; allowed: {', '.join(available_methods())}")
-
-
-def install_method_needed(method: MethodSpec) -> bool:
-    """True for registry methods with an ``install`` step (they change the model's attention)."""
-    registry = _registry()
-    return registry is not None and getattr(registry.get_method(method.name), "install", None) is not None
-
-
-def install_method(method: MethodSpec, model):
-    """For registry methods that change the model's attention (an ``install`` step, e.g. MLA), patch
-    the model with ``kvcompress.patch.patch_model`` and return the handle (its ``last_cache`` is the
-    cache each ``generate`` built); ``None`` for plain cache methods."""
-    if not install_method_needed(method):
-        return None
-    from kvcompress.patch import patch_model
-
-    return patch_model(model, method.name, **method.params)
-
-
-def build_prompt(tokenizer, sample: dict, chat_template: bool | None = None) -> str:
-    """The text fed to the model: the user message in the chat template (``None``: when the tokenizer
-    has one), then the answer prefix, as RULER does for chat models."""
-    use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
-    if use_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": model_input(sample)}], tokenize=False,
-                                             add_generation_prompt=True)
-        return text + sample["answer_prefix"].lstrip()
-    return model_input(sample) + sample["answer_prefix"]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -153,10 +46,8 @@ def generate_batch(model, tokenizer, prompts: list[str], cache, max_new_tokens: 
         tokenizer.padding_side = old_side
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_ids(model, tokenizer)[0]
     if cache is not None:
-        try:  # generate() takes "cache" on recent transformers, "past_key_values" on 5.17
-            from kvcompress.patch import GENERATE_CACHE_KWARG
-        except ImportError:
-            GENERATE_CACHE_KWARG = "past_key_values"
+        from ..patch import GENERATE_CACHE_KWARG  # "cache" on recent transformers, "past_key_values" on 5.17
+
         enc[GENERATE_CACHE_KWARG] = cache
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                          temperature=None, top_p=None, top_k=None, eos_token_id=_eos_ids(model, tokenizer),

@@ -58,6 +58,7 @@ TokenCounter = Callable[[str], int]
 
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+MIN_LENGTH = 256  # tokens: the smallest sample length generated (room for a haystack beside the question)
 DEPTH_GRID = [round(100 * i / 39) / 100 for i in range(40)]  # RULER's 40 evenly spaced depths
 
 
@@ -500,8 +501,8 @@ def generate_dataset(count_tokens: TokenCounter, tasks: Iterable[str] | str | No
     task_names = parse_tasks(tasks)
     lengths = list(lengths)
     for length in lengths:
-        if isinstance(length, bool) or not isinstance(length, int) or length < 256:
-            raise ValueError(f"lengths must be ints >= 256 (tokens), got {length!r}")
+        if isinstance(length, bool) or not isinstance(length, int) or length < MIN_LENGTH:
+            raise ValueError(f"lengths must be ints >= {MIN_LENGTH} (tokens), got {length!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     out = []
@@ -537,3 +538,13 @@ def model_input(sample: dict) -> str:
     """The user message of a sample (what goes inside the chat template)."""
     return sample["context"] + sample["question"]
 
+
+def build_prompt(tokenizer, sample: dict, chat_template: bool | None = None) -> str:
+    """The text fed to the model: the user message in the chat template (``None``: when the tokenizer
+    has one), then the answer prefix, as RULER does for chat models."""
+    use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if use_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": model_input(sample)}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text + sample["answer_prefix"].lstrip()
+    return model_input(sample) + sample["answer_prefix"]

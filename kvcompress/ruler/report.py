@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..plotting import pyplot, save_figure
+from ..bench.plotting import pyplot, save_figure
 from .generate import TASKS
 
 REFERENCES = ("dynamic", "kvpress:no_press")

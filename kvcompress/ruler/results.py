@@ -22,8 +22,8 @@ def method_slug(label: str) -> str:
 
 
 def cache_nbytes(cache) -> int:
-    # Same count as kvcompress.ops.cache_nbytes, kept here without importing kvcompress so that the kvpress
-    # peer adapter, which runs in its own environment with an older transformers, can use it.
+    # Same count as kvcompress.ops.cache_nbytes, kept here without importing torch or transformers so that
+    # the kvpress peer adapter, which runs in its own environment with an older transformers, can use it.
     """Bytes of the tensors a cache holds: ``cache.nbytes()`` when it has one (kvcompress caches),
     else the sum of every layer's ``keys``/``values`` (stock ``DynamicCache`` and peers' caches)."""
     if hasattr(cache, "nbytes") and callable(cache.nbytes):

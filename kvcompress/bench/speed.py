@@ -2,15 +2,18 @@
 
 For each entry (``dynamic`` always first) on one model, batch and context: prefill seconds, decode
 ms/step and tokens/s, cache bytes (``nbytes()``; stock caches: their layers' keys and values), peak
-memory above the weights (CUDA ``max_memory_allocated`` on GPU; peak RSS sampled every 2 ms on CPU,
-which also counts allocator slack), the share of greedy tokens equal to ``dynamic``'s, and every
+memory above what the process held when the run started (CUDA ``max_memory_allocated`` on GPU; on CPU
+the kernel's resident-set high-water mark over the resident set at the start, after freed memory is
+handed back to the system so that memory an earlier row freed is not silently reused: an exact peak,
+``setup["cpu_peak"] == "rss-high-water-mark"``, which also counts allocator slack; without Linux 4.0+
+and glibc the resident set sampled every 2 ms, ``"rss-sampled"``), the share of greedy tokens equal to ``dynamic``'s, and every
 figure's ratio to ``dynamic`` (stock ``DynamicCache``, eager). On GPU it also gives the bytes floor of a
 decode step, ``(weights + cache bytes) / measured copy bandwidth``: the time a step would take if it
 only had to read the weights and the cache once. And the largest batch (at this context) and context
 (at this batch) that fit ``budget_gib``, extrapolated linearly from each entry's measured per-row peak
 (compressed caches carry a few fixed-size factors, so this is an estimate).
 
-Entries are registry methods (``--methods``) and stock baselines (``--baselines``, issue #9: compare
+Entries are registry methods (``--methods``) and stock baselines (``--baselines``: compare
 against stock with the same launch-overhead treatment): ``static`` (``StaticCache``, eager) and
 ``static-compiled`` (``StaticCache`` + generate()'s automatic ``torch.compile`` of the decode step with
 mode ``reduce-overhead``, i.e. CUDA graphs, as transformers 5.17 and 5.24 both do when a compilable
@@ -39,6 +42,7 @@ An out-of-memory entry becomes a skipped row ("out of memory") and the run goes 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -49,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.plotting import pyplot, save_figure
+from .plotting import pyplot, save_figure
 
 SHAPES = ("smollm2", "llama-3.1-8b", "deepseek-v2-lite", "deepseek-v3-attn")
 
@@ -91,11 +95,11 @@ def shape_config(name: str, layers: int | None = None):
 def load_model(name: str, device: str, dtype: torch.dtype, layers: int | None = None):
     """``smollm2`` from its GGUF file, or a named shape with random weights built on ``device``."""
     if name == "smollm2":
-        from kvcompress.models import load_smollm2
+        from ..models import load_smollm2
 
-        model, _ = load_smollm2(dtype=dtype, device=device)
         if layers is not None:
             raise ValueError("layers applies to the random-weight shapes only, not to smollm2")
+        model, _ = load_smollm2(dtype=dtype, device=device)
         return model
     from transformers import AutoModelForCausalLM
 
@@ -107,35 +111,135 @@ def load_model(name: str, device: str, dtype: torch.dtype, layers: int | None = 
 
 
 class _StepClock:
-    """A logits processor that only records when each generation step's logits arrive."""
+    """A logits processor that records when each generation step's logits arrive and, into ``logits`` when
+    given (untimed runs only: the copy to the host would be timed), a float32 CPU copy of the first
+    ``LOGIT_STEPS`` steps' logits."""
 
-    def __init__(self, sync):
-        self.sync, self.times = sync, []
+    def __init__(self, sync, logits: list | None = None):
+        self.sync, self.times, self.logits = sync, [], logits
 
     def __call__(self, input_ids, scores):
         self.sync()
         self.times.append(time.perf_counter())
+        if self.logits is not None and len(self.logits) < LOGIT_STEPS:
+            self.logits.append(scores.detach().float().cpu())
         return scores
 
 
-class _PeakRSS:
-    """Peak resident set size of this process while active, sampled every 2 ms (Linux /proc)."""
+# steps whose logits are compared with dynamic's (the first; later ones follow diverging tokens anyway)
+LOGIT_STEPS = 8
+
+
+def logit_agreement(ref_logits: list, ref_tokens: torch.Tensor, logits: list, tokens: torch.Tensor) -> dict | None:
+    """How close a row's next-token logits are to the reference's (``dynamic``) over the first steps.
+
+    Step ``i``'s logits of a batch row are compared only while that row's tokens before step ``i`` equal
+    the reference's (after a different greedy token the two continue different texts); entries that are
+    not finite in either (e.g. the end-of-sequence logit that ``min_new_tokens`` sets to -inf) are left
+    out. Returns ``logit_max_err`` / ``logit_mean_err`` (max / mean absolute difference), ``logit_std``
+    (the reference logits' standard deviation, for scale) and ``logit_steps`` (steps compared), or None.
+    """
+    steps = min(len(ref_logits), len(logits), ref_tokens.shape[1], tokens.shape[1])
+    if steps == 0 or ref_tokens.shape != tokens.shape or ref_logits[0].shape != logits[0].shape:
+        return None
+    equal_before = torch.ones(tokens.shape[0], dtype=torch.bool)
+    diffs, refs, compared = [], [], 0
+    for i in range(steps):
+        if not equal_before.any():
+            break
+        a, b = ref_logits[i][equal_before], logits[i][equal_before]
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        diffs.append((a - b).abs()[finite])
+        refs.append(a[finite])
+        compared += 1
+        equal_before &= tokens[:, i] == ref_tokens[:, i]
+    diff, ref = torch.cat(diffs), torch.cat(refs)
+    if diff.numel() == 0:
+        return None
+    return dict(logit_max_err=float(diff.max()), logit_mean_err=float(diff.mean()), logit_std=float(ref.std()),
+                logit_steps=compared)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and hand the memory glibc keeps after ``free`` back to the system (``malloc_trim``),
+    so that the resident set is what is in use: a run that reuses memory an earlier run freed then grows
+    the resident set by what it allocates instead of not at all."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM) to the current resident set (Linux 4.0+)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+# what the CPU peak figures are (setup["cpu_peak"]): the kernel's exact resident-set high-water mark,
+# else the resident set sampled every 2 ms
+CPU_PEAK_SOURCE = "rss-high-water-mark" if _reset_peak_rss() and _LIBC is not None else "rss-sampled"
+
+
+class _CPUPeak:
+    """Highest resident set of this process while active, above the resident set at entry.
+
+    Entry releases freed memory (:func:`_release_freed_memory`) and resets the kernel's high-water mark;
+    exit reads it: an exact peak, whatever the allocator reused. Where either is unavailable the resident
+    set is sampled every 2 ms instead (a peak that misses short spikes and memory reused from earlier runs).
+    """
 
     def __init__(self):
-        self.peak = self.start = _rss()
+        self.exact = CPU_PEAK_SOURCE == "rss-high-water-mark"
+        self.peak = self.start = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = None if self.exact else threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.wait(0.002):
             self.peak = max(self.peak, _rss())
 
     def __enter__(self):
-        self.start = self.peak = _rss()
-        self._thread.start()
+        _release_freed_memory()
+        if self.exact:
+            _reset_peak_rss()
+            self.start = self.peak = _status_kib("VmRSS") or 0
+        else:
+            self.start = self.peak = _rss()
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        if self.exact:
+            self.peak = max(self.start, _status_kib("VmHWM") or 0)
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
@@ -149,24 +253,13 @@ def _rss() -> int:
         return 0
 
 
-def copy_bandwidth(device: str, gib: float = 1.0) -> float | None:
+def copy_bandwidth(device: str) -> float | None:
     """Measured device-memory bandwidth in bytes/s (a copy reads and writes each byte); None on CPU."""
     if not str(device).startswith("cuda"):
         return None
-    n = int(gib * 2**30) // 4
-    src = torch.empty(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n * 4 / best
+    from .hardware import copy_bandwidth as measure
+
+    return measure(device)
 
 
 # Stock transformers caches measured as bench entries (not registry methods: they are the references)
@@ -194,28 +287,27 @@ def parse_baselines(spec: str | Iterable[str] | None) -> list[str]:
     return [b for b in BASELINES[1:] if b in items]
 
 
-def _generate(model, input_ids, new_tokens: int, sync, *, method=None, cache=None, gen_kwargs: dict | None = None):
+def _generate(model, input_ids, new_tokens: int, sync, *, method=None, cache=None, gen_kwargs: dict | None = None,
+              logits: list | None = None):
     """One timed greedy generation of exactly ``new_tokens`` steps.
 
     Either ``method`` (a registry ``MethodSpec``: its cache is built, or the model patched, here) or a
-    ready ``cache`` (the stock baselines; ``gen_kwargs`` adds e.g. ``compile_config``). Returns
+    ready ``cache`` (the stock baselines; ``gen_kwargs`` adds e.g. ``compile_config``). ``logits``, a list,
+    receives the first steps' logits (see :class:`_StepClock`). Returns
     ``(prefill_s, decode_s_per_step, cache, new_token_ids)``.
     """
     from transformers import LogitsProcessorList
 
-    from benchmarks.ruler.runner import install_method, make_cache
+    from ..patch import GENERATE_CACHE_KWARG
+    from .spec import install_method, make_cache
 
-    try:
-        from kvcompress.patch import GENERATE_CACHE_KWARG
-    except ImportError:
-        GENERATE_CACHE_KWARG = "past_key_values"
     handle = install_method(method, model) if method is not None else None
     try:
         if cache is None and handle is None:
             cache = make_cache(method, model)
         kwargs = {GENERATE_CACHE_KWARG: cache} if cache is not None else {}
         kwargs.update(gen_kwargs or {})
-        clock = _StepClock(sync)
+        clock = _StepClock(sync, logits)
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -247,7 +339,7 @@ _OOM = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError"
 def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: int = 32, repeats: int = 2,
           budget_gib: float | None = None, baselines: str | Iterable[str] | None = None,
           compile_backend: str | None = None, prefill_chunk: int | None = None, compile_methods: bool = False,
-          progress: bool = True, on_result=None) -> dict:
+          progress: bool = True, on_result=None, random_weights: bool | None = None) -> dict:
     """Measure every method (``dynamic`` first, added if missing) and stock baseline on ``model``.
 
     Every entry is first run once exactly as timed (same batch, context and steps) so that per-shape
@@ -276,13 +368,19 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     row a skipped one saying why. ``same_tokens_as_eager``: the share of its greedy tokens equal to the
     method's eager row's.
 
+    Agreement with ``dynamic``: ``same_tokens`` (share of equal greedy tokens) and, from each row's untimed
+    warm-up run, ``logit_max_err`` / ``logit_mean_err`` over the first ``LOGIT_STEPS`` steps (see
+    :func:`logit_agreement`). The prompt is random token ids, on which greedy choices are often near-ties,
+    so the logit error is the figure that says how close a cache is; ``random_weights`` (the caller knows)
+    is only recorded and printed with the table.
+
     Returns ``{"setup": {...}, "results": [per-entry dicts]}``; ``on_result(partial)`` is called after
     each entry so an interrupted run keeps what it measured.
     """
     from tqdm.auto import tqdm
 
-    from benchmarks.ruler.results import cache_nbytes
-    from benchmarks.ruler.runner import MethodSpec, make_cache
+    from ..ops import cache_nbytes
+    from .spec import MethodSpec, make_cache
 
     for name, value, low in (("batch", batch, 1), ("context", context, 2), ("new_tokens", new_tokens, 2),
                              ("repeats", repeats, 1)):
@@ -304,7 +402,9 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                  bandwidth_bytes_per_s=bandwidth, torch=torch.__version__, threads=torch.get_num_threads(),
                  model_type=getattr(text_cfg, "model_type", None), layers=getattr(text_cfg, "num_hidden_layers", None),
                  mla=getattr(text_cfg, "kv_lora_rank", None) is not None, budget_gib=budget_gib, baselines=extra,
-                 prefill_chunk=prefill_chunk, compile_methods=bool(compile_methods))
+                 prefill_chunk=prefill_chunk, compile_methods=bool(compile_methods),
+                 cpu_peak=None if cuda else CPU_PEAK_SOURCE, prompt="random token ids", random_weights=random_weights,
+                 logit_steps=min(LOGIT_STEPS, new_tokens))
     import transformers
 
     setup["transformers"] = transformers.__version__
@@ -312,16 +412,21 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     state: dict = {"tokens": {}}
     results: list[dict] = []
 
-    def finish(row: dict, best: dict, tokens: torch.Tensor) -> None:
-        """Derived figures of a measured row (tokens/s, bytes floor, fit-in-budget estimate)."""
+    def finish(row: dict, best: dict, tokens: torch.Tensor, warm: tuple | None = None) -> None:
+        """Derived figures of a measured row (tokens/s, agreement with dynamic, bytes floor, fit-in-budget
+        estimate); ``warm``: the untimed run's ``(first steps' logits, tokens)``."""
         row.update(best)
         row["tokens_per_s"] = batch / (row["decode_ms"] / 1000)
         state["tokens"][row["method"]] = tokens
         if "dynamic_tokens" not in state and row["method"] == "dynamic":
             state["dynamic_tokens"] = tokens
+            state["dynamic_warm"] = warm
         ref = state.get("dynamic_tokens")
         # greedy tokens equal to stock dynamic's (1.0 for exact caches up to kernel rounding; info only)
         row["same_tokens"] = float((tokens == ref).float().mean()) if ref is not None and ref.shape == tokens.shape else None
+        ref_warm = state.get("dynamic_warm")
+        if warm is not None and ref_warm is not None:
+            row.update(logit_agreement(ref_warm[0], ref_warm[1], warm[0], warm[1]) or {})
         if bandwidth:
             row["floor_ms"] = 1000 * (weights + row["cache_bytes"]) / bandwidth
             row["decode_over_floor"] = row["decode_ms"] / row["floor_ms"]
@@ -335,8 +440,8 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
 
     def timed(run, held: int = 0, base: int | None = None):
         """Best of ``repeats`` calls of ``run() -> (prefill, decode, cache, tokens)``; peak memory above
-        ``base`` (CUDA; default: allocated just before each run) or above the RSS at the start plus ``held``
-        bytes allocated before the run and reused by it (CPU). Returns ``(best, last tokens, frames dynamo
+        ``base`` (CUDA; default: allocated just before each run) or above the CPU bytes in use at the start
+        (:class:`_CPUPeak`) plus ``held`` bytes allocated before the run and reused by it (CPU). Returns ``(best, last tokens, frames dynamo
         compiled during the runs)``: anything but 0 means a (re)compile inside the timed runs."""
         best, tokens = None, None
         frames = _dynamo_counts()["frames"]
@@ -351,9 +456,9 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                 prefill, decode, cache, tokens = run()
                 peak = torch.cuda.max_memory_allocated(device) - run_base
             else:
-                with _PeakRSS() as rss:
+                with _CPUPeak() as mem:
                     prefill, decode, cache, tokens = run()
-                peak = rss.peak - rss.start + held
+                peak = mem.peak - mem.start + held
             one = dict(prefill_s=prefill, decode_ms=1000 * decode, peak_bytes=peak, cache_bytes=cache_nbytes(cache))
             del cache
             best = one if best is None else {k: min(best[k], one[k]) for k in one}
@@ -382,17 +487,20 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
         row: dict = dict(method=label, kind="stock" if kind == "baseline" or label == "dynamic" else "method")
         try:
             if kind == "method" or item == "static":
-                def run(item=item):
+                def run(item=item, logits=None):
                     if kind == "method":
-                        return _generate(model, input_ids, new_tokens, sync, method=item, gen_kwargs=eager)
+                        return _generate(model, input_ids, new_tokens, sync, method=item, gen_kwargs=eager,
+                                         logits=logits)
                     return _generate(model, input_ids, new_tokens, sync, cache=static_cache(context + new_tokens),
-                                     gen_kwargs=eager)
+                                     gen_kwargs=eager, logits=logits)
 
                 t0 = time.perf_counter()
+                logits: list = []
                 try:
                     # warm-up = the timed call itself (same batch, context and steps): kernels that compile
-                    # per shape (Triton, torch.compile inside a method) do so here, not in the timed runs
-                    run()
+                    # per shape (Triton, torch.compile inside a method) do so here, not in the timed runs.
+                    # Only this untimed run keeps the first steps' logits
+                    warm_tokens = run(logits=logits)[3]
                 except (ValueError, TypeError) as e:  # e.g. xkv on an MLA model: say so and go on
                     if kind != "method":
                         raise
@@ -400,7 +508,7 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                 else:
                     row["warmup_s"] = time.perf_counter() - t0
                     best, tokens, row["recompiles_timed"] = timed(run)
-                    finish(row, best, tokens)
+                    finish(row, best, tokens, (logits, warm_tokens))
             elif kind == "baseline":  # static-compiled
                 _bench_compiled(model, row, input_ids, new_tokens, sync, cuda, device, compile_backend,
                                 lambda: static_cache(context + new_tokens), timed, finish, cache_nbytes, prefill_chunk)
@@ -442,13 +550,12 @@ def _compiled_spec(model, item, capacity: int):
     value, ``None`` included, is kept. The row is skipped when the cache cannot be built for this model or
     is not ``is_compileable``.
     """
-    from benchmarks.ruler.runner import MethodSpec, make_cache
+    from ..registry import get_method
+    from .spec import MethodSpec, make_cache
 
     try:
-        from kvcompress.registry import get_method
-
         declared = get_method(item.name).param_map
-    except (ImportError, ValueError, TypeError):  # no registry, or an unknown name (make_cache says so below)
+    except (ValueError, TypeError):  # an unknown name (make_cache says so below)
         declared = {}
     params = dict(item.params)
     if "max_cache_len" in declared and "max_cache_len" not in params:
@@ -477,7 +584,7 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
     """
     from transformers import CompileConfig
 
-    from benchmarks.ruler.runner import install_method
+    from .spec import install_method
 
     if not cuda and backend is None:
         row["skipped"] = (f"needs CUDA: mode {COMPILE_MODE!r} is CUDA graphs and generate() compiles only on GPU "
@@ -514,7 +621,9 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
             # warm-up = the timed call itself: same shapes and the same cache (its tensors are static addresses
             # for the CUDA graphs), so the timed runs replay graphs instead of compiling or re-recording. A
             # patched model keeps its attention patch and uses this cache (a caller's cache wins over the patch's)
-            _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs)
+            logits: list = []
+            warm_tokens = _generate(model, input_ids, new_tokens, sync, cache=cache, gen_kwargs=gen_kwargs,
+                                    logits=logits)[3]
         except _OOM:
             raise
         except Exception as e:  # a compile failure is a finding to report, not a reason to lose the other rows
@@ -536,7 +645,7 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
         best, tokens, row["recompiles_timed"] = timed(run, held=cache_nbytes(cache), base=base)
         after = _dynamo_counts()
         row["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
-        finish(row, best, tokens)
+        finish(row, best, tokens, (logits, warm_tokens))
         del cache
     finally:
         if handle is not None:
@@ -576,7 +685,19 @@ def notes(out: dict) -> list[str]:
     lines = ["(x): ÷ `dynamic` (stock `DynamicCache`, eager; methods run eager too"
              + (", `<method>-compiled` rows aside)" if compiled_methods else ")")
              + ("; (x compiled): ÷ `static-compiled`" if any("tokens_per_s_vs_compiled" in r for r in rows) else "")
-             + "; tokens/s = batch ÷ decode s/step; same tokens: share of greedy tokens equal to `dynamic`'s."]
+             + "; tokens/s = batch ÷ decode s/step."]
+    if any(r.get("logit_steps") for r in rows):
+        std = next((r.get("logit_std") for r in rows if r["method"] == "dynamic" and r.get("logit_std")), None)
+        scale = f" (`dynamic`'s logits have std {std:.3g})" if std else ""
+        weights = " into a model with random weights" if s.get("random_weights") else ""
+        lines.append("Agreement with `dynamic`: same tokens = share of greedy tokens equal to `dynamic`'s; logit err = "
+                     f"max / mean |logit - `dynamic`'s| over the first {s.get('logit_steps')} steps, a step compared "
+                     f"only while the tokens before it agree{scale}. The prompt is {s['context']} random token ids"
+                     f"{weights}, not text: greedy choices on it are often near-ties, so a small logit difference "
+                     "flips a token and the texts part from there; a low share of same tokens is expected, the "
+                     "logit error says how close the cache is.")
+    elif rows:
+        lines.append("same tokens: share of greedy tokens equal to `dynamic`'s, on a prompt of random token ids.")
     if s.get("mla"):
         lines.append("MLA model: `dynamic` is stock transformers' expand-per-step path: its cache holds the latent "
                      "(kv_lora_rank + rope dims per token and layer) and every step expands the latent into per-head "
@@ -622,8 +743,11 @@ def markdown(out: dict) -> str:
     rows = out["results"]
     bw = f", copy bandwidth {s['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s" if s.get("bandwidth_bytes_per_s") else ""
     layers = f", {s['layers']} layers" if s.get("layers") else ""
-    lines = [f"{s['device']}, {s['dtype']}{layers}, batch {s['batch']}, context {s['context']}, {s['new_tokens']} "
-             f"decode steps, weights {s['weights_bytes'] / 2**20:.0f} MiB{bw}; best of {s['repeats']}", ""]
+    weights = " (random)" if s.get("random_weights") else ""
+    prompt = f" ({s['prompt']})" if s.get("prompt") else ""
+    lines = [f"{s['device']}, {s['dtype']}{layers}, batch {s['batch']}, context {s['context']}{prompt}, "
+             f"{s['new_tokens']} decode steps, weights {s['weights_bytes'] / 2**20:.0f} MiB{weights}{bw}; "
+             f"best of {s['repeats']}", ""]
     vs_compiled = any("tokens_per_s_vs_compiled" in r for r in rows)
     floor = any("floor_ms" in r for r in rows)
     budget = any("max_batch_at_context" in r for r in rows)
@@ -631,7 +755,8 @@ def markdown(out: dict) -> str:
     cols += ["(x compiled)"] if vs_compiled else []
     cols += ["cache MiB", "(x)", "peak MiB", "(x)"]
     cols += ["(x compiled)"] if vs_compiled else []
-    cols += ["same tokens"]
+    logit = any(r.get("logit_steps") for r in rows)
+    cols += ["same tokens"] + (["logit err max/mean"] if logit else [])
     cols += ["floor ms", "decode/floor"] if floor else []
     cols += ["max batch", "max context"] if budget else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -646,6 +771,8 @@ def markdown(out: dict) -> str:
                   _f(r["peak_bytes"] / 2**20, ".0f"), _f(r["peak_bytes_ratio"], ".2f")]
         cells += [_f(r.get("peak_bytes_vs_compiled"), ".2f")] if vs_compiled else []
         cells += [_f(r.get("same_tokens"), ".2f")]
+        if logit:
+            cells += [f"{r['logit_max_err']:.3g} / {r['logit_mean_err']:.2g}" if r.get("logit_steps") else "-"]
         if floor:
             cells += [f"{r['floor_ms']:.2f}", f"{r['decode_over_floor']:.1f}"]
         if budget:

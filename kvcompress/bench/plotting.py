@@ -5,15 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
+_missing_noted = False  # the note on a missing matplotlib is printed once per process, not once per plot
+
+
 def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend, or ``None`` (with a note) when matplotlib is missing."""
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` when matplotlib is missing (saying so once)."""
+    global _missing_noted
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install 'kvcompress[bench]'): no plot written")
+        if not _missing_noted:
+            _missing_noted = True
+            print("matplotlib is not installed (pip install 'kvcompress[bench]'): no plots are written")
         return None
     return plt
 
