@@ -9,7 +9,7 @@ models cannot answer this (their logits are near-ties); this is where compiled-v
 something. The first compiled call compiles (tens of seconds); each new prompt length compiles again
 (the cache's capacity is part of the graph's shapes).
 
-GPU (the model file prepared by ../shared/tools/gpu-model, path in KVCOMPRESS_SMOLLM2_GGUF):
+GPU (the SmolLM2 GGUF file copied to the GPU machine, its path in KVCOMPRESS_SMOLLM2_GGUF):
     PYTHONPATH=. python benchmarks/compiled_needle.py --device cuda --json out.json
 CPU plumbing check (dynamo's eager backend; slow, minutes):
     PYTHONPATH=. python benchmarks/compiled_needle.py --device cpu --context 1024 --depths 0.5 --backend eager

@@ -3,7 +3,7 @@ triton's do_bench and by CUDA-graph replay (20 calls captured in one graph, best
 GPU time a compiled decode step sees, without the host path), against the bytes floor (latent + RoPE key
 bytes at the measured copy bandwidth).
 
-    PYTHONPATH=. OUT=docs/results python benchmarks/mla_kernel_sweep.py   # writes $OUT/perf/mla_kernel_sweep_s6_h100.json
+    PYTHONPATH=. OUT=docs/results python benchmarks/mla_kernel_sweep.py   # writes $OUT/perf/mla_kernel_sweep_dsv2lite_c32k_<device>.json
     DEFAULT_ONLY=1 PYTHONPATH=. python benchmarks/mla_kernel_sweep.py     # only the tiles _config picks
 
 Needs CUDA and Triton. The MLA kernel figures in docs/performance.md (MLA section) come from this script on
@@ -68,4 +68,5 @@ for batch in (1, 8):
 if not os.environ.get('DEFAULT_ONLY'):
   os.makedirs(os.environ.get("OUT", "/tmp") + "/perf", exist_ok=True)
   json.dump(dict(device=torch.cuda.get_device_name(), bandwidth_GBps=bw / 1e9, rows=rows),
-          open(os.environ.get("OUT", "/tmp") + "/perf/mla_kernel_sweep_s6_h100.json", "w"), indent=1)
+          open(os.environ.get("OUT", "/tmp") + "/perf/mla_kernel_sweep_dsv2lite_c32k_"
+               + torch.cuda.get_device_name().split()[1].lower() + ".json", "w"), indent=1)

@@ -3,13 +3,13 @@
 DeepSeek-V3 attention shapes by default (128 heads, kv_lora_rank 512, rope 64, nope 128, v 128, hidden
 7168), random bf16 weights and cache, one attention layer, one new token per sequence.
 
-* ``--mode single`` (issue 6, one GPU): each shard is timed alone on the one device.
+* ``--mode single`` (one GPU): each shard is timed alone on the one device.
   - ``tpla N``: a shard of TPLA: all 128 heads, latent slice ``r/N`` + the replicated RoPE key
     (``tpla.tpla_attention``'s maths: absorbed attention over the slice, its ``W_UV`` rows).
   - ``tp N``: a shard of plain tensor parallelism: ``128/N`` heads, the full latent ``r`` + RoPE key.
   - ``mla``: one device with all heads and the full latent (N = 1 reference).
   Timed: query to latent space, scores, softmax, weighted sum, ``W_UV``; no collectives.
-* ``--mode distributed`` (issue 10, N GPUs via NCCL, or N CPU processes via gloo): one process per
+* ``--mode distributed`` (N GPUs via NCCL, or N CPU processes via gloo): one process per
   shard. Both schemes end in the same row-parallel ``o_proj`` (each rank ``128/N`` heads' rows) and one
   all-reduce of the hidden vector; TPLA first reduce-scatters its partial per-head outputs (``H * v``)
   so that each rank gets the summed outputs of its ``128/N`` heads. Rank 0 also checks that the
