@@ -40,6 +40,13 @@ steps (no recompiles), no host syncs, no graph breaks (``fullgraph=True``). On C
 called through a ``torch.library.triton_op`` inside compiled code, so inductor keeps it in the graph and
 mode ``reduce-overhead`` captures the whole step in a CUDA graph.
 
+The forward
+-----------
+The attention forward (argument binding, projections, RoPE, prefill) is
+:func:`kvcompress.deepseek.deepseek_attention_forward`, shared with TPLA; this module gives its decode
+step, :class:`MLADecode`. A patched model serves any cache holding the latent (``MLALatentCache``,
+``DynamicCache``) or none (``use_cache=False``, a plain forward with ``labels``) like the stock model.
+
 Which transformers versions
 ---------------------------
 In transformers 5.17 through 5.24 DeepSeek-V2/V3 attention hands the cache the latent (``[B, 1, S, r]``

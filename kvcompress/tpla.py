@@ -11,7 +11,8 @@ MLA caches per token the normalised latent ``c = g * n`` (``n = x / rms(x)``, ``
 
 **Rotation (exact).** With an orthogonal ``Q`` (``r x r``: identity, Hadamard or PCA) TPLA caches
 ``z = Q^T c`` and uses ``W'_b = W_b Q`` instead of ``kv_b_proj``'s ``W_b``: ``W'_b z = W_b Q Q^T c = W_b c``.
-``W'_b`` (hence the absorbed ``W'_UK``, ``W'_UV``) is folded once at patch time; the latent side costs one
+``W'_b`` (hence the absorbed ``W'_UK``, ``W'_UV``) is folded from the live ``kv_b_proj`` weight and re-folded
+only when that weight changes (:class:`TPLAWeights`); the latent side costs one
 ``r x r`` matmul per *new* token and layer (DeepSeek-V3: 0.26 M multiply-adds, against 4.1 M for
 ``kv_a_proj`` and ``H * T * (r/N + p)`` = 1.3 G for a shard's attention at 32K), nothing per cached token.
 
@@ -52,6 +53,15 @@ bytes read per decode step).
 **Prefill stays exact MLA.** Forwards of more than ``max_absorbed_tokens`` new tokens expand the latent
 per head with ``W'_b`` (each shard multiplies its slice by its columns and the partial products are
 summed: exact) and run the model's attention implementation. Only decode uses the per-shard softmax.
+
+Storage: ``TPLACache(max_cache_len=None)`` grows geometrically; with ``max_cache_len`` its layers are
+static (``StaticLayer`` semantics, as for ``MLALatentCache``: fixed shapes, a device length counter passed
+to the decode as every shard row's valid length, ``is_compileable``), so the decode step compiles with
+``fullgraph=True`` and no recompiles. A patched model also serves a cache of the stock latent
+(``DynamicCache``, ``MLALatentCache``) or none, e.g. a plain ``model(input_ids, labels=...)``: the shard
+slices are then cut from every cached latent at each forward (correct, not TPLA's memory or speed).
+The attention forward itself is :func:`kvcompress.deepseek.deepseek_attention_forward`; this module
+gives its decode step (:class:`TPLADecode`).
 
 Modes: **simulated** (``shard=None``: one process holds all ``N`` shards, laid out as ``[B, N, T, r/N]``
 and computed in one batched call; for accuracy evaluation and CPU) and **distributed**
