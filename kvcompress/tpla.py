@@ -112,6 +112,8 @@ class TPLAParams(MethodParams):
     max_absorbed_tokens: int = param(16, "forwards of at most this many new tokens take the TPLA path "
                                      "(patch_model only)", Range(int, low=1))
     distributed: bool = param(False, "one torch.distributed rank per shard (world size = num_shards)", Range(bool))
+    max_cache_len: int | None = param(None, "None (storage grows) or a fixed capacity in tokens "
+                                      "(static shapes: compileable, CUDA graphs)", Range(int, low=1), none_ok=True)
 
 
 def check_layout(kv_lora_rank: int, num_shards: int, rotation: str | None) -> None:
@@ -311,15 +313,12 @@ class TPLACache(Cache):
     """
 
     def __init__(self, config, num_shards: int = TPLAParams.num_shards, rotation: str | None = TPLAParams.rotation,
-                 shard: int | None = None, max_cache_len: int | None = None):
+                 shard: int | None = None, max_cache_len: int | None = TPLAParams.max_cache_len):
         cfg = deepseek_config(config, "TPLACache")
-        TPLAParams(num_shards=num_shards, rotation=rotation)
+        TPLAParams(num_shards=num_shards, rotation=rotation, max_cache_len=max_cache_len)
         check_layout(cfg.kv_lora_rank, num_shards, rotation)
         if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards):
             raise ValueError(f"shard must be None (simulated) or an int in [0, {num_shards}), got {shard!r}")
-        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
-                                          or max_cache_len < 1):
-            raise ValueError(f"max_cache_len must be None (grow as needed) or an int >= 1, got {max_cache_len!r}")
         self.num_layers = cfg.num_hidden_layers
         self.kv_lora_rank, self.qk_rope_head_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.num_shards, self.rotation, self.shard = num_shards, rotation, shard
@@ -671,7 +670,8 @@ def patch_tpla(
 # -- the registered method ---------------------------------------------------------------------------
 
 
-def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool) -> TPLACache:
+def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool,
+                max_cache_len: int | None = None) -> TPLACache:
     shard = None
     if distributed:
         import torch.distributed as dist
@@ -681,11 +681,13 @@ def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens:
         if dist.get_world_size() != num_shards:
             raise ValueError(f"tpla: world size {dist.get_world_size()} != num_shards={num_shards}")
         shard = dist.get_rank()
-    return TPLACache(model_or_config, num_shards=num_shards, rotation=rotation, shard=shard)
+    return TPLACache(model_or_config, num_shards=num_shards, rotation=rotation, shard=shard,
+                     max_cache_len=max_cache_len)
 
 
 def _install_tpla(model, handle: PatchHandle, num_shards: int, rotation, max_absorbed_tokens: int,
-                  distributed: bool) -> None:
+                  distributed: bool, max_cache_len: int | None = None) -> None:
+    # max_cache_len belongs to the cache
     handle.add_undo(patch_tpla(model, num_shards=num_shards, rotation=rotation,
                                max_absorbed_tokens=max_absorbed_tokens, distributed=distributed).remove)
 

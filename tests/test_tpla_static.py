@@ -11,6 +11,7 @@ from transformers import CompileConfig, DynamicCache
 
 from test_mla_compile import check_compiled_steps, generate_compiled_twice, prompts
 from test_tpla import generate, prompt_batch, tpla_model
+from kvcompress import make_cache, patch_model
 from kvcompress.tpla import StaticTPLALayer, TPLACache, TPLALayer, patch_tpla
 
 R, P, LAYERS = 32, 8, 4
@@ -64,8 +65,23 @@ def test_static_overflow_and_bad_capacity():
         with pytest.raises(ValueError, match="max_cache_len=26"):
             generate(model, ids, mask, TPLACache(model.config, num_shards=2, rotation=None, max_cache_len=26))
     for bad in (0, -4, 2.5, True):
-        with pytest.raises(ValueError, match="max_cache_len"):
+        with pytest.raises((TypeError, ValueError), match=r"max_cache_len=.*allowed: int >= 1"):
             TPLACache(model.config, num_shards=2, rotation=None, max_cache_len=bad)
+
+
+def test_registry_builds_the_static_cache():
+    """make_cache / patch_model take max_cache_len for tpla as for mla."""
+    model = tpla_model()
+    cache = make_cache("tpla", model, num_shards=2, rotation=None, max_cache_len=40)
+    assert isinstance(cache, TPLACache) and all(isinstance(layer, StaticTPLALayer) for layer in cache.layers)
+    ids, mask = prompt_batch()
+    with patch_tpla(model, num_shards=2, rotation=None):
+        ref_tokens, _ = generate(model, ids, mask, TPLACache(model.config, num_shards=2, rotation=None))
+    with patch_model(model, "tpla", num_shards=2, rotation=None, max_cache_len=40) as handle:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+        assert isinstance(handle.last_cache.layers[0], StaticTPLALayer)
+    assert torch.equal(out, ref_tokens)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
