@@ -40,6 +40,13 @@ steps (no recompiles), no host syncs, no graph breaks (``fullgraph=True``). On C
 called through a ``torch.library.triton_op`` inside compiled code, so inductor keeps it in the graph and
 mode ``reduce-overhead`` captures the whole step in a CUDA graph.
 
+The forward
+-----------
+The attention forward (argument binding, projections, RoPE, prefill) is
+:func:`kvcompress.deepseek.deepseek_attention_forward`, shared with TPLA; this module gives its decode
+step, :class:`MLADecode`. A patched model serves any cache holding the latent (``MLALatentCache``,
+``DynamicCache``) or none (``use_cache=False``, a plain forward with ``labels``) like the stock model.
+
 Which transformers versions
 ---------------------------
 In transformers 5.17 through 5.24 DeepSeek-V2/V3 attention hands the cache the latent (``[B, 1, S, r]``
@@ -52,24 +59,22 @@ only ever passes the latent to the cache.
 
 from __future__ import annotations
 
-import inspect
-import math
-import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache
 
+from .deepseek import (SUPPORTED_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, LatentDecode, absorb_output,
+                       absorb_query, attention_modules, check_attn_implementation, deepseek_attention_forward,
+                       deepseek_config, modeling_file, rope_style)
 from .kernels import triton_usable
-from .models import text_config
+from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
 from .registry import MethodParams, Range, param, register_method
 from .ops import tensor_nbytes
 from .hooks import PatchHandle, replace_forward, set_attribute
 from .storage import GrowableLayer, StaticBufferLayer
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 _STATE_ATTRIBUTE = "kvcompress_mla"
 
 
@@ -85,15 +90,9 @@ class MLAParams(MethodParams):
                                       "(static shapes: compileable, CUDA graphs)", Range(int, low=1), none_ok=True)
 
 
-def _mla_config(config):
+def _mla_config(config, what: str = "MLA latent caching"):
     """The text config of a DeepSeek-V2/V3 model or config; raises ValueError for anything else."""
-    cfg = text_config(config)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported model type {model_type!r} for MLA latent caching; supported: {list(SUPPORTED_MODEL_TYPES)}"
-        )
-    return cfg
+    return deepseek_config(config, what)
 
 
 # -- the cache ----------------------------------------------------------------------------------------
@@ -372,8 +371,6 @@ def latent_attention(
     apply on every device (:func:`~kvcompress.kernels.mla_decode.mla_decode_attention`: the kernel, or its
     float32 reference on CPU), since the plain path has no notion of a valid length.
     """
-    from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
-
     if kv_lengths is not None or (c_kv.dtype != torch.float64 and triton_usable(c_kv)):
         key_mask = key_mask_from_attention_mask(mask, q_latent.shape[0], c_kv.shape[-2])
         return mla_decode_attention(q_latent, q_rope, c_kv, k_rope, scale, kv_lengths=kv_lengths, key_mask=key_mask)
@@ -416,126 +413,77 @@ class AbsorbedWeights:
         return self
 
 
-@dataclass
-class _MLAState:
-    weights: AbsorbedWeights
-    max_absorbed_tokens: int
-    rope: str  # "complex" (V2), "half" or "interleave" (V3)
-    modeling: object  # the module's modeling file (eager_attention_forward, RoPE helpers)
-    absorbed_calls: int = 0
-    expanded_calls: int = 0
+class MLADecode(LatentDecode):
+    """The absorbed decode step of one patched attention (kept on the module as ``kvcompress_mla``).
 
+    ``store`` hands the latent to the cache unchanged (any cache that holds the stock latent works:
+    :class:`MLALatentCache` or ``DynamicCache``); ``decode`` is the absorbed attention; ``expand`` is
+    ``kv_b_proj`` on the cached latent (the stock prefill). ``absorbed_calls`` / ``expanded_calls`` count
+    the eager forwards of each kind.
+    """
 
-def _rotate(state: _MLAState, module, q_rot, k_rot, position_embeddings):
-    """The model's own RoPE on the query and key RoPE parts (the functions of its modeling file)."""
-    if position_embeddings is None:
-        raise ValueError("DeepSeek attention needs position_embeddings (passed by the decoder layer)")
-    if state.rope == "complex":
-        return state.modeling.apply_rotary_emb(q_rot, k_rot, position_embeddings.to(q_rot.device))
-    cos, sin = position_embeddings
-    if state.rope == "interleave":
-        return state.modeling.apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
-    return state.modeling.apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+    method = "patch_mla"
+
+    def __init__(self, weights: AbsorbedWeights, max_absorbed_tokens: int, rope: str, modeling):
+        self.weights, self.max_absorbed_tokens, self.rope, self.modeling = weights, max_absorbed_tokens, rope, modeling
+        self.absorbed_calls = 0
+        self.expanded_calls = 0
+
+    def check_cache(self, module, cache) -> None:
+        if isinstance(cache, MLALatentCache):
+            cache.check_module(module)
+
+    def store(self, module, cache, latent, k_rot, compiling):
+        kv_lengths = None
+        if cache is not None:
+            latent, k_rot = cache.update(latent, k_rot, module.layer_idx)
+            layer = cache.layers[module.layer_idx] if isinstance(cache, MLALatentCache) else None
+            if isinstance(layer, StaticMLALatentLayer):
+                # the whole fixed-capacity storage came back: the valid length is the device counter (after
+                # this update), never a Python int, so shapes and the graph stay the same at every step.
+                # contiguous: the kernel reads LENS + b (an expanded 0-d tensor would have stride 0)
+                kv_lengths = layer.cumulative_length.expand(latent.shape[0]).contiguous()
+            if latent.dim() != 4 or latent.shape[1] != 1 or latent.shape[-1] != module.kv_lora_rank:
+                raise ValueError(
+                    f"the cache ({type(cache).__name__}) returned states of shape {tuple(latent.shape)} for layer "
+                    f"{module.layer_idx}; the MLA path needs the latent [batch, 1, tokens, {module.kv_lora_rank}]: "
+                    "use MLALatentCache or DynamicCache"
+                )
+        return latent, k_rot, kv_lengths
+
+    def _weights(self, module, compiling):
+        if compiling:
+            # views taken inside the graph from kv_b_proj.weight (a parameter: a static input for CUDA
+            # graphs, where a tensor kept on this object would be copied into the graph's inputs per replay)
+            return AbsorbedWeights.views(module)
+        weights = self.weights.current(module)
+        return weights.w_uk, weights.w_uv_t
+
+    def decode(self, module, q_nope, q_rot, stored, attention_mask, compiling):
+        latent, k_rot, kv_lengths = stored
+        if not compiling:
+            self.absorbed_calls += 1
+        w_uk, w_uv_t = self._weights(module, compiling)
+        q_latent = absorb_query(q_nope, w_uk)
+        out_latent = latent_attention(q_latent, q_rot, latent, k_rot, attention_mask, module.scaling, kv_lengths)
+        return absorb_output(out_latent, w_uv_t)
+
+    def expand(self, module, stored, compiling):
+        latent, k_rot, _ = stored
+        if not compiling:
+            self.expanded_calls += 1
+        return module.kv_b_proj(latent[:, 0]), k_rot
 
 
 def _mla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     """Forward of a patched DeepSeek-V2/V3 attention (bound to the module): absorbed for short inputs
     (decode), stock expansion for long ones (prefill). The cache only ever receives the latent."""
-    state: _MLAState = getattr(self, _STATE_ATTRIBUTE)
-    if args:  # positional call: name the arguments as the stock forward would
-        bound = inspect.signature(type(self).forward).bind(self, hidden_states, *args, **kwargs)
-        kwargs = {k: v for k, v in bound.arguments.items() if k not in ("self", "hidden_states", "kwargs")}
-        kwargs.update(bound.arguments.get("kwargs", {}))
-    attention_mask = kwargs.pop("attention_mask", None)
-    position_embeddings = kwargs.pop("position_embeddings", None)
-    cache = kwargs.pop("cache", None)
-    legacy_cache = kwargs.pop("past_key_values", None)
-    cache = cache if cache is not None else legacy_cache
-    implementation = self.config._attn_implementation
-    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation {implementation!r} is not supported by the absorbed MLA path; allowed: "
-            f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)} (remove the patch to use {implementation!r})"
-        )
-    if isinstance(cache, MLALatentCache):
-        cache.check_module(self)
-    # Under torch.compile (dynamo), Python-side bookkeeping whose value changes per step (the call
-    # counters, the weight-view refresh that compares data_ptr) would be guarded on and recompile every
-    # step, or graph-break: it is skipped, and the weight views are taken from kv_b_proj.weight inside the
-    # graph (a parameter: a static input for CUDA graphs, where a tensor stored on ``state`` would be
-    # copied into the graph's input buffers at every replay).
-    compiling = torch.compiler.is_compiling()
-
-    batch, length = hidden_states.shape[:-1]
-    if self.q_lora_rank is None:
-        q = self.q_proj(hidden_states)
-    else:
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-    q = q.view(batch, length, -1, self.qk_head_dim).transpose(1, 2)
-    q_nope, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-
-    compressed = self.kv_a_proj_with_mqa(hidden_states)
-    latent, k_rot = torch.split(compressed, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-    latent = self.kv_a_layernorm(latent).view(batch, 1, length, self.kv_lora_rank)
-    k_rot = k_rot.view(batch, 1, length, self.qk_rope_head_dim)
-    q_rot, k_rot = _rotate(state, self, q_rot, k_rot, position_embeddings)
-
-    kv_lengths = None
-    if cache is not None:
-        latent, k_rot = cache.update(latent, k_rot, self.layer_idx)
-        layer = cache.layers[self.layer_idx] if isinstance(cache, MLALatentCache) else None
-        if isinstance(layer, StaticMLALatentLayer):
-            # the whole fixed-capacity storage came back: the valid length is the device counter (after
-            # this update), never a Python int, so shapes and the graph stay the same at every step.
-            # contiguous: the kernel reads LENS + b (an expanded 0-d tensor would have stride 0)
-            kv_lengths = layer.cumulative_length.expand(batch).contiguous()
-        if latent.dim() != 4 or latent.shape[1] != 1 or latent.shape[-1] != self.kv_lora_rank:
-            raise ValueError(
-                f"the cache ({type(cache).__name__}) returned states of shape {tuple(latent.shape)} for layer "
-                f"{self.layer_idx}; the MLA path needs the latent [batch, 1, tokens, {self.kv_lora_rank}]: use "
-                "MLALatentCache or DynamicCache"
-            )
-
-    if length <= state.max_absorbed_tokens and not self.training:
-        if compiling:
-            w_uk, w_uv_t = AbsorbedWeights.views(self)
-        else:
-            state.absorbed_calls += 1
-            weights = state.weights.current(self)
-            w_uk, w_uv_t = weights.w_uk, weights.w_uv_t
-        heads = q_nope.shape[1]
-        # [B, H, S, nope] -> [H, B*S, nope] @ [H, nope, r]: every head's query moved into latent space.
-        # (For S = 1 the reshapes are views: bmm reads the strided query and weights in place.)
-        q_heads = q_nope.transpose(0, 1).reshape(heads, batch * length, self.qk_nope_head_dim)
-        q_latent = torch.bmm(q_heads, w_uk).view(heads, batch, length, self.kv_lora_rank).transpose(0, 1)
-        out_latent = latent_attention(q_latent, q_rot, latent, k_rot, attention_mask, self.scaling, kv_lengths)
-        # [B, H, S, r] -> [H, B*S, r] @ [H, r, v] -> [B, S, H*v]
-        out_heads = out_latent.transpose(0, 1).reshape(heads, batch * length, self.kv_lora_rank)
-        out = torch.bmm(out_heads, w_uv_t).view(heads, batch, length, self.v_head_dim)
-        out = out.permute(1, 2, 0, 3).reshape(batch, length, heads * self.v_head_dim)
-        return self.o_proj(out), None
-
-    # Prefill: the stock recipe (expand the latent per head, the configured attention kernel).
-    if not compiling:
-        state.expanded_calls += 1
-    kv = self.kv_b_proj(latent).view(batch, latent.shape[2], -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
-    k_nope, value_states = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-    key_states = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
-    query_states = torch.cat((q_nope, q_rot), dim=-1)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, state.modeling.eager_attention_forward)
-    attn_output, attn_weights = attention(
-        self, query_states, key_states, value_states, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
-    )
-    attn_output = attn_output.reshape(batch, length, -1).contiguous()
-    return self.o_proj(attn_output), attn_weights
+    return deepseek_attention_forward(self, getattr(self, _STATE_ATTRIBUTE), hidden_states, *args, **kwargs)
 
 
 def mla_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The DeepSeek-V2/V3 attention modules of ``model`` (those with ``kv_b_proj`` and ``kv_a_proj_with_mqa``)."""
-    return [m for m in model.modules() if hasattr(m, "kv_b_proj") and hasattr(m, "kv_a_proj_with_mqa")]
+    return attention_modules(model)
 
 
 def patch_mla(model: torch.nn.Module, max_absorbed_tokens: int = MLAParams.max_absorbed_tokens) -> PatchHandle:
@@ -556,35 +504,17 @@ def patch_mla(model: torch.nn.Module, max_absorbed_tokens: int = MLAParams.max_a
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    cfg = _mla_config(model)
-    if isinstance(max_absorbed_tokens, bool) or not isinstance(max_absorbed_tokens, int) or max_absorbed_tokens < 1:
-        raise ValueError(f"max_absorbed_tokens must be an int >= 1, got {max_absorbed_tokens!r}")
-    implementation = getattr(cfg, "_attn_implementation", None) or "eager"
-    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation {implementation!r} is not supported by patch_mla; allowed: "
-            f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)} (load the model with attn_implementation='sdpa')"
-        )
+    cfg = _mla_config(model, "patch_mla")
+    MLAParams(max_absorbed_tokens=max_absorbed_tokens)
+    check_attn_implementation(cfg, "patch_mla")
     modules = mla_attention_modules(model)
     if not modules:
         raise ValueError(f"no DeepSeek MLA attention (kv_b_proj) found in {type(model).__name__}")
-    if any(hasattr(m, _STATE_ATTRIBUTE) for m in modules):
-        raise ValueError("this model is already patched by patch_mla; call remove() on that handle first")
-    states = []
-    for module in modules:
-        modeling = sys.modules[type(module).__module__]
-        if cfg.model_type == "deepseek_v2":
-            rope = "complex"
-        else:
-            rope = "interleave" if getattr(cfg, "rope_interleave", False) else "half"
-        needed = {"complex": "apply_rotary_emb", "half": "apply_rotary_pos_emb",
-                  "interleave": "apply_rotary_pos_emb_interleave"}[rope]
-        if not hasattr(modeling, needed) or not hasattr(modeling, "eager_attention_forward"):
-            raise ValueError(
-                f"unsupported transformers version: {modeling.__name__} lacks {needed} / eager_attention_forward; "
-                "patch_mla supports transformers 5.17 to 5.24"
-            )
-        states.append(_MLAState(AbsorbedWeights.build(module), max_absorbed_tokens, rope, modeling))
+    if any(hasattr(m, _STATE_ATTRIBUTE) or hasattr(m, "kvcompress_tpla") for m in modules):
+        raise ValueError("this model is already patched (by patch_mla or patch_tpla); call remove() on that handle first")
+    rope = rope_style(cfg)
+    states = [MLADecode(AbsorbedWeights.build(module), max_absorbed_tokens, rope, modeling_file(module, rope, "patch_mla"))
+              for module in modules]
     # Everything is validated and built: now change the model.
     handle = PatchHandle(model, "mla")
     for module, state in zip(modules, states):

@@ -11,7 +11,8 @@ MLA caches per token the normalised latent ``c = g * n`` (``n = x / rms(x)``, ``
 
 **Rotation (exact).** With an orthogonal ``Q`` (``r x r``: identity, Hadamard or PCA) TPLA caches
 ``z = Q^T c`` and uses ``W'_b = W_b Q`` instead of ``kv_b_proj``'s ``W_b``: ``W'_b z = W_b Q Q^T c = W_b c``.
-``W'_b`` (hence the absorbed ``W'_UK``, ``W'_UV``) is folded once at patch time; the latent side costs one
+``W'_b`` (hence the absorbed ``W'_UK``, ``W'_UV``) is folded from the live ``kv_b_proj`` weight and re-folded
+only when that weight changes (:class:`TPLAWeights`); the latent side costs one
 ``r x r`` matmul per *new* token and layer (DeepSeek-V3: 0.26 M multiply-adds, against 4.1 M for
 ``kv_a_proj`` and ``H * T * (r/N + p)`` = 1.3 G for a shard's attention at 32K), nothing per cached token.
 
@@ -53,6 +54,15 @@ bytes read per decode step).
 per head with ``W'_b`` (each shard multiplies its slice by its columns and the partial products are
 summed: exact) and run the model's attention implementation. Only decode uses the per-shard softmax.
 
+Storage: ``TPLACache(max_cache_len=None)`` grows geometrically; with ``max_cache_len`` its layers are
+static (``StaticLayer`` semantics, as for ``MLALatentCache``: fixed shapes, a device length counter passed
+to the decode as every shard row's valid length, ``is_compileable``), so the decode step compiles with
+``fullgraph=True`` and no recompiles. A patched model also serves a cache of the stock latent
+(``DynamicCache``, ``MLALatentCache``) or none, e.g. a plain ``model(input_ids, labels=...)``: the shard
+slices are then cut from every cached latent at each forward (correct, not TPLA's memory or speed).
+The attention forward itself is :func:`kvcompress.deepseek.deepseek_attention_forward`; this module
+gives its decode step (:class:`TPLADecode`).
+
 Modes: **simulated** (``shard=None``: one process holds all ``N`` shards, laid out as ``[B, N, T, r/N]``
 and computed in one batched call; for accuracy evaluation and CPU) and **distributed**
 (``distributed=True``: ``torch.distributed`` initialised by the caller, one rank per shard; the cache of
@@ -65,9 +75,7 @@ Memory formula (per layer, batch ``B``, ``T`` tokens, element size ``e``)::
 
 from __future__ import annotations
 
-import inspect
 import math
-import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,10 +83,14 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from .mla import (SUPPORTED_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, GrowableLayer, _mla_config, absorbed_attention,
-                  mla_attention_modules)
-from .ops import tensor_nbytes
+from .deepseek import (SUPPORTED_MODEL_TYPES, LatentDecode, absorb_output, absorb_query, attention_modules,
+                       check_attn_implementation, deepseek_attention_forward, deepseek_config, modeling_file,
+                       rope_style)
 from .hooks import PatchHandle, replace_forward, set_attribute
+from .kernels import triton_usable
+from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
+from .mla import absorbed_attention
+from .storage import GrowableLayer, StaticBufferLayer
 from .registry import MethodParams, Range, param, register_method
 
 ROTATIONS = ("hadamard", "pca", None)
@@ -100,27 +112,24 @@ class TPLAParams(MethodParams):
     max_absorbed_tokens: int = param(16, "forwards of at most this many new tokens take the TPLA path "
                                      "(patch_model only)", Range(int, low=1))
     distributed: bool = param(False, "one torch.distributed rank per shard (world size = num_shards)", Range(bool))
+    max_cache_len: int | None = param(None, "None (storage grows) or a fixed capacity in tokens "
+                                      "(static shapes: compileable, CUDA graphs)", Range(int, low=1), none_ok=True)
 
 
-def check_layout(kv_lora_rank: int, num_shards: object, rotation: object) -> None:
-    """Raise TypeError/ValueError (naming the parameter and what is allowed) unless ``num_shards`` splits a
-    latent of ``kv_lora_rank`` values and ``rotation`` is supported for it.
+def check_layout(kv_lora_rank: int, num_shards: int, rotation: str | None) -> None:
+    """Raise ValueError (naming the parameter and what is allowed) unless ``num_shards`` splits a latent of
+    ``kv_lora_rank`` values and ``rotation`` is supported for it: the model-dependent rules (types and
+    ranges are :class:`TPLAParams`'s, checked first by every caller).
 
     Heads are not split (every shard computes every head with its latent slice), so the head count
     puts no condition on ``num_shards``.
     """
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int):
-        raise TypeError(f"num_shards must be an int, got {type(num_shards).__name__}")
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if num_shards > kv_lora_rank:
         raise ValueError(f"num_shards={num_shards} is larger than the latent (kv_lora_rank={kv_lora_rank}); "
                          f"allowed: divisors of {kv_lora_rank}")
     if kv_lora_rank % num_shards:
         divisors = [d for d in range(1, kv_lora_rank + 1) if kv_lora_rank % d == 0]
         raise ValueError(f"num_shards={num_shards} does not divide kv_lora_rank={kv_lora_rank}; allowed: {divisors}")
-    if rotation not in ROTATIONS:
-        raise ValueError(f"rotation must be one of {list(ROTATIONS)}, got {rotation!r}")
     if rotation == "hadamard" and kv_lora_rank & (kv_lora_rank - 1):
         raise ValueError(f"rotation='hadamard' needs kv_lora_rank to be a power of two (Sylvester Hadamard), got "
                          f"{kv_lora_rank}; use rotation='pca' or None for this model")
@@ -183,17 +192,20 @@ def calibration_latents(model: torch.nn.Module, calibration: torch.Tensor) -> li
 
 
 # -- the cache --------------------------------------------------------------------------------------
-class TPLALayer(GrowableLayer):
-    """One layer of a :class:`TPLACache`: ``keys`` = latent slices ``[B, n, T, r/N]`` and ``values`` =
-    RoPE-key copies ``[B, n, T, p]``, where ``n`` is the number of shards held (``N`` simulated, 1 on a rank).
-    ``keys[:, j]`` and ``values[:, j]`` are exactly what shard ``shards[j]`` holds. Stored in growable
-    preallocated storage (:class:`kvcompress.mla.GrowableLayer`)."""
+class _ShardStates:
+    """What both TPLA cache layers share: ``keys`` = latent slices ``[B, n, T, r/N]`` and ``values`` = RoPE-key
+    copies ``[B, n, T, p]``, where ``n`` is the number of shards held (``N`` simulated, 1 on a rank);
+    ``keys[:, j]`` and ``values[:, j]`` are exactly what shard ``shards[j]`` holds."""
 
-    def __init__(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int,
-                 max_cache_len: int | None = None):
-        super().__init__(max_cache_len)
+    layer_idx: int
+    shards: tuple[int, ...]
+    width: int
+    rope_dim: int
+    source: str | None  # "tpla" (a patch_tpla forward) or "stock" (an unpatched model)
+
+    def _set_layout(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int) -> None:
         self.layer_idx, self.shards, self.width, self.rope_dim = layer_idx, shards, width, rope_dim
-        self.source: str | None = None  # "tpla" (a patch_tpla forward) or "stock" (an unpatched model)
+        self.source = None
 
     def check_states(self, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
         """Raise (before any state changes) unless the states are this layer's shard slices."""
@@ -216,10 +228,10 @@ class TPLALayer(GrowableLayer):
                                  "TPLACache holds; use a new cache for another batch")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, tpla: bool = False, **kwargs):
-        """Append the held shards' slices (from a TPLA forward, ``tpla=True``) and return
-        every token's. From an unpatched model (the stock latent ``[B, 1, S, r]``, simulated caches only) the
-        latent is cut into the same per-shard slices and handed back whole: TPLA's memory layout, exact
-        stock attention (no per-shard softmax; that needs :func:`patch_tpla`)."""
+        """Append the held shards' slices (from a TPLA forward, ``tpla=True``) and return every token's (a
+        static layer: the whole capacity). From an unpatched model (the stock latent ``[B, 1, S, r]``,
+        simulated caches only) the latent is cut into the same per-shard slices and handed back whole: TPLA's
+        memory layout, exact stock attention (no per-shard softmax; that needs :func:`patch_tpla`)."""
         source = "tpla" if tpla else "stock"
         if self.source is not None and source != self.source:
             raise ValueError(f"TPLACache layer {self.layer_idx} was filled by a {self.source} forward and now gets "
@@ -238,7 +250,7 @@ class TPLALayer(GrowableLayer):
             value_states = value_states.expand(batch, n, length, value_states.shape[-1]).contiguous()
         self.check_states(key_states, value_states)
         self.source = source
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        keys, values = super().update(key_states, value_states)
         if source == "stock":  # the unpatched model needs the whole latent and one RoPE key back
             batch, n, tokens, width = keys.shape
             keys = keys.transpose(1, 2).reshape(batch, 1, tokens, n * width)
@@ -250,11 +262,37 @@ class TPLALayer(GrowableLayer):
         self.source = None
 
     def shard_nbytes(self, shard: int) -> int:
-        """Bytes shard ``shard`` holds in this layer, measured from its tensor slices."""
-        if not self.is_initialized:
+        """Bytes of the valid tokens shard ``shard`` holds in this layer."""
+        if not self.is_initialized or not self.keys.numel():
             return 0
-        j = self.shards.index(shard)
-        return tensor_nbytes(self.keys[:, j], self.values[:, j])
+        batch = self.keys.shape[0]
+        return int(self.get_seq_length()) * batch * (self.keys.shape[-1] * self.keys.element_size()
+                                                     + self.values.shape[-1] * self.values.element_size())
+
+
+class TPLALayer(_ShardStates, GrowableLayer):
+    """One layer of a :class:`TPLACache` in growable storage (:class:`kvcompress.storage.GrowableLayer`):
+    ``keys`` = latent slices ``[B, n, T, r/N]``, ``values`` = RoPE-key copies ``[B, n, T, p]``."""
+
+    def __init__(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int,
+                 max_cache_len: int | None = None):
+        super().__init__(max_cache_len)
+        self._set_layout(layer_idx, shards, width, rope_dim)
+
+
+class StaticTPLALayer(_ShardStates, StaticBufferLayer):
+    """One layer of a :class:`TPLACache` built with ``max_cache_len``: fixed-capacity storage
+    (:class:`kvcompress.storage.StaticBufferLayer`, ``StaticLayer`` semantics, ``is_compileable``).
+
+    ``keys`` ``[B, n, max_cache_len, r/N]`` and ``values`` ``[B, n, max_cache_len, p]`` are allocated once
+    at the first update; ``cumulative_length`` (0-d, on the device) counts the valid tokens, and the
+    TPLA decode passes it to the attention as the valid length of every shard row.
+    """
+
+    def __init__(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int, max_cache_len: int):
+        super().__init__(max_cache_len)
+        self._set_layout(layer_idx, shards, width, rope_dim)
+
 
 class TPLACache(Cache):
     """Per-shard latent caches for TPLA decode of a DeepSeek-V2/V3 model patched by :func:`patch_tpla`.
@@ -268,13 +306,16 @@ class TPLACache(Cache):
         rotation: ``"hadamard"``, ``"pca"`` or ``None``; must match the patch (checked at every forward).
         shard: ``None`` (simulated: this cache holds all ``N`` shards) or the rank ``i`` in ``[0, N)`` whose
             shard alone this cache holds (distributed).
-        max_cache_len: ``None`` (storage grows geometrically) or a fixed capacity in tokens.
+        max_cache_len: ``None`` (storage grows geometrically) or a fixed capacity in tokens, with the same
+            meaning as for :class:`kvcompress.mla.MLALatentCache`: static layers
+            (:class:`StaticTPLALayer`: shapes fixed, updates in place at a device counter, the whole
+            storage returned, ``is_compileable``). More tokens than ``max_cache_len`` raise ValueError.
     """
 
     def __init__(self, config, num_shards: int = TPLAParams.num_shards, rotation: str | None = TPLAParams.rotation,
-                 shard: int | None = None,
-                 max_cache_len: int | None = None):
-        cfg = _mla_config(config)
+                 shard: int | None = None, max_cache_len: int | None = TPLAParams.max_cache_len):
+        cfg = deepseek_config(config, "TPLACache")
+        TPLAParams(num_shards=num_shards, rotation=rotation, max_cache_len=max_cache_len)
         check_layout(cfg.kv_lora_rank, num_shards, rotation)
         if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards):
             raise ValueError(f"shard must be None (simulated) or an int in [0, {num_shards}), got {shard!r}")
@@ -283,8 +324,11 @@ class TPLACache(Cache):
         self.num_shards, self.rotation, self.shard = num_shards, rotation, shard
         self.width = cfg.kv_lora_rank // num_shards
         self.shards = tuple(range(num_shards)) if shard is None else (shard,)
-        layers = [TPLALayer(i, self.shards, self.width, self.qk_rope_head_dim, max_cache_len)
-                  for i in range(self.num_layers)]
+        if max_cache_len is None:
+            layers = [TPLALayer(i, self.shards, self.width, self.qk_rope_head_dim) for i in range(self.num_layers)]
+        else:
+            layers = [StaticTPLALayer(i, self.shards, self.width, self.qk_rope_head_dim, max_cache_len)
+                      for i in range(self.num_layers)]
         super().__init__(layers=layers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -294,7 +338,7 @@ class TPLACache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def shard_nbytes(self, shard: int) -> int:
-        """Bytes shard ``shard`` holds (all layers), measured from the tensors."""
+        """Bytes shard ``shard`` holds (all layers, valid tokens), from the tensors' shapes and dtypes."""
         if shard not in self.shards:
             raise ValueError(f"this TPLACache holds shards {list(self.shards)}, not {shard!r}")
         return sum(layer.shard_nbytes(shard) for layer in self.layers)
@@ -312,7 +356,7 @@ class TPLACache(Cache):
         total = 0
         for layer in self.layers:
             if layer.is_initialized and layer.keys.numel():
-                batch, _, tokens, _ = layer.keys.shape
+                batch, tokens = layer.keys.shape[0], int(layer.get_seq_length())
                 total += batch * tokens * (self.width + self.qk_rope_head_dim) * layer.keys.element_size()
         return total
 
@@ -325,6 +369,7 @@ def tpla_attention(
     rope_shards: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    kv_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each shard's own absorbed attention over its latent slice: ``softmax(scale * (q_i z_i^T + q^R k^R^T) + mask) z_i``.
 
@@ -334,6 +379,9 @@ def tpla_attention(
         latent_shards: ``[B, n, T, w]``: shard ``j``'s latent slice for every token.
         rope_shards: ``[B, n, T, p]``: each shard's copy of the RoPE key.
         mask, scale: as :func:`kvcompress.mla.absorbed_attention`.
+        kv_lengths: ``None``, or int ``[B]`` on the cache's device: only the first ``kv_lengths[b]`` tokens
+            exist (a fixed-capacity cache); then the decode kernel's semantics apply on every device, as in
+            :func:`kvcompress.mla.latent_attention`.
 
     Returns:
         ``[B, H, S, n * w]``: shard ``j``'s attention-weighted latent slice in columns ``j*w:(j+1)*w``.
@@ -346,16 +394,15 @@ def tpla_attention(
     q_rot = q_rope.unsqueeze(1).expand(batch, n, heads, queries, q_rope.shape[-1]).reshape(batch * n, heads, queries, -1)
     latent_rows = latent_shards.reshape(batch * n, tokens, width)  # a view of the cache storage
     rope_rows = rope_shards.reshape(batch * n, tokens, -1)
-    from .kernels import triton_usable
-
-    if latent_rows.dtype != torch.float64 and triton_usable(latent_rows):
-        # the Triton decode kernel: each shard row reads its slice once for all heads
-        from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
-
+    if kv_lengths is not None or (latent_rows.dtype != torch.float64 and triton_usable(latent_rows)):
+        # the decode kernel (or its reference): each shard row reads its slice once for all heads
         key_mask = key_mask_from_attention_mask(mask, batch, tokens)
         if key_mask is not None:
             key_mask = key_mask.repeat_interleave(n, dim=0)
-        out = mla_decode_attention(q_lat, q_rot, latent_rows, rope_rows, scale, key_mask=key_mask)
+        if kv_lengths is not None:
+            kv_lengths = kv_lengths.repeat_interleave(n, dim=0)
+        out = mla_decode_attention(q_lat, q_rot, latent_rows, rope_rows, scale, kv_lengths=kv_lengths,
+                                   key_mask=key_mask)
     else:
         if mask is not None and mask.shape[0] > 1:
             mask = mask.repeat_interleave(n, dim=0)
@@ -364,47 +411,76 @@ def tpla_attention(
 
 
 # -- folded weights and the patched forward ---------------------------------------------------------
-@dataclass
 class TPLAWeights:
-    """One attention's TPLA weights, restricted to the shards this process holds (float64 maths, stored in
-    the module's dtype).
+    """One attention's TPLA weights, restricted to the shards this process holds, derived from the live
+    ``kv_b_proj.weight`` at use.
 
-    ``rotation``: ``Q`` (``[r, r]``; ``None`` for the identity): new tokens' latents become ``z = Q^T c``
-    (every shard rotates the full latent of new tokens, so it is not sliced). ``kv_b``: ``W_b Q``
-    restricted to the held columns, ``[H * (nope + v), n * w]``; ``w_uk`` (``[H, nope, n*w]``) and ``w_uv_t``
+    ``rotation``: ``Q`` (``[r, r]`` in the weight's dtype; ``None`` for the identity): new tokens' latents
+    become ``z = Q^T c``. ``kv_b``: ``W_b Q`` (float64 product, stored in the weight's dtype) restricted
+    to the held columns, ``[H * (nope + v), n * w]``; ``w_uk`` (``[H, nope, n*w]``) and ``w_uv_t``
     (``[H, n*w, v]``) are views of it.
+
+    :meth:`current` re-derives them when ``kv_b_proj.weight`` changed since the last fold: another
+    tensor or storage (``model.to(...)``), dtype or device, or an in-place write (``load_state_dict``,
+    an optimizer step: the tensor's version counter). The fold is one ``[H*(nope+v), r] x [r, r]``
+    product per layer, paid only after such a change; ``builds`` counts folds. The rotation itself
+    (Hadamard, or PCA of the latents at patch time) is kept: any orthogonal ``Q`` is exact for ``N = 1``.
+    Writes through ``weight.data`` bypass the version counter and are not seen.
     """
 
-    rotation: torch.Tensor | None
-    kv_b: torch.Tensor
-    w_uk: torch.Tensor
-    w_uv_t: torch.Tensor
+    def __init__(self, rotation: torch.Tensor | None, columns: slice):
+        self.master = None if rotation is None else rotation.detach().to(torch.float64).cpu()
+        self.columns = columns
+        self.rotation: torch.Tensor | None = None
+        self.kv_b = self.w_uk = self.w_uv_t = None
+        self.builds = 0
+        self._key: tuple | None = None
 
-    @classmethod
-    def fold(cls, module: torch.nn.Module, rotation: torch.Tensor | None, columns: slice) -> "TPLAWeights":
-        weight = module.kv_b_proj.weight.detach()
-        if rotation is None:
-            kv_b = weight[:, columns].contiguous()
-        else:
-            q = rotation.to(weight.device, torch.float64)
-            kv_b = (weight.to(torch.float64) @ q)[:, columns].to(weight.dtype).contiguous()
-            rotation = q.to(weight.dtype)
-        per_head = kv_b.view(module.num_heads, module.qk_nope_head_dim + module.v_head_dim, -1)
-        return cls(rotation, kv_b, per_head[:, : module.qk_nope_head_dim], per_head[:, module.qk_nope_head_dim :].transpose(1, 2))
+    @staticmethod
+    def _key_of(weight: torch.Tensor) -> tuple:
+        return weight._version, weight.data_ptr(), weight.dtype, weight.device
+
+    @torch.no_grad()
+    def current(self, module: torch.nn.Module) -> "TPLAWeights":
+        weight = module.kv_b_proj.weight
+        key = self._key_of(weight)
+        if key != self._key:
+            w = weight.detach()
+            if self.master is None:
+                kv_b = w if self.columns == slice(None) else w[:, self.columns].contiguous()
+                self.rotation = None
+            else:
+                q = self.master.to(w.device)
+                kv_b = (w.to(torch.float64) @ q)[:, self.columns].to(w.dtype).contiguous()
+                self.rotation = q.to(w.dtype)
+            per_head = kv_b.view(module.num_heads, module.qk_nope_head_dim + module.v_head_dim, -1)
+            self.kv_b = kv_b
+            self.w_uk = per_head[:, : module.qk_nope_head_dim]
+            self.w_uv_t = per_head[:, module.qk_nope_head_dim :].transpose(1, 2)
+            self._key = key
+            self.builds += 1
+        return self
 
 
-@dataclass
-class _TPLAState:
-    weights: TPLAWeights
-    num_shards: int
-    rotation: str | None
-    shard: int | None  # None: simulated (all shards)
-    group: object  # torch.distributed process group (distributed mode) or None
-    max_absorbed_tokens: int
-    rope: str
-    modeling: object
-    tpla_calls: int = 0
-    expanded_calls: int = 0
+class TPLADecode(LatentDecode):
+    """The TPLA decode step of one patched attention (kept on the module as ``kvcompress_tpla``).
+
+    ``store``: with a :class:`TPLACache` the new tokens' latents are rotated and sliced and only the held
+    shards' slices are written; any other cache (``DynamicCache``, :class:`~kvcompress.mla.MLALatentCache`)
+    keeps the stock latent (what the unpatched model would store, so the cache stays valid for it) and
+    the slices are derived from every cached token at each forward (``T x r x r`` per layer: correct, not
+    fast; use a TPLACache for TPLA's memory and speed). ``decode``: the per-shard softmax. ``expand``: each
+    held shard's columns of ``W'_b`` times its slice, summed over shards (exact MLA).
+    """
+
+    method = "patch_tpla"
+
+    def __init__(self, weights: TPLAWeights, num_shards: int, rotation: str | None, shard: int | None, group,
+                 max_absorbed_tokens: int, rope: str, modeling):
+        self.weights, self.num_shards, self.rotation, self.shard, self.group = weights, num_shards, rotation, shard, group
+        self.max_absorbed_tokens, self.rope, self.modeling = max_absorbed_tokens, rope, modeling
+        self.tpla_calls = 0
+        self.expanded_calls = 0
 
     @property
     def held(self) -> int:
@@ -418,85 +494,89 @@ class _TPLAState:
             dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=self.group)
         return partial
 
+    def _weights(self, module, compiling: bool) -> TPLAWeights:
+        # compiled steps use the tensors of the last eager fold (generate's prefill runs eagerly)
+        return self.weights if compiling else self.weights.current(module)
+
+    def _slices(self, latent: torch.Tensor, weights: TPLAWeights) -> torch.Tensor:
+        """``[B, 1, T, r]`` latents -> the held shards' slices of ``z = Q^T c``, ``[B, n, T, w]``."""
+        batch, _, tokens, r = latent.shape
+        z = latent if weights.rotation is None else latent @ weights.rotation  # rows: z^T = c^T Q
+        z = z.view(batch, tokens, self.num_shards, r // self.num_shards).transpose(1, 2)
+        if self.shard is not None:
+            z = z[:, self.shard : self.shard + 1]
+        return z.contiguous()
+
+    def check_cache(self, module, cache) -> None:
+        if isinstance(cache, TPLACache) and (cache.num_shards, cache.rotation, cache.shard) != (
+                self.num_shards, self.rotation, self.shard):
+            raise ValueError(
+                f"cache/patch mismatch: TPLACache(num_shards={cache.num_shards}, rotation={cache.rotation!r}, "
+                f"shard={cache.shard}) but the model is patched with num_shards={self.num_shards}, "
+                f"rotation={self.rotation!r}, shard={self.shard}"
+            )
+
+    def store(self, module, cache, latent, k_rot, compiling):
+        weights = self._weights(module, compiling)
+        batch = latent.shape[0]
+        if cache is not None and not isinstance(cache, TPLACache):
+            latent, k_rot = cache.update(latent, k_rot, module.layer_idx)
+            if latent.dim() != 4 or latent.shape[1] != 1 or latent.shape[-1] != module.kv_lora_rank:
+                raise ValueError(
+                    f"the cache ({type(cache).__name__}) returned states of shape {tuple(latent.shape)} for layer "
+                    f"{module.layer_idx}; a TPLA-patched model needs a TPLACache or a cache of the stock latent "
+                    f"[batch, 1, tokens, {module.kv_lora_rank}] (DynamicCache, MLALatentCache)"
+                )
+        slices = self._slices(latent, weights)
+        rope_key = k_rot.expand(batch, self.held, k_rot.shape[2], k_rot.shape[-1])
+        kv_lengths = None
+        if isinstance(cache, TPLACache):
+            slices, rope_key = cache.update(slices, rope_key.contiguous(), module.layer_idx, tpla=True)
+            layer = cache.layers[module.layer_idx]
+            if isinstance(layer, StaticTPLALayer):
+                # the whole capacity came back: the valid length is the device counter (no host sync)
+                kv_lengths = layer.cumulative_length.expand(batch).contiguous()
+        return slices, rope_key, kv_lengths, weights
+
+    def decode(self, module, q_nope, q_rot, stored, attention_mask, compiling):
+        slices, rope_key, kv_lengths, weights = stored
+        if not compiling:
+            self.tpla_calls += 1
+        q_latent = absorb_query(q_nope, weights.w_uk)
+        out_latent = tpla_attention(q_latent, q_rot, slices, rope_key, attention_mask, module.scaling, kv_lengths)
+        return self.reduce(absorb_output(out_latent, weights.w_uv_t).contiguous())  # w_uv_t sums the held shards
+
+    def expand(self, module, stored, compiling):
+        slices, rope_key, _, weights = stored
+        if not compiling:
+            self.expanded_calls += 1
+        batch, n, tokens, width = slices.shape
+        kv = self.reduce(F.linear(slices.transpose(1, 2).reshape(batch, tokens, n * width), weights.kv_b).contiguous())
+        return kv, rope_key[:, :1]
+
 
 def _tpla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     """Forward of a TPLA-patched DeepSeek attention: per-shard softmax for short inputs (decode), exact
-    MLA expansion for long ones (prefill). The cache receives only the held shards' slices."""
-    from .mla import _rotate
+    MLA expansion for long ones (prefill)."""
+    return deepseek_attention_forward(self, getattr(self, _STATE_ATTRIBUTE), hidden_states, *args, **kwargs)
 
-    state: _TPLAState = getattr(self, _STATE_ATTRIBUTE)
-    if args:
-        bound = inspect.signature(type(self).forward).bind(self, hidden_states, *args, **kwargs)
-        kwargs = {k: v for k, v in bound.arguments.items() if k not in ("self", "hidden_states", "kwargs")}
-        kwargs.update(bound.arguments.get("kwargs", {}))
-    attention_mask = kwargs.pop("attention_mask", None)
-    position_embeddings = kwargs.pop("position_embeddings", None)
-    cache = kwargs.pop("cache", None)
-    legacy_cache = kwargs.pop("past_key_values", None)
-    cache = cache if cache is not None else legacy_cache
-    implementation = self.config._attn_implementation
-    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation {implementation!r} is not supported by TPLA; allowed: "
-                         f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)}")
-    if cache is not None:
-        if not isinstance(cache, TPLACache):
-            raise TypeError(f"a TPLA-patched model needs a TPLACache, got {type(cache).__name__}")
-        if (cache.num_shards, cache.rotation, cache.shard) != (state.num_shards, state.rotation, state.shard):
-            raise ValueError(
-                f"cache/patch mismatch: TPLACache(num_shards={cache.num_shards}, rotation={cache.rotation!r}, "
-                f"shard={cache.shard}) but the model is patched with num_shards={state.num_shards}, "
-                f"rotation={state.rotation!r}, shard={state.shard}"
-            )
 
-    batch, length = hidden_states.shape[:-1]
-    if self.q_lora_rank is None:
-        q = self.q_proj(hidden_states)
-    else:
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-    q = q.view(batch, length, -1, self.qk_head_dim).transpose(1, 2)
-    q_nope, q_rot = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-
-    w = state.weights
-    x, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [self.kv_lora_rank, self.qk_rope_head_dim], -1)
-    z = self.kv_a_layernorm(x)  # the model's own norm on the FULL latent of the new tokens: exact, no local norm
-    if w.rotation is not None:
-        z = z @ w.rotation  # rows: z^T = c^T Q, i.e. z = Q^T c
-    k_rot = k_rot.view(batch, 1, length, self.qk_rope_head_dim)
-    q_rot, k_rot = _rotate(state, self, q_rot, k_rot, position_embeddings)
-
-    n, width = state.held, self.kv_lora_rank // state.num_shards
-    z = z.view(batch, length, state.num_shards, width).transpose(1, 2)  # [B, N, S, w]
-    if state.shard is not None:
-        z = z[:, state.shard : state.shard + 1]
-    latent, rope_key = z.contiguous(), k_rot.expand(batch, n, length, self.qk_rope_head_dim).contiguous()
-    if cache is not None:
-        latent, rope_key = cache.update(latent, rope_key, self.layer_idx, tpla=True)
-
-    if length <= state.max_absorbed_tokens and not self.training:
-        state.tpla_calls += 1
-        heads = q_nope.shape[1]
-        q_heads = q_nope.transpose(0, 1).reshape(heads, batch * length, self.qk_nope_head_dim)
-        q_latent = torch.bmm(q_heads, w.w_uk).view(heads, batch, length, n * width).transpose(0, 1)
-        out_latent = tpla_attention(q_latent, q_rot, latent, rope_key, attention_mask, self.scaling)
-        out_heads = out_latent.transpose(0, 1).reshape(heads, batch * length, n * width)
-        out = torch.bmm(out_heads, w.w_uv_t).view(heads, batch, length, self.v_head_dim)  # sums the held shards
-        out = state.reduce(out.permute(1, 2, 0, 3).reshape(batch, length, heads * self.v_head_dim).contiguous())
-        return self.o_proj(out), None
-
-    # Prefill: exact MLA. Each shard's columns of W'_b times its slice, summed over shards.
-    state.expanded_calls += 1
-    tokens = latent.shape[2]
-    kv = state.reduce(F.linear(latent.transpose(1, 2).reshape(batch, tokens, n * width), w.kv_b).contiguous())
-    kv = kv.view(batch, tokens, -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
-    k_nope, value_states = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-    key_states = torch.cat((k_nope, rope_key[:, :1].expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
-    query_states = torch.cat((q_nope, q_rot), dim=-1)
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, state.modeling.eager_attention_forward)
-    attn_output, attn_weights = attention(self, query_states, key_states, value_states, attention_mask,
-                                          dropout=0.0, scaling=self.scaling, **kwargs)
-    return self.o_proj(attn_output.reshape(batch, length, -1).contiguous()), attn_weights
+def check_calibration(calibration: object, vocab_size: int) -> None:
+    """Raise TypeError/ValueError (naming ``calibration``) unless it is None or a 2-D integer tensor of token
+    ids in ``[0, vocab_size)``."""
+    if calibration is None:
+        return
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
+        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise ValueError(f"calibration must be None or a 2-D tensor of token ids [sequences, tokens], got {shape}")
+    if calibration.dtype.is_floating_point or calibration.dtype.is_complex or calibration.dtype == torch.bool:
+        raise TypeError(f"calibration must hold integer token ids (torch.long or torch.int), got {calibration.dtype}")
+    if calibration.numel() == 0:
+        raise ValueError(f"calibration must hold at least one token id, got shape {tuple(calibration.shape)}")
+    low, high = int(calibration.min()), int(calibration.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"calibration token ids must lie in [0, {vocab_size}) (the model's vocabulary), got ids "
+                         f"from {low} to {high}")
 
 
 def patch_tpla(
@@ -508,11 +588,13 @@ def patch_tpla(
     calibration: torch.Tensor | None = None,
     process_group=None,
 ) -> PatchHandle:
-    """Install TPLA attention on every DeepSeek-V2/V3 attention of ``model``; use it with a :class:`TPLACache`.
+    """Install TPLA attention on every DeepSeek-V2/V3 attention of ``model``; use it with a :class:`TPLACache`
+    (any other cache, or none, also works: see :class:`TPLADecode`).
 
-    The rotation is computed once (Hadamard; or PCA of each layer's latents on ``calibration``) and folded
-    into a copy of ``kv_b_proj`` (the held columns) kept on the module; the model's own parameters are not
-    changed, and ``handle.remove()`` restores the stock forward exactly.
+    The rotation is computed once (Hadamard; or PCA of each layer's latents on ``calibration``); the
+    rotated ``kv_b_proj`` columns are derived from the live weight at use (:class:`TPLAWeights`), so
+    weights loaded or trained after patching, and ``model.to(dtype)``, take effect. The model's own
+    parameters are not changed, and ``handle.remove()`` restores the stock forward exactly.
 
     Args:
         model: a DeepSeek-V2/V3 model (``eager`` or ``sdpa`` attention).
@@ -521,8 +603,9 @@ def patch_tpla(
         max_absorbed_tokens: forwards of at most this many new tokens take the TPLA path (int >= 1).
         distributed: ``False``: simulate all shards in this process. ``True``: ``torch.distributed`` must be
             initialised with world size ``N`` (of ``process_group``); this rank holds shard ``rank`` only.
-        calibration: token ids ``[sequences, tokens]`` for PCA; ``None``: :func:`default_calibration`.
-            In distributed mode rank 0's rotation is broadcast, so every rank folds the same one.
+        calibration: token ids ``[sequences, tokens]`` (integers in ``[0, vocab_size)``) for PCA; ``None``:
+            :func:`default_calibration`. In distributed mode rank 0's rotation is broadcast, so every rank
+            folds the same one.
         process_group: the ``torch.distributed`` group (``None``: the default group).
 
     Returns:
@@ -530,16 +613,13 @@ def patch_tpla(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    cfg = _mla_config(model)
+    cfg = deepseek_config(model, "patch_tpla")
+    TPLAParams(num_shards=num_shards, rotation=rotation, max_absorbed_tokens=max_absorbed_tokens,
+               distributed=distributed)
     check_layout(cfg.kv_lora_rank, num_shards, rotation)
-    if isinstance(max_absorbed_tokens, bool) or not isinstance(max_absorbed_tokens, int) or max_absorbed_tokens < 1:
-        raise ValueError(f"max_absorbed_tokens must be an int >= 1, got {max_absorbed_tokens!r}")
-    if not isinstance(distributed, bool):
-        raise TypeError(f"distributed must be True or False, got {distributed!r}")
-    implementation = getattr(cfg, "_attn_implementation", None) or "eager"
-    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation {implementation!r} is not supported by patch_tpla; allowed: "
-                         f"{list(SUPPORTED_ATTN_IMPLEMENTATIONS)}")
+    check_attn_implementation(cfg, "patch_tpla")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    check_calibration(calibration, getattr(embeddings, "num_embeddings", cfg.vocab_size))
     shard = None
     if distributed:
         import torch.distributed as dist
@@ -550,13 +630,11 @@ def patch_tpla(
         if world != num_shards:
             raise ValueError(f"distributed TPLA needs one rank per shard: world size {world} != num_shards={num_shards}")
         shard = dist.get_rank(process_group)
-    modules = mla_attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
         raise ValueError(f"no DeepSeek MLA attention (kv_b_proj) found in {type(model).__name__}")
     if any(hasattr(m, _STATE_ATTRIBUTE) or hasattr(m, "kvcompress_mla") for m in modules):
         raise ValueError("this model's attention is already patched (TPLA or MLA); remove that handle first")
-    if calibration is not None and (not isinstance(calibration, torch.Tensor) or calibration.dim() != 2):
-        raise ValueError("calibration must be a 2-D tensor of token ids [sequences, tokens] or None")
 
     r = cfg.kv_lora_rank
     if rotation is None:
@@ -575,13 +653,13 @@ def patch_tpla(
             rotations = list(stacked.cpu())
     width = r // num_shards
     columns = slice(None) if shard is None else slice(shard * width, (shard + 1) * width)
-    rope = "complex" if cfg.model_type == "deepseek_v2" else ("interleave" if getattr(cfg, "rope_interleave", False) else "half")
+    rope = rope_style(cfg)
     states = []
     for module, rot in zip(modules, rotations):
-        modeling = sys.modules[type(module).__module__]
-        with torch.no_grad():
-            weights = TPLAWeights.fold(module, rot, columns)
-        states.append(_TPLAState(weights, num_shards, rotation, shard, process_group, max_absorbed_tokens, rope, modeling))
+        weights = TPLAWeights(rot, columns)
+        weights.current(module)  # fold now: a compiled step never folds
+        states.append(TPLADecode(weights, num_shards, rotation, shard, process_group, max_absorbed_tokens, rope,
+                                 modeling_file(module, rope, "patch_tpla")))
     handle = PatchHandle(model, f"tpla N={num_shards} rotation={rotation}" + ("" if shard is None else f" shard={shard}"))
     for module, state in zip(modules, states):
         set_attribute(module, _STATE_ATTRIBUTE, state, handle)
@@ -592,7 +670,8 @@ def patch_tpla(
 # -- the registered method ---------------------------------------------------------------------------
 
 
-def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool) -> TPLACache:
+def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool,
+                max_cache_len: int | None = None) -> TPLACache:
     shard = None
     if distributed:
         import torch.distributed as dist
@@ -602,11 +681,13 @@ def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens:
         if dist.get_world_size() != num_shards:
             raise ValueError(f"tpla: world size {dist.get_world_size()} != num_shards={num_shards}")
         shard = dist.get_rank()
-    return TPLACache(model_or_config, num_shards=num_shards, rotation=rotation, shard=shard)
+    return TPLACache(model_or_config, num_shards=num_shards, rotation=rotation, shard=shard,
+                     max_cache_len=max_cache_len)
 
 
 def _install_tpla(model, handle: PatchHandle, num_shards: int, rotation, max_absorbed_tokens: int,
-                  distributed: bool) -> None:
+                  distributed: bool, max_cache_len: int | None = None) -> None:
+    # max_cache_len belongs to the cache
     handle.add_undo(patch_tpla(model, num_shards=num_shards, rotation=rotation,
                                max_absorbed_tokens=max_absorbed_tokens, distributed=distributed).remove)
 

@@ -350,7 +350,7 @@ def test_unsupported_model_type():
 def test_bad_patch_arguments_change_nothing():
     model = make_model("deepseek_v2", {})
     for bad in (0, -1, 2.0, True, None):
-        with pytest.raises(ValueError, match="max_absorbed_tokens must be an int >= 1"):
+        with pytest.raises((TypeError, ValueError), match=r"max_absorbed_tokens=.*allowed: int >= 1"):
             patch_mla(model, max_absorbed_tokens=bad)
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match=r"attn_implementation 'flex_attention'.*allowed: \['eager', 'sdpa'\]"):
@@ -376,10 +376,21 @@ def test_cache_model_mismatch_raises_before_any_change():
     with pytest.raises(ValueError, match=r"cache/model mismatch at layer 0.*kv_lora_rank=16"), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, **{kw: other})
     assert other.nbytes() == 0
-    fewer_layers = MLALatentCache(tiny_config("deepseek_v2", num_hidden_layers=2))
+
+
+@pytest.mark.parametrize("layers", [2, 6])
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_for_another_layer_count_is_refused_before_any_write(layers, static):
+    """A cache built for fewer or more layers than the model is refused at layer 0: nothing is written."""
+    model = make_model("deepseek_v2", {})
+    cache = MLALatentCache(tiny_config("deepseek_v2", num_hidden_layers=layers), max_cache_len=64 if static else None)
+    ids, mask = left_padded_prompts([24, 19])
     with patch_mla(model), torch.no_grad():
-        with pytest.raises(ValueError, match="cache/model mismatch: attention layer 2 but this MLALatentCache has 2 layers"):
-            model(input_ids=ids, attention_mask=mask, **{kw: fewer_layers})
+        for length in (24, 3):  # the expanded (prefill) and the absorbed path
+            with pytest.raises(ValueError, match=f"built for {layers} layers but the model.*has 4"):
+                model(input_ids=ids[:, :length], attention_mask=mask[:, :length], **{cache_kwarg(model): cache})
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+    assert not any(layer.is_initialized for layer in cache.layers)
 
 
 def test_dtype_mismatch_raises_before_any_change():

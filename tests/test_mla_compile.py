@@ -1,4 +1,4 @@
-"""Static-capacity MLALatentCache + patch_mla under torch.compile (issue #9 item 4: CUDA graphs / compile).
+"""Static-capacity MLALatentCache + patch_mla under torch.compile (CUDA graphs, compiled decode).
 
 CPU tests trace with dynamo's ``eager`` backend (``fullgraph=True``: any graph break fails) and count
 frames/recompiles with ``torch._dynamo.utils.counters``; the reference attention path runs on CPU. The
