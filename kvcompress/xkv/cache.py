@@ -1,64 +1,20 @@
-"""xKV: cross-layer SVD compression of the KV cache (Chang et al., "xKV: Cross-Layer SVD for KV-Cache
-Compression", 2025), as a real ``transformers.Cache`` that stores the factors and frees the full tensors.
-
-The maths
----------
-Take ``G`` adjacent attention layers (a *group*). For one batch row, stack the group's keys of ``T``
-prompt tokens side by side: ``K_g = [K_1 | K_2 | ... | K_G]``, a ``T x (G*H*d)`` matrix (``H`` KV heads of
-dim ``d``). Adjacent layers share their dominant singular vectors, so a truncated SVD
-
-    K_g ≈ U_r (S_r V_r^T) = A [B_1 | B_2 | ... | B_G]
-
-keeps one token-side factor ``A`` (``T x r``, shared by the group) and one small reconstruction matrix
-``B_l`` (``r x H*d``) per layer; layer ``l``'s keys are ``A @ B_l``. Values are factored the same way,
-separately, with their own rank. By Eckart–Young the Frobenius error is the root of the sum of the
-discarded squared singular values, the least any rank-``r`` factorisation can reach.
-
-Per group and batch row, ``T`` compressed tokens cost ``T*(r_k + r_v) + G*(r_k + r_v)*H*d`` elements
-instead of ``2*G*T*H*d``; tokens kept exact (first ``sink`` tokens, last ``window`` tokens, everything that
-arrives during decode) cost ``2*H*d`` per layer each. ``XKVCache.nbytes()`` measures the tensors held; the
-docs give the formula and tests check one against the other.
-
-RoPE
-----
-Keys are compressed *before* RoPE, where their low-rank structure lives (the paper's choice). Models
-hand the cache keys that are already rotated, and no positions. The cache therefore numbers the tokens
-of each batch row by their slot ``p = 0, 1, 2, ...`` in the cache, un-rotates a key by ``-p`` before the
-SVD and rotates the reconstruction by ``+p`` on read. The two rotations are inverse, so with full rank
-the round trip is exact whatever the model's true positions are. For compression quality what matters
-is that the slot differs from the model's position by a constant per row: then the un-rotated keys of
-that row are the true pre-RoPE keys times one fixed orthogonal matrix (a rotation by that constant),
-which has the same singular values and so compresses exactly as well. That holds for plain prompts
-(slot = position) and for left-padded batches (transformers gives the real tokens positions
-``slot - num_pads``). Padding tokens themselves are masked by attention and their keys only spend a
-little rank. ``pre_rope=False`` compresses the rotated keys as they come (measured in docs/xkv.md).
-
-What stays exact, and when compression happens
------------------------------------------------
-At the end of every multi-token update of a group's last layer (the prefill, or the prompt of a later
-turn on the same cache), every token of the group's exact tail that is older than the ``window`` most
-recent ones is compressed into a new *segment*, except the first ``sink`` tokens of the sequence, which
-stay exact forever. Tokens generated one at a time stay exact until the next multi-token update folds
-them in (so a conversation's earlier answers get compressed when the user's next turn arrives). Layers of
-a group that run before its last layer keep their prefill exact for the few layers until then.
-"""
+"""The xKV cache: :class:`XKVCache`, its parameters (:class:`XKVParams`) and its layers."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
-from .hooks import PatchHandle, add_hook, register_attention, set_attention_implementation, set_attribute, undo_on_failure
-from .models import text_config
-from .registry import MethodParams, Range, param, register_method
-from .ops import (SVD_METHODS, apply_rope, extend_truncated_svd, grouped_query_sdpa, rope_cos_sin, rope_inv_freq,
-                  row_blocks, tensor_nbytes, truncated_svd)
-
-Rank = int | float | None
+from ..kernels.xkv_decode import ExactPart, FactoredPart
+from ..models import text_config
+from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
+from ..registry import MethodParams, Range, param
+from .compression import (Rank, _Group, _Segment, _rope_table_dtype, default_group_size, plan_group_compression,
+                          resolve_rank)
 
 _RANK = (Range(int, low=1), Range(float, low=0.0, high=1.0, low_open=True))
 
@@ -102,27 +58,6 @@ def tail_capacity(needed: int, capacity: int) -> int:
     """Capacity (tokens) of the exact-tail buffer that must hold ``needed`` tokens and holds ``capacity``:
     ``max(needed, 1.25 * capacity)`` rounded up to a multiple of 256, so ``n`` appends cost O(n) copies."""
     return max(_round_up(max(needed, 1), _TAIL_ALIGN), _round_up(math.ceil(capacity * _TAIL_GROWTH), _TAIL_ALIGN))
-
-
-@dataclass
-class _Segment:
-    """Tokens ``[start, start + length)`` of every layer of a group, held as shared token factors."""
-
-    start: int
-    length: int
-    key_factor: torch.Tensor  # [B, length, r_k], shared by the group's layers
-    value_factor: torch.Tensor  # [B, length, r_v]
-
-
-@dataclass
-class _Group:
-    """The state a group of layers shares: its compressed segments, in token order."""
-
-    layer_indices: list[int]
-    segments: list[_Segment] = field(default_factory=list)
-
-    def nbytes(self) -> int:
-        return sum(tensor_nbytes(s.key_factor, s.value_factor) for s in self.segments)
 
 
 class XKVLayer(CacheLayerMixin):
@@ -490,12 +425,10 @@ class XKVLayer(CacheLayerMixin):
         """The layer's tokens in order as :mod:`kvcompress.kernels.xkv_decode` parts: the sinks
         (``ExactPart``), one ``FactoredPart`` per segment (with its RoPE table when ``pre_rope``), the tail
         (``tail``: the views ``update`` returned, to save two view ops per step; default: ``keys/values``)."""
-        from .kernels.xkv_decode import ExactPart, FactoredPart
-
         parts = [ExactPart(self.sink_keys, self.sink_values)]
         for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
             cos = sin = None
-            if self._cache.pre_rope:
+            if self._cache.params.pre_rope:
                 cos, sin = self._cache._segment_rope_table(segment)
             parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
         if tail is None:
@@ -518,31 +451,6 @@ class XKVLayer(CacheLayerMixin):
                              *self.key_rights, *self.value_rights, self.tail_length)
 
 
-def _rope_table_dtype(states_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the cache's RoPE tables: float16 for 16-bit states (half the bytes the fused decode's
-    key-rebuild kernel reads for them; 5e-4 relative error, finer than the bfloat16 tables stock attention
-    rotates bfloat16 keys with), float32 otherwise. Rotations are computed in float32 either way."""
-    return torch.float16 if states_dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
-def _resolve_rank(name: str, rank: Rank, width: int) -> int:
-    """Absolute rank for a group of feature width ``width``; validates the user's value."""
-    if rank is None:
-        return width
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise TypeError(f"{name} must be an int in [1, {width}], a float in (0, 1] or None, got {rank!r}")
-    if isinstance(rank, float):
-        if not 0.0 < rank <= 1.0:
-            raise ValueError(f"{name}={rank} as a fraction must be in (0, 1] (fraction of the group's width {width})")
-        return max(1, math.ceil(rank * width))
-    if not 1 <= rank <= width:
-        raise ValueError(
-            f"{name}={rank} is out of range: allowed ranks are 1..{width} (group_size * kv_heads * head_dim), "
-            "a float in (0, 1], or None for full rank"
-        )
-    return rank
-
-
 def _layer_types(cfg, num_layers: int) -> list[str]:
     """Per-layer attention types, inferred as transformers' ``DynamicCache(config=...)`` does."""
     layer_types = getattr(cfg, "layer_types", None)
@@ -553,15 +461,6 @@ def _layer_types(cfg, num_layers: int) -> list[str]:
     if getattr(cfg, "attention_chunk_size", None) is not None:
         return ["chunked_attention"] * num_layers
     return ["full_attention"] * num_layers
-
-
-def default_group_size(num_layers: int, requested: int = 4) -> int:
-    """The divisor of ``num_layers`` nearest ``requested`` (ties go to the larger group: more sharing).
-
-    SmolLM2's 30 layers give 5; Llama-3's 32 give 4.
-    """
-    divisors = [g for g in range(1, num_layers + 1) if num_layers % g == 0]
-    return min(divisors, key=lambda g: (abs(g - requested), -g))
 
 
 class XKVCache(Cache):
@@ -624,6 +523,11 @@ class XKVCache(Cache):
         max_cache_len: int | None = XKVParams.max_cache_len,
         merge_segments: bool = XKVParams.merge_segments,
     ):
+        # every model-independent rule lives in XKVParams (TypeError/ValueError naming the parameter)
+        self.params = params = XKVParams(
+            group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink, pre_rope=pre_rope,
+            min_compress_tokens=min_compress_tokens, svd_method=svd_method, max_cache_len=max_cache_len,
+            merge_segments=merge_segments)
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
             raise ValueError("XKVCache supports decoder-only models; got an encoder-decoder config")
@@ -639,24 +543,10 @@ class XKVCache(Cache):
                 f"unsupported model type {getattr(cfg, 'model_type', '?')!r}: MLA models (DeepSeek-V2/V3) already "
                 "cache a latent; use kvcompress.mla.MLALatentCache"
             )
+        self.num_layers = num_layers
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         self.value_head_dim = self.head_dim
-        for name, value in (("window", window), ("sink", sink), ("min_compress_tokens", min_compress_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "min_compress_tokens" else 0):
-                low = 1 if name == "min_compress_tokens" else 0
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name, flag in (("pre_rope", pre_rope), ("merge_segments", merge_segments)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        self.merge_segments = merge_segments
-        if svd_method not in SVD_METHODS:
-            raise ValueError(f"svd_method must be one of {list(SVD_METHODS)}, got {svd_method!r}")
-        self.svd_method = svd_method
-        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
-                                          or max_cache_len < 1):
-            raise ValueError(f"max_cache_len must be None (storage grows) or an int >= 1, got {max_cache_len!r}")
-        self._capacity = max_cache_len  # read through the max_cache_len property (transformers 5.17's Cache has one)
 
         layer_types = _layer_types(cfg, num_layers)
         allowed_types = ("full_attention", "sliding_attention", "chunked_attention")
@@ -669,25 +559,17 @@ class XKVCache(Cache):
                 f"unsupported config: all {num_layers} layers are sliding-window layers (sliding_window="
                 f"{getattr(cfg, 'sliding_window', None)}); XKVCache compresses full-attention layers only"
             )
-        if group_size is None:
-            group_size = default_group_size(len(full_layers))
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        group_size = default_group_size(len(full_layers)) if group_size is None else group_size
         if len(full_layers) % group_size:
             divisors = [g for g in range(1, len(full_layers) + 1) if len(full_layers) % g == 0]
             raise ValueError(
                 f"group_size={group_size} does not divide the {len(full_layers)} full-attention layers; "
                 f"allowed: {divisors} (or None for the divisor nearest 4)"
             )
-        width = group_size * self.num_kv_heads * self.head_dim
-        self.group_size = group_size
-        self.rank_k = _resolve_rank("rank_k", rank_k, width)
-        self.rank_v = _resolve_rank("rank_v", rank_v, group_size * self.num_kv_heads * self.value_head_dim)
-        self.window, self.sink, self.pre_rope = window, sink, pre_rope
-        self.min_compress_tokens = min_compress_tokens
-        self.params = dict(group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink,
-                           pre_rope=pre_rope, min_compress_tokens=min_compress_tokens, svd_method=svd_method,
-                           max_cache_len=max_cache_len, merge_segments=merge_segments)
+        self.group_size = group_size  # resolved (params.group_size may be None)
+        self.key_rank = resolve_rank("rank_k", rank_k, group_size * self.num_kv_heads * self.head_dim)
+        self.value_rank = resolve_rank("rank_v", rank_v, group_size * self.num_kv_heads * self.value_head_dim)
+        self._capacity = max_cache_len  # read through the max_cache_len property (transformers 5.17's Cache has one)
         self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # Static capacity: the previous sequence's tensors, by role, kept by reset() so that the next
@@ -712,6 +594,16 @@ class XKVCache(Cache):
     def max_cache_len(self) -> int | None:
         """The fixed capacity in tokens (``None``: the storage grows)."""
         return self._capacity
+
+    @property
+    def rank_k(self) -> int:
+        """The keys' resolved rank, :attr:`key_rank` (``params.rank_k`` is the value asked for)."""
+        return self.key_rank
+
+    @property
+    def rank_v(self) -> int:
+        """The values' resolved rank, :attr:`value_rank` (``params.rank_v`` is the value asked for)."""
+        return self.value_rank
 
     # -- memory ---------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -838,12 +730,6 @@ class XKVCache(Cache):
         return self._rope_table(segment.start, segment.length, segment.key_factor.device,
                                 _rope_table_dtype(segment.key_factor.dtype))
 
-    def _rope(self, keys: torch.Tensor, start: int, sign: float) -> torch.Tensor:
-        """Rotate ``keys`` ``[B, T, H, d]`` (slots ``start..start+T``) by ``sign * slot``."""
-        cos, sin = self._rope_table(start, keys.shape[1], keys.device, _rope_table_dtype(keys.dtype))
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return apply_rope(keys, cos, sin if sign > 0 else -sin)
-
     def _rebuild_into(self, segment: _Segment, key_right: torch.Tensor, value_right: torch.Tensor,
                       keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write one layer's rebuilt segment into ``keys``/``values`` (``[B, H, T, d]`` views): keys
@@ -855,7 +741,7 @@ class XKVCache(Cache):
         heads = self.num_kv_heads
         width = heads * max(self.head_dim, self.value_head_dim)
         # the segment's own table (shared with the fused decode)
-        table = self._segment_rope_table(segment) if self.pre_rope else None
+        table = self._segment_rope_table(segment) if self.params.pre_rope else None
         for a, b in row_blocks(tokens, batch * width):
             k = torch.matmul(segment.key_factor[:, a:b], key_right).view(batch, b - a, heads, self.head_dim)
             if table is not None:
@@ -864,62 +750,24 @@ class XKVCache(Cache):
             v = torch.matmul(segment.value_factor[:, a:b], value_right)
             values[:, :, a:b].copy_(v.view(batch, b - a, heads, self.value_head_dim).transpose(1, 2))
 
-    def _factors_save_memory(self, tokens: int, group_size: int) -> bool:
-        """Whether factors of ``tokens`` tokens are smaller than the exact states they replace.
-
-        A truncated rank that is a large fraction of the group's width can cost more than it saves on a
-        short segment (``T*r + G*r*H*d >= G*T*H*d``); such a segment stays exact. Full rank (``None`` for
-        both) is always factored: it exists to verify the factorisation, not to save memory.
-        """
-        if self.params["rank_k"] is None and self.params["rank_v"] is None:
-            return True
-        rank_k, rank_v = min(self.rank_k, tokens), min(self.rank_v, tokens)
-        hd = self.num_kv_heads * self.head_dim
-        factored = (rank_k + rank_v) * (tokens + group_size * hd)
-        return factored < 2 * group_size * tokens * hd
-
     def _compress_group(self, group: _Group) -> None:
-        """Move every exact tail token older than ``window`` (past the sinks) into a new segment."""
+        """Move every exact tail token older than ``window`` (past the sinks) into the group's segments."""
         layers: list[XKVLayer] = [self.layers[i] for i in group.layer_indices]  # type: ignore[misc]
         first = layers[0]
-        tail = first.keys.shape[-2]
-        if any(layer.keys.shape[-2] != tail for layer in layers):
-            raise RuntimeError("layers of an xKV group disagree on their token count")  # a bug, not user input
-        to_sink = min(max(self.sink - first.sink_keys.shape[-2], 0), tail)
-        to_compress = max(tail - to_sink - self.window, 0)
-        start = first.seq_tokens() - tail + to_sink  # slot of the first token to compress
         previous = group.segments[-1] if group.segments else None
-        # merge into the last segment when the new tokens continue it (the next chunk of a chunked prefill,
-        # a next turn): no new fixed factor cost, so only min_compress_tokens decides
-        merge = self.merge_segments and previous is not None and previous.start + previous.length == start
-        if to_compress < self.min_compress_tokens or (
-                not merge and not self._factors_save_memory(to_compress, len(layers))):
-            to_compress = 0
-        if to_sink == 0 and to_compress == 0:
+        tail = first.keys.shape[-2]
+        plan = plan_group_compression(
+            [layer.keys for layer in layers], [layer.values for layer in layers],
+            held_sinks=first.sink_keys.shape[-2], first_slot=first.seq_tokens() - tail, previous=previous,
+            previous_key_rights=[layer.key_rights[-1] for layer in layers] if previous is not None else [],
+            previous_value_rights=[layer.value_rights[-1] for layer in layers] if previous is not None else [],
+            params=self.params, key_rank=self.key_rank, value_rank=self.value_rank,
+            layer_width=self.num_kv_heads * self.head_dim,
+            rope_table=(lambda start, k: self._rope_table(start, k.shape[1], k.device, _rope_table_dtype(k.dtype)))
+            if self.params.pre_rope else None)
+        if plan is None:
             return
-        new_segment, rights = None, None
-        if to_compress:
-            chunk = slice(to_sink, to_sink + to_compress)
-            keys = [layer.keys[:, :, chunk].transpose(1, 2) for layer in layers]  # [B, T, H, d] each
-            if self.pre_rope:
-                keys = [self._rope(k, start, -1.0) for k in keys]
-            stacked_keys = torch.cat([k.flatten(2) for k in keys], dim=-1)  # [B, T, G*H*d]
-            stacked_values = torch.cat([layer.values[:, :, chunk].transpose(1, 2).flatten(2) for layer in layers], -1)
-            if merge:
-                key_factor, key_right = extend_truncated_svd(
-                    previous.key_factor, torch.cat([layer.key_rights[-1] for layer in layers], dim=-1),
-                    stacked_keys, self.rank_k, self.svd_method)
-                value_factor, value_right = extend_truncated_svd(
-                    previous.value_factor, torch.cat([layer.value_rights[-1] for layer in layers], dim=-1),
-                    stacked_values, self.rank_v, self.svd_method)
-                new_segment = _Segment(previous.start, previous.length + to_compress, key_factor, value_factor)
-            else:
-                key_factor, key_right = truncated_svd(stacked_keys, self.rank_k, self.svd_method)
-                value_factor, value_right = truncated_svd(stacked_values, self.rank_v, self.svd_method)
-                new_segment = _Segment(start, to_compress, key_factor, value_factor)
-            rights = (key_right.chunk(len(layers), dim=-1), value_right.chunk(len(layers), dim=-1))
-        else:
-            merge = False
+        to_sink, new_segment, merge = plan.to_sink, plan.segment, plan.merge
         # Everything is computed: commit to all layers at once.
         g = self.groups.index(group)
         for i, layer in enumerate(layers):
@@ -934,9 +782,9 @@ class XKVCache(Cache):
                     layer.key_rights.pop()
                     layer.value_rights.pop()
                 j = len(layer.key_rights)
-                layer.key_rights.append(self._reuse(("key_right", n, j), rights[0][i].contiguous()))
-                layer.value_rights.append(self._reuse(("value_right", n, j), rights[1][i].contiguous()))
-            layer._drop_tail_front(to_sink + to_compress)
+                layer.key_rights.append(self._reuse(("key_right", n, j), plan.key_rights[i]))
+                layer.value_rights.append(self._reuse(("value_right", n, j), plan.value_rights[i]))
+            layer._drop_tail_front(to_sink + plan.to_compress)
         if merge:
             group.segments.pop()
         if new_segment is not None:
@@ -953,7 +801,7 @@ class XKVCache(Cache):
         if new_segment is not None:
             if self.is_static and not torch.compiler.is_compiling():
                 tensors = [new_segment.key_factor, new_segment.value_factor]
-                if self.pre_rope:
+                if self.params.pre_rope:
                     tensors += self._segment_rope_table(new_segment)
                 for tensor in tensors:
                     torch._dynamo.mark_static_address(tensor)
@@ -969,7 +817,7 @@ class XKVCache(Cache):
         ``t * 2 * T_s * rotary_dim`` with ``t`` = 2 bytes (float16) for 16-bit states, else 4 (float32).
         """
         total = 0
-        if self.pre_rope:
+        if self.params.pre_rope:
             segments = self.groups[0].segments if self.groups else []
             total += sum(_rope_table_dtype(s.key_factor.dtype).itemsize * 2 * s.length * 2 * len(self._inv_freq)
                          for s in segments)
@@ -989,208 +837,3 @@ class XKVCache(Cache):
                 total += tensor_nbytes(layer.keys, layer.values)
         return total
 
-
-# -- fused decode: patch_xkv -------------------------------------------------------------------------
-XKV_ATTENTION_PREFIX = "kvcompress_xkv_"  # + the implementation it falls back to, e.g. "kvcompress_xkv_sdpa"
-_LAYER_ATTR = "_kvcompress_xkv_layer"  # set on an attention module for the duration of its forward
-_FALLBACK_ATTR = "_kvcompress_xkv_fallback"  # the attention function used when not decoding fused
-
-
-def _fallback_attention(module: torch.nn.Module, implementation: str):
-    """The attention function ``implementation`` resolves to for ``module`` (eager: its modeling file's)."""
-    import sys
-
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if implementation == "eager":
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if eager is None:
-            raise ValueError(f"{type(module).__name__}'s module has no eager_attention_forward to fall back to")
-        return eager
-    return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
-def _grouped_prefill_applies(module: torch.nn.Module, attention_mask: torch.Tensor | None, kwargs: dict) -> bool:
-    """Whether a multi-token call can take :func:`_grouped_prefill_attention` instead of the model's SDPA:
-    a GQA module whose previous implementation was ``sdpa``, a 4-D mask or none (then a plain causal square),
-    and none of the extras SDPA treats specially (softcap, position bias, attention sinks)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if getattr(module, "num_key_value_groups", 1) <= 1:
-        return False
-    if getattr(module, _FALLBACK_ATTR) is not ALL_ATTENTION_FUNCTIONS["sdpa"]:
-        return False
-    if any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks")):
-        return False
-    if kwargs.get("output_attentions"):
-        return False
-    return attention_mask is None or attention_mask.dim() == 4
-
-
-def _grouped_prefill_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
-                               kwargs: dict) -> tuple[torch.Tensor, None]:
-    """A prefill (or chunk) over an :class:`XKVLayer`: transformers' SDPA attention without its ``repeat_kv``
-    copy (:func:`kvcompress.ops.grouped_query_sdpa`); the mask and causal rules are SDPA's own."""
-    q_length, kv_length = query.shape[2], key.shape[2]
-    is_causal = kwargs.get("is_causal")
-    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    is_causal = q_length > 1 and attention_mask is None and is_causal
-    if attention_mask is not None:
-        attention_mask = attention_mask[:, :, :, :kv_length]
-    elif is_causal and kv_length != q_length:
-        # SDPA's causal mask is top-left aligned: only a square is the usual causal prefill
-        return getattr(module, _FALLBACK_ATTR)(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                               **kwargs)
-    return grouped_query_sdpa(query, key, value, attention_mask, dropout_p=dropout, is_causal=is_causal,
-                              scale=scaling), None
-
-
-def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention function registered by :func:`patch_xkv` (transformers' ``AttentionInterface`` contract).
-
-    On a decode step of an :class:`XKVLayer` with compressed segments, ``key``/``value`` are only the exact
-    tail that the layer's ``update`` returned (and recorded in ``layer.deferred``): attention then runs over
-    the layer's sinks, factored segments and tail with
-    :func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`, without rebuilding keys or values. A
-    multi-token call over an :class:`XKVLayer` (the prefill, each chunk of a chunked prefill, a next turn)
-    of an SDPA model with grouped-query attention takes transformers' SDPA path without its ``repeat_kv``
-    copy (:func:`kvcompress.ops.grouped_query_sdpa`: same mask, same kernels). Every other call (layers
-    without segments, other caches, eager models) goes to the model's previous attention implementation
-    unchanged.
-    """
-    # plain attribute reads (the patch sets both on every attention module): torch.compile traces them,
-    # where older dynamo versions cannot trace module.__dict__ methods
-    layer = getattr(module, _LAYER_ATTR, None)
-    if layer is None or layer.deferred is None or key is not layer.deferred[0]:
-        if layer is not None and query.shape[2] > 1 and _grouped_prefill_applies(module, attention_mask, kwargs):
-            return _grouped_prefill_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-        return getattr(module, _FALLBACK_ATTR)(module, query, key, value, attention_mask, dropout=dropout,
-                                               scaling=scaling, **kwargs)
-    from .kernels.xkv_decode import valid_mask_from_attention_mask, xkv_decode_attention
-
-    tail, layer.deferred = layer.deferred, None
-    if kwargs.get("softcap") is not None or dropout:
-        raise ValueError("patch_xkv's fused decode supports neither attention softcapping nor dropout; "
-                         "remove the patch (handle.remove()) for this model")
-    parts = layer.decode_parts(tail=tail)  # the tail views update() returned: no new views per step
-    total = sum(part.length for part in parts)
-    if attention_mask is not None and attention_mask.dim() == 2:  # flash-attention style [B, T] padding mask
-        valid = attention_mask[:, -total:].bool().expand(query.shape[0], total)
-    elif attention_mask is None and layer.is_static:
-        # no mask (transformers skips it when nothing is padded): a static tail's free slots must still be
-        # hidden -- tokens past the device length counter
-        valid = (torch.arange(total, device=query.device) < layer.get_seq_length()).expand(query.shape[0], total)
-    else:
-        valid = valid_mask_from_attention_mask(attention_mask, query.shape[0], total)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return xkv_decode_attention(query, parts, scale, valid), None
-
-
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Self-attention modules of a transformers decoder (they carry ``layer_idx`` and GQA grouping)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
-            and hasattr(m, "num_key_value_groups")]
-
-
-def patch_xkv(model: torch.nn.Module):
-    """Make ``model`` decode over :class:`XKVCache` factors without rebuilding keys and values.
-
-    Switches the model's attention implementation to ``"kvcompress_xkv_<previous>"`` (registered with
-    transformers' ``AttentionInterface`` and ``AttentionMaskInterface``; masks and every non-fused call stay
-    those of the previous implementation) and adds a forward pre-hook and hook on each attention module:
-    while the module runs with an ``XKVCache``, the layer's ``defer_decode`` is set, so a one-token update
-    returns only the exact tail and :func:`xkv_attention_forward` attends over the factors
-    (:func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`: Triton on CUDA, PyTorch otherwise). The
-    prefill over an ``XKVCache`` (SDPA models) attends without repeating keys and values per query head,
-    which at long chunked prefills is most of the peak memory (docs/performance.md). Other caches and
-    unpatched models run exactly as before.
-
-    Returns:
-        a :class:`kvcompress.patch.PatchHandle`; ``remove()`` (or leaving ``with``) restores the previous
-        implementation and removes the hooks.
-
-    Raises:
-        TypeError: ``model`` is not a transformers model with ``set_attn_implementation``.
-        ValueError: no attention modules found, or the model is already patched by ``patch_xkv``.
-    """
-    config = getattr(model, "config", None)
-    if config is None or not callable(getattr(model, "set_attn_implementation", None)):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    previous = config._attn_implementation or "sdpa"
-    if previous.startswith(XKV_ATTENTION_PREFIX):
-        raise ValueError(f"model is already patched by patch_xkv (attention implementation {previous!r}); "
-                         "remove that handle first")
-    if previous not in ("sdpa", "eager"):
-        # flash/flex attention take other mask formats (and transformers treats names containing theirs
-        # specially): only the two dense implementations are wrapped.
-        raise ValueError(f"patch_xkv supports models whose attention implementation is 'sdpa' or 'eager', got "
-                         f"{previous!r}; load the model with attn_implementation='sdpa'")
-    modules = _attention_modules(model)
-    if not modules:
-        raise ValueError(f"no attention modules with layer_idx found in {type(model).__name__}")
-    name = XKV_ATTENTION_PREFIX + previous
-    fallbacks = [_fallback_attention(module, previous) for module in modules]  # raises before any change
-
-    handle = PatchHandle(model, description=f"xkv fused decode on {type(model).__name__}")
-    with undo_on_failure(handle):
-        register_attention(name, xkv_attention_forward, previous, handle)
-        def pre_hook(module, args, kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if isinstance(cache, XKVCache) and module.layer_idx < len(cache.layers):
-                layer = cache.layers[module.layer_idx]
-                if isinstance(layer, XKVLayer):
-                    layer.defer_decode, layer.deferred = True, None
-                    setattr(module, _LAYER_ATTR, layer)
-
-        def post_hook(module, args, kwargs, output):
-            # always_call: also after an exception, so a layer never stays deferred for an unpatched reader
-            layer = getattr(module, _LAYER_ATTR, None)
-            if layer is not None:
-                setattr(module, _LAYER_ATTR, None)
-                layer.defer_decode, layer.deferred = False, None
-                pending, layer.compress_pending = layer.compress_pending, False
-                if pending and output is not None:
-                    # the group's compression, left by update() until the attention's rebuilt keys and
-                    # values are freed (after a failed forward the tokens stay exact: the next
-                    # multi-token update compresses them)
-                    layer._cache._compress_group(layer.group)
-
-        for module, fallback in zip(modules, fallbacks):
-            set_attribute(module, _FALLBACK_ATTR, fallback, handle)
-            set_attribute(module, _LAYER_ATTR, None, handle)  # the active layer while the module runs
-            add_hook(module.register_forward_pre_hook(pre_hook, with_kwargs=True), handle)
-            add_hook(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True), handle)
-        set_attention_implementation(model, name, handle)
-    return handle
-
-
-# -- the registered method ---------------------------------------------------------------------------
-
-
-def _install_xkv(model, handle: PatchHandle, **params) -> None:
-    """Fused decode (``patch_xkv``) where the model's attention allows it; elsewhere (flash/flex attention)
-    the cache still works unpatched, rebuilding keys and values each step, so patching must not fail."""
-    import warnings
-
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    if implementation not in ("sdpa", "eager"):
-        warnings.warn(f"xkv: attention implementation {implementation!r} has no fused decode path; the cache "
-                      "rebuilds keys and values each step (load the model with attn_implementation='sdpa' for it)",
-                      stacklevel=3)
-        return
-    handle.add_undo(patch_xkv(model).remove)
-
-
-register_method(
-    "xkv",
-    summary="cross-layer SVD: adjacent layers share one low-rank token factor (xKV)",
-    build=XKVCache,
-    params=XKVParams,
-    families=("llama", "qwen2", "mistral"),
-    install=_install_xkv,
-    cache_class="kvcompress.xkv.XKVCache",
-    doc="docs/xkv.md",
-)
