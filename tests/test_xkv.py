@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import pytest
 import torch
@@ -535,14 +536,14 @@ def test_patched_chunked_prefill_never_repeats_keys_and_values(monkeypatch):
         handle = patch_xkv(model) if patched else None
         cache = XKVCache(model.config, **kw)
         compressions = []
-        original_compress = cache._compress_group
+        original_compress = cache.compress
 
-        def recording(group, cache=cache, compressions=compressions, original=original_compress):
-            last = cache.layers[group.layer_indices[-1]]
-            compressions.append(last.compress_pending)  # False: called from update; True: from the hook
-            original(group)
+        def recording(layer_idx, compressions=compressions, original=original_compress):
+            # who asked: the layer's update (unpatched) or the patch's forward wrapper after the attention
+            compressions.append(sys._getframe(1).f_code.co_name)
+            original(layer_idx)
 
-        cache._compress_group = recording
+        cache.compress = recording
         try:
             runs.append((generate(model, ids, mask, cache, prefill_chunk_size=32), len(repeats), cache,
                          compressions))
@@ -553,7 +554,8 @@ def test_patched_chunked_prefill_never_repeats_keys_and_values(monkeypatch):
     assert ref_repeats > 0 and out_repeats == 0
     assert_same_generation(ref, out)
     assert len(ref_calls) == len(out_calls) == 3 * len(out_cache.groups)  # 96 + 80 tokens: 3 chunks of 32
-    assert not any(ref_calls) and all(not layer.compress_pending for layer in out_cache.layers)
+    assert set(ref_calls) == {"update"} and set(out_calls) == {"_attention_forward"}
+    assert all(layer.context is None for layer in out_cache.layers)
     for a, b in zip(ref_cache.groups, out_cache.groups):
         assert len(a.segments) == len(b.segments) == 1
         assert torch.equal(a.segments[0].key_factor, b.segments[0].key_factor)
@@ -586,7 +588,7 @@ def test_patched_prefill_that_fails_leaves_no_pending_compression(monkeypatch):
         with pytest.raises(RuntimeError, match="simulated"):
             generate(model, ids, mask, cache)
         assert len(calls) == 2 and cache.layers[1].get_seq_length() == ids.shape[1]  # updated, then failed
-        assert all(not layer.compress_pending for layer in cache.layers)
+        assert all(layer.context is None for layer in cache.layers)
         assert all(not group.segments for group in cache.groups)
         monkeypatch.setattr(xkv_module, "grouped_query_sdpa", original)
         cache.reset()

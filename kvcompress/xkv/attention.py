@@ -9,14 +9,25 @@ import warnings
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..hooks import PatchHandle, add_hook, register_attention, set_attention_implementation, set_attribute, undo_on_failure
+from ..hooks import (PatchHandle, register_attention, set_attention_implementation, set_attribute, undo_on_failure,
+                     wrap_forward)
 from ..kernels.xkv_decode import valid_mask_from_attention_mask, xkv_decode_attention
+from ..models import text_config
 from ..ops import grouped_query_sdpa
 from .cache import XKVCache, XKVLayer
 
 # -- fused decode: patch_xkv -------------------------------------------------------------------------
 XKV_ATTENTION_PREFIX = "kvcompress_xkv_"  # + the implementation it falls back to, e.g. "kvcompress_xkv_sdpa"
-_LAYER_ATTR = "_kvcompress_xkv_layer"  # set on an attention module for the duration of its forward
+_SLOT_ATTR = "_kvcompress_xkv_slot"  # an attention module's _ForwardSlot (set by the patch)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class _ForwardSlot:
+    """Where the attention function finds the :class:`~kvcompress.xkv.cache.ForwardContext` of the forward
+    running on its module (``None`` outside a forward over an ``XKVLayer``)."""
+
+    def __init__(self):
+        self.context = None
 _FALLBACK_ATTR = "_kvcompress_xkv_fallback"  # the attention function used when not decoding fused
 
 
@@ -70,7 +81,7 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     """Attention function registered by :func:`patch_xkv` (transformers' ``AttentionInterface`` contract).
 
     On a decode step of an :class:`XKVLayer` with compressed segments, ``key``/``value`` are only the exact
-    tail that the layer's ``update`` returned (and recorded in ``layer.deferred``): attention then runs over
+    tail that the layer's ``update`` returned (and recorded in the forward's context, ``context.tail``): attention then runs over
     the layer's sinks, factored segments and tail with
     :func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`, without rebuilding keys or values. A
     multi-token call over an :class:`XKVLayer` (the prefill, each chunk of a chunked prefill, a next turn)
@@ -81,13 +92,15 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     """
     # plain attribute reads (the patch sets both on every attention module): torch.compile traces them,
     # where older dynamo versions cannot trace module.__dict__ methods
-    layer = getattr(module, _LAYER_ATTR, None)
-    if layer is None or layer.deferred is None or key is not layer.deferred[0]:
-        if layer is not None and query.shape[2] > 1 and _grouped_prefill_applies(module, attention_mask, kwargs):
+    slot = getattr(module, _SLOT_ATTR, None)
+    context = None if slot is None else slot.context
+    if context is None or context.tail is None:
+        if context is not None and query.shape[2] > 1 and _grouped_prefill_applies(module, attention_mask, kwargs):
             return _grouped_prefill_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs)
         return getattr(module, _FALLBACK_ATTR)(module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
-    tail, layer.deferred = layer.deferred, None
+    layer, tail = context.layer, context.tail
+    context.tail = None  # consumed: one attention call per update
     if kwargs.get("softcap") is not None or dropout:
         raise ValueError("patch_xkv's fused decode supports neither attention softcapping nor dropout; "
                          "remove the patch (handle.remove()) for this model")
@@ -111,30 +124,88 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
             and hasattr(m, "num_key_value_groups")]
 
 
+def _cache_argument(args: tuple, kwargs: dict):
+    """The cache an attention module's forward was given (``cache=`` on recent transformers,
+    ``past_key_values=`` on older ones; always a keyword in the decoder layers' calls)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def _attention_forward(module: torch.nn.Module, original, *args, **kwargs):
+    """An attention module's forward under :func:`patch_xkv`: over an ``XKVLayer``, the forward runs inside
+    the layer's :class:`~kvcompress.xkv.cache.ForwardContext` (closed in ``finally``, so also after
+    ``KeyboardInterrupt``), then the group's compression its update left due runs, once the attention's
+    rebuilt keys and values are freed."""
+    cache = _cache_argument(args, kwargs)
+    if not isinstance(cache, XKVCache):
+        return original(*args, **kwargs)
+    cache.check_model_layers(getattr(module, _MODEL_LAYERS_ATTR))
+    layer = cache.layers[module.layer_idx]
+    if not isinstance(layer, XKVLayer):  # a stock sliding-window layer
+        return original(*args, **kwargs)
+    slot = getattr(module, _SLOT_ATTR)
+    context = layer.open_forward()
+    slot.context = context
+    try:
+        output = original(*args, **kwargs)
+    finally:
+        slot.context = None
+        layer.close_forward(context)
+    if context.compression_due:
+        cache.compress(layer.layer_idx)
+    return output
+
+
+def _model_forward(model: torch.nn.Module, original, *args, **kwargs):
+    """The patched decoder's forward: a forward over an ``XKVCache`` that raises anything (also
+    ``KeyboardInterrupt``) after some layer took its tokens leaves the cache refusing further use (until
+    ``reset()``) instead of holding a step that no caller saw."""
+    cache = _cache_argument(args, kwargs)
+    if not isinstance(cache, XKVCache) or torch.compiler.is_compiling():
+        return original(*args, **kwargs)
+    before = cache.seq_tokens()
+    try:
+        return original(*args, **kwargs)
+    except BaseException as error:
+        if cache.seq_tokens() != before:
+            cache.refuse(f"a forward stopped part-way ({type(error).__name__}) after some layers took its tokens")
+        raise
+
+
+_MODEL_LAYERS_ATTR = "_kvcompress_xkv_model_layers"  # the patched model's layer count, on each attention module
+
+
 def patch_xkv(model: torch.nn.Module):
     """Make ``model`` decode over :class:`XKVCache` factors without rebuilding keys and values.
 
     Switches the model's attention implementation to ``"kvcompress_xkv_<previous>"`` (registered with
     transformers' ``AttentionInterface`` and ``AttentionMaskInterface``; masks and every non-fused call stay
-    those of the previous implementation) and adds a forward pre-hook and hook on each attention module:
-    while the module runs with an ``XKVCache``, the layer's ``defer_decode`` is set, so a one-token update
-    returns only the exact tail and :func:`xkv_attention_forward` attends over the factors
+    those of the previous implementation) and wraps each attention module's forward: while the module runs
+    with an ``XKVCache``, a :class:`~kvcompress.xkv.cache.ForwardContext` is open on its layer, so a
+    one-token update returns only the exact tail and :func:`xkv_attention_forward` attends over the factors
     (:func:`kvcompress.kernels.xkv_decode.xkv_decode_attention`: Triton on CUDA, PyTorch otherwise). The
     prefill over an ``XKVCache`` (SDPA models) attends without repeating keys and values per query head,
-    which at long chunked prefills is most of the peak memory (docs/performance.md). Other caches and
-    unpatched models run exactly as before.
+    which at long chunked prefills is most of the peak memory (docs/performance.md). The model's own forward
+    (its decoder's) is wrapped so that a forward failing part-way leaves the cache refusing further use (until ``reset()``),
+    and a cache built for another number of layers is refused before it is written. Other caches run
+    exactly as before.
 
     Returns:
         a :class:`kvcompress.patch.PatchHandle`; ``remove()`` (or leaving ``with``) restores the previous
-        implementation and removes the hooks.
+        implementation and the forwards.
 
     Raises:
         TypeError: ``model`` is not a transformers model with ``set_attn_implementation``.
-        ValueError: no attention modules found, or the model is already patched by ``patch_xkv``.
+        ValueError: the model type is not one of ``SUPPORTED_MODEL_TYPES``, no attention modules found, or
+            the model is already patched by ``patch_xkv``.
     """
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(model, "set_attn_implementation", None)):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    model_type = getattr(text_config(config), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"patch_xkv does not support model_type={model_type!r}; supported model types: "
+                         f"{list(SUPPORTED_MODEL_TYPES)}")
     previous = config._attn_implementation or "sdpa"
     if previous.startswith(XKV_ATTENTION_PREFIX):
         raise ValueError(f"model is already patched by patch_xkv (attention implementation {previous!r}); "
@@ -147,42 +218,25 @@ def patch_xkv(model: torch.nn.Module):
     modules = _attention_modules(model)
     if not modules:
         raise ValueError(f"no attention modules with layer_idx found in {type(model).__name__}")
+    model_layers = max(module.layer_idx for module in modules) + 1
     name = XKV_ATTENTION_PREFIX + previous
     fallbacks = [_fallback_attention(module, previous) for module in modules]  # raises before any change
 
     handle = PatchHandle(model, description=f"xkv fused decode on {type(model).__name__}")
     with undo_on_failure(handle):
         register_attention(name, xkv_attention_forward, previous, handle)
-        def pre_hook(module, args, kwargs):
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            if isinstance(cache, XKVCache) and module.layer_idx < len(cache.layers):
-                layer = cache.layers[module.layer_idx]
-                if isinstance(layer, XKVLayer):
-                    layer.defer_decode, layer.deferred = True, None
-                    setattr(module, _LAYER_ATTR, layer)
-
-        def post_hook(module, args, kwargs, output):
-            # always_call: also after an exception, so a layer never stays deferred for an unpatched reader
-            layer = getattr(module, _LAYER_ATTR, None)
-            if layer is not None:
-                setattr(module, _LAYER_ATTR, None)
-                layer.defer_decode, layer.deferred = False, None
-                pending, layer.compress_pending = layer.compress_pending, False
-                if pending and output is not None:
-                    # the group's compression, left by update() until the attention's rebuilt keys and
-                    # values are freed (after a failed forward the tokens stay exact: the next
-                    # multi-token update compresses them)
-                    layer._cache._compress_group(layer.group)
-
         for module, fallback in zip(modules, fallbacks):
             set_attribute(module, _FALLBACK_ATTR, fallback, handle)
-            set_attribute(module, _LAYER_ATTR, None, handle)  # the active layer while the module runs
-            add_hook(module.register_forward_pre_hook(pre_hook, with_kwargs=True), handle)
-            add_hook(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True), handle)
+            set_attribute(module, _SLOT_ATTR, _ForwardSlot(), handle)
+            set_attribute(module, _MODEL_LAYERS_ATTR, model_layers, handle)
+            wrap_forward(module, _attention_forward, handle)
+        # the decoder's forward, not the model's: generate() reads the model's forward signature
+        wrap_forward(getattr(model, getattr(model, "base_model_prefix", ""), model), _model_forward, handle)
         set_attention_implementation(model, name, handle)
     return handle
 
 
+# -- the registered method ---------------------------------------------------------------------------
 
 
 def _install_xkv(model, handle: PatchHandle, **params) -> None:

@@ -13,6 +13,7 @@ from ..kernels.xkv_decode import ExactPart, FactoredPart
 from ..models import text_config
 from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
 from ..registry import MethodParams, Range, param
+from ..storage import GROWTH_FACTOR, GROWTH_GRANULE, stock_crop_length
 from .compression import (Rank, _Group, _Segment, _rope_table_dtype, default_group_size, plan_group_compression,
                           resolve_rank)
 
@@ -44,10 +45,13 @@ class XKVParams(MethodParams):
                                  "segment by an incremental SVD instead of starting a new one", Range(bool))
 
 
-# The exact tail lives in a preallocated buffer that grows geometrically, so appending a decoded token is
-# one in-place write (amortised O(1)) instead of a torch.cat that copies the whole tail every step.
-_TAIL_ALIGN = 256  # capacities are multiples of this many tokens
-_TAIL_GROWTH = 1.25
+# The exact tail lives in a preallocated buffer that grows geometrically (kvcompress.storage's factor), so
+# appending a decoded token is one in-place write (amortised O(1)) instead of a torch.cat of the whole tail.
+# Its first allocation is proportional to the tokens it must hold, not storage.grown_capacity's extra
+# 256-token granule: after a compression the tail holds ~window tokens, and a 256-token buffer per layer
+# next to them made a 300-token XKVCache reserve more bytes than DynamicCache holds (SmolLM2's shapes,
+# default parameters: tests/test_xkv_reliability.py).
+_TAIL_ALIGN = 16  # capacities are multiples of this many tokens
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -55,9 +59,30 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def tail_capacity(needed: int, capacity: int) -> int:
-    """Capacity (tokens) of the exact-tail buffer that must hold ``needed`` tokens and holds ``capacity``:
-    ``max(needed, 1.25 * capacity)`` rounded up to a multiple of 256, so ``n`` appends cost O(n) copies."""
-    return max(_round_up(max(needed, 1), _TAIL_ALIGN), _round_up(math.ceil(capacity * _TAIL_GROWTH), _TAIL_ALIGN))
+    """Capacity (tokens) of an exact-tail buffer that must hold ``needed`` tokens and holds ``capacity``.
+
+    First allocation (``capacity == 0``): ``needed`` plus an eighth of it (at least 16 tokens, at most
+    256) of room for decoded tokens. Later: ``max(needed, 1.25 * capacity)``, so ``n`` appends cost
+    ``O(n)`` copies. Always a multiple of 16.
+    """
+    if capacity == 0:
+        room = min(max(needed // 8, _TAIL_ALIGN), GROWTH_GRANULE)
+        return _round_up(max(needed, 0) + room, _TAIL_ALIGN)
+    return _round_up(max(needed, math.ceil(GROWTH_FACTOR * capacity)), _TAIL_ALIGN)
+
+
+class ForwardContext:
+    """What one patched attention forward over an :class:`XKVLayer` exchanges with the layer's ``update``.
+
+    ``tail``: the exact tail a one-token update returned instead of whole keys and values (the attention
+    function then attends over the factors), ``None`` otherwise; ``compression_due``: a multi-token update
+    of the group's last layer left the group's compression to the caller (:meth:`XKVCache.compress`).
+    """
+
+    def __init__(self, layer: "XKVLayer"):
+        self.layer = layer
+        self.tail: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.compression_due = False
 
 
 class XKVLayer(CacheLayerMixin):
@@ -72,13 +97,13 @@ class XKVLayer(CacheLayerMixin):
     grows geometrically (:func:`tail_capacity`); ``nbytes()`` counts the ``t`` valid tokens,
     ``reserved_nbytes()`` the allocated storage.
 
-    Fused decode (:func:`kvcompress.xkv.patch_xkv`): while ``defer_decode`` is set (by the patch's hook on
-    the attention module, for the duration of its forward), a one-token update of a layer that has
-    compressed segments returns only the exact tail and records it in ``deferred``; the patched attention
-    function then reads the factors through :meth:`decode_parts` instead of rebuilt keys and values. A
-    multi-token update of the group's last layer then also leaves the group's compression to the patch's
-    hook after the attention (``compress_pending``), so the rebuilt keys and values returned for that
-    attention are freed before the factorisation's own buffers are allocated.
+    Fused decode (:func:`kvcompress.xkv.patch_xkv`): the patch opens a :class:`ForwardContext` on the layer
+    for the duration of each attention forward (:meth:`open_forward` / :meth:`close_forward`, in
+    ``try/finally``). While one is open, a one-token update of a layer that has compressed segments returns
+    only the exact tail (recorded in ``context.tail`` for the attention function, which reads the factors
+    through :meth:`decode_parts`), and a multi-token update of the group's last layer leaves the group's
+    compression to the patch (``context.compression_due``; it calls :meth:`XKVCache.compress` after the
+    attention), so the rebuilt keys and values are freed before the factorisation allocates its own buffers.
     """
 
     is_sliding = False
@@ -97,9 +122,7 @@ class XKVLayer(CacheLayerMixin):
         self.sink_values: torch.Tensor | None = None
         self.key_rights: list[torch.Tensor] = []  # one [B, r_k, H*d] per segment of the group
         self.value_rights: list[torch.Tensor] = []
-        self.defer_decode = False
-        self.deferred: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.compress_pending = False
+        self.context: ForwardContext | None = None  # open while a patched attention forward runs
         # Static capacity (XKVCache(max_cache_len=N)): sinks + compressed tokens + tail capacity == N at all
         # times, the tail's valid length is the device counter ``tail_length`` (host mirror ``_tail_len``,
         # None after compiled steps: re-read once, one sync, by the next eager access).
@@ -234,7 +257,7 @@ class XKVLayer(CacheLayerMixin):
             self.tail_length.fill_(remaining)
             self._mark_static()
             return
-        capacity = tail_capacity(remaining + 1, 0)
+        capacity = tail_capacity(remaining, 0)
         new_keys = remaining_keys.new_empty(*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1])
         new_values = remaining_values.new_empty(*remaining_values.shape[:2], capacity, remaining_values.shape[-1])
         new_keys[..., :remaining, :].copy_(remaining_keys)
@@ -303,8 +326,8 @@ class XKVLayer(CacheLayerMixin):
         compressed after the full keys/values to return have been built: the prefill itself attends
         over exact states, as in the paper.
 
-        With ``defer_decode`` set (fused decode, see the class docstring), a one-token update of a layer
-        with compressed segments returns the exact tail only and records it in ``deferred``.
+        With a :class:`ForwardContext` open (fused decode, see the class docstring), a one-token update of a
+        layer with compressed segments returns the exact tail only and records it in ``context.tail``.
         """
         self.check_states(key_states, value_states)
         if not self.is_initialized:
@@ -316,16 +339,16 @@ class XKVLayer(CacheLayerMixin):
                 "a multi-token update of an XKVCache compresses its group, which cannot run inside "
                 "torch.compile; compile decode steps only (generate() does: its prefill runs eager)")
         self._append_tail(key_states, value_states)
-        self.deferred = None
-        if self.defer_decode and not multi_token and self.key_rights:
+        context = self.context
+        if context is not None and not multi_token and self.key_rights:
             # static: the whole tail buffer (stale slots masked), so shapes never change between steps
-            self.deferred = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
-            return self.deferred
+            context.tail = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
+            return context.tail
         full_keys, full_values = self.full_states()
-        if compresses and self.defer_decode:
-            self.compress_pending = True  # patch_xkv's hook compresses once the attention is done
+        if compresses and context is not None:
+            context.compression_due = True  # the patch compresses once the attention is done
         elif compresses:
-            self._cache._compress_group(self.group)
+            self._cache.compress(self.layer_idx)
         return full_keys, full_values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -356,18 +379,35 @@ class XKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_rights, self.value_rights = [], []
-        self.deferred = None
-        self.compress_pending = False
+        self.context = None
         self.tail_length = None
         self.is_initialized = False
 
+    def crop_length(self, tokens_to_remove: int) -> int:
+        """The token count ``crop(tokens_to_remove)`` leaves: ``DynamicLayer.crop``'s rule on the installed
+        transformers (:func:`kvcompress.storage.stock_crop_length`), or its error. Raises ``ValueError`` when
+        that would cut into compressed tokens, which have no exact copy to cut."""
+        held = self.seq_tokens()
+        length = stock_crop_length(held, tokens_to_remove)
+        compressed = self._compressed_tokens()
+        if compressed and length < self.sink_keys.shape[-2] + compressed:
+            exact = held - self.sink_keys.shape[-2] - compressed
+            raise ValueError(
+                f"cannot crop({tokens_to_remove}): layer {self.layer_idx} would keep {length} of its {held} "
+                f"tokens, but only its last {exact} are exact; the {compressed} before them are compressed "
+                f"into factors shared by the group and cannot be cut (allowed: crop(-1)..crop(-{exact}))")
+        return length
+
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tokens; only exact tail tokens can be dropped."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        if tokens_to_remove == 0 or not self.is_initialized:
+        """Drop tokens as ``DynamicLayer.crop`` does (see :meth:`crop_length`); the tail keeps its capacity."""
+        length = self.crop_length(tokens_to_remove)
+        if not self.is_initialized:
             return
-        self._tail_len = max(self._valid_tail() + tokens_to_remove, 0)  # the buffer keeps its capacity
+        sinks = self.sink_keys.shape[-2]
+        if length < sinks:  # nothing compressed: the sinks are exact too
+            self.sink_keys, self.sink_values = self.sink_keys[..., :length, :], self.sink_values[..., :length, :]
+            sinks = length
+        self._tail_len = length - sinks - self._compressed_tokens()
         if self.is_static:
             self.tail_length.fill_(self._tail_len)
 
@@ -391,6 +431,18 @@ class XKVLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
+
+    # -- the patched attention forward ---------------------------------------------------------------
+    def open_forward(self) -> "ForwardContext":
+        """Open the context of one patched attention forward over this layer (see the class docstring); the
+        caller must :meth:`close_forward` it in ``finally``."""
+        self.context = ForwardContext(self)
+        return self.context
+
+    def close_forward(self, context: "ForwardContext") -> None:
+        """Close ``context`` (idempotent): later updates return whole keys and values again."""
+        if self.context is context:
+            self.context = None
 
     # -- xKV -----------------------------------------------------------------------------------------
     def full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -589,6 +641,8 @@ class XKVCache(Cache):
                 else:
                     layers[i] = StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window_size)
         super().__init__(layers=layers)
+        self._full_layers = full_layers  # the XKVLayers, in the order a forward updates them
+        self._refused: str | None = None  # why the cache refuses further updates (None: usable)
 
     @property
     def max_cache_len(self) -> int | None:
@@ -604,6 +658,69 @@ class XKVCache(Cache):
     def rank_v(self) -> int:
         """The values' resolved rank, :attr:`value_rank` (``params.rank_v`` is the value asked for)."""
         return self.value_rank
+
+    # -- consistency: a forward that stopped part-way must not go unnoticed ----------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Cache.update``, refusing (before anything is written) a layer this cache does not have, and
+        layers that disagree on their token count (a previous forward stopped part-way, or the model has
+        fewer layers than the cache): continuing would attend over misaligned tokens silently."""
+        self._check_usable()
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+            if any(getattr(layer, "is_initialized", False) for layer in self.layers):
+                self._refused = f"layer_idx={layer_idx} arrived after layers 0..{len(self.layers) - 1} were written"
+            raise ValueError(
+                f"layer_idx={layer_idx} is out of range: this XKVCache was built for {len(self.layers)} layers "
+                f"(allowed: 0..{len(self.layers) - 1}); build it from the model's own config")
+        layer = self.layers[layer_idx]
+        if isinstance(layer, XKVLayer) and not torch.compiler.is_compiling():
+            layer.check_states(key_states, value_states)
+            self._check_step_order(layer, key_states.shape[-2])
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _known_tokens(self, layer_idx: int) -> int | None:
+        layer = self.layers[layer_idx]
+        if layer.is_initialized and layer.is_static and layer._tail_len is None:
+            return None  # only the device knows (compiled steps ran): not worth a sync here
+        return layer.seq_tokens()
+
+    def _check_step_order(self, layer: "XKVLayer", new: int) -> None:
+        """Layer ``i`` of a forward holds as many tokens as the layer before it did before this forward (the
+        first one: as many as the last layer holds)."""
+        order = self._full_layers
+        position = order.index(layer.layer_idx)
+        held = self._known_tokens(layer.layer_idx)
+        other = order[-1] if position == 0 else order[position - 1]
+        reference = self._known_tokens(other)
+        if held is None or reference is None or held == (reference if position == 0 else reference - new):
+            return
+        counts = [self._known_tokens(i) for i in order]
+        k = next(i for i in range(1, len(order)) if counts[i] != counts[0])
+        self._refused = (
+            f"its layers disagree: layers {order[0]}..{order[k - 1]} hold {counts[0]} tokens, layer {order[k]} "
+            f"holds {counts[k]}; either a forward stopped part-way (an exception inside the model) or the model "
+            f"has {order[k]} layers where this cache was built for {self.num_layers} layers")
+        self._check_usable()
+
+    def _check_usable(self) -> None:
+        if self._refused is not None:
+            raise RuntimeError(f"this XKVCache cannot be used: {self._refused}. Call reset() to start a new "
+                               "sequence with it (or build a new cache from the model's config)")
+
+    def refuse(self, reason: str) -> None:
+        """Refuse every further update (and compression) until :meth:`reset`, with ``reason`` in the error."""
+        self._refused = reason
+
+    def check_model_layers(self, num_layers: int) -> None:
+        """Raise ``ValueError`` unless the model about to use this cache has the cache's number of layers
+        (called by :func:`~kvcompress.xkv.patch_xkv` before any layer is written)."""
+        if num_layers != self.num_layers:
+            raise ValueError(f"this XKVCache was built for {self.num_layers} layers but the model has {num_layers} "
+                             "layers; build it from the model's config (XKVCache(model.config, ...))")
+
+    def seq_tokens(self) -> list[int]:
+        """Tokens held by each full-attention layer, as Python ints (static: one sync after compiled steps)."""
+        return [self.layers[i].seq_tokens() for i in self._full_layers]
 
     # -- memory ---------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -651,16 +768,13 @@ class XKVCache(Cache):
         self._map_group_factors(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` tokens of every layer. Only exact (tail) tokens can be
-        dropped; asking for more raises before anything changes."""
-        if tokens_to_remove < 0:
-            for layer in self.layers:
-                if isinstance(layer, XKVLayer) and layer.is_initialized and -tokens_to_remove > layer.keys.shape[-2]:
-                    raise ValueError(
-                        f"cannot crop {-tokens_to_remove} tokens: layer {layer.layer_idx} keeps only "
-                        f"{layer.keys.shape[-2]} exact tokens, the rest is compressed and cannot be cut; allowed: "
-                        f"0..{layer.keys.shape[-2]}"
-                    )
+        """Drop tokens of every layer exactly as ``DynamicCache.crop`` does (same arguments, same lengths,
+        same errors on the installed transformers). Only exact tokens can be cut: asking to cut into
+        compressed ones raises ``ValueError`` naming why, before anything changes."""
+        self._check_usable()
+        for layer in self.layers:
+            if isinstance(layer, XKVLayer):
+                layer.crop_length(tokens_to_remove)  # raises before any layer changes
         super().crop(tokens_to_remove)
 
     def reset(self) -> None:
@@ -682,6 +796,7 @@ class XKVCache(Cache):
             for key, (cos, sin) in self._rope_tables.items():
                 kept[("cos", *key)], kept[("sin", *key)] = cos, sin
         super().reset()
+        self._refused = None
         self._kept_storage = kept
         self._rope_tables.clear()
         for group in self.groups:
@@ -750,8 +865,19 @@ class XKVCache(Cache):
             v = torch.matmul(segment.value_factor[:, a:b], value_right)
             values[:, :, a:b].copy_(v.view(batch, b - a, heads, self.value_head_dim).transpose(1, 2))
 
+    def compress(self, layer_idx: int) -> None:
+        """Compress the group of layer ``layer_idx`` now: every exact tail token older than ``window`` (past
+        the sinks) goes into the group's segments. A multi-token update of a group's last layer does this
+        itself, unless a patched attention forward is running (then the patch calls this after the attention).
+        """
+        self._check_usable()
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, XKVLayer):
+            raise ValueError(f"layer {layer_idx} of this XKVCache is a {type(layer).__name__}; only full-attention "
+                             f"layers are compressed (allowed: {[i for g in self.groups for i in g.layer_indices]})")
+        self._compress_group(layer.group)
+
     def _compress_group(self, group: _Group) -> None:
-        """Move every exact tail token older than ``window`` (past the sinks) into the group's segments."""
         layers: list[XKVLayer] = [self.layers[i] for i in group.layer_indices]  # type: ignore[misc]
         first = layers[0]
         previous = group.segments[-1] if group.segments else None
