@@ -1,7 +1,10 @@
 """XKVCache against DynamicCache where the two must agree: crop's arguments and results, the memory held
-(reserved_nbytes) next to the reported saving, and the model types patch_xkv accepts."""
+(reserved_nbytes) next to the reported saving, rank-deficient prompts, and the model types patch_xkv
+accepts."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -107,3 +110,50 @@ def test_patch_xkv_refuses_unsupported_model_types(family):
     with pytest.raises(ValueError, match=rf"model_type='{family}'.*\['llama', 'qwen2', 'mistral'\]"):
         patch_xkv(model)
     assert model.config._attn_implementation == implementation
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_repeated_token_prompt_full_rank_matches_dynamic_cache(patched):
+    """One token repeated (the group's keys and values nearly rank-deficient): finite logits and
+    DynamicCache's greedy tokens at full rank, growable and static, unpatched and patched."""
+    model = tiny_model("llama")
+    ids = torch.full((1, 48), 37)
+    kw = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+
+    def greedy(cache):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                  max_new_tokens=6, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True, pad_token_id=0)
+
+    stock = greedy(DynamicCache(config=model.config))
+    growable, static = XKVCache(model.config, **kw), XKVCache(model.config, max_cache_len=64, **kw)
+    with patch_xkv(model) if patched else contextlib.nullcontext():
+        outs = [greedy(growable), greedy(static)]
+    for out in outs:
+        assert all(torch.isfinite(s).all() for s in out.scores)
+        assert torch.equal(out.sequences, stock.sequences)
+    assert growable.nbytes() == growable.expected_nbytes()
+
+
+def test_exactly_rank_deficient_segment_keeps_only_nonzero_components():
+    """States of one repeated row (rank 1): a growable cache keeps one component per factor (nbytes says so
+    and equals the formula) and rebuilds the states; a static cache keeps the rank's shapes (zeros
+    included) and rebuilds the same states."""
+    config = tiny_config("llama")
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    row_k, row_v = torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim)
+    keys, values = row_k.expand(1, heads, 40, dim).contiguous(), row_v.expand(1, heads, 40, dim).contiguous()
+    kw = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1, pre_rope=False)
+    growable, static = XKVCache(config, **kw), XKVCache(config, max_cache_len=48, **kw)
+    for cache in (growable, static):
+        for layer in range(config.num_hidden_layers):
+            cache.update(keys, values, layer)
+    for group in growable.groups:
+        assert group.segments[0].key_factor.shape[-1] == group.segments[0].value_factor.shape[-1] == 1
+    assert all(g.segments[0].key_factor.shape[-1] == g.segments[0].length for g in static.groups)  # 34 < width
+    assert growable.nbytes() == growable.expected_nbytes() < static.nbytes() == static.expected_nbytes()
+    for cache in (growable, static):
+        rebuilt_k, rebuilt_v = cache.layers[1].full_states()
+        torch.testing.assert_close(rebuilt_k[:, :, :40], keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rebuilt_v[:, :, :40], values, atol=1e-5, rtol=1e-5)

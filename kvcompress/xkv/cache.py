@@ -890,7 +890,7 @@ class XKVCache(Cache):
             params=self.params, key_rank=self.key_rank, value_rank=self.value_rank,
             layer_width=self.num_kv_heads * self.head_dim,
             rope_table=(lambda start, k: self._rope_table(start, k.shape[1], k.device, _rope_table_dtype(k.dtype)))
-            if self.params.pre_rope else None)
+            if self.params.pre_rope else None, drop_zero_components=not self.is_static)
         if plan is None:
             return
         to_sink, new_segment, merge = plan.to_sink, plan.segment, plan.merge

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops import apply_rope, extend_truncated_svd, tensor_nbytes, truncated_svd
+from ..ops import apply_rope, extend_truncated_svd, nonzero_components, tensor_nbytes, truncated_svd
 
 Rank = int | float | None
 
@@ -102,6 +102,7 @@ def plan_group_compression(
     previous: _Segment | None, previous_key_rights: list[torch.Tensor], previous_value_rights: list[torch.Tensor],
     params, key_rank: int, value_rank: int, layer_width: int,
     rope_table: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+    drop_zero_components: bool = True,
 ) -> GroupCompression | None:
     """Factorise what a group's exact tails (``[B, H, t, d]``, one per layer, in order) owe: every tail token
     older than ``params.window`` past the sinks (``held_sinks`` held, ``params.sink`` wanted).
@@ -109,7 +110,10 @@ def plan_group_compression(
     ``first_slot`` is the slot of the tails' first token; ``previous`` the group's last segment (merged into
     when ``params.merge_segments`` and the new tokens continue it, with the layers' ``previous_*_rights``);
     ``rope_table(start, keys)`` gives the cos/sin of slots ``start..`` for ``keys`` when keys are compressed
-    before RoPE (``None``: as rotated). Returns ``None`` when nothing is due. Changes nothing.
+    before RoPE (``None``: as rotated). ``drop_zero_components``: a factorisation of rank-deficient tokens
+    (a prompt of one repeated token) has exact zero components beyond the numerical rank; drop them (the
+    memory then says so) instead of keeping the rank's fixed shapes (static caches keep them). Returns
+    ``None`` when nothing is due. Changes nothing.
     """
     tail = tail_keys[0].shape[-2]
     if any(k.shape[-2] != tail for k in tail_keys):
@@ -147,6 +151,12 @@ def plan_group_compression(
         key_factor, key_right = truncated_svd(stacked_keys, key_rank, params.svd_method)
         value_factor, value_right = truncated_svd(stacked_values, value_rank, params.svd_method)
         segment = _Segment(start, to_compress, key_factor, value_factor)
+    if drop_zero_components:
+        key_rank = max(nonzero_components(key_factor, key_right), 1)
+        value_rank = max(nonzero_components(value_factor, value_right), 1)
+        segment.key_factor, key_right = segment.key_factor[..., :key_rank].contiguous(), key_right[:, :key_rank]
+        segment.value_factor = segment.value_factor[..., :value_rank].contiguous()
+        value_right = value_right[:, :value_rank]
     return GroupCompression(to_sink, to_compress, merge, segment,
                             [r.contiguous() for r in key_right.chunk(group_size, dim=-1)],
                             [r.contiguous() for r in value_right.chunk(group_size, dim=-1)])
