@@ -134,7 +134,7 @@ def test_sliding_window_layers_stay_stock():
     cache = full_rank_cache(config, group_size=2)
     out = generate(model, ids, mask, cache)
     assert_same_generation(ref, out)
-    assert [type(layer).__name__ for layer in cache.layers] == ["XKVLayer", "XKVLayer",
+    assert [type(layer).__name__ for layer in cache.layers] == ["GrowableXKVLayer", "GrowableXKVLayer",
                                                                  "DynamicSlidingWindowLayer",
                                                                  "DynamicSlidingWindowLayer"]
 

@@ -46,12 +46,13 @@ a group that run before its last layer keep their prefill exact for the few laye
 from __future__ import annotations
 
 from ..registry import register_method
-from .attention import XKV_ATTENTION_PREFIX, _install_xkv, patch_xkv, xkv_attention_forward
-from .cache import XKVCache, XKVLayer, XKVParams, tail_capacity
+from .attention import SUPPORTED_MODEL_TYPES, XKV_ATTENTION_PREFIX, _install_xkv, patch_xkv, xkv_attention_forward
+from .cache import ForwardContext, GrowableXKVLayer, StaticXKVLayer, XKVCache, XKVLayer, XKVParams, tail_capacity
 from .compression import Rank, _rope_table_dtype, default_group_size
 
-__all__ = ["XKVCache", "XKVLayer", "XKVParams", "XKV_ATTENTION_PREFIX", "Rank", "default_group_size", "patch_xkv",
-           "xkv_attention_forward"]
+__all__ = ["XKVCache", "XKVLayer", "GrowableXKVLayer", "StaticXKVLayer", "ForwardContext", "XKVParams",
+           "XKV_ATTENTION_PREFIX", "SUPPORTED_MODEL_TYPES", "Rank", "default_group_size", "patch_xkv",
+           "xkv_attention_forward", "tail_capacity"]
 
 register_method(
     "xkv",

@@ -93,9 +93,11 @@ class XKVLayer(CacheLayerMixin):
     (``[B, H, t, d]``). ``update`` returns the whole sequence's keys and values for attention, the
     compressed part rebuilt from the factors.
 
-    The tail is a view of the first ``t`` tokens of a preallocated buffer (``[B, H, capacity, d]``) that
-    grows geometrically (:func:`tail_capacity`); ``nbytes()`` counts the ``t`` valid tokens,
-    ``reserved_nbytes()`` the allocated storage.
+    The tail is a view of the first ``t`` tokens of a preallocated buffer (``[B, H, capacity, d]``):
+    :class:`GrowableXKVLayer` grows it geometrically (:func:`tail_capacity`), :class:`StaticXKVLayer` keeps
+    sinks + compressed tokens + its capacity at ``max_cache_len``; the cache picks one from
+    ``max_cache_len``. ``nbytes()`` counts the ``t`` valid tokens, ``reserved_nbytes()`` the allocated
+    storage.
 
     Fused decode (:func:`kvcompress.xkv.patch_xkv`): the patch opens a :class:`ForwardContext` on the layer
     for the duration of each attention forward (:meth:`open_forward` / :meth:`close_forward`, in
@@ -107,6 +109,7 @@ class XKVLayer(CacheLayerMixin):
     """
 
     is_sliding = False
+    is_static = False  # StaticXKVLayer: fixed capacity
     is_compileable = False
     # crop can drop exact tail tokens but cannot undo a compression: transformers' assisted decoding,
     # which needs a full rollback, refuses this cache with its own clear error.
@@ -127,23 +130,35 @@ class XKVLayer(CacheLayerMixin):
         # times, the tail's valid length is the device counter ``tail_length`` (host mirror ``_tail_len``,
         # None after compiled steps: re-read once, one sync, by the next eager access).
         self.tail_length: torch.Tensor | None = None
-        if self.is_static:
-            self.is_compileable = True
 
     @property
     def max_cache_len(self) -> int | None:
         """The cache's fixed capacity (``None``: the tail grows)."""
         return self._cache.max_cache_len
 
-    @property
-    def is_static(self) -> bool:
-        return self._cache.is_static
-
     def _valid_tail(self) -> int:
-        """Valid tail tokens as a Python int (static: one host sync after compiled steps)."""
-        if self._tail_len is None:
-            self._tail_len = int(self.tail_length)
+        """Valid tail tokens as a Python int."""
         return self._tail_len
+
+    def _attention_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tail as attention reads it (growable: the valid tokens; static: the whole buffer)."""
+        return self.keys, self.values
+
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _allocate_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _drop_tail_front(self, count: int) -> None:
+        """Forget the first ``count`` tail tokens (moved to the sinks or a segment)."""
+        raise NotImplementedError
+
+    def _tail_length_changed(self) -> None:
+        """``_tail_len`` was set on the host (crop): static layers copy it to their device counter."""
+
+    def _mark_static(self) -> None:
+        """Static layers: tell torch.compile the tensors the layer reads have fixed addresses."""
 
     # -- the exact tail: a growable buffer, ``keys``/``values`` are views of its valid part -----------
     @property
@@ -182,105 +197,13 @@ class XKVLayer(CacheLayerMixin):
         new_values[..., : self._tail_len, :].copy_(values)
         self._key_buffer, self._value_buffer = new_keys, new_values
 
-    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self.is_static:
-            self._append_static(key_states, value_states)
-            return
-        needed = self._tail_len + key_states.shape[-2]
-        if needed > self.tail_capacity():
-            self._reallocate_tail(tail_capacity(needed, self.tail_capacity()))
-        self._key_buffer[..., self._tail_len : needed, :].copy_(key_states)
-        self._value_buffer[..., self._tail_len : needed, :].copy_(value_states)
-        self._tail_len = needed
-
-    def _append_static(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Static capacity: write the new tokens in place at the device counter (StaticLayer's recipe, so a
-        compiled step has no Python-int length to guard on), checking overflow where that costs no sync."""
-        new = key_states.shape[-2]
-        if torch.compiler.is_compiling():
-            positions = self.tail_length + torch.arange(new, device=key_states.device)
-            self._key_buffer.index_copy_(2, positions, key_states)
-            self._value_buffer.index_copy_(2, positions, value_states)
-            self.tail_length.add_(new)
-            self._tail_len = None
-            return
-        seen = self._valid_tail()
-        if seen + new > self.tail_capacity():
-            held = self.max_cache_len - self.tail_capacity() + seen
-            raise ValueError(
-                f"layer {self.layer_idx}: {held} cached + {new} new tokens do not fit max_cache_len="
-                f"{self.max_cache_len}; build the XKVCache with a larger max_cache_len (or None to grow)")
-        self._key_buffer[..., seen : seen + new, :].copy_(key_states)
-        self._value_buffer[..., seen : seen + new, :].copy_(value_states)
-        self.tail_length.fill_(seen + new)
-        self._tail_len = seen + new
-
-    def _zeros(self, role: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """Zeros on the layer's device for static storage: the previous sequence's tensor of ``role`` when it
-        fits (:meth:`XKVCache._kept`), else a new one."""
-        kept = self._cache._kept((role, self.layer_idx), shape, dtype, self.device)
-        return kept.zero_() if kept is not None else torch.zeros(shape, dtype=dtype, device=self.device)
-
-    def _static_storage(self) -> dict[tuple, torch.Tensor]:
-        """The tensors a compiled decode step reads from this layer, by role (static capacity): what
-        :meth:`_mark_static` marks and what ``XKVCache.reset`` keeps for the next sequence."""
-        i = self.layer_idx
-        storage = {("tail_keys", i): self._key_buffer, ("tail_values", i): self._value_buffer,
-                   ("tail_length", i): self.tail_length, ("sink_keys", i): self.sink_keys,
-                   ("sink_values", i): self.sink_values}
-        storage.update({("key_right", i, j): t for j, t in enumerate(self.key_rights)})
-        storage.update({("value_right", i, j): t for j, t in enumerate(self.value_rights)})
-        return storage
-
-    def _mark_static(self) -> None:
-        """Tell torch.compile the tensors this layer reads have fixed addresses (CUDA graphs then read them
-        in place instead of copying them into the graph's inputs at every replay). Eager only."""
-        if self.is_static and not torch.compiler.is_compiling():
-            for tensor in self._static_storage().values():
-                torch._dynamo.mark_static_address(tensor)
-
-    def _drop_tail_front(self, count: int) -> None:
-        """Forget the first ``count`` tail tokens (moved to the sinks or a segment); the buffer is rebuilt at a
-        small capacity, which also frees the prefill's storage once it is compressed. Static capacity: the
-        buffer shrinks by ``count``, so sinks + compressed + tail capacity stay ``max_cache_len``."""
-        remaining_keys, remaining_values = self.keys[..., count:, :], self.values[..., count:, :]
-        remaining = remaining_keys.shape[-2]
-        if self.is_static:
-            capacity = self.tail_capacity() - count
-            new_keys = self._zeros("tail_keys", (*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1]),
-                                   remaining_keys.dtype)
-            new_values = self._zeros("tail_values", (*remaining_values.shape[:2], capacity, remaining_values.shape[-1]),
-                                     remaining_values.dtype)
-            new_keys[..., :remaining, :].copy_(remaining_keys)
-            new_values[..., :remaining, :].copy_(remaining_values)
-            self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
-            self.tail_length.fill_(remaining)
-            self._mark_static()
-            return
-        capacity = tail_capacity(remaining, 0)
-        new_keys = remaining_keys.new_empty(*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1])
-        new_values = remaining_values.new_empty(*remaining_values.shape[:2], capacity, remaining_values.shape[-1])
-        new_keys[..., :remaining, :].copy_(remaining_keys)
-        new_values[..., :remaining, :].copy_(remaining_values)
-        self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
-
     # -- the cache_utils contract -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = key_states.shape[0]
         empty = key_states[..., :0, :]
         self.sink_keys, self.sink_values = empty.clone(), value_states[..., :0, :].clone()
-        if self.is_static:  # the whole capacity at once; zeros: stale slots are masked but must not be NaN
-            shape = (*key_states.shape[:2], self.max_cache_len)
-            self.sink_keys = self._cache._reuse(("sink_keys", self.layer_idx), self.sink_keys)
-            self.sink_values = self._cache._reuse(("sink_values", self.layer_idx), self.sink_values)
-            self._key_buffer = self._zeros("tail_keys", (*shape, key_states.shape[-1]), key_states.dtype)
-            self._value_buffer = self._zeros("tail_values", (*shape, value_states.shape[-1]), value_states.dtype)
-            self._tail_len = 0
-            self.tail_length = self._zeros("tail_length", (), torch.long)
-            self._mark_static()
-        else:
-            self.keys, self.values = empty.clone(), value_states[..., :0, :].clone()  # capacity 0: grows on append
+        self._allocate_tail(key_states, value_states)
         self.is_initialized = True
 
     def check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -342,7 +265,7 @@ class XKVLayer(CacheLayerMixin):
         context = self.context
         if context is not None and not multi_token and self.key_rights:
             # static: the whole tail buffer (stale slots masked), so shapes never change between steps
-            context.tail = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
+            context.tail = self._attention_tail()
             return context.tail
         full_keys, full_values = self.full_states()
         if compresses and context is not None:
@@ -351,30 +274,14 @@ class XKVLayer(CacheLayerMixin):
             self._cache.compress(self.layer_idx)
         return full_keys, full_values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.is_static:  # update returns the whole capacity (StaticLayer's contract)
-            return self.max_cache_len, 0
-        return self.get_seq_length() + query_length, 0
-
     def _compressed_tokens(self) -> int:
         return sum(s.length for s in self.group.segments[: len(self.key_rights)])
-
-    def get_seq_length(self) -> int | torch.Tensor:
-        """Tokens held. Static capacity: a 0-d device tensor (as ``StaticLayer``: no sync, no recompiles)."""
-        if not self.is_initialized:
-            return 0
-        if self.is_static:
-            return self.tail_length + (self.sink_keys.shape[-2] + self._compressed_tokens())
-        return self.sink_keys.shape[-2] + self._compressed_tokens() + self.keys.shape[-2]
 
     def seq_tokens(self) -> int:
         """Tokens held, as a Python int (static capacity: one host sync after compiled steps)."""
         if not self.is_initialized:
             return 0
         return self.sink_keys.shape[-2] + self._compressed_tokens() + self._valid_tail()
-
-    def get_max_length(self) -> int:
-        return self.max_cache_len if self.is_static else -1
 
     def reset(self) -> None:
         self.keys = self.values = self.sink_keys = self.sink_values = None
@@ -408,8 +315,7 @@ class XKVLayer(CacheLayerMixin):
             self.sink_keys, self.sink_values = self.sink_keys[..., :length, :], self.sink_values[..., :length, :]
             sinks = length
         self._tail_len = length - sinks - self._compressed_tokens()
-        if self.is_static:
-            self.tail_length.fill_(self._tail_len)
+        self._tail_length_changed()
 
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
@@ -453,7 +359,7 @@ class XKVLayer(CacheLayerMixin):
         (:meth:`XKVCache._rebuild_into`): the transient memory is the returned tensors plus a few MiB, not
         the rebuilt segments, their float32 RoPE temporaries and a concatenated copy (at 32K tokens that
         was about 2.5x the returned tensors' size, most of a chunked prefill's peak)."""
-        tail_keys, tail_values = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
+        tail_keys, tail_values = self._attention_tail()
         if not self.key_rights and self.sink_keys.shape[-2] == 0:
             return tail_keys, tail_values
         exact = [(self.sink_keys, self.sink_values), (tail_keys, tail_values)]
@@ -484,7 +390,7 @@ class XKVLayer(CacheLayerMixin):
                 cos, sin = self._cache._segment_rope_table(segment)
             parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
         if tail is None:
-            tail = (self._key_buffer, self._value_buffer) if self.is_static else (self.keys, self.values)
+            tail = self._attention_tail()
         parts.append(ExactPart(*tail))
         return parts
 
@@ -501,6 +407,157 @@ class XKVLayer(CacheLayerMixin):
             return 0
         return tensor_nbytes(self._key_buffer, self._value_buffer, self.sink_keys, self.sink_values,
                              *self.key_rights, *self.value_rights, self.tail_length)
+
+
+class GrowableXKVLayer(XKVLayer):
+    """An :class:`XKVLayer` whose exact tail grows (``XKVCache(max_cache_len=None)``, ``DynamicLayer``
+    semantics): its valid length is a Python int and ``update`` returns the valid tokens only."""
+
+    is_static = False
+    is_compileable = False
+
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        needed = self._tail_len + key_states.shape[-2]
+        if needed > self.tail_capacity():
+            self._reallocate_tail(tail_capacity(needed, self.tail_capacity()))
+        self._key_buffer[..., self._tail_len : needed, :].copy_(key_states)
+        self._value_buffer[..., self._tail_len : needed, :].copy_(value_states)
+        self._tail_len = needed
+
+    def _allocate_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.keys, self.values = key_states[..., :0, :].clone(), value_states[..., :0, :].clone()  # grows on append
+
+    def _drop_tail_front(self, count: int) -> None:
+        """Forget the first ``count`` tail tokens (moved to the sinks or a segment); the buffer is rebuilt at
+        a capacity proportional to what remains, which also frees the prefill's storage once compressed."""
+        remaining_keys, remaining_values = self.keys[..., count:, :], self.values[..., count:, :]
+        remaining = remaining_keys.shape[-2]
+        capacity = tail_capacity(remaining, 0)
+        new_keys = remaining_keys.new_empty(*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1])
+        new_values = remaining_values.new_empty(*remaining_values.shape[:2], capacity, remaining_values.shape[-1])
+        new_keys[..., :remaining, :].copy_(remaining_keys)
+        new_values[..., :remaining, :].copy_(remaining_values)
+        self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens held."""
+        if not self.is_initialized:
+            return 0
+        return self.sink_keys.shape[-2] + self._compressed_tokens() + self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class StaticXKVLayer(XKVLayer):
+    """An :class:`XKVLayer` of fixed capacity (``XKVCache(max_cache_len=N)``, ``StaticLayer`` semantics):
+    sinks + compressed tokens + tail capacity == N at all times, the tail's valid length is the device
+    counter ``tail_length`` (host mirror ``_tail_len``, ``None`` after compiled steps: re-read once, one
+    sync, by the next eager access), and ``update`` returns the whole capacity, so a compiled decode step
+    has the same shapes every step."""
+
+    is_static = True
+    is_compileable = True
+
+    def _valid_tail(self) -> int:
+        """Valid tail tokens as a Python int (one host sync after compiled steps)."""
+        if self._tail_len is None:
+            self._tail_len = int(self.tail_length)
+        return self._tail_len
+
+    def _attention_tail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._key_buffer, self._value_buffer  # the whole buffer: stale slots are masked
+
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Static capacity: write the new tokens in place at the device counter (StaticLayer's recipe, so a
+        compiled step has no Python-int length to guard on), checking overflow where that costs no sync."""
+        new = key_states.shape[-2]
+        if torch.compiler.is_compiling():
+            positions = self.tail_length + torch.arange(new, device=key_states.device)
+            self._key_buffer.index_copy_(2, positions, key_states)
+            self._value_buffer.index_copy_(2, positions, value_states)
+            self.tail_length.add_(new)
+            self._tail_len = None
+            return
+        seen = self._valid_tail()
+        if seen + new > self.tail_capacity():
+            held = self.max_cache_len - self.tail_capacity() + seen
+            raise ValueError(
+                f"layer {self.layer_idx}: {held} cached + {new} new tokens do not fit max_cache_len="
+                f"{self.max_cache_len}; build the XKVCache with a larger max_cache_len (or None to grow)")
+        self._key_buffer[..., seen : seen + new, :].copy_(key_states)
+        self._value_buffer[..., seen : seen + new, :].copy_(value_states)
+        self.tail_length.fill_(seen + new)
+        self._tail_len = seen + new
+
+    def _allocate_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # the whole capacity at once; zeros: stale slots are masked but must not be NaN
+        shape = (*key_states.shape[:2], self.max_cache_len)
+        self.sink_keys = self._cache._reuse(("sink_keys", self.layer_idx), self.sink_keys)
+        self.sink_values = self._cache._reuse(("sink_values", self.layer_idx), self.sink_values)
+        self._key_buffer = self._zeros("tail_keys", (*shape, key_states.shape[-1]), key_states.dtype)
+        self._value_buffer = self._zeros("tail_values", (*shape, value_states.shape[-1]), value_states.dtype)
+        self._tail_len = 0
+        self.tail_length = self._zeros("tail_length", (), torch.long)
+        self._mark_static()
+
+    def _drop_tail_front(self, count: int) -> None:
+        """Forget the first ``count`` tail tokens (moved to the sinks or a segment): the buffer shrinks by
+        ``count``, so sinks + compressed + tail capacity stay ``max_cache_len``."""
+        remaining_keys, remaining_values = self.keys[..., count:, :], self.values[..., count:, :]
+        remaining = remaining_keys.shape[-2]
+        capacity = self.tail_capacity() - count
+        new_keys = self._zeros("tail_keys", (*remaining_keys.shape[:2], capacity, remaining_keys.shape[-1]),
+                               remaining_keys.dtype)
+        new_values = self._zeros("tail_values", (*remaining_values.shape[:2], capacity, remaining_values.shape[-1]),
+                                 remaining_values.dtype)
+        new_keys[..., :remaining, :].copy_(remaining_keys)
+        new_values[..., :remaining, :].copy_(remaining_values)
+        self._key_buffer, self._value_buffer, self._tail_len = new_keys, new_values, remaining
+        self.tail_length.fill_(remaining)
+        self._mark_static()
+
+    def _tail_length_changed(self) -> None:
+        self.tail_length.fill_(self._tail_len)
+
+    def _zeros(self, role: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Zeros on the layer's device for static storage: the previous sequence's tensor of ``role`` when it
+        fits (:meth:`XKVCache._kept`), else a new one."""
+        kept = self._cache._kept((role, self.layer_idx), shape, dtype, self.device)
+        return kept.zero_() if kept is not None else torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def _static_storage(self) -> dict[tuple, torch.Tensor]:
+        """The tensors a compiled decode step reads from this layer, by role (static capacity): what
+        :meth:`_mark_static` marks and what ``XKVCache.reset`` keeps for the next sequence."""
+        i = self.layer_idx
+        storage = {("tail_keys", i): self._key_buffer, ("tail_values", i): self._value_buffer,
+                   ("tail_length", i): self.tail_length, ("sink_keys", i): self.sink_keys,
+                   ("sink_values", i): self.sink_values}
+        storage.update({("key_right", i, j): t for j, t in enumerate(self.key_rights)})
+        storage.update({("value_right", i, j): t for j, t in enumerate(self.value_rights)})
+        return storage
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile the tensors this layer reads have fixed addresses (CUDA graphs then read them
+        in place instead of copying them into the graph's inputs at every replay). Eager only."""
+        if not torch.compiler.is_compiling():
+            for tensor in self._static_storage().values():
+                torch._dynamo.mark_static_address(tensor)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0  # update returns the whole capacity (StaticLayer's contract)
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        """Tokens held: a 0-d device tensor (as ``StaticLayer``: no sync, no recompiles)."""
+        if not self.is_initialized:
+            return 0
+        return self.tail_length + (self.sink_keys.shape[-2] + self._compressed_tokens())
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
 
 
 def _layer_types(cfg, num_layers: int) -> list[str]:
@@ -628,11 +685,12 @@ class XKVCache(Cache):
         # sequence writes into the same storage (see _kept / _reuse)
         self._kept_storage: dict[tuple, torch.Tensor] = {}
 
+        layer_class = GrowableXKVLayer if max_cache_len is None else StaticXKVLayer
         self.groups = [_Group(full_layers[i : i + group_size]) for i in range(0, len(full_layers), group_size)]
         layers: list[CacheLayerMixin] = [None] * num_layers  # type: ignore[list-item]
         for group in self.groups:
             for position, layer_idx in enumerate(group.layer_indices):
-                layers[layer_idx] = XKVLayer(self, layer_idx, group, position)
+                layers[layer_idx] = layer_class(self, layer_idx, group, position)
         for i, layer_type in enumerate(layer_types):
             if layer_type != "full_attention":
                 window_size = cfg.sliding_window if layer_type == "sliding_attention" else cfg.attention_chunk_size
