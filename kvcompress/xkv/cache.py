@@ -44,6 +44,12 @@ class XKVParams(MethodParams):
     merge_segments: bool = param(True, "later compressions (prefill chunks, next turns) extend the last "
                                  "segment by an incremental SVD instead of starting a new one", Range(bool))
 
+    def __getitem__(self, name: str):
+        """``params["window"]``: the parameter's value (``XKVCache.params`` used to be a dict)."""
+        if name not in type(self).defaults():
+            raise KeyError(f"{name!r} is not an xkv parameter; allowed: {list(type(self).defaults())}")
+        return getattr(self, name)
+
 
 # The exact tail lives in a preallocated buffer that grows geometrically (kvcompress.storage's factor), so
 # appending a decoded token is one in-place write (amortised O(1)) instead of a torch.cat of the whole tail.
