@@ -4,6 +4,7 @@ storage, and patched generation (``patch_xkv``) against the unpatched materialis
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -20,6 +21,7 @@ from kvcompress.kernels import xkv_decode
 from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention, xkv_decode_attention_reference
 from kvcompress.ops import rope_cos_sin
 from kvcompress.xkv import XKVCache, XKVLayer, _rope_table_dtype, patch_xkv, tail_capacity
+from kvcompress.xkv import attention as xkv_attention
 
 TESTS = Path(__file__).resolve().parent
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -176,7 +178,7 @@ import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 sys.path[:0] = [{tests!r}, {root!r}]
 import torch
-from kvcompress.kernels import xkv_decode
+from kvcompress.kernels import configure_kernels, xkv_decode
 from test_kernels_xkv import CASES, OP_BOUNDS, count_ops_and_launches, make_case, rel_err, patched_generation_matches
 tma_calls = [0]
 _tma_usable = xkv_decode._tma_usable
@@ -192,7 +194,7 @@ for name, (layout, _, _) in OP_BOUNDS.items():
         ops, launches = count_ops_and_launches(lambda: xkv_decode.xkv_decode_attention(
             query, parts, scaling, valid if masked else None, use_triton=True))
         counts[name + ("_masked" if masked else "")] = dict(ops=dict(ops), launches=launches)
-xkv_decode._POISON_BUFFERS = True
+configure_kernels(poison_buffers=True)
 errors = {{}}
 for name, case in CASES.items():
     query, parts, scaling, valid = make_case(**case, seed=3)
@@ -200,13 +202,13 @@ for name, case in CASES.items():
     out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
     errors[name] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
 for block_t, block_r in ((256, 64), (128, 32)):  # the autotuner's large token tiles (T < BLOCK_T included)
-    xkv_decode._SCORES_FIXED = dict(BLOCK_T=block_t, BLOCK_R=block_r, num_warps=8, num_stages=2)
+    configure_kernels(xkv_scores_config=dict(BLOCK_T=block_t, BLOCK_R=block_r, num_warps=8, num_stages=2))
     for name in ("gqa4_pad_two_segments", "gqa8_no_rope_three_segments"):
         query, parts, scaling, valid = make_case(**dict(CASES[name], layout=("e3", "f300", "f37", "e9")), seed=6)
         ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
         out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
         errors[f"{{name}}_tile{{block_t}}"] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
-xkv_decode._SCORES_FIXED = None
+configure_kernels(xkv_scores_config=None)
 query, parts, scaling, valid = make_case(seed=3)
 valid[1] = False  # a row that attends to nothing: 0, as the reference
 out = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
@@ -263,34 +265,56 @@ def test_triton_interpreter_matches_reference_fp32(tma):
 @pytest.mark.parametrize("tma", [False, True])
 def test_gpu_kernel_matches_reference(dtype, tol, shape, tma, monkeypatch):
     # kernel 1's tensor-descriptor loads (the default on sm_90+; elsewhere the pointer path runs either way)
-    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "1" if tma else "0")
     query, parts, scaling, valid = make_case(**shape, dtype=dtype, device="cuda", seed=5)
     ref = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
-    xkv_decode._POISON_BUFFERS = True
-    try:
+    with configure_kernels(xkv_tma="on" if tma else "off", poison_buffers=True):
         out = xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
-    finally:
-        xkv_decode._POISON_BUFFERS = False
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert rel_err(out, ref) <= tol
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-def test_tma_switch_modes_and_layout_rules(monkeypatch):
-    """KVCOMPRESS_XKV_TMA: default 'auto' is CUDA sm_90+ only (so off for CPU tensors), '1' forces it where
-    the layout allows, '0' never; a misaligned stride falls back to the pointer loads; a typo is an error
-    naming the variable and its allowed values."""
+def test_tma_switch_modes_and_layout_rules():
+    """xkv_tma: 'auto' is CUDA sm_90+ only (so off for CPU tensors), 'on' forces it where the layout allows,
+    'off' never; a misaligned stride falls back to the pointer loads."""
     factor, right = torch.zeros(2, 64, 32), torch.zeros(2, 32, 16)
-    monkeypatch.delenv("KVCOMPRESS_XKV_TMA", raising=False)
-    assert not xkv_decode._tma_usable(factor, right)
-    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "0")
-    assert not xkv_decode._tma_usable(factor, right)
-    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "1")
-    assert xkv_decode._tma_usable(factor, right) == (xkv_decode.TensorDescriptor is not None)
-    assert not xkv_decode._tma_usable(torch.zeros(2, 64, 33)[..., :32], right)  # row stride of 33 floats
-    monkeypatch.setenv("KVCOMPRESS_XKV_TMA", "yes")
+    with configure_kernels(xkv_tma="auto"):
+        assert not xkv_decode._tma_usable(factor, right)
+    with configure_kernels(xkv_tma="off"):
+        assert not xkv_decode._tma_usable(factor, right)
+    with configure_kernels(xkv_tma="on"):
+        assert xkv_decode._tma_usable(factor, right) == (xkv_decode.TensorDescriptor is not None)
+        assert not xkv_decode._tma_usable(torch.zeros(2, 64, 33)[..., :32], right)  # row stride of 33 floats
+
+
+def test_kernel_options_from_environment_and_configure():
+    """The environment gives the defaults (a typo names the variable and its allowed values);
+    configure_kernels changes the one options object the kernels read and restores it as a context."""
+    from kvcompress import kernels
+
+    env = {"KVCOMPRESS_XKV_TMA": "1", "KVCOMPRESS_XKV_AUTOTUNE": "0", "KVCOMPRESS_DISABLE_TRITON": "1"}
+    assert kernels.options_from_environment(env) == kernels.KernelOptions(
+        disable_triton=True, xkv_tma="on", xkv_autotune=False)
+    assert kernels.options_from_environment({}) == kernels.KernelOptions()
     with pytest.raises(ValueError, match="KVCOMPRESS_XKV_TMA.*'auto'.*'0'.*'1'"):
-        xkv_decode._tma_usable(factor, right)
+        kernels.options_from_environment({"KVCOMPRESS_XKV_TMA": "yes"})
+    for name in ("KVCOMPRESS_XKV_AUTOTUNE", "KVCOMPRESS_DISABLE_TRITON"):
+        with pytest.raises(ValueError, match=f"{name}='maybe'.*'0' and '1'"):
+            kernels.options_from_environment({name: "maybe"})
+    before = kernels.kernel_options()
+    with kernels.configure_kernels(disable_triton=True, xkv_tma="off") as options:
+        assert options is kernels.kernel_options() and options.disable_triton and options.xkv_tma == "off"
+        assert not kernels.triton_usable(torch.zeros(1))
+    assert kernels.kernel_options() is before
+    previous = kernels.configure_kernels(xkv_autotune=not before.xkv_autotune)
+    assert previous.xkv_autotune == before.xkv_autotune and kernels.kernel_options().xkv_autotune != before.xkv_autotune
+    kernels.configure_kernels(**dataclasses.asdict(before))
+    assert kernels.kernel_options() == before
+    with pytest.raises(TypeError, match="unknown option.*'xkv_tmaa'.*allowed"):
+        kernels.configure_kernels(xkv_tmaa="on")
+    with pytest.raises(ValueError, match="xkv_tma='1'.*'auto', 'on', 'off'"):
+        kernels.configure_kernels(xkv_tma="1")
+    assert kernels.kernel_options() == before
 
 
 _TMA_FALLBACK_SCRIPT = r"""
@@ -298,7 +322,7 @@ import json, os, sys, warnings
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path[:0] = [{tests!r}, {root!r}]
 import torch
-from kvcompress.kernels import xkv_decode
+from kvcompress.kernels import configure_kernels, xkv_decode
 from test_kernels_xkv import make_case, rel_err
 real_launch, attempts = xkv_decode._launch, []
 def launch(kernel, grid, *args, **kwargs):  # a Triton whose TMA lowering fails: the TMA launch raises
@@ -310,7 +334,7 @@ xkv_decode._launch = launch
 result = {{}}
 query, parts, scaling, valid = make_case(seed=3)
 ref = xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
-os.environ["KVCOMPRESS_XKV_TMA"] = "1"  # forced: the failure is an error
+configure_kernels(xkv_tma="on")  # forced: the failure is an error
 try:
     xkv_decode.xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
     result["forced_raised"] = False
@@ -318,7 +342,7 @@ except RuntimeError as error:
     result["forced_raised"] = "no TMA lowering" in str(error)
 result["failures_after_forced"] = len(xkv_decode._TMA_FAILURE)
 # auto, with TMA made usable on these CPU tensors (as on an sm_90 GPU): warn once, then pointer loads
-xkv_decode._tma_mode = lambda: "auto"
+configure_kernels(xkv_tma="auto")
 xkv_decode._tma_usable = lambda kf, kr: not xkv_decode._TMA_FAILURE
 attempts.clear()
 with warnings.catch_warnings(record=True) as caught:
@@ -349,10 +373,12 @@ def test_tma_failure_falls_back_to_pointer_loads_with_one_warning():
 
 # -- growable exact tail --------------------------------------------------------------------------
 def test_tail_capacity_policy():
-    assert tail_capacity(1, 0) == 256 and tail_capacity(256, 0) == 256 and tail_capacity(257, 0) == 512
-    assert tail_capacity(257, 256) == 512  # 1.25 * 256 = 320, rounded up to 512
-    assert tail_capacity(1200, 1024) == 1280  # 1.25 * 1024 = 1280 is already a multiple of 256
-    assert tail_capacity(5000, 1024) == 5120  # the need wins when larger
+    # first allocation: the need plus an eighth of it (16..256 tokens of room), in multiples of 16
+    assert tail_capacity(1, 0) == 32 and tail_capacity(64, 0) == 80 and tail_capacity(256, 0) == 288
+    assert tail_capacity(4096, 0) == 4096 + 256  # the room stops at one storage granule
+    assert tail_capacity(257, 256) == 320  # later: 1.25x the capacity
+    assert tail_capacity(1200, 1024) == 1280
+    assert tail_capacity(5000, 1024) == 5008  # the need wins when larger
 
 
 def _layer_states(cache, idx=0):
@@ -366,24 +392,26 @@ def test_tail_grows_geometrically_in_place_and_reports_valid_bytes():
     g = torch.Generator().manual_seed(0)
     states = lambda n: (torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g))  # noqa: E731
     k0, v0 = states(3)
-    cache.update(k0, v0, 0)
-    layer = cache.layers[0]
-    assert layer.tail_capacity() == 256
+    layer = cache.layers[0]  # one layer alone: its own update (the cache's checks the layers' order)
+    layer.update(k0, v0)
+    assert layer.tail_capacity() == 32
     pointer, written = layer._key_buffer.data_ptr(), [k0]
     reallocations, capacities = 0, []
     for _ in range(600):
         k, v = states(1)
         written.append(k)
-        full_k, _ = cache.update(k, v, 0)
+        full_k, _ = layer.update(k, v)
         if layer._key_buffer.data_ptr() != pointer:
             reallocations += 1
             pointer = layer._key_buffer.data_ptr()
             capacities.append(layer.tail_capacity())
-    assert capacities == [512, 768]  # 603 tokens: two geometric steps, not one copy per token
+    # 603 tokens: geometric steps (at least 1.25x each), not one copy per token
+    assert len(capacities) <= 14 and capacities[-1] >= 603 and all(c % 16 == 0 for c in capacities)
+    assert all(b >= 1.25 * a for a, b in zip([32] + capacities, capacities))
     assert torch.equal(full_k, torch.cat(written, dim=2)) and torch.equal(layer.keys, full_k)
     element = k0.element_size()
     assert layer.nbytes() == 2 * 603 * 2 * 16 * element  # valid tokens only
-    assert layer.reserved_nbytes() == 2 * 768 * 2 * 16 * element
+    assert layer.reserved_nbytes() == 2 * capacities[-1] * 2 * 16 * element
     assert cache.reserved_nbytes() >= cache.nbytes()
 
 
@@ -392,16 +420,16 @@ def test_tail_assignment_replaces_storage():
     config = tiny_model("llama").config
     cache = XKVCache(config, group_size=2, rank_k=None, rank_v=None, window=4, sink=0, min_compress_tokens=10_000)
     k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
-    cache.update(k, v, 0)
     layer = cache.layers[0]
+    layer.update(k, v)
     layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
     assert layer.tail_capacity() == 5 and layer.reserved_nbytes() == layer.nbytes()
     with pytest.raises(ValueError, match="values hold 3 tokens but keys hold 5"):
         layer.values = layer.values[:, :, :3]
     k2, v2 = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
-    full_k, full_v = cache.update(k2, v2, 0)
+    full_k, full_v = layer.update(k2, v2)
     assert torch.equal(full_k, torch.cat([k, k2], 2)) and torch.equal(full_v, torch.cat([v, v2], 2))
-    assert layer.tail_capacity() == 256
+    assert layer.tail_capacity() == tail_capacity(6, 5)
 
 
 def test_tail_crop_reorder_and_compression_shrink():
@@ -414,13 +442,14 @@ def test_tail_crop_reorder_and_compression_shrink():
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
     layer: XKVLayer = cache.layers[1]
-    assert layer.keys.shape[-2] == 4 + 3 and layer.tail_capacity() == 256  # the 300-token prefill buffer was freed
+    # the 300-token prefill buffer was freed: the tail's new one fits the window (+ room)
+    assert layer.keys.shape[-2] == 4 + 3 and layer.tail_capacity() == tail_capacity(4, 0)
     assert cache.nbytes() == cache.expected_nbytes()
     tail = layer.keys.clone()
     cache.crop(-2)
     assert torch.equal(layer.keys, tail[..., :-2, :]) and cache.get_seq_length() == 300 + 3 - 2
     cache.reorder_cache(torch.tensor([1, 0]))
-    assert torch.equal(layer.keys, tail[[1, 0], :, :-2]) and layer.tail_capacity() == 256
+    assert torch.equal(layer.keys, tail[[1, 0], :, :-2]) and layer.tail_capacity() == tail_capacity(4, 0)
     cache.batch_select_indices(torch.tensor([1]))
     assert torch.equal(layer.keys, tail[[0], :, :-2])
     cache.reset()
@@ -453,7 +482,7 @@ def patched_generation_matches(family: str, overrides: dict | None = None, devic
     params.update(cache_kwargs)
     ids, mask = (t.to(device) for t in _left_padded())
     calls = []
-    original = xkv_decode.xkv_decode_attention
+    original = xkv_attention.xkv_decode_attention
 
     def counting(*args, **kwargs):
         calls.append(1)
@@ -462,7 +491,7 @@ def patched_generation_matches(family: str, overrides: dict | None = None, devic
     results = []
     for patched in (False, True):
         handle = patch_xkv(model) if patched else None
-        xkv_decode.xkv_decode_attention = counting
+        xkv_attention.xkv_decode_attention = counting
         try:
             cache = XKVCache(model.config, **params)
             first = _generate(model, ids, mask, cache)
@@ -472,7 +501,7 @@ def patched_generation_matches(family: str, overrides: dict | None = None, devic
             second = _generate(model, ids2, mask2, cache)
             results.append((first, second, [len(group.segments) for group in cache.groups]))
         finally:
-            xkv_decode.xkv_decode_attention = original
+            xkv_attention.xkv_decode_attention = original
             if handle is not None:
                 handle.remove()
     (ref1, ref2, ref_segments), (out1, out2, out_segments) = results
@@ -517,7 +546,7 @@ def test_patched_full_rank_equals_dynamic_cache_and_remove_restores():
     assert torch.equal(ref.sequences, out.sequences)
     for a, b in zip(ref.scores, out.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert all(not layer.defer_decode for layer in cache.layers)
+    assert all(layer.context is None for layer in cache.layers)
 
 
 def test_patched_model_with_other_caches_runs_as_before():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 
 import pytest
 import torch
@@ -133,7 +134,7 @@ def test_sliding_window_layers_stay_stock():
     cache = full_rank_cache(config, group_size=2)
     out = generate(model, ids, mask, cache)
     assert_same_generation(ref, out)
-    assert [type(layer).__name__ for layer in cache.layers] == ["XKVLayer", "XKVLayer",
+    assert [type(layer).__name__ for layer in cache.layers] == ["GrowableXKVLayer", "GrowableXKVLayer",
                                                                  "DynamicSlidingWindowLayer",
                                                                  "DynamicSlidingWindowLayer"]
 
@@ -223,7 +224,7 @@ def test_default_group_size():
     "kwargs, exc, words",
     [
         (dict(rank_k=65), ValueError, ["rank_k", "1..64"]),
-        (dict(rank_v=0), ValueError, ["rank_v", "1..64"]),
+        (dict(rank_v=0), ValueError, ["rank_v", "int >= 1"]),
         (dict(rank_k=-3), ValueError, ["rank_k"]),
         (dict(rank_k=1.5), ValueError, ["rank_k", "(0, 1]"]),
         (dict(rank_v=0.0), ValueError, ["rank_v", "(0, 1]"]),
@@ -231,7 +232,7 @@ def test_default_group_size():
         (dict(group_size=3), ValueError, ["group_size=3", "[1, 2, 4]"]),
         (dict(group_size=0), ValueError, ["group_size"]),
         (dict(window=-1), ValueError, ["window", ">= 0"]),
-        (dict(sink=1.5), ValueError, ["sink"]),
+        (dict(sink=1.5), TypeError, ["sink", "int >= 0"]),
         (dict(min_compress_tokens=0), ValueError, ["min_compress_tokens", ">= 1"]),
         (dict(pre_rope="yes"), TypeError, ["pre_rope"]),
     ],
@@ -360,13 +361,13 @@ def test_svd_method_is_validated_and_used(monkeypatch):
 
     config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                          intermediate_size=64, vocab_size=64)
-    with pytest.raises(ValueError, match="svd_method must be one of"):
+    with pytest.raises(ValueError, match="svd_method=.qr. is out of range; allowed: one of .auto., .exact."):
         XKVCache(config, svd_method="qr")
     assert ops.resolve_svd_method("auto", "cpu") == "exact"
     assert ops.resolve_svd_method("auto", "cuda") == "gram32"
     seen = []
     real = ops.truncated_svd
-    monkeypatch.setattr(xkv, "truncated_svd", lambda x, r, m: seen.append(m) or real(x, r, m))
+    monkeypatch.setattr(xkv.compression, "truncated_svd", lambda x, r, m: seen.append(m) or real(x, r, m))
     cache = XKVCache(config, group_size=2, rank_k=4, rank_v=4, window=2, sink=1, min_compress_tokens=1,
                      svd_method="randomized")
     k = torch.randn(1, 2, 40, 8)
@@ -535,14 +536,14 @@ def test_patched_chunked_prefill_never_repeats_keys_and_values(monkeypatch):
         handle = patch_xkv(model) if patched else None
         cache = XKVCache(model.config, **kw)
         compressions = []
-        original_compress = cache._compress_group
+        original_compress = cache.compress
 
-        def recording(group, cache=cache, compressions=compressions, original=original_compress):
-            last = cache.layers[group.layer_indices[-1]]
-            compressions.append(last.compress_pending)  # False: called from update; True: from the hook
-            original(group)
+        def recording(layer_idx, compressions=compressions, original=original_compress):
+            # who asked: the layer's update (unpatched) or the patch's forward wrapper after the attention
+            compressions.append(sys._getframe(1).f_code.co_name)
+            original(layer_idx)
 
-        cache._compress_group = recording
+        cache.compress = recording
         try:
             runs.append((generate(model, ids, mask, cache, prefill_chunk_size=32), len(repeats), cache,
                          compressions))
@@ -553,7 +554,8 @@ def test_patched_chunked_prefill_never_repeats_keys_and_values(monkeypatch):
     assert ref_repeats > 0 and out_repeats == 0
     assert_same_generation(ref, out)
     assert len(ref_calls) == len(out_calls) == 3 * len(out_cache.groups)  # 96 + 80 tokens: 3 chunks of 32
-    assert not any(ref_calls) and all(not layer.compress_pending for layer in out_cache.layers)
+    assert set(ref_calls) == {"update"} and set(out_calls) == {"_attention_forward"}
+    assert all(layer.context is None for layer in out_cache.layers)
     for a, b in zip(ref_cache.groups, out_cache.groups):
         assert len(a.segments) == len(b.segments) == 1
         assert torch.equal(a.segments[0].key_factor, b.segments[0].key_factor)
@@ -564,7 +566,7 @@ def test_patched_prefill_that_fails_leaves_no_pending_compression(monkeypatch):
     """A multi-token forward that fails after the cache update (here: in the attention) leaves its tokens
     exact and no compression pending; the next generation on the same cache compresses and matches a
     fresh unpatched run's tokens."""
-    import kvcompress.xkv as xkv_module
+    import kvcompress.xkv.attention as xkv_module
     from kvcompress.xkv import patch_xkv
 
     model = tiny_model("llama")
@@ -586,7 +588,7 @@ def test_patched_prefill_that_fails_leaves_no_pending_compression(monkeypatch):
         with pytest.raises(RuntimeError, match="simulated"):
             generate(model, ids, mask, cache)
         assert len(calls) == 2 and cache.layers[1].get_seq_length() == ids.shape[1]  # updated, then failed
-        assert all(not layer.compress_pending for layer in cache.layers)
+        assert all(layer.context is None for layer in cache.layers)
         assert all(not group.segments for group in cache.groups)
         monkeypatch.setattr(xkv_module, "grouped_query_sdpa", original)
         cache.reset()

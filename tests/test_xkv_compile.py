@@ -1,4 +1,4 @@
-"""Static-capacity XKVCache (``max_cache_len``) under torch.compile (issue #9 item 4: CUDA graphs / compile).
+"""Static-capacity XKVCache (``max_cache_len``) under torch.compile (CUDA graphs / compile).
 
 The static cache keeps ``sinks + compressed tokens + tail capacity == max_cache_len`` and counts the tail on
 the device, so a decode step has the same shapes and no Python-int length at every step: generate() can
@@ -130,8 +130,8 @@ def test_static_cache_overflow_names_max_cache_len_and_changes_nothing():
         greedy(model, XKVCache(model.config, max_cache_len=44, **SMALL), ids, mask, new_tokens=8, disable_compile=True)
     with pytest.raises(ValueError, match="max_cache_len=30"):  # the prompt alone
         greedy(model, XKVCache(model.config, max_cache_len=30, **SMALL), ids, mask, new_tokens=2, disable_compile=True)
-    for bad in (0, -3, 2.5, True, "64"):
-        with pytest.raises(ValueError, match="max_cache_len"):
+    for bad, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError), ("64", TypeError)):
+        with pytest.raises(error, match="max_cache_len"):
             XKVCache(model.config, max_cache_len=bad)
     # a failed step leaves the cache as it was: the overflowing token is refused before it is written
     cache = XKVCache(model.config, max_cache_len=41, **SMALL)

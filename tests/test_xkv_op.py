@@ -131,14 +131,14 @@ import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 sys.path[:0] = [{tests!r}, {root!r}]
 import torch
-from kvcompress.kernels import xkv_decode
+from kvcompress.kernels import configure_kernels, xkv_decode
 from test_xkv_op import LAYOUTS, CountingBackend, case, rel_err
 launches, original = [0], xkv_decode._launch
 def launch(*args, **kwargs):
     launches[0] += 1
     return original(*args, **kwargs)
 xkv_decode._launch = launch
-xkv_decode._POISON_BUFFERS = True
+configure_kernels(poison_buffers=True)
 result = {{}}
 for backend, names in {INTERPRETED!r}.items():
     for name in names:

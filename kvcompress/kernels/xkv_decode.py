@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -85,7 +84,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import next_pow2 as _pow2, sm_count, triton_usable
+from . import kernel_options, next_pow2 as _pow2, sm_count, triton_usable
 
 try:  # Triton is optional: without it (CPU-only installs) the reference is the only path
     import triton
@@ -99,12 +98,6 @@ try:  # host-side TMA descriptors (Triton >= 3.3): kernel 1's TMA path (see _tma
 except Exception:
     TensorDescriptor = None
 
-# Tests set this to fill the kernels' output buffers with NaN before launch, so that an element a kernel
-# fails to write shows up as NaN instead of passing with stale memory.
-_POISON_BUFFERS = False
-# Tests set this to a dict (BLOCK_T, BLOCK_R, num_warps, num_stages) to run kernel 1 with one of the
-# autotuner's configs where it does not autotune (the interpreter, KVCOMPRESS_XKV_AUTOTUNE=0).
-_SCORES_FIXED: dict | None = None
 
 __all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
@@ -612,7 +605,7 @@ if _HAVE_TRITON:
     # Kernel 1 does almost all the flops (the key rebuild); its best tile depends on the GPU, so on CUDA it
     # is autotuned once per (rank, group, head dim, RoPE, dtype). Configs that do not fit are skipped by
     # the autotuner. KVCOMPRESS_XKV_AUTOTUNE=0 uses the fixed default instead (and the interpreter always does).
-    # With 16-bit scores and float16 RoPE tables (session 5), 128-token tiles with 4 warps were the fastest
+    # With 16-bit scores and float16 RoPE tables, 128-token tiles with 4 warps were the fastest
     # at every measured shape (batch 1-8, 4K-32K, H200) and 256-token tiles 5-30% slower; a longer list
     # only let the autotuner's noisy timing pick a slower tile (705 against 648 us at batch 8 x 32K).
     # Larger token tiles load the per-head B_k (r_k x d, 128 KB in bf16 at the defaults) once per more
@@ -633,8 +626,8 @@ if _HAVE_TRITON:
 
 
 def _autotune() -> bool:
-    return (os.environ.get("TRITON_INTERPRET", "") != "1"
-            and os.environ.get("KVCOMPRESS_XKV_AUTOTUNE", "1") not in ("0", ""))
+    options = kernel_options()
+    return options.xkv_autotune and not options.triton_interpret
 
 
 @functools.lru_cache(maxsize=None)
@@ -643,13 +636,6 @@ def _sm90_or_newer(index: int) -> bool:
 
 
 _TMA_FAILURE: list[str] = []  # set by _tma_failed: the default (auto) mode then keeps to the pointer loads
-
-
-def _tma_mode() -> str:
-    mode = os.environ.get("KVCOMPRESS_XKV_TMA", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"KVCOMPRESS_XKV_TMA={mode!r}: allowed values are 'auto' (default), '0' and '1'")
-    return mode
 
 
 def _tma_failed(error: Exception) -> None:
@@ -665,22 +651,22 @@ def _tma_failed(error: Exception) -> None:
 def _tma_usable(key_factor: torch.Tensor, key_right: torch.Tensor) -> bool:
     """Whether kernel 1 loads ``U_k``/``B_k`` through TMA tensor descriptors (Hopper's bulk copy engine).
 
-    ``KVCOMPRESS_XKV_TMA`` unset (or ``auto``): on for CUDA tensors on sm_90 or newer, until a TMA
-    launch fails (then a warning and the pointer loads); ``0``: never; ``1``: also in Triton's
-    interpreter (tests), and a failure is an error. In every case Triton must have host-side descriptors and
+    ``kernel_options().xkv_tma`` (``KVCOMPRESS_XKV_TMA``) ``"auto"``: on for CUDA tensors on sm_90 or newer,
+    until a TMA launch fails (then a warning and the pointer loads); ``"off"``: never; ``"on"``: also in
+    Triton's interpreter (tests), and a failure is an error. In every case Triton must have host-side descriptors and
     both factors must meet TMA's layout rules (last dim contiguous, 16-byte aligned base and strides);
     otherwise the pointer loads run.
 
-    On by default since session 6: on the H100, the fused call at batch 8 x 32K went from 848 to 768 us
+    On by default: on the H100, the fused call at batch 8 x 32K went from 848 to 768 us
     per layer (kernel 1: 656 -> 576 us) and batch 1 x 4K from 38.7 to 36.8 us; the GPU tests compare both
-    paths against the reference (docs/performance-notes.md, step 20)."""
-    mode = _tma_mode()
-    if mode == "0" or TensorDescriptor is None or (_TMA_FAILURE and mode == "auto"):
+    paths against the reference (docs/performance-notes.md)."""
+    mode = kernel_options().xkv_tma
+    if mode == "off" or TensorDescriptor is None or (_TMA_FAILURE and mode == "auto"):
         return False
     if key_factor.is_cuda:
         if not _sm90_or_newer(key_factor.device.index or 0):
             return False
-    elif mode != "1":
+    elif mode != "on":
         return False
     for t in (key_factor, key_right):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
@@ -741,7 +727,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     scores = torch.empty(batch, q_heads, total, device=device, dtype=torch.float32)
     shift = torch.empty(batch, q_heads, device=device, dtype=torch.float32)
     out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
-    if _POISON_BUFFERS:
+    if kernel_options().poison_buffers:
         scores.fill_(float("nan"))
         shift.fill_(float("nan"))
         out.fill_(float("nan"))
@@ -755,7 +741,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         kernel, tuning = _xkv_scores_kernel_tuned, {}
     else:
         kernel = _xkv_scores_kernel
-        tuning = _SCORES_FIXED or (dict(BLOCK_T=32, BLOCK_R=32, num_warps=4) if wide else
+        tuning = kernel_options().xkv_scores_config or (dict(BLOCK_T=32, BLOCK_R=32, num_warps=4) if wide else
                                    dict(BLOCK_T=128, BLOCK_R=64, num_warps=4, num_stages=3))
     col = n_exact
     columns = []
@@ -784,7 +770,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
             try:
                 _launch(kernel, grid, args[0], *descriptors, *args[3:], USE_TMA=True, **constants)
             except Exception as error:  # a Triton/GPU whose TMA lowering rejects the kernel: nothing ran
-                if _tma_mode() == "1":
+                if kernel_options().xkv_tma == "on":
                     raise
                 _tma_failed(error)
                 _launch(kernel, grid, *args, USE_TMA=False, **constants)
@@ -816,7 +802,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     # 3. split-K partials of softmax . U_v, one buffer per segment
     # 16-bit inputs: 256-wide r_v chunks, so each program's softmax tile serves 256 latent columns (the
     # scores are re-read and re-exponentiated once per chunk); measured best of 7 tiles at every shape
-    # (H100, session 5: batch 8 x 32K 180 -> 164 us, batch 1 x 4K 26 -> 18 us)
+    # (H100: batch 8 x 32K 180 -> 164 us, batch 1 x 4K 26 -> 18 us)
     block_r, block_tv = (64, 32) if wide else (256, 32)
     partials = []
     for (part, _), col0 in zip(segments, columns):
@@ -827,7 +813,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         tiles_per_split = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, tiles_per_split)
         partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
-        if _POISON_BUFFERS:
+        if kernel_options().poison_buffers:
             partial.fill_(float("nan"))
         vf = part.value_factor
         _launch(
