@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import inspect
 import json
-import os
 import statistics
 import time
 
@@ -57,7 +56,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DynamicCache
 
 from kvcompress.bench.hardware import copy_bandwidth, mla_kernel_inputs, sync
-from kvcompress.kernels import triton_usable
+from kvcompress.kernels import configure_kernels, triton_usable
 from kvcompress.kernels import mla_decode as mla_kernel
 from kvcompress.mla import MLALatentCache, absorbed_attention, patch_mla
 from kvcompress.ops import tensor_nbytes
@@ -251,19 +250,9 @@ def attention_breakdown(cfg, batch: int, tokens: int, dtype, device: str) -> dic
     return out
 
 
-@contextlib.contextmanager
 def triton_disabled(disabled: bool):
-    """KVCOMPRESS_DISABLE_TRITON=1 inside the block (read by triton_usable at every call)."""
-    before = os.environ.get("KVCOMPRESS_DISABLE_TRITON")
-    if disabled:
-        os.environ["KVCOMPRESS_DISABLE_TRITON"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("KVCOMPRESS_DISABLE_TRITON", None)
-        else:
-            os.environ["KVCOMPRESS_DISABLE_TRITON"] = before
+    """The plain-PyTorch attention inside the block when ``disabled`` (kvcompress.kernels' options)."""
+    return configure_kernels(disable_triton=True) if disabled else contextlib.nullcontext()
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kvcompress.kernels import configure_kernels
 from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention
 from kvcompress.ops import apply_rope, rope_cos_sin
 from kvcompress.xkv import _rope_table_dtype
@@ -178,30 +179,19 @@ def breakdown(query, parts, scale) -> list[tuple[str, float]]:
 
 def sweep_scores(query, parts, scale, measure) -> list[dict]:
     """The key-rebuild kernel's fixed configurations, each timed on the whole fused call (autotuner off)."""
-    import os
-
-    from kvcompress.kernels import xkv_decode as kernels
-
-    rows, saved = [], (os.environ.get("KVCOMPRESS_XKV_AUTOTUNE"), kernels._SCORES_FIXED)
-    os.environ["KVCOMPRESS_XKV_AUTOTUNE"] = "0"
-    try:
-        for bt, br, warps, stages in ((256, 64, 8, 2), (256, 64, 8, 3), (256, 32, 8, 3), (256, 32, 8, 4),
-                                      (256, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 16, 2),
-                                      (256, 64, 4, 2), (512, 32, 8, 2), (512, 64, 16, 2)):
-            kernels._SCORES_FIXED = dict(BLOCK_T=bt, BLOCK_R=br, num_warps=warps, num_stages=stages)
+    rows = []
+    for bt, br, warps, stages in ((256, 64, 8, 2), (256, 64, 8, 3), (256, 32, 8, 3), (256, 32, 8, 4),
+                                  (256, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (256, 64, 16, 2),
+                                  (256, 64, 4, 2), (512, 32, 8, 2), (512, 64, 16, 2)):
+        tile = dict(BLOCK_T=bt, BLOCK_R=br, num_warps=warps, num_stages=stages)
+        with configure_kernels(xkv_autotune=False, xkv_scores_config=tile):
             try:
                 us = measure(lambda: xkv_decode_attention(query, parts, scale))
             except Exception as e:  # out of shared memory / registers: a result, not a crash
-                rows.append(dict(BLOCK_T=bt, BLOCK_R=br, num_warps=warps, num_stages=stages, error=str(e)[:120]))
+                rows.append(dict(tile, error=str(e)[:120]))
             else:
-                rows.append(dict(BLOCK_T=bt, BLOCK_R=br, num_warps=warps, num_stages=stages, fused_us=us))
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        kernels._SCORES_FIXED = saved[1]
-        if saved[0] is None:
-            os.environ.pop("KVCOMPRESS_XKV_AUTOTUNE", None)
-        else:
-            os.environ["KVCOMPRESS_XKV_AUTOTUNE"] = saved[0]
+                rows.append(dict(tile, fused_us=us))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -274,3 +274,27 @@ def test_module_level_import_graph_has_no_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+# Calls that change a live model or transformers' global tables: only kvcompress.hooks makes them.
+_MODEL_CHANGES = ("register_forward_hook", "register_forward_pre_hook", "set_attn_implementation",
+                  "register_module_forward_hook", "_global_mapping")
+
+
+def test_no_model_change_outside_hooks():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "hooks.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            called = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                called = node.func.attr
+                if called == "register" and isinstance(node.func.value, ast.Name) and "ATTENTION" in node.func.value.id:
+                    called = f"{node.func.value.id}.register"
+            elif isinstance(node, ast.Attribute) and node.attr == "_global_mapping":
+                called = node.attr
+            if called in _MODEL_CHANGES or (called or "").endswith("ATTENTION_FUNCTIONS.register"):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {called}")
+    assert not offenders, "model changes outside kvcompress/hooks.py: " + ", ".join(offenders)
