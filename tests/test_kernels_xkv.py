@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import tiny_model
-from kvcompress.kernels import xkv_decode
+from kvcompress.kernels import configure_kernels, xkv_decode
 from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention, xkv_decode_attention_reference
 from kvcompress.ops import rope_cos_sin
 from kvcompress.xkv import XKVCache, XKVLayer, _rope_table_dtype, patch_xkv, tail_capacity
