@@ -139,11 +139,10 @@ def test_smollm2_lossless_checkpoint_round_trip(tmp_path, smollm2):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = tokenizer(calibration_text("heldout")[:800], return_tensors="pt")["input_ids"][:, :96]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, converted(ids).logits, atol=1e-5, rtol=0)
+        got, expected = loaded(ids).logits, converted(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))  # greedy generation is covered on tiny models
     from transformers import AutoTokenizer
 
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert reloaded("What is the capital of France?")["input_ids"] == tokenizer("What is the capital of France?")["input_ids"]
-    prompt = ids[:, :16]
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert torch.equal(loaded.generate(prompt, **kw), converted.generate(prompt, **kw))
+    question = "What is the capital of France?"
+    assert AutoTokenizer.from_pretrained(tmp_path)(question)["input_ids"] == tokenizer(question)["input_ids"]
