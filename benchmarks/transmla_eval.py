@@ -20,6 +20,7 @@ GPU run of docs/transmla.md:
 CPU run (small sizes, minutes):
     python benchmarks/transmla_eval.py --device cpu --ppl-tokens 2048 --needle-lengths 2048 \
         --needle-prompts 3 --calib-seqs 4 --calib-len 256 --settings 128:64 96:32
+Perplexity only (no needle), e.g. to compare calibration sizes: ``--needle-prompts 0``.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ def perplexity(model, ids: torch.Tensor, window: int, device: str) -> float:
 
 @torch.no_grad()
 def needle_accuracy(model, tokenizer, lengths, prompts, answer_tokens, device, latent_cache: bool):
-    """Per length: fraction correct; plus the cache bytes after the last prompt of the longest length."""
+    """Per length: fraction correct; plus the cache bytes after the last prompt of the longest length.
+    ``prompts = 0`` skips the needle test (perplexity only)."""
     results, cache_bytes = {}, None
+    if prompts == 0:
+        return results, cache_bytes
     for length in lengths:
         correct = 0
         for n in range(prompts):

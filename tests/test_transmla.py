@@ -229,6 +229,16 @@ def test_lossless_rope_table_is_bitwise_the_source_frequencies():
     assert torch.equal(converted.model.rotary_emb.inv_freq, src.repeat_interleave(2))
 
 
+def test_bfloat16_conversion_keeps_float32_rope_frequencies():
+    # A bfloat16 model's RoPE table stays float32 (as in the source and in a reloaded checkpoint); rounding
+    # the per-slot frequencies to bfloat16 would move every rotation.
+    converted = convert_gqa_to_mla(sharp_model("llama", dtype=torch.bfloat16), progress=False)
+    reference = convert_gqa_to_mla(sharp_model("llama"), progress=False)
+    assert converted.dtype == torch.bfloat16
+    assert converted.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(converted.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+
+
 def test_is_lossless():
     source = sharp_model("llama")
     assert is_lossless(source)

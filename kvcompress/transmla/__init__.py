@@ -12,7 +12,8 @@ One module per stage of the conversion, each with its part of the maths:
   components keep RoPE (items 1-2 of the construction);
 - :mod:`.convert`: the balanced K/V PCA latent, the norm anchors, the DeepSeek-V3 config and
   :func:`convert_gqa_to_mla` (items 3-6);
-- :mod:`.distill`: recovery training against the source model.
+- :mod:`.distill`: recovery training against the source model;
+- :mod:`.checkpoint`: :func:`save_converted`, the converted model as a standard DeepSeek-V3 checkpoint.
 
 :mod:`.checks` holds the argument checks they share (every argument is checked before any work).
 
@@ -24,6 +25,7 @@ elements per token and layer (the source caches ``2 G d``). Anything smaller is 
 """
 
 from .calibration import calibration_text, calibration_tokens
+from .checkpoint import save_converted
 from .convert import ANCHOR_RATIO, convert_gqa_to_mla, kv_elements_per_token
 from .distill import distill_from_teacher
 from .source import SUPPORTED_MODEL_TYPES, is_lossless
@@ -37,4 +39,5 @@ __all__ = [
     "distill_from_teacher",
     "is_lossless",
     "kv_elements_per_token",
+    "save_converted",
 ]

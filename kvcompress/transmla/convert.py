@@ -263,8 +263,10 @@ def convert_gqa_to_mla(
 
     config = _deepseek_config(src, kv_lora_rank, rope_dim, slot_freq, rope_interleave)
     attn_impl = getattr(src.config, "_attn_implementation", None)
+    # Built in the source's dtype, as from_pretrained builds it, so the RoPE buffers stay float32; a later
+    # .to(dtype) would round the per-slot frequencies to bfloat16, unlike a reloaded checkpoint.
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten: keep the caller's RNG stream
-        new = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+        new = AutoModelForCausalLM.from_config(config, dtype=param.dtype,
                                                **({"attn_implementation": attn_impl} if attn_impl else {}))
     norm_eps = new.model.layers[0].self_attn.kv_a_layernorm.variance_epsilon
 
@@ -296,7 +298,7 @@ def convert_gqa_to_mla(
             expected[name].copy_(value.to(torch.float32).cpu())
     if config.tie_word_embeddings:
         new.tie_weights()
-    new.to(device=param.device, dtype=param.dtype).eval()
+    new.to(device=param.device).eval()
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = model.generation_config
     new.transmla_info = {
