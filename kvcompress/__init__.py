@@ -13,7 +13,7 @@ from .patch import patch_model
 from .xkv import XKVCache, XKVParams, default_group_size, patch_xkv
 from .mla import MLALatentCache, MLAParams, absorbed_attention, patch_mla
 from .tpla import TPLACache, TPLAParams, patch_tpla
-from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token
+from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token, save_converted
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,5 @@ __all__ = [
     "XKVCache", "XKVParams", "default_group_size", "patch_xkv",
     "MLALatentCache", "MLAParams", "absorbed_attention", "patch_mla",
     "TPLACache", "TPLAParams", "patch_tpla",
-    "convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token",
+    "convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token", "save_converted",
 ]
