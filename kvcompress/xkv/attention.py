@@ -105,7 +105,7 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         raise ValueError("patch_xkv's fused decode supports neither attention softcapping nor dropout; "
                          "remove the patch (handle.remove()) for this model")
     parts = layer.decode_parts(tail=tail)  # the tail views update() returned: no new views per step
-    total = sum(part.length for part in parts)
+    total = sum(part.length for part in parts) - layer.outlier_tokens()  # the sequence's own slots
     if attention_mask is not None and attention_mask.dim() == 2:  # flash-attention style [B, T] padding mask
         valid = attention_mask[:, -total:].bool().expand(query.shape[0], total)
     elif attention_mask is None and layer.is_static:
@@ -114,6 +114,7 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         valid = (torch.arange(total, device=query.device) < layer.get_seq_length()).expand(query.shape[0], total)
     else:
         valid = valid_mask_from_attention_mask(attention_mask, query.shape[0], total)
+    valid = layer.decode_valid(valid, query.shape[0], total)  # outlier tokens: their own parts
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return xkv_decode_attention(query, parts, scale, valid), None
 

@@ -43,6 +43,14 @@ class XKVParams(MethodParams):
                                       "(static shapes: compileable, CUDA graphs)", Range(int, low=1), none_ok=True)
     merge_segments: bool = param(True, "later compressions (prefill chunks, next turns) extend the last "
                                  "segment by an incremental SVD instead of starting a new one", Range(bool))
+    ratio: float | None = param(None, "target memory ratio DynamicCache/XKVCache: each compression takes the "
+                                "ranks that reach it (rank_k:rank_v, or the spectra, split them)",
+                                Range(float, low=1.0, low_open=True), none_ok=True)
+    rank_allocation: str = param("fixed", "split of the keys'/values' rank: fixed (rank_k:rank_v) or spectrum "
+                                 "(the group's singular values, for the least relative error)",
+                                 Range(str, choices=("fixed", "spectrum")))
+    outliers: float = param(0.0, "fraction of each compression's tokens kept exact: those the group's "
+                            "factors rebuild worst", Range(float, low=0.0, high=0.5))
 
     def __getitem__(self, name: str):
         """``params["window"]``: the parameter's value (``XKVCache.params`` used to be a dict)."""
@@ -131,6 +139,9 @@ class XKVLayer(CacheLayerMixin):
         self.sink_values: torch.Tensor | None = None
         self.key_rights: list[torch.Tensor] = []  # one [B, r_k, H*d] per segment of the group
         self.value_rights: list[torch.Tensor] = []
+        # per segment: exact copies [B, H, n, d] of its outlier tokens (None: the segment has none)
+        self.outlier_keys: list[torch.Tensor | None] = []
+        self.outlier_values: list[torch.Tensor | None] = []
         self.context: ForwardContext | None = None  # open while a patched attention forward runs
         # Static capacity (XKVCache(max_cache_len=N)): sinks + compressed tokens + tail capacity == N at all
         # times, the tail's valid length is the device counter ``tail_length`` (host mirror ``_tail_len``,
@@ -292,6 +303,7 @@ class XKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_rights, self.value_rights = [], []
+        self.outlier_keys, self.outlier_values = [], []
         self.context = None
         self.tail_length = None
         self.is_initialized = False
@@ -332,6 +344,8 @@ class XKVLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.key_rights = [fn(t) for t in self.key_rights]
         self.value_rights = [fn(t) for t in self.value_rights]
+        self.outlier_keys = [None if t is None else fn(t) for t in self.outlier_keys]
+        self.outlier_values = [None if t is None else fn(t) for t in self.outlier_values]
         self.batch_size = self.keys.shape[0]
         self._mark_static()
 
@@ -377,9 +391,13 @@ class XKVLayer(CacheLayerMixin):
         pos = self.sink_keys.shape[-2]
         keys[:, :, :pos].copy_(self.sink_keys)
         values[:, :, :pos].copy_(self.sink_values)
-        for segment, key_right, value_right in segments:
+        for j, (segment, key_right, value_right) in enumerate(segments):
             end = pos + segment.length
             self._cache._rebuild_into(segment, key_right, value_right, keys[:, :, pos:end], values[:, :, pos:end])
+            if segment.outlier_index is not None:  # the outliers' exact states replace their rebuilt ones
+                for target, exact in ((keys, self.outlier_keys[j]), (values, self.outlier_values[j])):
+                    rows = segment.outlier_index[:, None, :, None].expand(*exact.shape)
+                    target[:, :, pos:end].scatter_(2, rows, exact)
             pos = end
         keys[:, :, pos:].copy_(tail_keys)
         values[:, :, pos:].copy_(tail_values)
@@ -398,21 +416,54 @@ class XKVLayer(CacheLayerMixin):
         if tail is None:
             tail = self._attention_tail()
         parts.append(ExactPart(*tail))
+        for keys, values in zip(self.outlier_keys, self.outlier_values):
+            if keys is not None:
+                parts.append(ExactPart(keys, values))
         return parts
+
+    def outlier_tokens(self) -> int:
+        """Outlier tokens this layer holds exact copies of (the length of :meth:`decode_parts`' outlier parts)."""
+        return sum(k.shape[-2] for k in self.outlier_keys[: len(self.key_rights)] if k is not None)
+
+    def has_outliers(self) -> bool:
+        """Whether a segment of this layer holds outlier tokens (then :meth:`decode_parts` ends with their
+        exact parts and attention masks must go through :meth:`decode_valid`)."""
+        return any(k is not None for k in self.outlier_keys[: len(self.key_rights)])
+
+    def decode_valid(self, valid: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+        """The per-token mask of :meth:`decode_parts` from ``valid [B, tokens]`` (``None``: all valid), the mask
+        of the layer's tokens in sequence order (sinks, segments, tail): a segment's outlier rows are masked
+        in its factored part, and the outlier parts after the tail take the mask of their slots."""
+        if not self.has_outliers():
+            return valid
+        if valid is None:
+            valid = torch.ones(batch, tokens, dtype=torch.bool, device=self.sink_keys.device)
+        pieces, extra, pos = [valid[:, : self.sink_keys.shape[-2]]], [], self.sink_keys.shape[-2]
+        for segment in self.group.segments[: len(self.key_rights)]:
+            end = pos + segment.length
+            if segment.keep is None:
+                pieces.append(valid[:, pos:end])
+            else:
+                pieces.append(valid[:, pos:end] & segment.keep)
+                extra.append(valid[:, pos:end].gather(1, segment.outlier_index))
+            pos = end
+        pieces.append(valid[:, pos:])
+        return torch.cat(pieces + extra, dim=-1)
 
     def nbytes(self) -> int:
         """Bytes of the tensors this layer holds (the group's shared factors are counted by the cache)."""
         if not self.is_initialized:
             return 0
         return tensor_nbytes(self.keys, self.values, self.sink_keys, self.sink_values, *self.key_rights,
-                             *self.value_rights)
+                             *self.value_rights, *self.outlier_keys, *self.outlier_values)
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated by this layer: as ``nbytes()`` but counting the tail buffers' whole capacity."""
         if not self.is_initialized:
             return 0
         return tensor_nbytes(self._key_buffer, self._value_buffer, self.sink_keys, self.sink_values,
-                             *self.key_rights, *self.value_rights, self.tail_length)
+                             *self.key_rights, *self.value_rights, *self.outlier_keys, *self.outlier_values,
+                             self.tail_length)
 
 
 class GrowableXKVLayer(XKVLayer):
@@ -544,6 +595,8 @@ class StaticXKVLayer(XKVLayer):
                    ("sink_values", i): self.sink_values}
         storage.update({("key_right", i, j): t for j, t in enumerate(self.key_rights)})
         storage.update({("value_right", i, j): t for j, t in enumerate(self.value_rights)})
+        storage.update({("outlier_keys", i, j): t for j, t in enumerate(self.outlier_keys) if t is not None})
+        storage.update({("outlier_values", i, j): t for j, t in enumerate(self.outlier_values) if t is not None})
         return storage
 
     def _mark_static(self) -> None:
@@ -619,6 +672,24 @@ class XKVCache(Cache):
             SVD (``kvcompress.ops.extend_truncated_svd``): one basis for the whole sequence, so the memory
             and the decode cost of one segment. ``False`` starts a new segment each time (its own basis:
             more accurate, more memory, one more segment for every decode step to read).
+        outliers: fraction in ``[0, 0.5]`` of each compression's tokens kept exact beside the factors: per batch
+            row, the tokens whose keys and values the group's factors rebuild worst (largest residual energy,
+            :func:`kvcompress.xkv.compression.select_outliers`). A low-rank basis keeps what most tokens share
+            and drops what is rare -- a needle is rare. Attention reads their exact copies instead of the
+            rebuilt rows, in every path (rebuilt states, fused decode, compiled). Costs ``2*G*H*d`` elements per
+            outlier and group plus 9 bytes; ``0`` (default) keeps none.
+        ratio: a memory target in the user's terms, ``DynamicCache``'s bytes over this cache's (> 1), or
+            ``None`` (default: the ranks are ``rank_k``/``rank_v``). Each compression of a group then takes the
+            largest total rank ``r_k + r_v`` whose bytes -- factors, reconstruction matrices, outliers, the
+            group's share of the RoPE tables, the exact sinks and window -- fit ``1/ratio`` of the group's
+            exact bytes for the tokens it holds (:meth:`rank_budget`); ``rank_k:rank_v`` gives the split (or
+            the spectra, see ``rank_allocation``). The exact window and sinks are part of the budget, so a
+            short prompt cannot reach a high ratio: its ranks then fall to 1 + 1. The ratio holds after the
+            compression; tokens decoded later are exact and lower it.
+        rank_allocation: ``"fixed"`` (default): the keys' and values' ranks as given (or, with ``ratio``, in
+            the proportion ``rank_k:rank_v``); ``"spectrum"``: per group, the total rank is split between keys
+            and values from their singular values, for the least sum of relative errors
+            (:func:`kvcompress.xkv.compression.split_rank_by_spectrum`; one split for the whole batch).
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -637,12 +708,15 @@ class XKVCache(Cache):
         svd_method: str = XKVParams.svd_method,
         max_cache_len: int | None = XKVParams.max_cache_len,
         merge_segments: bool = XKVParams.merge_segments,
+        outliers: float = XKVParams.outliers,
+        ratio: float | None = XKVParams.ratio,
+        rank_allocation: str = XKVParams.rank_allocation,
     ):
         # every model-independent rule lives in XKVParams (TypeError/ValueError naming the parameter)
         self.params = params = XKVParams(
             group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink, pre_rope=pre_rope,
             min_compress_tokens=min_compress_tokens, svd_method=svd_method, max_cache_len=max_cache_len,
-            merge_segments=merge_segments)
+            merge_segments=merge_segments, outliers=outliers, ratio=ratio, rank_allocation=rank_allocation)
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
             raise ValueError("XKVCache supports decoder-only models; got an encoder-decoder config")
@@ -818,6 +892,8 @@ class XKVCache(Cache):
         for group in self.groups:
             for segment in group.segments:
                 segment.key_factor, segment.value_factor = fn(segment.key_factor), fn(segment.value_factor)
+                if segment.outlier_index is not None:
+                    segment.outlier_index, segment.keep = fn(segment.outlier_index), fn(segment.keep)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -857,6 +933,9 @@ class XKVCache(Cache):
                 for j, segment in enumerate(group.segments):
                     kept[("key_factor", g, j)] = segment.key_factor
                     kept[("value_factor", g, j)] = segment.value_factor
+                    if segment.outlier_index is not None:
+                        kept[("outlier_index", g, j)] = segment.outlier_index
+                        kept[("keep", g, j)] = segment.keep
             for key, (cos, sin) in self._rope_tables.items():
                 kept[("cos", *key)], kept[("sin", *key)] = cos, sin
         super().reset()
@@ -954,7 +1033,8 @@ class XKVCache(Cache):
             params=self.params, key_rank=self.key_rank, value_rank=self.value_rank,
             layer_width=self.num_kv_heads * self.head_dim,
             rope_table=(lambda start, k: self._rope_table(start, k.shape[1], k.device, _rope_table_dtype(k.dtype)))
-            if self.params.pre_rope else None, drop_zero_components=not self.is_static)
+            if self.params.pre_rope else None, drop_zero_components=not self.is_static,
+            rank_budget=self.rank_budget(group) if self.params.ratio is not None else None)
         if plan is None:
             return
         to_sink, new_segment, merge = plan.to_sink, plan.segment, plan.merge
@@ -968,12 +1048,21 @@ class XKVCache(Cache):
                 layer.sink_values = self._reuse(("sink_values", n),
                                                 torch.cat([layer.sink_values, layer.values[:, :, :to_sink]], dim=-2))
             if new_segment is not None:
+                old_keys = old_values = None
                 if merge:
                     layer.key_rights.pop()
                     layer.value_rights.pop()
+                    old_keys, old_values = layer.outlier_keys.pop(), layer.outlier_values.pop()
                 j = len(layer.key_rights)
                 layer.key_rights.append(self._reuse(("key_right", n, j), plan.key_rights[i]))
                 layer.value_rights.append(self._reuse(("value_right", n, j), plan.value_rights[i]))
+                if plan.outlier_keys:  # the merged segment's earlier outliers first: its index is in that order
+                    old_keys = plan.outlier_keys[i] if old_keys is None else torch.cat([old_keys, plan.outlier_keys[i]], -2)
+                    old_values = (plan.outlier_values[i] if old_values is None
+                                  else torch.cat([old_values, plan.outlier_values[i]], -2))
+                layer.outlier_keys.append(None if old_keys is None else self._reuse(("outlier_keys", n, j), old_keys))
+                layer.outlier_values.append(
+                    None if old_values is None else self._reuse(("outlier_values", n, j), old_values))
             layer._drop_tail_front(to_sink + plan.to_compress)
         if merge:
             group.segments.pop()
@@ -981,6 +1070,9 @@ class XKVCache(Cache):
             j = len(group.segments)
             new_segment.key_factor = self._reuse(("key_factor", g, j), new_segment.key_factor)
             new_segment.value_factor = self._reuse(("value_factor", g, j), new_segment.value_factor)
+            if new_segment.outlier_index is not None:
+                new_segment.outlier_index = self._reuse(("outlier_index", g, j), new_segment.outlier_index)
+                new_segment.keep = self._reuse(("keep", g, j), new_segment.keep)
             group.segments.append(new_segment)
         if merge:
             # RoPE tables are shared by the groups and cached by (start, length): drop those no segment uses
@@ -988,9 +1080,13 @@ class XKVCache(Cache):
             used = {(seg.start, seg.length) for g in self.groups for seg in g.segments}
             for key in [k for k in self._rope_tables if k[:2] not in used]:
                 del self._rope_tables[key]
+        if new_segment is not None and self.params.pre_rope:
+            # the segment's table now, not at its first decode: nbytes() counts what the cache will hold
+            # (a merged segment's table covers a new span: it used to appear only at the next step)
+            self._segment_rope_table(new_segment)
         if new_segment is not None:
             if self.is_static and not torch.compiler.is_compiling():
-                tensors = [new_segment.key_factor, new_segment.value_factor]
+                tensors = new_segment.tensors()
                 if self.params.pre_rope:
                     tensors += self._segment_rope_table(new_segment)
                 for tensor in tensors:
@@ -998,11 +1094,45 @@ class XKVCache(Cache):
         for layer in layers:
             layer._mark_static()  # new sinks and reconstruction matrices
 
+    def rank_budget(self, group: _Group):
+        """``ratio=``: the function ``(tokens, outliers, merge) -> r_k + r_v`` of the group's next compression -- the
+        largest total rank for which the group holds at most ``1/ratio`` of its exact bytes, with the compressed
+        segment holding ``tokens`` tokens and ``outliers`` exact ones (per batch row, element size ``e``,
+        ``W = H*d`` per layer, ``N`` tokens held, ``X`` of them exact outside the segment, ``O`` the bytes of
+        the group's other segments, all but the last when ``merge`` extends it)::
+
+            e*[T*(r_k + r_v) + G*(r_k + r_v)*W] + n*(2*G*W*e + 8) + T  + rope/groups
+                <=  2*G*W*N*e / ratio  -  2*G*W*X*e  -  O
+        """
+        first: XKVLayer = self.layers[group.layer_indices[0]]  # type: ignore[assignment]
+        e, b = first.keys.element_size(), first.batch_size
+        g, w = len(group.layer_indices), self.num_kv_heads * self.head_dim
+        held = first.seq_tokens()
+        ratio = self.params.ratio
+        rotary = 2 * len(self._inv_freq) if self.params.pre_rope else 0
+        table_bytes = _rope_table_dtype(first.keys.dtype).itemsize * 2 * rotary / len(self.groups) / b
+
+        def budget(tokens: int, outliers: int, merge: bool) -> int:
+            previous = group.segments[:-1] if merge else group.segments
+            others = sum(s.length for s in previous)
+            other_bytes = sum(
+                e * (s.length * (s.key_factor.shape[-1] + s.value_factor.shape[-1])
+                     + g * (s.key_factor.shape[-1] + s.value_factor.shape[-1]) * w)
+                + s.num_outliers * (2 * g * w * e + 8) + (s.length if s.keep is not None else 0)
+                + table_bytes * s.length for s in previous)
+            exact = held - tokens - others
+            room = 2 * g * w * e * held / ratio - 2 * g * w * e * exact - other_bytes
+            room -= outliers * (2 * g * w * e + 8) + (tokens if outliers else 0) + table_bytes * tokens
+            return int(room // (e * (tokens + g * w)))
+        return budget
+
     def expected_nbytes(self) -> int:
         """The memory formula evaluated on the current token counts (docs/xkv.md); ``nbytes()`` must equal it.
 
         Per group, per batch row, with element size ``e``:
-        ``e * [sum_segments T_s*(r_k,s + r_v,s) + G*(r_k,s + r_v,s)*H*d  +  G*T_exact*2*H*d]``,
+        ``e * [sum_segments T_s*(r_k,s + r_v,s) + G*(r_k,s + r_v,s)*H*d  +  G*T_exact*2*H*d]``, plus for each
+        segment with ``n_s`` outlier tokens ``n_s*(e*G*2*H*d + 8) + T_s`` (their exact states, int64 slots and
+        the one-byte keep mask),
         plus, with ``pre_rope``, one cos/sin table per segment shared by all layers:
         ``t * 2 * T_s * rotary_dim`` with ``t`` = 2 bytes (float16) for 16-bit states, else 4 (float32).
         """
@@ -1020,6 +1150,8 @@ class XKVCache(Cache):
             for s in group.segments:
                 rk, rv = s.key_factor.shape[-1], s.value_factor.shape[-1]
                 total += e * b * (s.length * (rk + rv) + g * (rk + rv) * hd)
+                # outliers: exact keys and values in every layer, their int64 slots, the bool keep mask
+                total += b * (s.num_outliers * (e * g * 2 * hd + 8) + (s.length if s.keep is not None else 0))
             exact = layer.sink_keys.shape[-2] + layer.keys.shape[-2]
             total += e * b * g * exact * 2 * hd
         for layer in self.layers:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops import apply_rope, extend_truncated_svd, nonzero_components, tensor_nbytes, truncated_svd
+from ..ops import apply_rope, extend_truncated_svd, nonzero_components, row_blocks, tensor_nbytes, truncated_svd
 
 Rank = int | float | None
 
@@ -22,6 +22,20 @@ class _Segment:
     length: int
     key_factor: torch.Tensor  # [B, length, r_k], shared by the group's layers
     value_factor: torch.Tensor  # [B, length, r_v]
+    # Outlier tokens (XKVCache(outliers=...)): per batch row, the segment-relative slots whose exact keys and
+    # values the group's layers hold beside the factors (``XKVLayer.outlier_keys``), sorted, ``[B, n]``; and
+    # ``keep [B, length]``, False at those slots: the factored rows attention must skip (it reads the exact
+    # copies instead). Both None when the segment has no outliers.
+    outlier_index: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+    @property
+    def num_outliers(self) -> int:
+        return 0 if self.outlier_index is None else self.outlier_index.shape[-1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors the segment holds (for byte counts and batch operations)."""
+        return [t for t in (self.key_factor, self.value_factor, self.outlier_index, self.keep) if t is not None]
 
 
 @dataclass
@@ -32,7 +46,7 @@ class _Group:
     segments: list[_Segment] = field(default_factory=list)
 
     def nbytes(self) -> int:
-        return sum(tensor_nbytes(s.key_factor, s.value_factor) for s in self.segments)
+        return sum(tensor_nbytes(*s.tensors()) for s in self.segments)
 
 
 def _rope_table_dtype(states_dtype: torch.dtype) -> torch.dtype:
@@ -89,6 +103,72 @@ class GroupCompression:
     segment: _Segment | None = None
     key_rights: list[torch.Tensor] = field(default_factory=list)
     value_rights: list[torch.Tensor] = field(default_factory=list)
+    # the exact copies of the new outlier tokens, per layer ``[B, H, n, d]`` (empty lists: none chosen); the
+    # segment's outlier_index/keep already include them (and, when merging, the previous segment's outliers)
+    outlier_keys: list[torch.Tensor] = field(default_factory=list)
+    outlier_values: list[torch.Tensor] = field(default_factory=list)
+
+
+def outlier_count(fraction: float, tokens: int) -> int:
+    """Outlier tokens kept exact out of ``tokens`` newly compressed ones: ``round(fraction * tokens)``."""
+    return min(int(round(fraction * tokens)), tokens)
+
+
+def _residual_energy(x: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """``||x_t - left_t right||^2`` per row ``[B, T]`` for a factorisation whose ``right`` has orthonormal rows
+    (every route of :func:`kvcompress.ops.truncated_svd`): then ``left_t right`` is the orthogonal projection of
+    ``x_t``, so its residual energy is ``||x_t||^2 - ||left_t||^2`` -- no reconstruction needed. float32, a block
+    of rows at a time (clamped at 0 against rounding)."""
+    out = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    for a, b in row_blocks(x.shape[-2], x.shape[-1] + left.shape[-1]):
+        xs = x[..., a:b, :].float().square().sum(-1)
+        out[..., a:b] = (xs - left[..., a:b, :].float().square().sum(-1)).clamp_min_(0)
+    return out
+
+
+def _energy(x: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm over the batch, float32 (a 0-d tensor)."""
+    return x.float().square().sum()
+
+
+def split_rank_by_spectrum(key_left: torch.Tensor, key_energy: torch.Tensor, value_left: torch.Tensor,
+                           value_energy: torch.Tensor, total: int) -> tuple[int, int]:
+    """Split ``total = r_k + r_v`` between the keys and the values of a group from their spectra.
+
+    ``key_left``/``value_left`` are ``U S`` of factorisations at a rank of at least ``total - 1`` (columns in
+    order of decreasing singular value; their squared column norms, summed over the batch, are ``sigma_i^2``),
+    ``*_energy`` the squared Frobenius norms of what was factorised. The split keeps the ``total`` largest
+    relative energies ``sigma_i^2 / |K|^2`` and ``sigma_j^2 / |V|^2``: it minimises
+    ``|K - K_r|^2/|K|^2 + |V - V_r|^2/|V|^2``, the sum of the relative errors (Eckart-Young per matrix, and a
+    greedy choice over two sorted lists is optimal for a sum of their tails). Each side keeps at least 1. The
+    ranks are chosen over the whole batch (one shape for every row)."""
+    tiny = torch.finfo(torch.float32).tiny
+    k = key_left.float().square().sum(dim=tuple(range(key_left.dim() - 1))) / key_energy.clamp_min(tiny)
+    v = value_left.float().square().sum(dim=tuple(range(value_left.dim() - 1))) / value_energy.clamp_min(tiny)
+    both = torch.cat([k, v])
+    top = both.topk(min(total, both.numel())).indices
+    key_rank = int((top < k.numel()).sum())
+    key_rank = min(max(key_rank, 1), total - 1, k.numel())
+    value_rank = min(total - key_rank, v.numel())
+    return key_rank, value_rank
+
+
+def select_outliers(stacked_keys: torch.Tensor, key_left: torch.Tensor, stacked_values: torch.Tensor,
+                    value_left: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` tokens of each batch row whose reconstruction is worst, sorted ``[B, count]``.
+
+    A token's score is its residual energy in the group's stacked keys and in its values (``[B, T, G*H*d]``,
+    keys as factorised, i.e. un-rotated when compressed before RoPE: a rotation keeps the norm), each divided
+    by the mean energy per token of what was factorised, so keys and values weigh the same whatever their
+    scale: ``e_t = |dK_t|^2 / mean_t |K_t|^2 + |dV_t|^2 / mean_t |V_t|^2``. A low-rank basis keeps what most
+    tokens share; a rare token (a needle, a number in a long filler) is the one it drops, and the one whose
+    residual is largest."""
+    score = None
+    for x, left in ((stacked_keys, key_left), (stacked_values, value_left)):
+        residual = _residual_energy(x, left)
+        scale = x.float().square().sum(-1).mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        score = residual / scale if score is None else score + residual / scale
+    return score.topk(count, dim=-1).indices.sort(dim=-1).values
 
 
 def unrotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,6 +183,7 @@ def plan_group_compression(
     params, key_rank: int, value_rank: int, layer_width: int,
     rope_table: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
     drop_zero_components: bool = True,
+    rank_budget: Callable[[int, int, bool], int] | None = None,
 ) -> GroupCompression | None:
     """Factorise what a group's exact tails (``[B, H, t, d]``, one per layer, in order) owe: every tail token
     older than ``params.window`` past the sinks (``held_sinks`` held, ``params.sink`` wanted).
@@ -114,6 +195,11 @@ def plan_group_compression(
     (a prompt of one repeated token) has exact zero components beyond the numerical rank; drop them (the
     memory then says so) instead of keeping the rank's fixed shapes (static caches keep them). Returns
     ``None`` when nothing is due. Changes nothing.
+
+    ``rank_budget(tokens, outliers, merge)`` (``XKVCache(ratio=...)``): the total rank ``r_k + r_v`` a segment of
+    ``tokens`` tokens holding ``outliers`` exact tokens can afford; ``key_rank:value_rank`` then gives the split,
+    or with ``params.rank_allocation == "spectrum"`` the singular values do (:func:`split_rank_by_spectrum`;
+    without a budget that redistributes ``key_rank + value_rank``).
     """
     tail = tail_keys[0].shape[-2]
     if any(k.shape[-2] != tail for k in tail_keys):
@@ -127,7 +213,7 @@ def plan_group_compression(
     merge = params.merge_segments and previous is not None and previous.start + previous.length == start
     full_rank = params.rank_k is None and params.rank_v is None  # always factored: it verifies the maths
     if to_compress < params.min_compress_tokens or (
-            not merge and not full_rank
+            not merge and not full_rank and rank_budget is None
             and not factors_save_memory(to_compress, group_size, key_rank, value_rank, layer_width)):
         to_compress = 0
     if to_sink == 0 and to_compress == 0:
@@ -140,6 +226,20 @@ def plan_group_compression(
         keys = [unrotate_keys(k, *rope_table(start, k)) for k in keys]
     stacked_keys = torch.cat([k.flatten(2) for k in keys], dim=-1)  # [B, T, G*H*d]
     stacked_values = torch.cat([v[:, :, chunk].transpose(1, 2).flatten(2) for v in tail_values], -1)
+    length = (previous.length if merge else 0) + to_compress  # the segment's tokens after this compression
+    width = group_size * layer_width
+    count = outlier_count(params.outliers, to_compress)
+    spectrum = params.rank_allocation == "spectrum"
+    if rank_budget is not None:  # ratio=: the ranks this segment can afford
+        total = max(rank_budget(length, count + (previous.num_outliers if merge else 0), merge), 2)
+        if not spectrum:
+            key_rank = min(max(round(total * key_rank / (key_rank + value_rank)), 1), total - 1)
+            value_rank = total - key_rank
+    else:
+        total = key_rank + value_rank
+    key_rank, value_rank = min(key_rank, width), min(value_rank, width)
+    if spectrum:  # factorise both at the largest rank either may take, then split by the spectra
+        key_rank = value_rank = min(total - 1, width)
     if merge:
         key_factor, key_right = extend_truncated_svd(
             previous.key_factor, torch.cat(previous_key_rights, dim=-1), stacked_keys, key_rank, params.svd_method)
@@ -151,12 +251,42 @@ def plan_group_compression(
         key_factor, key_right = truncated_svd(stacked_keys, key_rank, params.svd_method)
         value_factor, value_right = truncated_svd(stacked_values, value_rank, params.svd_method)
         segment = _Segment(start, to_compress, key_factor, value_factor)
+    if spectrum:
+        key_energy = _energy(stacked_keys) + (_energy(previous.key_factor) if merge else 0.0)
+        value_energy = _energy(stacked_values) + (_energy(previous.value_factor) if merge else 0.0)
+        key_rank, value_rank = split_rank_by_spectrum(segment.key_factor, key_energy, segment.value_factor,
+                                                      value_energy, total)
+        segment.key_factor, key_right = segment.key_factor[..., :key_rank].contiguous(), key_right[..., :key_rank, :]
+        segment.value_factor = segment.value_factor[..., :value_rank].contiguous()
+        value_right = value_right[..., :value_rank, :]
     if drop_zero_components:
-        key_rank = max(nonzero_components(key_factor, key_right), 1)
-        value_rank = max(nonzero_components(value_factor, value_right), 1)
+        key_rank = max(nonzero_components(segment.key_factor, key_right), 1)
+        value_rank = max(nonzero_components(segment.value_factor, value_right), 1)
         segment.key_factor, key_right = segment.key_factor[..., :key_rank].contiguous(), key_right[:, :key_rank]
         segment.value_factor = segment.value_factor[..., :value_rank].contiguous()
         value_right = value_right[:, :value_rank]
-    return GroupCompression(to_sink, to_compress, merge, segment,
+    plan = GroupCompression(to_sink, to_compress, merge, segment,
                             [r.contiguous() for r in key_right.chunk(group_size, dim=-1)],
                             [r.contiguous() for r in value_right.chunk(group_size, dim=-1)])
+    if merge and previous.outlier_index is not None:
+        segment.outlier_index, segment.keep = previous.outlier_index, previous.keep
+    if count:
+        new = segment.length - to_compress  # the new tokens' rows start here (0 unless merging)
+        index = select_outliers(stacked_keys, segment.key_factor[:, new:], stacked_values,
+                                segment.value_factor[:, new:], count)  # relative to the new tokens
+        for k, v in zip(tail_keys, tail_values):
+            rows = index[:, None, :, None]
+            plan.outlier_keys.append(k[:, :, chunk].gather(2, rows.expand(*k.shape[:2], count, k.shape[-1])))
+            plan.outlier_values.append(v[:, :, chunk].gather(2, rows.expand(*v.shape[:2], count, v.shape[-1])))
+        keep = torch.ones(index.shape[0], to_compress, dtype=torch.bool, device=index.device)
+        keep.scatter_(1, index, False)
+        if segment.outlier_index is not None:
+            index = torch.cat([segment.outlier_index, index + new], dim=-1)
+            keep = torch.cat([segment.keep, keep], dim=-1)
+        elif new:
+            index = index + new
+            keep = torch.cat([keep.new_ones(keep.shape[0], new), keep], dim=-1)
+        segment.outlier_index, segment.keep = index, keep
+    elif segment.outlier_index is not None:  # merged, no new outliers: the old ones, keep mask extended
+        segment.keep = torch.cat([segment.keep, segment.keep.new_ones(segment.keep.shape[0], to_compress)], dim=-1)
+    return plan
