@@ -49,6 +49,8 @@ class XKVParams(MethodParams):
     rank_allocation: str = param("fixed", "split of the keys'/values' rank: fixed (rank_k:rank_v) or spectrum "
                                  "(the group's singular values, for the least relative error)",
                                  Range(str, choices=("fixed", "spectrum")))
+    factor_bits: int | None = param(None, "store the token factors in 8 bits (one scale per row) or as the "
+                                    "states (None)", Range(int, choices=(8,)), none_ok=True)
     outliers: float = param(0.0, "fraction of each compression's tokens kept exact: those the group's "
                             "factors rebuild worst", Range(float, low=0.0, high=0.5))
 
@@ -412,7 +414,7 @@ class XKVLayer(CacheLayerMixin):
             cos = sin = None
             if self._cache.params.pre_rope:
                 cos, sin = self._cache._segment_rope_table(segment)
-            parts.append(FactoredPart(segment.key_factor, key_right, segment.value_factor, value_right, cos, sin))
+            parts.append(FactoredPart(segment.key_left(), key_right, segment.value_left(), value_right, cos, sin))
         if tail is None:
             tail = self._attention_tail()
         parts.append(ExactPart(*tail))
@@ -619,6 +621,19 @@ class StaticXKVLayer(XKVLayer):
         return self.max_cache_len
 
 
+def _segment_row_bytes(segment: _Segment, group_size: int, layer_width: int, e: int) -> int:
+    """Bytes per batch row of a segment's own tensors and of its reconstruction matrices in the group's layers
+    (its share of the RoPE tables aside): ``T*(r_k*f_k + r_v*f_v)`` for the token factors (``f`` their entry
+    size: 1 byte when quantised, plus ``e`` per row scale), ``e*G*(r_k + r_v)*W`` for the matrices, and per
+    outlier token its exact keys and values in every layer and its int64 slot, plus the one-byte keep mask."""
+    rk, rv, t = segment.key_factor.shape[-1], segment.value_factor.shape[-1], segment.length
+    total = t * (rk * segment.key_factor.element_size() + rv * segment.value_factor.element_size())
+    total += t * e * ((segment.key_scale is not None) + (segment.value_scale is not None))
+    total += e * group_size * (rk + rv) * layer_width
+    total += segment.num_outliers * (e * group_size * 2 * layer_width + 8) + (t if segment.keep is not None else 0)
+    return total
+
+
 def _layer_types(cfg, num_layers: int) -> list[str]:
     """Per-layer attention types, inferred as transformers' ``DynamicCache(config=...)`` does."""
     layer_types = getattr(cfg, "layer_types", None)
@@ -690,6 +705,11 @@ class XKVCache(Cache):
             the proportion ``rank_k:rank_v``); ``"spectrum"``: per group, the total rank is split between keys
             and values from their singular values, for the least sum of relative errors
             (:func:`kvcompress.xkv.compression.split_rank_by_spectrum`; one split for the whole batch).
+        factor_bits: ``None`` (default): the token factors in the states' dtype; ``8``: int8 with one scale per
+            token row (:func:`kvcompress.xkv.compression.quantize_rows`), a quarter (fp32) or half (16-bit) of the
+            bytes of the largest part of the cache, so ``ratio=`` affords 2-4x the rank. The reconstruction
+            matrices stay in the states' dtype. Attention dequantises the factors (a copy per layer and step
+            on the decode path: bytes saved, not yet time).
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -711,12 +731,14 @@ class XKVCache(Cache):
         outliers: float = XKVParams.outliers,
         ratio: float | None = XKVParams.ratio,
         rank_allocation: str = XKVParams.rank_allocation,
+        factor_bits: int | None = XKVParams.factor_bits,
     ):
         # every model-independent rule lives in XKVParams (TypeError/ValueError naming the parameter)
         self.params = params = XKVParams(
             group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink, pre_rope=pre_rope,
             min_compress_tokens=min_compress_tokens, svd_method=svd_method, max_cache_len=max_cache_len,
-            merge_segments=merge_segments, outliers=outliers, ratio=ratio, rank_allocation=rank_allocation)
+            merge_segments=merge_segments, outliers=outliers, ratio=ratio, rank_allocation=rank_allocation,
+            factor_bits=factor_bits)
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
             raise ValueError("XKVCache supports decoder-only models; got an encoder-decoder config")
@@ -892,6 +914,8 @@ class XKVCache(Cache):
         for group in self.groups:
             for segment in group.segments:
                 segment.key_factor, segment.value_factor = fn(segment.key_factor), fn(segment.value_factor)
+                if segment.key_scale is not None:
+                    segment.key_scale, segment.value_scale = fn(segment.key_scale), fn(segment.value_scale)
                 if segment.outlier_index is not None:
                     segment.outlier_index, segment.keep = fn(segment.outlier_index), fn(segment.keep)
 
@@ -933,6 +957,8 @@ class XKVCache(Cache):
                 for j, segment in enumerate(group.segments):
                     kept[("key_factor", g, j)] = segment.key_factor
                     kept[("value_factor", g, j)] = segment.value_factor
+                    if segment.key_scale is not None:
+                        kept[("key_scale", g, j)], kept[("value_scale", g, j)] = segment.key_scale, segment.value_scale
                     if segment.outlier_index is not None:
                         kept[("outlier_index", g, j)] = segment.outlier_index
                         kept[("keep", g, j)] = segment.keep
@@ -986,7 +1012,7 @@ class XKVCache(Cache):
     def _segment_rope_table(self, segment: _Segment) -> tuple[torch.Tensor, torch.Tensor]:
         """The cos/sin table of ``segment``'s slots, in the dtype its factors' states call for."""
         return self._rope_table(segment.start, segment.length, segment.key_factor.device,
-                                _rope_table_dtype(segment.key_factor.dtype))
+                                _rope_table_dtype(segment.dtype))
 
     def _rebuild_into(self, segment: _Segment, key_right: torch.Tensor, value_right: torch.Tensor,
                       keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -1001,11 +1027,11 @@ class XKVCache(Cache):
         # the segment's own table (shared with the fused decode)
         table = self._segment_rope_table(segment) if self.params.pre_rope else None
         for a, b in row_blocks(tokens, batch * width):
-            k = torch.matmul(segment.key_factor[:, a:b], key_right).view(batch, b - a, heads, self.head_dim)
+            k = torch.matmul(segment.key_left(a, b), key_right).view(batch, b - a, heads, self.head_dim)
             if table is not None:
                 k = apply_rope(k, table[0][a:b, None, :], table[1][a:b, None, :])
             keys[:, :, a:b].copy_(k.transpose(1, 2))
-            v = torch.matmul(segment.value_factor[:, a:b], value_right)
+            v = torch.matmul(segment.value_left(a, b), value_right)
             values[:, :, a:b].copy_(v.view(batch, b - a, heads, self.value_head_dim).transpose(1, 2))
 
     def compress(self, layer_idx: int) -> None:
@@ -1070,6 +1096,9 @@ class XKVCache(Cache):
             j = len(group.segments)
             new_segment.key_factor = self._reuse(("key_factor", g, j), new_segment.key_factor)
             new_segment.value_factor = self._reuse(("value_factor", g, j), new_segment.value_factor)
+            if new_segment.key_scale is not None:
+                new_segment.key_scale = self._reuse(("key_scale", g, j), new_segment.key_scale)
+                new_segment.value_scale = self._reuse(("value_scale", g, j), new_segment.value_scale)
             if new_segment.outlier_index is not None:
                 new_segment.outlier_index = self._reuse(("outlier_index", g, j), new_segment.outlier_index)
                 new_segment.keep = self._reuse(("keep", g, j), new_segment.keep)
@@ -1101,8 +1130,10 @@ class XKVCache(Cache):
         ``W = H*d`` per layer, ``N`` tokens held, ``X`` of them exact outside the segment, ``O`` the bytes of
         the group's other segments, all but the last when ``merge`` extends it)::
 
-            e*[T*(r_k + r_v) + G*(r_k + r_v)*W] + n*(2*G*W*e + 8) + T  + rope/groups
+            f*T*(r_k + r_v) + 2*e*T*[f < e] + e*G*(r_k + r_v)*W + n*(2*G*W*e + 8) + T*[n > 0] + rope/groups
                 <=  2*G*W*N*e / ratio  -  2*G*W*X*e  -  O
+
+        with ``f`` the bytes of a factor entry (1 with ``factor_bits=8``, plus the two row scales).
         """
         first: XKVLayer = self.layers[group.layer_indices[0]]  # type: ignore[assignment]
         e, b = first.keys.element_size(), first.batch_size
@@ -1112,18 +1143,18 @@ class XKVCache(Cache):
         rotary = 2 * len(self._inv_freq) if self.params.pre_rope else 0
         table_bytes = _rope_table_dtype(first.keys.dtype).itemsize * 2 * rotary / len(self.groups) / b
 
+        f = 1 if self.params.factor_bits == 8 else e  # bytes per factor entry
+        scales = 2 * e if self.params.factor_bits == 8 else 0  # per token: one key and one value scale
+
         def budget(tokens: int, outliers: int, merge: bool) -> int:
             previous = group.segments[:-1] if merge else group.segments
             others = sum(s.length for s in previous)
-            other_bytes = sum(
-                e * (s.length * (s.key_factor.shape[-1] + s.value_factor.shape[-1])
-                     + g * (s.key_factor.shape[-1] + s.value_factor.shape[-1]) * w)
-                + s.num_outliers * (2 * g * w * e + 8) + (s.length if s.keep is not None else 0)
-                + table_bytes * s.length for s in previous)
+            other_bytes = sum(_segment_row_bytes(s, g, w, e) + table_bytes * s.length for s in previous)
             exact = held - tokens - others
             room = 2 * g * w * e * held / ratio - 2 * g * w * e * exact - other_bytes
             room -= outliers * (2 * g * w * e + 8) + (tokens if outliers else 0) + table_bytes * tokens
-            return int(room // (e * (tokens + g * w)))
+            room -= scales * tokens
+            return int(room // (f * tokens + e * g * w))
         return budget
 
     def expected_nbytes(self) -> int:
@@ -1139,7 +1170,7 @@ class XKVCache(Cache):
         total = 0
         if self.params.pre_rope:
             segments = self.groups[0].segments if self.groups else []
-            total += sum(_rope_table_dtype(s.key_factor.dtype).itemsize * 2 * s.length * 2 * len(self._inv_freq)
+            total += sum(_rope_table_dtype(s.dtype).itemsize * 2 * s.length * 2 * len(self._inv_freq)
                          for s in segments)
         for group in self.groups:
             layer: XKVLayer = self.layers[group.layer_indices[0]]  # type: ignore[assignment]
@@ -1147,11 +1178,7 @@ class XKVCache(Cache):
                 continue
             e, b, hd = layer.keys.element_size(), layer.batch_size, self.num_kv_heads * self.head_dim
             g = len(group.layer_indices)
-            for s in group.segments:
-                rk, rv = s.key_factor.shape[-1], s.value_factor.shape[-1]
-                total += e * b * (s.length * (rk + rv) + g * (rk + rv) * hd)
-                # outliers: exact keys and values in every layer, their int64 slots, the bool keep mask
-                total += b * (s.num_outliers * (e * g * 2 * hd + 8) + (s.length if s.keep is not None else 0))
+            total += b * sum(_segment_row_bytes(s, g, hd, e) for s in group.segments)
             exact = layer.sink_keys.shape[-2] + layer.keys.shape[-2]
             total += e * b * g * exact * 2 * hd
         for layer in self.layers:

@@ -28,6 +28,19 @@ class _Segment:
     # copies instead). Both None when the segment has no outliers.
     outlier_index: torch.Tensor | None = None
     keep: torch.Tensor | None = None
+    # Quantised token factors (XKVCache(factor_bits=8)): key_factor/value_factor are int8 and each row t
+    # stands for ``factor[t] * scale[t]`` (``[B, length, 1]``, the states' dtype). None: the factors are float.
+    key_scale: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+    dtype: torch.dtype | None = None  # the states' dtype (what the factors stand for)
+
+    def key_left(self, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """The keys' token factor rows ``a:b`` in the states' dtype (dequantised when stored in 8 bits)."""
+        return _rows(self.key_factor, self.key_scale, a, b, self.dtype)
+
+    def value_left(self, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """The values' token factor rows ``a:b`` in the states' dtype."""
+        return _rows(self.value_factor, self.value_scale, a, b, self.dtype)
 
     @property
     def num_outliers(self) -> int:
@@ -35,7 +48,25 @@ class _Segment:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors the segment holds (for byte counts and batch operations)."""
-        return [t for t in (self.key_factor, self.value_factor, self.outlier_index, self.keep) if t is not None]
+        return [t for t in (self.key_factor, self.value_factor, self.outlier_index, self.keep, self.key_scale,
+                            self.value_scale) if t is not None]
+
+
+def _rows(factor: torch.Tensor, scale: torch.Tensor | None, a: int, b: int | None, dtype) -> torch.Tensor:
+    rows = factor[:, a:b]
+    if scale is None:
+        return rows
+    return (rows.float() * scale[:, a:b].float()).to(dtype)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit quantisation with one scale per row: ``x[t] ~ q[t] * scale[t]``, ``q`` int8 in
+    ``[-127, 127]``, ``scale = max|x[t]| / 127`` (in ``x``'s dtype; 1 for an all-zero row). Per row because a
+    token factor row ``U_t S`` has the token's own norm; the error per entry is at most ``scale/2``."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(x.dtype)
+    q = (x.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
 @dataclass
@@ -242,18 +273,19 @@ def plan_group_compression(
         key_rank = value_rank = min(total - 1, width)
     if merge:
         key_factor, key_right = extend_truncated_svd(
-            previous.key_factor, torch.cat(previous_key_rights, dim=-1), stacked_keys, key_rank, params.svd_method)
+            previous.key_left(), torch.cat(previous_key_rights, dim=-1), stacked_keys, key_rank, params.svd_method)
         value_factor, value_right = extend_truncated_svd(
-            previous.value_factor, torch.cat(previous_value_rights, dim=-1), stacked_values, value_rank,
+            previous.value_left(), torch.cat(previous_value_rights, dim=-1), stacked_values, value_rank,
             params.svd_method)
-        segment = _Segment(previous.start, previous.length + to_compress, key_factor, value_factor)
+        segment = _Segment(previous.start, previous.length + to_compress, key_factor, value_factor,
+                           dtype=stacked_keys.dtype)
     else:
         key_factor, key_right = truncated_svd(stacked_keys, key_rank, params.svd_method)
         value_factor, value_right = truncated_svd(stacked_values, value_rank, params.svd_method)
-        segment = _Segment(start, to_compress, key_factor, value_factor)
+        segment = _Segment(start, to_compress, key_factor, value_factor, dtype=stacked_keys.dtype)
     if spectrum:
-        key_energy = _energy(stacked_keys) + (_energy(previous.key_factor) if merge else 0.0)
-        value_energy = _energy(stacked_values) + (_energy(previous.value_factor) if merge else 0.0)
+        key_energy = _energy(stacked_keys) + (_energy(previous.key_left()) if merge else 0.0)
+        value_energy = _energy(stacked_values) + (_energy(previous.value_left()) if merge else 0.0)
         key_rank, value_rank = split_rank_by_spectrum(segment.key_factor, key_energy, segment.value_factor,
                                                       value_energy, total)
         segment.key_factor, key_right = segment.key_factor[..., :key_rank].contiguous(), key_right[..., :key_rank, :]
@@ -289,4 +321,7 @@ def plan_group_compression(
         segment.outlier_index, segment.keep = index, keep
     elif segment.outlier_index is not None:  # merged, no new outliers: the old ones, keep mask extended
         segment.keep = torch.cat([segment.keep, segment.keep.new_ones(segment.keep.shape[0], to_compress)], dim=-1)
+    if params.factor_bits == 8:  # last: the spectra, the outliers and the merge read the float factors
+        segment.key_factor, segment.key_scale = quantize_rows(segment.key_factor)
+        segment.value_factor, segment.value_scale = quantize_rows(segment.value_factor)
     return plan
