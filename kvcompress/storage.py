@@ -159,6 +159,10 @@ class GrowableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._length if self.is_initialized else 0
 
+    def host_length(self) -> int | None:
+        """Valid tokens as a Python int (never a device sync: the length lives on the host)."""
+        return self.get_seq_length()
+
     def reset(self) -> None:
         self._key_storage = self._value_storage = None
         self._length = 0
@@ -228,6 +232,10 @@ class StaticBufferLayer(StaticLayer):
     def reallocations(self) -> int:
         """1 once the storage exists: it is never reallocated."""
         return int(self.is_initialized)
+
+    def host_length(self) -> int | None:
+        """Valid tokens as the host knows them without a device sync; ``None`` after compiled steps."""
+        return self._host_length if self.is_initialized else 0
 
     def valid_tokens(self) -> int:
         """Valid tokens as a Python int (one host sync on GPU, unless the host mirror knows it)."""

@@ -622,6 +622,15 @@ class XKVCache(Cache):
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
+
+    A model with another number of layers than the cache's config: :func:`~kvcompress.xkv.patch_xkv`
+    refuses it before any layer is written. Without the patch the cache is handed nothing but each layer's
+    states and index (no config and no model, ``generate`` included), so it refuses as early as those
+    allow: a model with more layers at the update of the first layer the cache lacks (``ValueError``
+    naming both counts, before that write; the layers before it took the tokens, so the cache then refuses
+    every update until :meth:`reset`), a model with fewer layers at the first update of the next forward
+    (its last layers hold fewer tokens than its first: ``RuntimeError`` before anything is written; the
+    forward that left them so is itself right). A forward that stopped part-way is refused the same way.
     """
 
     def __init__(
@@ -731,11 +740,18 @@ class XKVCache(Cache):
         fewer layers than the cache): continuing would attend over misaligned tokens silently."""
         self._check_usable()
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
-            if any(getattr(layer, "is_initialized", False) for layer in self.layers):
-                self._refused = f"layer_idx={layer_idx} arrived after layers 0..{len(self.layers) - 1} were written"
-            raise ValueError(
-                f"layer_idx={layer_idx} is out of range: this XKVCache was built for {len(self.layers)} layers "
-                f"(allowed: 0..{len(self.layers) - 1}); build it from the model's own config")
+            n = len(self.layers)
+            written = any(getattr(layer, "is_initialized", False) for layer in self.layers)
+            if isinstance(layer_idx, int) and not isinstance(layer_idx, bool) and layer_idx >= n:
+                why = (f"this XKVCache was built for {n} layers but the model has at least {layer_idx + 1} layers "
+                       f"(an update of layer {layer_idx} arrived)")
+            else:
+                why = f"layer_idx={layer_idx!r} is out of range for this XKVCache of {n} layers"
+            if written:
+                # layers 0..n-1 took this forward's tokens, the model's other layers cannot: misaligned for good
+                self._refused = why
+            raise ValueError(f"{why}; allowed: 0..{n - 1}. Build the cache from the model's own config "
+                             "(XKVCache(model.config, ...))")
         layer = self.layers[layer_idx]
         if isinstance(layer, XKVLayer) and not torch.compiler.is_compiling():
             layer.check_states(key_states, value_states)
