@@ -315,6 +315,23 @@ def test_forward_stopped_part_way_refuses_the_cache_until_reset(kind):
     torch.testing.assert_close(logits, stock, rtol=1e-5, atol=1e-5)
 
 
+
+# -- memory allocated next to memory held -------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mla", "tpla"])
+def test_growable_storage_allocates_in_proportion_to_the_prompt(kind):
+    """A 300-token prompt and a few decoded tokens: the growable latent caches allocate at most ~1.1x the
+    bytes they hold (the first allocation is proportional to the prompt, not the prompt + 256 tokens)."""
+    cfg = tiny_config("deepseek_v3")
+    cache = UNPATCHED_CACHES[kind](cfg)
+    _, pair = CACHES[kind]
+    for tokens in [300] + [1] * 8:
+        (k, v), kw = pair(1, tokens)
+        for layer in range(LAYERS):
+            cache.update(k, v, layer, **kw)
+        assert cache.nbytes() == (cache.expected_nbytes() if kind == "mla" else 2 * cache.expected_shard_nbytes())
+        assert cache.nbytes() <= cache.reserved_nbytes() <= 1.1 * cache.nbytes(), (tokens, cache.reserved_nbytes())
+
+
 # -- calibration input and unsupported models --------------------------------------------------------------
 @pytest.mark.parametrize("calibration, error, match", [
     (torch.full((1, 8), 160), ValueError, r"calibration token ids must lie in \[0, 160\).*from 160 to 160"),
