@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvcompress.cli import VERBS, main
 from kvcompress.registry import get_method, list_methods
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_verb(capsys):
@@ -256,6 +259,57 @@ def test_sigint_during_start_up_exits_130():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "interrupted" and "Traceback" not in result.stderr
+
+
+
+# SIGINT at the first import of torch, the slow part of start-up (seconds), reached deterministically: a
+# finder that the import system asks before any other (it finds nothing itself)
+_INTERRUPT_AT_TORCH = """
+import importlib.abc, os, signal, sys
+
+class InterruptAtTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            print("SIGINT while importing torch", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptAtTorch())
+"""
+
+
+def _console_script() -> tuple[str, str]:
+    """(module, function) of the ``kvcompress`` console script, as pyproject.toml declares it."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["kvcompress"].partition(":")
+    return module, function
+
+
+@pytest.mark.parametrize("verb", ["methods", "bench"])
+def test_sigint_while_the_package_imports_torch_exits_130(verb):
+    """Ctrl-C during ``import kvcompress`` (torch, transformers: the seconds before any verb runs), through
+    the console script pyproject.toml declares: "interrupted" and status 130, no traceback."""
+    module, function = _console_script()
+    code = _INTERRUPT_AT_TORCH + f"from {module} import {function}\nsys.exit({function}())\n"
+    result = subprocess.run([sys.executable, "-c", code, verb], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert "SIGINT while importing torch" in result.stdout, (result.stdout, result.stderr)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "interrupted" and "Traceback" not in result.stderr
+
+
+def test_console_script_module_imports_nothing_heavy():
+    """The console script's own module is outside the package: importing it runs neither
+    kvcompress/__init__ nor torch, so its Ctrl-C handling is in place before they start."""
+    module, function = _console_script()
+    code = (f"import sys\nfrom {module} import {function}\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'kvcompress') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # -- the demo's summary ----------------------------------------------------------------------------------
