@@ -206,7 +206,7 @@ def test_grown_capacity_is_proportional_and_geometric():
             capacity = grown_capacity(needed, capacity)
             sizes.append(capacity)
     assert len(sizes) < 30 and all(s % 16 == 0 for s in sizes)
-    assert sum(sizes) < 5 * 20_000
+    assert sum(sizes[:-1]) < 5 * 20_000  # tokens copied by the growths (each copies at most the old capacity)
 
 
 # -- import graph -----------------------------------------------------------------------------------------

@@ -120,22 +120,24 @@ def test_demo_bytes_and_ratio_match_the_formulas(where, block):
     assert f"{_dynamic_bytes(tokens) / xkv_reserved:.2f}" == f"{allocated_ratio:.2f}", where
 
 
-def _demo_ratio() -> float:
+def _demo_ratios() -> tuple[float, float]:
+    """The demo's savings: by the bytes held and by the bytes allocated."""
     where, block = _demo_blocks()[0]
-    return float(re.search(r"memory saving: ([\d.]+)x", block).group(1))
+    match = re.search(r"memory saving: ([\d.]+)x smaller held .*?, ([\d.]+)x smaller allocated", block)
+    return float(match.group(1)), float(match.group(2))
 
 
 def test_every_ratio_quoted_for_the_demo_is_the_demo_output():
-    """A line that names the demo and a ratio ("4.46x") quotes the demo's own output."""
-    expected = f"{_demo_ratio():.2f}"
+    """A line that names the demo and a ratio ("4.46x") quotes the demo's own output (held or allocated)."""
+    expected = {f"{r:.2f}" for r in _demo_ratios()}
     quoted = []
     for path in DOC_FILES:
         for line in _text(path).splitlines():
             if "demo" in line.lower() and "memory saving" not in line:
                 quoted += [(_rel(path), line, r) for r in re.findall(r"(\d+\.\d+)x", line)]
     assert quoted, "no line quotes the demo's ratio"
-    wrong = [(where, line) for where, line, r in quoted if f"{float(r):.2f}" != expected]
-    assert not wrong, f"expected {expected}x: {wrong}"
+    wrong = [(where, line) for where, line, r in quoted if f"{float(r):.2f}" not in expected]
+    assert not wrong, f"expected one of {sorted(expected)}x: {wrong}"
 
 
 # -- the method tables ---------------------------------------------------------------------------------

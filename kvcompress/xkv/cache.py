@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,7 +12,7 @@ from ..kernels.xkv_decode import ExactPart, FactoredPart
 from ..models import text_config
 from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
 from ..registry import MethodParams, Range, param
-from ..storage import GROWTH_FACTOR, GROWTH_GRANULE, stock_crop_length
+from ..storage import grown_capacity, stock_crop_length
 from .compression import (Rank, _Group, _Segment, _rope_table_dtype, default_group_size, plan_group_compression,
                           resolve_rank)
 
@@ -51,30 +50,12 @@ class XKVParams(MethodParams):
         return getattr(self, name)
 
 
-# The exact tail lives in a preallocated buffer that grows geometrically (kvcompress.storage's factor), so
+# The exact tail lives in a preallocated buffer that grows geometrically (kvcompress.storage's rule), so
 # appending a decoded token is one in-place write (amortised O(1)) instead of a torch.cat of the whole tail.
-# Its first allocation is proportional to the tokens it must hold, not storage.grown_capacity's extra
-# 256-token granule: after a compression the tail holds ~window tokens, and a 256-token buffer per layer
-# next to them made a 300-token XKVCache reserve more bytes than DynamicCache holds (SmolLM2's shapes,
-# default parameters: tests/test_xkv_reliability.py).
-_TAIL_ALIGN = 16  # capacities are multiples of this many tokens
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def tail_capacity(needed: int, capacity: int) -> int:
-    """Capacity (tokens) of an exact-tail buffer that must hold ``needed`` tokens and holds ``capacity``.
-
-    First allocation (``capacity == 0``): ``needed`` plus an eighth of it (at least 16 tokens, at most
-    256) of room for decoded tokens. Later: ``max(needed, 1.25 * capacity)``, so ``n`` appends cost
-    ``O(n)`` copies. Always a multiple of 16.
-    """
-    if capacity == 0:
-        room = min(max(needed // 8, _TAIL_ALIGN), GROWTH_GRANULE)
-        return _round_up(max(needed, 0) + room, _TAIL_ALIGN)
-    return _round_up(max(needed, math.ceil(GROWTH_FACTOR * capacity)), _TAIL_ALIGN)
+# Its first allocation is proportional to the tokens it must hold: after a compression the tail holds
+# ~window tokens, and a fixed 256-token buffer per layer next to them made a 300-token XKVCache reserve
+# more bytes than DynamicCache holds (SmolLM2's shapes, default parameters: tests/test_xkv_reliability.py).
+tail_capacity = grown_capacity  # the exact tail's capacity for ``needed`` tokens, holding ``capacity`` now
 
 
 class ForwardContext:
@@ -817,8 +798,8 @@ class XKVCache(Cache):
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated: as ``nbytes()`` but counting the exact-tail buffers' whole capacity (the growable
-        storage keeps up to 25% + 256 tokens of headroom per layer) and, with a static capacity, the storage
-        ``reset()`` kept for the next sequence that it has not reused (yet)."""
+        storage keeps up to 25% of headroom per layer, :func:`kvcompress.storage.grown_capacity`) and, with a
+        static capacity, the storage ``reset()`` kept for the next sequence that it has not reused (yet)."""
         total = sum(group.nbytes() for group in self.groups)
         total += sum(tensor_nbytes(*table) for table in self._rope_tables.values())
         total += tensor_nbytes(*self._kept_storage.values())
