@@ -226,8 +226,9 @@ class CheckedLayersCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``Cache.update`` after the layer-count and alignment checks (see the class docstring)."""
-        name, n = type(self).__name__, self.num_layers
+        n = self.num_layers
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < n:
+            name = type(self).__name__
             if isinstance(layer_idx, int) and not isinstance(layer_idx, bool) and layer_idx >= n:
                 why = (f"this {name} was built for {n} layers but the model has at least {layer_idx + 1} layers "
                        f"(an update of layer {layer_idx} arrived)")
