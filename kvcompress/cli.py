@@ -50,8 +50,9 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a verb; exit status 0 on success, 2 for bad arguments, 130 after Ctrl-C (at any point, start-up
-    included)."""
+    """Run a verb; exit status 0 on success, 2 for bad arguments, 130 after Ctrl-C (at any point, the
+    verbs' start-up included). The console script (``kvcompress_cli``) also catches a Ctrl-C during the
+    package's import, which happens before this module exists."""
     try:
         return _main(argv)
     except KeyboardInterrupt:

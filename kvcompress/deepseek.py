@@ -25,7 +25,8 @@ positional forms of transformers 5.17 (``past_key_values``) and 5.24 (``cache``)
 Any cache, or none, is served: a method's own cache class, transformers' ``DynamicCache`` (which holds
 the stock latent on transformers >= 5.17), or ``use_cache=False``, so plain ``model(input_ids)`` and
 ``model(input_ids, labels=...)`` work on a patched model like on the stock one. A cache built for
-another number of layers is refused at layer 0, before anything is written.
+another number of layers is refused at layer 0, before anything is written; without the patch the
+caches (:class:`CheckedLayersCache`) notice it as early as the states they are handed allow.
 """
 
 from __future__ import annotations
@@ -197,6 +198,75 @@ def absorb_output(out_latent: torch.Tensor, w_uv_t: torch.Tensor) -> torch.Tenso
     out_heads = out_latent.transpose(0, 1).reshape(heads, batch * length, rank)
     out = torch.bmm(out_heads, w_uv_t).view(heads, batch, length, w_uv_t.shape[-1])
     return out.permute(1, 2, 0, 3).reshape(batch, length, heads * w_uv_t.shape[-1])
+
+
+class CheckedLayersCache(Cache):
+    """A ``Cache`` of one layer per model layer (``num_layers``, set by the subclass) that refuses to attend
+    over misaligned layers: those of a model with another number of layers, or after a forward that
+    stopped part-way (an exception, Ctrl-C, inside the model).
+
+    What it can know: an unpatched model hands its cache nothing but each layer's states and index (no
+    config, no model; ``generate`` passes none either, on transformers 5.17 and 5.24), so a model's layer
+    count is only seen in the updates it makes:
+
+    * a model with more layers than the cache: the update of the first layer the cache lacks raises
+      ``ValueError`` naming both counts, before it writes. The layers before it took the forward's tokens,
+      so the cache then refuses every update (``RuntimeError``) until :meth:`reset`;
+    * a model with fewer layers, or a forward that stopped part-way: the cache's last layer holds fewer
+      tokens than its first; the first update of the next forward (layer 0) sees that and refuses, before
+      it writes. The forward that left them so is itself right (each layer attends over its own tokens).
+
+    ``patch_mla`` / ``patch_tpla`` see the model's count and refuse another one at layer 0 of the first
+    forward (:func:`check_cache_layers`). The checks read host-side lengths only (no device sync) and are
+    skipped inside ``torch.compile`` (the eager prefill and any eager step make them).
+    """
+
+    num_layers: int
+    _refused: str | None = None  # why the cache refuses every update until reset() (None: usable)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``Cache.update`` after the layer-count and alignment checks (see the class docstring)."""
+        n = self.num_layers
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < n:
+            name = type(self).__name__
+            if isinstance(layer_idx, int) and not isinstance(layer_idx, bool) and layer_idx >= n:
+                why = (f"this {name} was built for {n} layers but the model has at least {layer_idx + 1} layers "
+                       f"(an update of layer {layer_idx} arrived)")
+            else:
+                why = f"layer_idx={layer_idx!r} is out of range for this {name} of {n} layers"
+            if self._refused is None and any(layer.is_initialized for layer in self.layers):
+                self._refused = why  # the layers before it took this forward's tokens; the model's others cannot
+            raise ValueError(f"cache/model mismatch: {why}; allowed: 0..{n - 1}. Build the cache from this "
+                             "model's config")
+        if not torch.compiler.is_compiling():
+            if layer_idx == 0:
+                self._check_aligned()
+            self._check_usable()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_aligned(self) -> None:
+        """Refuse if layer 0 and the last layer hold different token counts at the start of a forward."""
+        held = [layer.host_length() if layer.is_initialized else 0 for layer in (self.layers[0], self.layers[-1])]
+        if None in held or held[0] == held[1]:
+            return
+        counts = [layer.host_length() if layer.is_initialized else 0 for layer in self.layers]
+        if None in counts:
+            return  # only the device knows some lengths (compiled steps ran): not worth a sync here
+        k = next(i for i in range(1, len(counts)) if counts[i] != counts[0])
+        self._refused = (
+            f"its layers disagree: layers 0..{k - 1} hold {counts[0]} tokens, layer {k} holds {counts[k]}; either "
+            f"a forward stopped part-way (an exception inside the model) or the model has {k} layers where this "
+            f"cache was built for {self.num_layers} layers")
+
+    def _check_usable(self) -> None:
+        if self._refused is not None:
+            raise RuntimeError(f"this {type(self).__name__} cannot be used: {self._refused}. Call reset() to start "
+                               "a new sequence with it (or build a new cache from the model's config)")
+
+    def reset(self) -> None:
+        """Forget every token and any refusal."""
+        super().reset()
+        self._refused = None
 
 
 def check_cache_layers(module: torch.nn.Module, cache: Cache | None, method: str) -> None:

@@ -63,11 +63,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers.cache_utils import Cache
 
-from .deepseek import (SUPPORTED_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, LatentDecode, absorb_output,
-                       absorb_query, attention_modules, check_attn_implementation, deepseek_attention_forward,
-                       deepseek_config, modeling_file, rope_style)
+from .deepseek import (SUPPORTED_ATTN_IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, CheckedLayersCache, LatentDecode,
+                       absorb_output, absorb_query, attention_modules, check_attn_implementation,
+                       deepseek_attention_forward, deepseek_config, modeling_file, rope_style)
 from .kernels import triton_usable
 from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
 from .registry import MethodParams, Range, param, register_method
@@ -206,7 +205,7 @@ class StaticMLALatentLayer(_LatentLayerNames, StaticBufferLayer):
 
 
 
-class MLALatentCache(Cache):
+class MLALatentCache(CheckedLayersCache):
     """KV cache for DeepSeek-V2/V3 that holds, per layer and token, only the latent ``c`` and the rotated
     RoPE key: ``layers * batch * tokens * (kv_lora_rank + qk_rope_head_dim) * element_size`` bytes, nothing
     per head (DeepSeek-V2-Lite: 576 values per token and layer instead of 16 heads * (192 + 128) = 5120).
@@ -252,14 +251,6 @@ class MLALatentCache(Cache):
             layers = [StaticMLALatentLayer(i, self.kv_lora_rank, self.qk_rope_head_dim, max_cache_len)
                       for i in range(self.num_layers)]
         super().__init__(layers=layers)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise ValueError(
-                f"cache/model mismatch: layer_idx {layer_idx!r} but this MLALatentCache has {self.num_layers} "
-                f"layers (0..{self.num_layers - 1}); build it from this model's config"
-            )
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def check_module(self, module: torch.nn.Module) -> None:
         """Raise ValueError if ``module`` (a DeepSeek attention) does not produce what this cache holds."""

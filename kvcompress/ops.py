@@ -397,3 +397,12 @@ def cache_nbytes(cache) -> int:
         return int(cache.nbytes())
     return sum(tensor_nbytes(getattr(layer, "keys", None), getattr(layer, "values", None))
                for layer in getattr(cache, "layers", []))
+
+
+def cache_reserved_nbytes(cache) -> int:
+    """Bytes a cache has allocated: ``cache.reserved_nbytes()`` for kvcompress caches (the valid tokens
+    plus the spare capacity of their storage), else :func:`cache_nbytes` (a stock cache's tensors are
+    exactly what it allocated: ``DynamicCache`` concatenates to size, ``StaticCache``'s are its buffers)."""
+    if callable(getattr(cache, "reserved_nbytes", None)):
+        return int(cache.reserved_nbytes())
+    return cache_nbytes(cache)

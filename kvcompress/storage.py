@@ -27,7 +27,9 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 from .ops import tensor_nbytes
 
 GROWTH_FACTOR = 1.25  # capacity grows geometrically: amortised O(1) copies per appended token
-GROWTH_GRANULE = 256  # capacities are multiples of this many tokens
+GROWTH_ALIGN = 16  # capacities are multiples of this many tokens
+FIRST_ROOM_FRACTION = 16  # the first allocation has room for 1/16 of its tokens more...
+FIRST_ROOM_MIN, FIRST_ROOM_MAX = 16, 256  # ...but at least 16 and at most 256 tokens
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -37,14 +39,17 @@ def _round_up(n: int, multiple: int) -> int:
 def grown_capacity(needed: int, capacity: int) -> int:
     """Capacity (tokens) for storage that must hold ``needed`` tokens and holds ``capacity`` now.
 
-    The first allocation (``capacity == 0``) is ``needed`` plus one granule of room for decoded tokens,
-    not a fraction of a long prompt, so a 32K prefill neither reserves 8K spare tokens nor copies itself
-    at the first decode step. Later: ``max(needed, 1.25 * capacity)``. Always a multiple of 256, so ``n``
-    appends cost ``O(n)`` copies and ``O(log n)`` reallocations.
+    The first allocation (``capacity == 0``) is ``needed`` plus a sixteenth of it (at least 16 tokens, at
+    most 256) of room for decoded tokens, rounded up to a multiple of 16: proportional to the prompt, so
+    the bytes allocated stay within ~7% of the bytes held (a 300-token prompt: 320 tokens, not 300 + a
+    256-token granule), and a 32K prefill neither reserves 8K spare tokens nor copies itself at the first
+    decode step. Later: ``max(needed, 1.25 * capacity)`` rounded up to 16, so ``n`` appends cost ``O(n)``
+    copies and ``O(log n)`` reallocations.
     """
     if capacity == 0:
-        return _round_up(max(needed, 0) + GROWTH_GRANULE, GROWTH_GRANULE)
-    return _round_up(max(needed, math.ceil(GROWTH_FACTOR * capacity)), GROWTH_GRANULE)
+        room = min(max(needed // FIRST_ROOM_FRACTION, FIRST_ROOM_MIN), FIRST_ROOM_MAX)
+        return _round_up(max(needed, 0) + room, GROWTH_ALIGN)
+    return _round_up(max(needed, math.ceil(GROWTH_FACTOR * capacity)), GROWTH_ALIGN)
 
 
 def stock_crop_length(length: int, tokens_to_remove: int) -> int:
@@ -159,6 +164,10 @@ class GrowableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._length if self.is_initialized else 0
 
+    def host_length(self) -> int | None:
+        """Valid tokens as a Python int (never a device sync: the length lives on the host)."""
+        return self.get_seq_length()
+
     def reset(self) -> None:
         self._key_storage = self._value_storage = None
         self._length = 0
@@ -228,6 +237,10 @@ class StaticBufferLayer(StaticLayer):
     def reallocations(self) -> int:
         """1 once the storage exists: it is never reallocated."""
         return int(self.is_initialized)
+
+    def host_length(self) -> int | None:
+        """Valid tokens as the host knows them without a device sync; ``None`` after compiled steps."""
+        return self._host_length if self.is_initialized else 0
 
     def valid_tokens(self) -> int:
         """Valid tokens as a Python int (one host sync on GPU, unless the host mirror knows it)."""

@@ -81,11 +81,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache
 
-from .deepseek import (SUPPORTED_MODEL_TYPES, LatentDecode, absorb_output, absorb_query, attention_modules,
-                       check_attn_implementation, deepseek_attention_forward, deepseek_config, modeling_file,
-                       rope_style)
+from .deepseek import (SUPPORTED_MODEL_TYPES, CheckedLayersCache, LatentDecode, absorb_output, absorb_query,
+                       attention_modules, check_attn_implementation, deepseek_attention_forward, deepseek_config,
+                       modeling_file, rope_style)
 from .hooks import PatchHandle, replace_forward, set_attribute
 from .kernels import triton_usable
 from .kernels.mla_decode import key_mask_from_attention_mask, mla_decode_attention
@@ -294,7 +293,7 @@ class StaticTPLALayer(_ShardStates, StaticBufferLayer):
         self._set_layout(layer_idx, shards, width, rope_dim)
 
 
-class TPLACache(Cache):
+class TPLACache(CheckedLayersCache):
     """Per-shard latent caches for TPLA decode of a DeepSeek-V2/V3 model patched by :func:`patch_tpla`.
 
     Shard ``i`` holds per layer and token ``r/N`` latent values (its slice of the rotated latent) and the
@@ -330,12 +329,6 @@ class TPLACache(Cache):
             layers = [StaticTPLALayer(i, self.shards, self.width, self.qk_rope_head_dim, max_cache_len)
                       for i in range(self.num_layers)]
         super().__init__(layers=layers)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
-            raise ValueError(f"cache/model mismatch: layer_idx {layer_idx!r} but this TPLACache has "
-                             f"{self.num_layers} layers; build it from this model's config")
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def shard_nbytes(self, shard: int) -> int:
         """Bytes shard ``shard`` holds (all layers, valid tokens), from the tensors' shapes and dtypes."""

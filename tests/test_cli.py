@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from kvcompress.cli import VERBS, main
 from kvcompress.registry import get_method, list_methods
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_verb(capsys):
@@ -257,33 +261,91 @@ def test_sigint_during_start_up_exits_130():
     assert result.stderr.strip() == "interrupted" and "Traceback" not in result.stderr
 
 
+
+# SIGINT at the first import of torch, the slow part of start-up (seconds), reached deterministically: a
+# finder that the import system asks before any other (it finds nothing itself)
+_INTERRUPT_AT_TORCH = """
+import importlib.abc, os, signal, sys
+
+class InterruptAtTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            print("SIGINT while importing torch", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptAtTorch())
+"""
+
+
+def _console_script() -> tuple[str, str]:
+    """(module, function) of the ``kvcompress`` console script, as pyproject.toml declares it."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["kvcompress"].partition(":")
+    return module, function
+
+
+@pytest.mark.parametrize("verb", ["methods", "bench"])
+def test_sigint_while_the_package_imports_torch_exits_130(verb):
+    """Ctrl-C during ``import kvcompress`` (torch, transformers: the seconds before any verb runs), through
+    the console script pyproject.toml declares: "interrupted" and status 130, no traceback."""
+    module, function = _console_script()
+    code = _INTERRUPT_AT_TORCH + f"from {module} import {function}\nsys.exit({function}())\n"
+    result = subprocess.run([sys.executable, "-c", code, verb], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert "SIGINT while importing torch" in result.stdout, (result.stdout, result.stderr)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "interrupted" and "Traceback" not in result.stderr
+
+
+def test_console_script_module_imports_nothing_heavy():
+    """The console script's own module is outside the package: importing it runs neither
+    kvcompress/__init__ nor torch, so its Ctrl-C handling is in place before they start."""
+    module, function = _console_script()
+    code = (f"import sys\nfrom {module} import {function}\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'kvcompress') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 # -- the demo's summary ----------------------------------------------------------------------------------
 def test_demo_summary_names_the_model_says_whether_the_answers_agree_and_gives_both_ratios():
-    from transformers import DynamicCache
-
     from kvcompress.demo import Answer, summary
+
+    dense = Answer("DynamicCache", "4212345", object(), 4 * 2**20, 1.0)  # stock: allocated = held
+    xkv = Answer("XKVCache", "4212345", object(), 2**20, 2.0, reserved=2 * 2**20)
+    text = "\n".join(summary([dense, xkv], "4212345", "SmolLM2-135M-Instruct"))
+    assert "same answer: yes, SmolLM2-135M-Instruct gave the same answer with both caches ('4212345')" in text
+    assert "DynamicCache:     4.00 MiB held,     4.00 MiB allocated" in text
+    assert "XKVCache:     1.00 MiB held,     2.00 MiB allocated" in text
+    assert "memory saving: 4.00x smaller held (75% less; nbytes), 2.00x smaller allocated (50% less; " \
+           "reserved_nbytes" in text
+    assert text.count("(found)") == 2
+    other = "\n".join(summary([dense, Answer("XKVCache", "42", object(), 2**20, 2.0)], "4212345", "M"))
+    assert "same answer: no, M answered '4212345' with DynamicCache and '42' with XKVCache" in other
+    assert "(MISSED)" in other and "4.00x smaller held" in other and "4.00x smaller allocated" in other
+
+
+def test_demo_measures_what_each_cache_allocates():
+    """The demo's figures come from the caches: stock caches allocate what they hold, kvcompress caches
+    report their storage's spare capacity too."""
+    from transformers import DynamicCache, LlamaConfig
+
+    from kvcompress.ops import cache_nbytes, cache_reserved_nbytes
     from kvcompress.xkv import XKVCache
 
-    class Reserving:  # a compressed cache with growth headroom
-        def nbytes(self):
-            return 2**20
-
-        def reserved_nbytes(self):
-            return 2 * 2**20
-
-    dense = Answer("DynamicCache", "4212345", DynamicCache(), 4 * 2**20, 1.0)
-    same = summary([dense, Answer("XKVCache", "4212345", Reserving(), 2**20, 2.0)], "4212345", "SmolLM2-135M-Instruct")
-    text = "\n".join(same)
-    assert "same answer: yes, SmolLM2-135M-Instruct gave the same answer with both caches ('4212345')" in text
-    assert "4.00x smaller cache (75% less)" in text and "(nbytes)" in text
-    assert "2.00x counting the bytes allocated (2.00 MiB for XKVCache: reserved_nbytes" in text
-    assert text.count("(found)") == 2
-    other = "\n".join(summary([dense, Answer("XKVCache", "42", Reserving(), 2**20, 2.0)], "4212345", "M"))
-    assert "same answer: no, M answered '4212345' with DynamicCache and '42' with XKVCache" in other
-    assert "(MISSED)" in other
-    plain = "\n".join(summary([dense, Answer("Other", "x", DynamicCache(), 2**20, 1.0)], "y", "M"))
-    assert "reserved_nbytes" not in plain  # only where the cache reports it
-    assert callable(getattr(XKVCache, "reserved_nbytes", None))  # the demo's cache does
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=32, vocab_size=32)
+    stock, xkv = DynamicCache(config=config), XKVCache(config, group_size=2)
+    for cache in (stock, xkv):
+        for layer in range(2):
+            cache.update(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), layer)
+    assert cache_reserved_nbytes(stock) == cache_nbytes(stock) == 2 * 2 * 2 * 40 * 16 * 4
+    assert cache_reserved_nbytes(xkv) == xkv.reserved_nbytes() > cache_nbytes(xkv) == xkv.nbytes()
 
 
 def test_demo_checks_its_arguments_before_loading(no_model_load, capsys):

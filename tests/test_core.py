@@ -191,15 +191,22 @@ def test_static_buffer_refuses_overflow_and_keeps_its_storage():
 
 
 def test_grown_capacity_is_proportional_and_geometric():
-    assert grown_capacity(300, 0) == 768  # the prompt plus one granule, rounded to 256
-    assert grown_capacity(769, 768) == 1024  # 1.25x
-    assert grown_capacity(5000, 1024) == 5120
+    # first allocation: the need plus a sixteenth of it (16..256 tokens) of room, rounded up to 16
+    assert grown_capacity(300, 0) == 320  # 300 + 18, not 300 + a 256-token granule (768)
+    assert grown_capacity(1, 0) == 32 and grown_capacity(64, 0) == 80
+    assert grown_capacity(32_768, 0) == 32_768 + 256  # a long prompt: the room stops at 256 tokens
+    assert grown_capacity(321, 320) == 400  # later: 1.25x
+    assert grown_capacity(5000, 1024) == 5008  # the need wins when larger
+    for needed in range(1, 5000, 7):
+        first = grown_capacity(needed, 0)
+        assert first % 16 == 0 and needed + 16 <= first <= max(needed * 1.0625, needed + 16) + 16
     sizes, capacity = [], 0
-    for needed in range(1, 20_000, 97):
+    for needed in range(1, 20_000):  # one token at a time: O(log n) reallocations, so O(n) copies in all
         if needed > capacity:
             capacity = grown_capacity(needed, capacity)
             sizes.append(capacity)
-    assert len(sizes) < 30 and all(s % 256 == 0 for s in sizes)
+    assert len(sizes) < 30 and all(s % 16 == 0 for s in sizes)
+    assert sum(sizes[:-1]) < 5 * 20_000  # tokens copied by the growths (each copies at most the old capacity)
 
 
 # -- import graph -----------------------------------------------------------------------------------------

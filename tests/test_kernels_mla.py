@@ -265,9 +265,9 @@ def test_growable_equals_cat_and_reallocates_logarithmically():
     assert grow.get_seq_length() == cat.get_seq_length() == steps + 5
     assert grow.nbytes() == ck.nbytes + cv.nbytes  # the valid tokens only, as DynamicCache counts
     assert grow.reserved_nbytes() >= grow.nbytes()
-    assert grow.capacity % 256 == 0 and grow.capacity <= 1.25 * (steps + 5) + 256
-    # 256 -> ... -> >= 3005 growing by 1.25x: about log_1.25(3005 / 256) + 1 = 12 allocations, not 3000
-    assert grow.reallocations <= math.ceil(math.log(3005 / 256, 1.25)) + 2
+    assert grow.capacity % 16 == 0 and grow.capacity <= 1.25 * (steps + 5) + 16
+    # 32 -> ... -> >= 3005 growing by 1.25x: about log_1.25(3005 / 32) + 1 = 22 allocations, not 3000
+    assert grow.reallocations <= math.ceil(math.log(3005 / 32, 1.25)) + 2
 
 
 def test_growable_cache_ops_match_dynamic_layer():
@@ -337,8 +337,8 @@ def test_caches_report_valid_and_reserved_bytes():
     assert mla.nbytes() == mla.expected_nbytes() == cfg.num_hidden_layers * 2 * tokens * (
         cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     assert tpla.nbytes() == cfg.num_hidden_layers * 2 * tokens * (cfg.kv_lora_rank + 2 * cfg.qk_rope_head_dim) * 4
-    # first allocation: the 9 prompt tokens + one 256-token granule, rounded up to 512
-    assert mla.reserved_nbytes() == cfg.num_hidden_layers * 2 * 512 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    # first allocation: the 9 prompt tokens + 16 of room = 32 (multiples of 16); the 33rd token grows it 1.25x to 48
+    assert mla.reserved_nbytes() == cfg.num_hidden_layers * 2 * 48 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     assert tpla.reserved_nbytes() >= tpla.nbytes()
     # TPLA's shards hold exactly the MLA latent's slices
     for a, b in zip(mla.layers, tpla.layers):
@@ -416,10 +416,10 @@ def two_turns_on(device, two_turns, model, cache):
         del model.generate
 
 
-def test_long_prompt_reserves_one_granule_and_decode_does_not_copy():
+def test_long_prompt_reserves_at_most_256_spare_tokens_and_decode_does_not_copy():
     layer = MLALatentLayer(0, 8, 4)
     layer.update(torch.randn(1, 1, 5000, 8), torch.randn(1, 1, 5000, 4))
-    assert 5000 + 256 <= layer.capacity < 5000 + 512  # not 1.25 x 5000
+    assert 5000 + 256 <= layer.capacity < 5000 + 256 + 16  # not 1.25 x 5000
     for _ in range(256):
         layer.update(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 4))
     assert layer.reallocations == 1 and layer.get_seq_length() == 5256

@@ -373,9 +373,9 @@ def test_tma_failure_falls_back_to_pointer_loads_with_one_warning():
 
 # -- growable exact tail --------------------------------------------------------------------------
 def test_tail_capacity_policy():
-    # first allocation: the need plus an eighth of it (16..256 tokens of room), in multiples of 16
-    assert tail_capacity(1, 0) == 32 and tail_capacity(64, 0) == 80 and tail_capacity(256, 0) == 288
-    assert tail_capacity(4096, 0) == 4096 + 256  # the room stops at one storage granule
+    # first allocation: the need plus a sixteenth of it (16..256 tokens of room), in multiples of 16
+    assert tail_capacity(1, 0) == 32 and tail_capacity(64, 0) == 80 and tail_capacity(256, 0) == 272
+    assert tail_capacity(4096, 0) == 4096 + 256  # the room stops at 256 tokens
     assert tail_capacity(257, 256) == 320  # later: 1.25x the capacity
     assert tail_capacity(1200, 1024) == 1280
     assert tail_capacity(5000, 1024) == 5008  # the need wins when larger

@@ -415,6 +415,6 @@ def test_decompressed_states_are_refused_clearly():
     heads, qk, v = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     with pytest.raises(ValueError, match="per-head \\(decompressed\\).*patch_mla"):
         cache.update(torch.randn(1, heads, 3, qk), torch.randn(1, heads, 3, v), 0)
-    with pytest.raises(ValueError, match="layer_idx 7 but this MLALatentCache has 4 layers"):
+    with pytest.raises(ValueError, match="MLALatentCache was built for 4 layers but the model has at least 8 layers"):
         cache.update(torch.randn(1, 1, 3, cfg.kv_lora_rank), torch.randn(1, 1, 3, cfg.qk_rope_head_dim), 7)
     assert cache.nbytes() == 0 and cache.get_seq_length() == 0

@@ -240,6 +240,98 @@ def test_tpla_cache_for_another_layer_count_is_refused_before_any_write(layers, 
     assert not any(layer.is_initialized for layer in cache.layers)
 
 
+
+UNPATCHED_CACHES = {
+    "mla": lambda cfg: MLALatentCache(cfg),
+    "mla-static": lambda cfg: MLALatentCache(cfg, max_cache_len=64),
+    "tpla": lambda cfg: TPLACache(cfg, num_shards=2, rotation=None),
+    "tpla-static": lambda cfg: TPLACache(cfg, num_shards=2, rotation=None, max_cache_len=64),
+}
+
+
+def held_tokens(cache) -> list[int]:
+    return [int(layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers]
+
+
+@pytest.mark.parametrize("kind", list(UNPATCHED_CACHES))
+def test_unpatched_cache_for_fewer_layers_names_both_counts_and_refuses(kind):
+    """A 2-layer cache in an unpatched 4-layer model's generate: layer 2's update raises a ValueError naming
+    both layer counts before it writes, and the cache then refuses further use (layers 0-1 hold the
+    prompt, a forward ahead of the rest) until reset()."""
+    model = model_of()
+    cache = UNPATCHED_CACHES[kind](tiny_config("deepseek_v3", num_hidden_layers=2))
+    ids = repetitive_prompt()
+    with pytest.raises(ValueError, match=r"built for 2 layers but the model has at least 3 layers"):
+        greedy(model, ids, cache, new_tokens=3)
+    assert held_tokens(cache) == [27, 27]
+    with pytest.raises(RuntimeError, match="reset"):
+        greedy(model, ids, cache, new_tokens=3)
+    assert held_tokens(cache) == [27, 27]
+    cache.reset()
+    with pytest.raises(ValueError, match=r"built for 2 layers but the model has at least 3 layers"):
+        greedy(model, ids, cache, new_tokens=3)
+
+
+@pytest.mark.parametrize("kind", list(UNPATCHED_CACHES))
+def test_unpatched_cache_for_more_layers_is_refused_before_the_next_forward_writes(kind):
+    """A 6-layer cache in an unpatched 4-layer model: the prefill fills layers 0-3; the first layer of the
+    next forward refuses, naming both counts, before it writes anything (it used to go on silently)."""
+    model = model_of()
+    cache = UNPATCHED_CACHES[kind](tiny_config("deepseek_v3", num_hidden_layers=6))
+    ids = repetitive_prompt()
+    with pytest.raises(RuntimeError, match=r"model has 4 layers where this cache was built for 6 layers"):
+        greedy(model, ids, cache, new_tokens=3)
+    assert held_tokens(cache) == [27] * 4 + [0, 0]
+
+
+@pytest.mark.parametrize("kind", list(UNPATCHED_CACHES))
+def test_forward_stopped_part_way_refuses_the_cache_until_reset(kind):
+    """A decode step interrupted inside layer 1 (after layers 0 and 1 took its token): the next step refuses
+    instead of attending over layers one token apart; after reset() the cache gives DynamicCache's logits."""
+    model = model_of()
+    ids = repetitive_prompt()[:, :20]
+    with torch.no_grad():
+        stock = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+    cache = UNPATCHED_CACHES[kind](model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    hook = model.model.layers[1].self_attn.o_proj.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            model(ids[:, :1], past_key_values=cache)
+    finally:
+        hook.remove()
+    assert held_tokens(cache) == [21, 21, 20, 20]
+    with pytest.raises(RuntimeError, match=r"layers 0\.\.1 hold 21 tokens, layer 2 holds 20.*reset"), torch.no_grad():
+        model(ids[:, :1], past_key_values=cache)
+    assert held_tokens(cache) == [21, 21, 20, 20]
+    cache.reset()
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache).logits
+    torch.testing.assert_close(logits, stock, rtol=1e-5, atol=1e-5)
+
+
+
+# -- memory allocated next to memory held -------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mla", "tpla"])
+def test_growable_storage_allocates_in_proportion_to_the_prompt(kind):
+    """A 300-token prompt and a few decoded tokens: the growable latent caches allocate at most ~1.1x the
+    bytes they hold (the first allocation is proportional to the prompt, not the prompt + 256 tokens)."""
+    cfg = tiny_config("deepseek_v3")
+    cache = UNPATCHED_CACHES[kind](cfg)
+    _, pair = CACHES[kind]
+    for tokens in [300] + [1] * 8:
+        (k, v), kw = pair(1, tokens)
+        for layer in range(LAYERS):
+            cache.update(k, v, layer, **kw)
+        assert cache.nbytes() == (cache.expected_nbytes() if kind == "mla" else 2 * cache.expected_shard_nbytes())
+        assert cache.nbytes() <= cache.reserved_nbytes() <= 1.1 * cache.nbytes(), (tokens, cache.reserved_nbytes())
+
+
 # -- calibration input and unsupported models --------------------------------------------------------------
 @pytest.mark.parametrize("calibration, error, match", [
     (torch.full((1, 8), 160), ValueError, r"calibration token ids must lie in \[0, 160\).*from 160 to 160"),

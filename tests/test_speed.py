@@ -32,6 +32,10 @@ def test_bench_measures_every_method_against_dynamic(llama, tmp_path):
     assert dyn["cache_bytes"] == cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * tokens * head_dim * 4
     assert xkv["cache_bytes"] < 0.7 * dyn["cache_bytes"]
     assert xkv["cache_bytes_ratio"] == pytest.approx(xkv["cache_bytes"] / dyn["cache_bytes"])
+    # allocated next to held: stock allocates what it holds, xKV's exact tail has room for decoded tokens
+    assert dyn["reserved_bytes"] == dyn["cache_bytes"] and dyn["reserved_bytes_ratio"] == 1.0
+    assert xkv["cache_bytes"] < xkv["reserved_bytes"] < 0.7 * dyn["reserved_bytes"]
+    assert xkv["reserved_bytes_ratio"] == pytest.approx(xkv["reserved_bytes"] / dyn["reserved_bytes"])
     assert dyn["cache_bytes_ratio"] == 1.0 and dyn["decode_ms_ratio"] == 1.0
     for r in (dyn, xkv):
         assert r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["tokens_per_s"] == pytest.approx(2000 / r["decode_ms"])
@@ -41,7 +45,11 @@ def test_bench_measures_every_method_against_dynamic(llama, tmp_path):
     paths = speed.write_outputs(out, tmp_path, "t")
     assert json.loads(paths["json"].read_text())["results"][1]["method"] == xkv["method"]
     md = paths["md"].read_text()
-    assert "| `dynamic` |" in md and "max batch" in md
+    assert "| `dynamic` |" in md and "max batch" in md and "allocated MiB" in md
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    row = next(line for line in md.splitlines() if line.startswith(f"| `{xkv['method']}`"))
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["allocated MiB"] == f"{xkv['reserved_bytes'] / 2**20:.1f}"
 
 
 def test_bench_skips_an_unsupported_method_with_its_reason():
@@ -88,6 +96,7 @@ def test_static_baseline_is_measured_and_generates_dynamics_tokens(llama):
     assert static["prefill_s"] > 0 and static["decode_ms"] > 0 and static["peak_bytes"] >= 0
     assert static["tokens_per_s"] == pytest.approx(2000 / static["decode_ms"])
     assert static["cache_bytes_ratio"] == pytest.approx(static["cache_bytes"] / dyn["cache_bytes"])
+    assert static["reserved_bytes"] == static["cache_bytes"]  # a stock cache allocates what it holds
     assert static["max_batch_at_context"] >= 1
     assert "tokens_per_s_vs_compiled" not in static  # no static-compiled row, no second ratio
     md = speed.markdown(out)

@@ -13,7 +13,10 @@ from transformers import DynamicCache, LlamaConfig
 from conftest import tiny_config, tiny_model
 from kvcompress import XKVCache
 from kvcompress.ops import tensor_nbytes
+from kvcompress.patch import GENERATE_CACHE_KWARG
 from kvcompress.xkv import patch_xkv
+
+KW = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
 
 
 def smollm2_shaped_config() -> LlamaConfig:
@@ -157,3 +160,47 @@ def test_exactly_rank_deficient_segment_keeps_only_nonzero_components():
         rebuilt_k, rebuilt_v = cache.layers[1].full_states()
         torch.testing.assert_close(rebuilt_k[:, :, :40], keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rebuilt_v[:, :, :40], values, atol=1e-5, rtol=1e-5)
+
+
+# -- a cache built for another number of layers, without the patch ------------------------------------------
+def generate_with(model, cache, ids, new_tokens: int = 3):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{GENERATE_CACHE_KWARG: cache},
+                              max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def held_tokens(cache) -> list[int]:
+    return [int(layer.get_seq_length()) if layer.is_initialized else 0 for layer in cache.layers]
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 64])
+def test_unpatched_cache_for_fewer_layers_names_both_counts_and_refuses(max_cache_len):
+    """A 4-layer XKVCache in an unpatched 8-layer model's generate: the update of layer 4 raises a ValueError
+    naming the cache's 4 layers and the model's (at least 5) before anything is written for it, and the
+    cache then refuses further use (layers 0-3 hold the prompt, one forward ahead of any other layer)
+    instead of continuing from misaligned layers; reset() clears the refusal."""
+    model = tiny_model("llama", num_hidden_layers=8)
+    cache = XKVCache(tiny_config("llama"), max_cache_len=max_cache_len, **KW)
+    ids = torch.randint(3, 160, (1, 30), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"built for 4 layers but the model has at least 5 layers"):
+        generate_with(model, cache, ids)
+    assert held_tokens(cache) == [30] * 4
+    with pytest.raises(RuntimeError, match="reset"):
+        generate_with(model, cache, ids)
+    assert held_tokens(cache) == [30] * 4
+    cache.reset()
+    with pytest.raises(ValueError, match=r"built for 4 layers but the model has at least 5 layers"):
+        generate_with(model, cache, ids)
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 64])
+def test_unpatched_cache_for_more_layers_is_refused_before_the_next_forward_writes(max_cache_len):
+    """A 12-layer XKVCache in an unpatched 8-layer model: the prefill fills layers 0-7 (what a single
+    forward computes is right: each layer attends over its own tokens); the first layer of the next forward
+    refuses, naming both layer counts, before it writes anything."""
+    model = tiny_model("llama", num_hidden_layers=8)
+    cache = XKVCache(tiny_config("llama", num_hidden_layers=12), max_cache_len=max_cache_len, **KW)
+    ids = torch.randint(3, 160, (1, 30), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"model has 8 layers where this cache was built for 12 layers"):
+        generate_with(model, cache, ids)
+    assert held_tokens(cache) == [30] * 8 + [0] * 4

@@ -1,7 +1,9 @@
 """Speed and memory of KV-cache methods against stock transformers caches, measured in the same run.
 
 For each entry (``dynamic`` always first) on one model, batch and context: prefill seconds, decode
-ms/step and tokens/s, cache bytes (``nbytes()``; stock caches: their layers' keys and values), peak
+ms/step and tokens/s, cache bytes held (``nbytes()``, ``cache_bytes``; stock caches: their layers' keys and
+values) and allocated (``reserved_nbytes()``, ``reserved_bytes``: the growable storage's spare capacity
+included; stock caches allocate what they hold), peak
 memory above what the process held when the run started (CUDA ``max_memory_allocated`` on GPU; on CPU
 the kernel's resident-set high-water mark over the resident set at the start, after freed memory is
 handed back to the system so that memory an earlier row freed is not silently reused: an exact peak,
@@ -379,7 +381,7 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
     """
     from tqdm.auto import tqdm
 
-    from ..ops import cache_nbytes
+    from ..ops import cache_nbytes, cache_reserved_nbytes
     from .spec import MethodSpec, make_cache
 
     for name, value, low in (("batch", batch, 1), ("context", context, 2), ("new_tokens", new_tokens, 2),
@@ -459,7 +461,8 @@ def bench(model, methods, *, batch: int = 1, context: int = 4096, new_tokens: in
                 with _CPUPeak() as mem:
                     prefill, decode, cache, tokens = run()
                 peak = mem.peak - mem.start + held
-            one = dict(prefill_s=prefill, decode_ms=1000 * decode, peak_bytes=peak, cache_bytes=cache_nbytes(cache))
+            one = dict(prefill_s=prefill, decode_ms=1000 * decode, peak_bytes=peak, cache_bytes=cache_nbytes(cache),
+                       reserved_bytes=cache_reserved_nbytes(cache))
             del cache
             best = one if best is None else {k: min(best[k], one[k]) for k in one}
         return best, tokens, _dynamo_counts()["frames"] - frames
@@ -656,7 +659,7 @@ def _bench_compiled(model, row: dict, input_ids, new_tokens: int, sync, cuda: bo
         torch.cuda.empty_cache()
 
 
-_RATIO_KEYS = ("prefill_s", "decode_ms", "cache_bytes", "peak_bytes", "tokens_per_s")
+_RATIO_KEYS = ("prefill_s", "decode_ms", "cache_bytes", "reserved_bytes", "peak_bytes", "tokens_per_s")
 
 
 def _add_ratios(results: list[dict]) -> None:
@@ -686,6 +689,9 @@ def notes(out: dict) -> list[str]:
              + (", `<method>-compiled` rows aside)" if compiled_methods else ")")
              + ("; (x compiled): ÷ `static-compiled`" if any("tokens_per_s_vs_compiled" in r for r in rows) else "")
              + "; tokens/s = batch ÷ decode s/step."]
+    lines.append("cache MiB: the bytes the cache holds (`nbytes()`, the memory formula's figure); allocated MiB: the "
+                 "bytes its storage has allocated (`reserved_nbytes()`, spare capacity for decoded tokens included; a "
+                 "stock cache allocates what it holds).")
     if any(r.get("logit_steps") for r in rows):
         std = next((r.get("logit_std") for r in rows if r["method"] == "dynamic" and r.get("logit_std")), None)
         scale = f" (`dynamic`'s logits have std {std:.3g})" if std else ""
@@ -753,7 +759,7 @@ def markdown(out: dict) -> str:
     budget = any("max_batch_at_context" in r for r in rows)
     cols = ["method", "prefill s", "(x)", "decode ms/step", "tokens/s", "(x)"]
     cols += ["(x compiled)"] if vs_compiled else []
-    cols += ["cache MiB", "(x)", "peak MiB", "(x)"]
+    cols += ["cache MiB", "(x)", "allocated MiB", "(x)", "peak MiB", "(x)"]
     cols += ["(x compiled)"] if vs_compiled else []
     logit = any(r.get("logit_steps") for r in rows)
     cols += ["same tokens"] + (["logit err max/mean"] if logit else [])
@@ -767,7 +773,9 @@ def markdown(out: dict) -> str:
         cells = [f"`{r['method']}`", _f(r["prefill_s"], ".3f"), _f(r["prefill_s_ratio"], ".2f"),
                  _f(r["decode_ms"], ".2f"), _f(r["tokens_per_s"], ".0f"), _f(r["tokens_per_s_ratio"], ".2f")]
         cells += [_f(r.get("tokens_per_s_vs_compiled"), ".2f")] if vs_compiled else []
+        reserved = r.get("reserved_bytes")  # absent in results written before it was measured
         cells += [_f(r["cache_bytes"] / 2**20, ".1f"), _f(r["cache_bytes_ratio"], ".3f"),
+                  _f(None if reserved is None else reserved / 2**20, ".1f"), _f(r.get("reserved_bytes_ratio"), ".3f"),
                   _f(r["peak_bytes"] / 2**20, ".0f"), _f(r["peak_bytes_ratio"], ".2f")]
         cells += [_f(r.get("peak_bytes_vs_compiled"), ".2f")] if vs_compiled else []
         cells += [_f(r.get("same_tokens"), ".2f")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,7 +12,7 @@ from ..kernels.xkv_decode import ExactPart, FactoredPart
 from ..models import text_config
 from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
 from ..registry import MethodParams, Range, param
-from ..storage import GROWTH_FACTOR, GROWTH_GRANULE, stock_crop_length
+from ..storage import grown_capacity, stock_crop_length
 from .compression import (Rank, _Group, _Segment, _rope_table_dtype, default_group_size, plan_group_compression,
                           resolve_rank)
 
@@ -61,30 +60,12 @@ class XKVParams(MethodParams):
         return getattr(self, name)
 
 
-# The exact tail lives in a preallocated buffer that grows geometrically (kvcompress.storage's factor), so
+# The exact tail lives in a preallocated buffer that grows geometrically (kvcompress.storage's rule), so
 # appending a decoded token is one in-place write (amortised O(1)) instead of a torch.cat of the whole tail.
-# Its first allocation is proportional to the tokens it must hold, not storage.grown_capacity's extra
-# 256-token granule: after a compression the tail holds ~window tokens, and a 256-token buffer per layer
-# next to them made a 300-token XKVCache reserve more bytes than DynamicCache holds (SmolLM2's shapes,
-# default parameters: tests/test_xkv_reliability.py).
-_TAIL_ALIGN = 16  # capacities are multiples of this many tokens
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def tail_capacity(needed: int, capacity: int) -> int:
-    """Capacity (tokens) of an exact-tail buffer that must hold ``needed`` tokens and holds ``capacity``.
-
-    First allocation (``capacity == 0``): ``needed`` plus an eighth of it (at least 16 tokens, at most
-    256) of room for decoded tokens. Later: ``max(needed, 1.25 * capacity)``, so ``n`` appends cost
-    ``O(n)`` copies. Always a multiple of 16.
-    """
-    if capacity == 0:
-        room = min(max(needed // 8, _TAIL_ALIGN), GROWTH_GRANULE)
-        return _round_up(max(needed, 0) + room, _TAIL_ALIGN)
-    return _round_up(max(needed, math.ceil(GROWTH_FACTOR * capacity)), _TAIL_ALIGN)
+# Its first allocation is proportional to the tokens it must hold: after a compression the tail holds
+# ~window tokens, and a fixed 256-token buffer per layer next to them made a 300-token XKVCache reserve
+# more bytes than DynamicCache holds (SmolLM2's shapes, default parameters: tests/test_xkv_reliability.py).
+tail_capacity = grown_capacity  # the exact tail's capacity for ``needed`` tokens, holding ``capacity`` now
 
 
 class ForwardContext:
@@ -713,6 +694,15 @@ class XKVCache(Cache):
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
+
+    A model with another number of layers than the cache's config: :func:`~kvcompress.xkv.patch_xkv`
+    refuses it before any layer is written. Without the patch the cache is handed nothing but each layer's
+    states and index (no config and no model, ``generate`` included), so it refuses as early as those
+    allow: a model with more layers at the update of the first layer the cache lacks (``ValueError``
+    naming both counts, before that write; the layers before it took the tokens, so the cache then refuses
+    every update until :meth:`reset`), a model with fewer layers at the first update of the next forward
+    (its last layers hold fewer tokens than its first: ``RuntimeError`` before anything is written; the
+    forward that left them so is itself right). A forward that stopped part-way is refused the same way.
     """
 
     def __init__(
@@ -827,11 +817,18 @@ class XKVCache(Cache):
         fewer layers than the cache): continuing would attend over misaligned tokens silently."""
         self._check_usable()
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
-            if any(getattr(layer, "is_initialized", False) for layer in self.layers):
-                self._refused = f"layer_idx={layer_idx} arrived after layers 0..{len(self.layers) - 1} were written"
-            raise ValueError(
-                f"layer_idx={layer_idx} is out of range: this XKVCache was built for {len(self.layers)} layers "
-                f"(allowed: 0..{len(self.layers) - 1}); build it from the model's own config")
+            n = len(self.layers)
+            written = any(getattr(layer, "is_initialized", False) for layer in self.layers)
+            if isinstance(layer_idx, int) and not isinstance(layer_idx, bool) and layer_idx >= n:
+                why = (f"this XKVCache was built for {n} layers but the model has at least {layer_idx + 1} layers "
+                       f"(an update of layer {layer_idx} arrived)")
+            else:
+                why = f"layer_idx={layer_idx!r} is out of range for this XKVCache of {n} layers"
+            if written:
+                # layers 0..n-1 took this forward's tokens, the model's other layers cannot: misaligned for good
+                self._refused = why
+            raise ValueError(f"{why}; allowed: 0..{n - 1}. Build the cache from the model's own config "
+                             "(XKVCache(model.config, ...))")
         layer = self.layers[layer_idx]
         if isinstance(layer, XKVLayer) and not torch.compiler.is_compiling():
             layer.check_states(key_states, value_states)
@@ -897,8 +894,8 @@ class XKVCache(Cache):
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated: as ``nbytes()`` but counting the exact-tail buffers' whole capacity (the growable
-        storage keeps up to 25% + 256 tokens of headroom per layer) and, with a static capacity, the storage
-        ``reset()`` kept for the next sequence that it has not reused (yet)."""
+        storage keeps up to 25% of headroom per layer, :func:`kvcompress.storage.grown_capacity`) and, with a
+        static capacity, the storage ``reset()`` kept for the next sequence that it has not reused (yet)."""
         total = sum(group.nbytes() for group in self.groups)
         total += sum(tensor_nbytes(*table) for table in self._rope_tables.values())
         total += tensor_nbytes(*self._kept_storage.values())
