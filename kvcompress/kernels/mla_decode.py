@@ -38,7 +38,8 @@ inputs' dtype.
 
 Floors: one decode step must read the cache once, ``B * T * (r + p) * element_size`` bytes (``T`` the
 valid tokens), plus the queries and outputs (``B * H * S * (2 r + p)`` elements, small) and the partials
-(``B * H * S * chunks * (r + 1)`` float32 written and read, kept small by the chunk heuristic). It also
+(``B * H * S * chunks * r`` values in the inputs' dtype, float32 for float32 inputs, plus one float32
+log-sum-exp per row and chunk, written and read, kept small by the chunk heuristic). It also
 does ``2 * B * H * S * T * (2 r + p)`` floating-point operations: at 128 heads and ``r = 512`` that is
 about 240 per cache byte, at the H100/H200's ridge (about 200 in bf16), so wide-head MLA decode is as
 much bound by the tensor cores as by memory. Lengths and starts are device tensors and are never read on
@@ -311,7 +312,8 @@ if _HAVE_TRITON:
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         part = (b * n_rows + rows) * n_chunks + chunk
-        tl.store(O_PART + part[:, None] * R + offs_v[None, :], o, mask=row_ok[:, None] & v_ok[None, :])
+        tl.store(O_PART + part[:, None] * R + offs_v[None, :], o.to(O_PART.dtype.element_ty),
+                 mask=row_ok[:, None] & v_ok[None, :])
         if half == 0:  # both halves computed the same (m, l) up to the order of three fp32 additions
             lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
             tl.store(LSE_PART + part, lse, mask=row_ok)
@@ -345,7 +347,7 @@ if _HAVE_TRITON:
             c_ok = offs_c < n_chunks
             w = tl.exp2(tl.load(LSE_PART + base + offs_c, mask=c_ok, other=float("-inf")) - top)
             o = tl.load(O_PART + (base + offs_c)[:, None] * R + offs_r[None, :], mask=c_ok[:, None] & r_ok[None, :],
-                        other=0.0)
+                        other=0.0).to(tl.float32)
             # a chunk without tokens has weight 0 and an output of 0 (never NaN): no masking needed
             acc += tl.sum(w[:, None] * o, 0)
             total += w
@@ -423,7 +425,10 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
     block_v = _pow2(math.ceil(rank / split_v))
     chunks, chunk_len = plan(batch, rows, tokens, latent.device, block_m, block_t, min_chunk, split_v,
                              waves or cfg["waves"])
-    o_part = torch.empty(batch * rows * chunks * rank, dtype=torch.float32, device=latent.device)
+    # 16-bit inputs keep 16-bit partials: each is normalised (|o| <= max |c|), so that rounds like the output
+    # does, and halves the partials' traffic, which at batch 1 (a hundred chunks) rivals the cache's
+    o_part = torch.empty(batch * rows * chunks * rank, dtype=latent.dtype if latent.dtype.itemsize == 2 else torch.float32,
+                         device=latent.device)
     lse_part = torch.empty(batch * rows * chunks, dtype=torch.float32, device=latent.device)
     if _POISON_BUFFERS:
         o_part.fill_(float("nan"))
