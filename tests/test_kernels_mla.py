@@ -272,18 +272,19 @@ def test_gpu_kernel_wide_heads_bf16(heads, rank, batch):
 
 
 def test_tile_config_takes_wide_head_blocks_that_fit(monkeypatch):
-    """16-bit latents take head blocks of up to 128 rows (at most 256 wide) or 64 rows (512 wide), as many
-    stages as shared memory holds (<= 3); float32, widths past 512, the interpreter and small shared
-    memories keep the 16-row tiles."""
+    """16-bit latents take head blocks of 128 rows (256 wide) or 64 rows (other widths), as many stages as
+    shared memory holds (<= 3), two waves for 4-warp programs; float32, widths past 512, the interpreter
+    and small shared memories keep the 16-row tiles."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert mla_decode._config(torch.bfloat16, 512, 64, 128, cpu)["block_m"] == 16  # interpreter: no shared memory
     monkeypatch.setattr(mla_decode, "shared_memory", lambda device: 227 * 1024)  # H100 / H200
     config = lambda rank, rows, dtype=torch.bfloat16: mla_decode._config(dtype, rank, 64, rows, cuda)  # noqa: E731
-    for rank, rows, block_m in [(128, 128, 128), (256, 128, 128), (64, 128, 128), (512, 128, 64), (512, 64, 64),
+    for rank, rows, block_m in [(128, 128, 64), (256, 128, 128), (64, 128, 64), (512, 128, 64), (512, 64, 64),
                                 (512, 32, 32), (512, 16, 16), (256, 48, 64), (1024, 128, 16)]:
         cfg = config(rank, rows)
         assert cfg["block_m"] == block_m, (rank, rows, cfg)
         assert cfg["split_v"] == 1 and 1 <= cfg["num_stages"] <= 3
+        assert cfg["waves"] == (2 if cfg["num_warps"] == 4 else 1)
         if block_m >= 64 and rank <= 512:
             width = next_pow2(rank)
             assert cfg["num_warps"] == 8 or block_m * width < 64 * 256
@@ -291,6 +292,8 @@ def test_tile_config_takes_wide_head_blocks_that_fit(monkeypatch):
             smem = 2 * (block_m + cfg["block_t"] * cfg["num_stages"]) * (width + 64)
             assert smem <= 227 * 1024 - 16 * 1024, (rank, rows, cfg, smem)
     assert config(256, 128)["num_stages"] >= 2 and config(128, 128)["num_stages"] == 3
+    assert (config(512, 32)["block_t"], config(512, 32)["num_stages"]) == (64, 2)  # a 4-way TP shard
+    assert config(256, 128)["num_warps"] == 8 and config(128, 128)["num_warps"] == 4
     assert config(512, 128, torch.float32)["block_m"] == 16
     monkeypatch.setattr(mla_decode, "shared_memory", lambda device: 99 * 1024)  # consumer GPUs
     assert config(256, 128)["block_m"] == 16
