@@ -33,8 +33,8 @@ a tile is served by L2), which halves the accumulator at the price of computing 
 The sequence is split into chunks (``grid = (split_v x row blocks, chunks, B)``, about one program per
 SM, two for the small 4-warp programs: :func:`plan`); each chunk writes its normalised partial output
 and log-sum-exp, and a second small kernel merges them (``out = sum_c exp(lse_c - max) o_c / sum_c
-exp(lse_c - max)``), a block of chunks per load. Products accumulate in float32 (fp32 inputs use IEEE fp32 dots, not TF32); the output has the
-inputs' dtype.
+exp(lse_c - max)``), a block of chunks per load. Products accumulate in float32 (fp32 inputs use IEEE
+fp32 dots, not TF32); the output has the inputs' dtype.
 
 Floors: one decode step must read the cache once, ``B * T * (r + p) * element_size`` bytes (``T`` the
 valid tokens), plus the queries and outputs (``B * H * S * (2 r + p)`` elements, small) and the partials
@@ -388,8 +388,9 @@ def _config(dtype: torch.dtype, rank: int, rope_dim: int, rows: int, device: tor
     rows on 8 warps; r/N = 256 128 rows 91.4 us against 194.5 for 64 rows and 170.1 for two output halves
     (``split_v = 2``); r = 512 64 rows 359 us, two output halves 357 (not worth the second score
     computation); 32 heads at r = 512 64-token tiles in 2 stages 155.9 us against 193.1 for 32-token tiles
-    in 3; 16 heads two waves 88.6 us against 107.2 for one. Float32 inputs, widths past 512 and devices with less than 160 KB of shared memory
-    per program (and Triton's CPU interpreter, which reports none) keep the small tiles of 16 rows."""
+    in 3; 16 heads two waves 88.6 us against 107.2 for one. Float32 inputs, widths past 512 and devices
+    with less than 160 KB of shared memory per program (and Triton's CPU interpreter, which reports none)
+    keep the small tiles of 16 rows."""
     width, rope = _pow2(rank), _pow2(rope_dim)
     if dtype in (torch.float32, torch.float64) or width > 512 or shared_memory(device) < 160 * 1024:
         return {"block_m": 16, "block_t": 16 if dtype.itemsize > 2 or width > 512 else 32, "split_v": 1,
