@@ -8,17 +8,27 @@ DeepSeek-V3 attention shapes by default (128 heads, kv_lora_rank 512, rope 64, n
     (``tpla.tpla_attention``'s maths: absorbed attention over the slice, its ``W_UV`` rows).
   - ``tp N``: a shard of plain tensor parallelism: ``128/N`` heads, the full latent ``r`` + RoPE key.
   - ``mla``: one device with all heads and the full latent (N = 1 reference).
-  Timed: query to latent space, scores, softmax, weighted sum, ``W_UV``; no collectives.
+  Timed: query to latent space, scores, softmax, weighted sum, ``W_UV``; no collectives. The attention
+  is ``mla.latent_attention``, what the patched models' decode runs: the Triton decode kernel on CUDA
+  (``--attention plain``: the plain-PyTorch ``absorbed_attention`` instead, for comparison).
+  Each row also times the attention alone ("kernel") and prints two floors: bytes (the cache, plus for
+  the step the ``W_UK`` / ``W_UV`` weights, over the measured copy bandwidth) and arithmetic
+  (``2 B H T (2 w + p)`` operations over the measured bf16 matrix rate); "x floor" is the time over the
+  larger of the two.
 * ``--mode distributed`` (N GPUs via NCCL, or N CPU processes via gloo): one process per
   shard. Both schemes end in the same row-parallel ``o_proj`` (each rank ``128/N`` heads' rows) and one
   all-reduce of the hidden vector; TPLA first reduce-scatters its partial per-head outputs (``H * v``)
   so that each rank gets the summed outputs of its ``128/N`` heads. Rank 0 also checks that the
   distributed TPLA output equals the simulated N-shard computation (``tpla_attention`` on one device).
 
-Times are medians over ``--iters`` steps after ``--warmup`` (CUDA events on GPU); every ratio compares
-numbers of the same run. Results print as a table and go to ``--json``.
+Timing (single mode, CUDA): the step is captured in a CUDA graph and the median replay is reported, as a
+serving engine runs decode; the graph runs the step over several copies of the inputs in turn (at least
+``--rotate-mib`` of data), so that a small cache is read from memory, not from the 60 MB L2, and the
+time per step is the replay over the copies. ``--eager`` times eager launches with CUDA events instead
+(medians over ``--iters`` steps after ``--warmup``; also the CPU timing). Every ratio compares numbers of
+the same run. Results print as a table and go to ``--json``.
 
-    python benchmarks/tpla_decode.py --mode single --device cuda --contexts 32768 --batches 1 8
+    python benchmarks/tpla_decode.py --mode single --device cuda --contexts 32768 65536 --batches 1 8
     python benchmarks/tpla_decode.py --mode distributed --device cuda --shards 2 --contexts 8192 32768 65536 --batches 1 8
     python benchmarks/tpla_decode.py --mode single --device cpu --contexts 1024 --heads 16 --rank 128 --hidden 512
 """
@@ -27,13 +37,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
 
 import torch
 
-from kvcompress.mla import absorbed_attention
+from kvcompress.mla import absorbed_attention, latent_attention
 from kvcompress.tpla import tpla_attention
 
 
@@ -43,14 +54,22 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[32768])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--heads", type=int, default=128)
     parser.add_argument("--rank", type=int, default=512, help="kv_lora_rank")
     parser.add_argument("--rope", type=int, default=64)
     parser.add_argument("--nope", type=int, default=128)
     parser.add_argument("--v", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--attention", choices=["kernel", "plain"], nargs="+", default=["kernel"],
+                        help="kernel: mla.latent_attention (the Triton kernel on CUDA); plain: absorbed_attention")
+    parser.add_argument("--eager", action="store_true", help="time eager launches (no CUDA graph)")
+    parser.add_argument("--rotate-mib", type=float, default=256.0,
+                        help="graph timing: copies of the inputs until at least this much data is read per replay")
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the floor (default: measured copy)")
+    parser.add_argument("--flops", type=float, default=None,
+                        help="bf16 matrix FLOP/s for the floor (default: measured 8192^3 product)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", default=None)
@@ -62,7 +81,7 @@ def parse_args(argv=None):
 
 
 def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()``."""
+    """Median milliseconds of ``fn()`` launched eagerly."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -83,13 +102,48 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return statistics.median(samples)
 
 
-def shard_step(q_nope, q_rope, w_uk, w_uv_t, latent, rope_key, scale):
+def graph_timed(fns, device: torch.device, iters: int) -> float:
+    """Median milliseconds per call of one CUDA graph that runs every ``fns[i]()`` once, in turn."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / len(fns))
+    del graph
+    return statistics.median(samples)
+
+
+def attention(kind: str):
+    """The absorbed attention a shard runs: the patched models' (kernel on CUDA) or the plain one."""
+    if kind == "plain":
+        return lambda q_latent, q_rope, latent, rope_key, scale: absorbed_attention(q_latent, q_rope, latent,
+                                                                                    rope_key, None, scale)
+    return lambda q_latent, q_rope, latent, rope_key, scale: latent_attention(q_latent, q_rope, latent, rope_key,
+                                                                              None, scale)
+
+
+def shard_step(q_nope, q_rope, w_uk, w_uv_t, latent, rope_key, scale, attend=attention("kernel")):
     """One decode step of one shard: ``[B, H, nope]`` queries to ``[H, B, v]`` per-head outputs.
 
     ``latent`` ``[B, T, w]``, ``rope_key`` ``[B, T, p]``, ``w_uk`` ``[H, nope, w]``, ``w_uv_t`` ``[H, w, v]``."""
-    batch, heads, _ = q_nope.shape
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1).unsqueeze(2)  # [B, H, 1, w]
-    out = absorbed_attention(q_latent, q_rope.unsqueeze(2), latent, rope_key, None, scale)  # [B, H, 1, w]
+    out = attend(q_latent, q_rope.unsqueeze(2), latent, rope_key, scale)  # [B, H, 1, w]
     return torch.bmm(out.squeeze(2).transpose(0, 1), w_uv_t)  # [H, B, v]
 
 
@@ -102,34 +156,92 @@ def make_inputs(args, batch, tokens, heads, width, device, dtype, generator):
                 latent=rnd(batch, tokens, width), rope_key=rnd(batch, tokens, args.rope))
 
 
-def run_single(args) -> list[dict]:
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """FLOP/s of an ``n^3`` matrix product on random data: best of 10 after 3 untimed."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / best
+
+
+def run_single(args) -> tuple[list[dict], dict]:
+    from kvcompress.bench.hardware import copy_bandwidth
+
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     scale = (args.nope + args.rope) ** -0.5
+    use_graphs = device.type == "cuda" and not args.eager
+    ceilings = {"bandwidth": args.bandwidth or copy_bandwidth(device),
+                "flops": args.flops or (matmul_rate(device, dtype) if device.type == "cuda" else None)}
     rows = []
-    for batch in args.batches:
-        for tokens in args.contexts:
-            configs = [("mla", 1, args.heads, args.rank)]
-            for n in args.shards:
-                configs += [("tp", n, args.heads // n, args.rank), ("tpla", n, args.heads, args.rank // n)]
-            times = {}
-            for scheme, n, heads, width in configs:
-                generator = torch.Generator(device=device).manual_seed(0)
-                inputs = make_inputs(args, batch, tokens, heads, width, device, dtype, generator)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                ms = timed(lambda: shard_step(scale=scale, **inputs), device, args.warmup, args.iters)
-                times[(scheme, n)] = ms
-                cache_bytes = (inputs["latent"].numel() + inputs["rope_key"].numel()) * inputs["latent"].element_size()
-                rows.append(dict(mode="single", scheme=scheme, shards=n, batch=batch, tokens=tokens, heads=heads,
-                                 latent_width=width, ms=ms, cache_bytes=cache_bytes,
-                                 peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None))
-                del inputs
-            for row in rows[-len(configs):]:
-                if row["scheme"] == "tpla":
-                    row["speedup_vs_tp"] = times[("tp", row["shards"])] / row["ms"]
-                    row["speedup_vs_mla"] = times[("mla", 1)] / row["ms"]
-    return rows
+    for kind in args.attention:
+        attend = attention(kind)
+        for batch in args.batches:
+            for tokens in args.contexts:
+                configs = [("mla", 1, args.heads, args.rank)]
+                for n in args.shards:
+                    configs += [("tp", n, args.heads // n, args.rank), ("tpla", n, args.heads, args.rank // n)]
+                times = {}
+                for scheme, n, heads, width in configs:
+                    generator = torch.Generator(device=device).manual_seed(0)
+                    first = make_inputs(args, batch, tokens, heads, width, device, dtype, generator)
+                    set_bytes = nbytes(*first.values())
+                    copies = max(1, math.ceil(args.rotate_mib * 2**20 / set_bytes)) if use_graphs else 1
+                    sets = [first] + [make_inputs(args, batch, tokens, heads, width, device, dtype, generator)
+                                      for _ in range(copies - 1)]
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    step_fns = [lambda s=s: shard_step(scale=scale, attend=attend, **s) for s in sets]
+                    q_latents = [torch.bmm(s["q_nope"].transpose(0, 1), s["w_uk"]).transpose(0, 1).unsqueeze(2)
+                                 for s in sets]
+                    attn_fns = [lambda s=s, q=q: attend(q, s["q_rope"].unsqueeze(2), s["latent"], s["rope_key"], scale)
+                                for s, q in zip(sets, q_latents)]
+                    if use_graphs:
+                        ms, kernel_ms = graph_timed(step_fns, device, args.iters), graph_timed(attn_fns, device, args.iters)
+                    else:
+                        ms = timed(step_fns[0], device, args.warmup, args.iters)
+                        kernel_ms = timed(attn_fns[0], device, args.warmup, args.iters)
+                    times[(scheme, n)] = ms
+                    cache_bytes = nbytes(first["latent"], first["rope_key"])
+                    step_bytes = cache_bytes + nbytes(first["w_uk"], first["w_uv_t"], first["q_nope"], first["q_rope"])
+                    flops = 2 * batch * heads * tokens * (2 * width + args.rope)
+                    step_flops = flops + 2 * batch * heads * width * (args.nope + args.v)
+                    bw, rate = ceilings["bandwidth"], ceilings["flops"]
+                    row = dict(mode="single", attention=kind, scheme=scheme, shards=n, batch=batch, tokens=tokens,
+                               heads=heads, latent_width=width, ms=ms, kernel_ms=kernel_ms, cache_bytes=cache_bytes,
+                               step_bytes=step_bytes, flops=flops, input_copies=copies,
+                               kernel_bytes_floor_ms=1e3 * cache_bytes / bw, step_bytes_floor_ms=1e3 * step_bytes / bw,
+                               peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+                    if rate:
+                        row["kernel_flops_floor_ms"] = 1e3 * flops / rate
+                        row["step_flops_floor_ms"] = 1e3 * step_flops / rate
+                    row["kernel_x_floor"] = kernel_ms / max(row["kernel_bytes_floor_ms"], row.get("kernel_flops_floor_ms", 0))
+                    row["step_x_floor"] = ms / max(row["step_bytes_floor_ms"], row.get("step_flops_floor_ms", 0))
+                    row["kernel_x_bytes_floor"] = kernel_ms / row["kernel_bytes_floor_ms"]
+                    rows.append(row)
+                    del first, sets, step_fns, attn_fns, q_latents
+                kernel_times = {(r["scheme"], r["shards"]): r["kernel_ms"] for r in rows[-len(configs):]}
+                for row in rows[-len(configs):]:
+                    if row["scheme"] == "tpla":
+                        row["speedup_vs_tp"] = times[("tp", row["shards"])] / row["ms"]
+                        row["kernel_speedup_vs_tp"] = kernel_times[("tp", row["shards"])] / row["kernel_ms"]
+                        row["speedup_vs_mla"] = times[("mla", 1)] / row["ms"]
+    return rows, ceilings
 
 
 def _distributed_worker(rank: int, args, init_file: str, out_file: str) -> None:
@@ -266,13 +378,46 @@ def run_distributed(args) -> list[dict]:
             return json.load(f)
 
 
+def print_single(rows: list[dict], ceilings: dict) -> None:
+    rate = ceilings["flops"]
+    print(f"floors: copy bandwidth {ceilings['bandwidth'] / 1e12:.2f} TB/s"
+          + (f", bf16 matrix rate {rate / 1e12:.0f} TFLOP/s" if rate else ""))
+    print("| attention | scheme | N | B | T | heads | w | step ms | step floor ms | step x floor | kernel ms "
+          "| kernel bytes floor ms | kernel x bytes floor | kernel flops floor ms | kernel x floor | TPLA vs TP step "
+          "| TPLA vs TP kernel |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        step_floor = max(r["step_bytes_floor_ms"], r.get("step_flops_floor_ms", 0))
+        flops_floor = f"{r['kernel_flops_floor_ms']:.4f}" if "kernel_flops_floor_ms" in r else "n/a"
+        vs = (f"{r['speedup_vs_tp']:.2f}x | {r['kernel_speedup_vs_tp']:.2f}x" if "speedup_vs_tp" in r else " | ")
+        print(f"| {r['attention']} | {r['scheme']} | {r['shards']} | {r['batch']} | {r['tokens']} | {r['heads']} "
+              f"| {r['latent_width']} | {r['ms']:.4f} | {step_floor:.4f} | {r['step_x_floor']:.2f}x "
+              f"| {r['kernel_ms']:.4f} | {r['kernel_bytes_floor_ms']:.4f} | {r['kernel_x_bytes_floor']:.2f}x | {flops_floor} "
+              f"| {r['kernel_x_floor']:.2f}x "
+              f"| {vs} |")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    rows = run_single(args) if args.mode == "single" else run_distributed(args)
-    print(f"device: {device_name}, torch {torch.__version__}, dtype {args.dtype}, heads {args.heads}, "
-          f"kv_lora_rank {args.rank}, rope {args.rope}")
-    for row in rows:
+    ceilings = None
+    if args.mode == "single":
+        rows, ceilings = run_single(args)
+    else:
+        rows = run_distributed(args)
+    try:
+        from importlib.metadata import version
+
+        triton_version = version("triton")
+    except Exception:  # not installed (CPU-only)
+        triton_version = "none"
+    print(f"device: {device_name}, torch {torch.__version__}, triton {triton_version}, dtype {args.dtype}, "
+          f"heads {args.heads}, kv_lora_rank {args.rank}, rope {args.rope}, "
+          + ("eager launches" if args.eager or args.mode != "single" or not args.device.startswith("cuda")
+             else "CUDA graph replay"))
+    if args.mode == "single":
+        print_single(rows, ceilings)
+    for row in rows if args.mode != "single" else []:
         extra = f"  x{row['speedup_vs_tp']:.2f} vs tp" if "speedup_vs_tp" in row else ""
         if row.get("max_abs_err_vs_simulated") is not None:
             extra += f"  err vs simulated {row['max_abs_err_vs_simulated']:.3g} (|ref| {row['ref_max_abs']:.3g})"
@@ -284,7 +429,8 @@ def main(argv=None) -> None:
               f"  cache/shard {cache / 2**20:8.1f} MiB{extra}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=device_name, torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
+            json.dump(dict(device=device_name, torch=torch.__version__, args=vars(args), ceilings=ceilings, rows=rows),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

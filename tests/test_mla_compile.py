@@ -183,6 +183,7 @@ def test_generate_compiled_eager_backend_matches_and_never_recompiles(family, ov
 INTERPRETER_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, "tests")
+    import interpreter_compat  # Triton 3.6's interpreter under NumPy >= 2.4
     from conftest import tiny_model
     from kvcompress.kernels import mla_decode
     from kvcompress.mla import MLALatentCache, patch_mla

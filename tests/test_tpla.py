@@ -4,6 +4,7 @@ formula, distributed (2 gloo processes) against simulated, and the error message
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -175,6 +176,38 @@ def test_per_shard_attention_weights_obey_the_softmax_bound():
     # one shard is absorbed attention itself
     assert torch.allclose(tpla_attention(q[..., :width], q_rope, z[:, :1], k_rope, None, scale),
                           absorbed_attention(q[..., :width], q_rope, z[:, 0], k_rope[:, 0], None, scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and Triton")
+@pytest.mark.parametrize("num_shards", [1, 2, 4])
+def test_gpu_tpla_attention_runs_the_kernel_per_shard(num_shards, monkeypatch):
+    """DeepSeek-V3 widths (128 heads, r = 512, p = 64), bf16, ragged valid lengths: on CUDA tpla_attention
+    is one launch of the decode kernel over all held shards (shard rows as batch rows, each r/N wide),
+    and every shard's output slice equals that shard's own float32 reference attention."""
+    from kvcompress.kernels import mla_decode
+
+    calls = []
+    forward = mla_decode._triton_forward
+    monkeypatch.setattr(mla_decode, "_triton_forward", lambda *a, **kw: calls.append(tuple(a[2].shape)) or forward(*a, **kw))
+    g = torch.Generator(device="cuda").manual_seed(num_shards)
+    batch, heads, tokens, r, p = 2, 128, 777, 512, 64
+    width = r // num_shards
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)
+
+    z, q, q_rope = rnd(batch, num_shards, tokens, width), rnd(batch, heads, 1, r), rnd(batch, heads, 1, p)
+    k_rope = rnd(batch, 1, tokens, p).expand(-1, num_shards, -1, -1).contiguous()
+    lengths = torch.tensor([tokens, 500], device="cuda")
+    out = tpla_attention(q, q_rope, z, k_rope, None, 0.2, kv_lengths=lengths)
+    assert calls == [(batch * num_shards, tokens, width)]
+    for i in range(num_shards):
+        cols = slice(i * width, (i + 1) * width)
+        ref = mla_decode.mla_decode_attention_reference(q[..., cols], q_rope, z[:, i], k_rope[:, i], 0.2, kv_lengths=lengths)
+        err = ((out[..., cols].double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+        assert torch.isfinite(out[..., cols]).all() and err <= 1e-2, (i, err)
 
 
 # -- rotations ---------------------------------------------------------------------------------------

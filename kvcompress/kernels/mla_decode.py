@@ -22,16 +22,29 @@ The kernel (FlashMLA / flash-decoding style)
 All heads share the latent, so a program takes a block of ``BLOCK_M`` query rows (``rows = H * S``, row
 ``h * S + i``), loads each ``[BLOCK_T, r]`` latent tile and ``[BLOCK_T, p]`` RoPE tile once and uses it for
 all of them with two ``tl.dot`` (scores) and one ``tl.dot`` (weighted sum), with an online softmax in
-float32. The sequence is split into chunks (``grid = (row blocks, chunks, B)``, enough programs to fill
-the GPU even at batch 1); each chunk writes its normalised partial output and log-sum-exp, and a second
-small kernel merges them (``out = sum_c exp(lse_c - max) o_c / sum_c exp(lse_c - max)``). Products
-accumulate in float32 (fp32 inputs use IEEE fp32 dots, not TF32); the output has the inputs' dtype.
+float32. Head blocks are wide (:func:`_config`): 128 rows when the latent is at most 256 wide (a TPLA
+shard, ``r/N``: at 128 heads one program per tile, so the cache is read exactly once) and 64 rows at
+``r = 512`` (plain MLA, a plain-TP shard), where the ``64 x 512`` float32 accumulator already takes 128
+registers a thread on two warpgroups. On Hopper the products run as ``wgmma`` with the queries resident
+in shared memory and ``num_stages`` latent tiles in flight. Optionally (``split_v = 2``) two neighbouring
+programs each accumulate one half of the output columns: both score the whole latent (the second read of
+a tile is served by L2), which halves the accumulator at the price of computing the scores twice.
 
-Bytes floor: one decode step must read the cache once, ``B * T * (r + p) * element_size`` bytes
-(``T`` the valid tokens), plus the queries and outputs (``B * H * S * (2 r + p)`` elements, small) and the
-partials (``B * H * S * chunks * (r + 1)`` float32, kept small by the chunk heuristic). Lengths and
-starts are device tensors and are never read on the host, so a call does no host synchronisation and,
-with fixed tensor shapes (a fixed-capacity cache plus ``kv_lengths``), can be captured in a CUDA graph.
+The sequence is split into chunks (``grid = (split_v x row blocks, chunks, B)``, about one program per
+SM, two for the small 4-warp programs: :func:`plan`); each chunk writes its normalised partial output
+and log-sum-exp, and a second small kernel merges them (``out = sum_c exp(lse_c - max) o_c / sum_c
+exp(lse_c - max)``), a block of chunks per load. Products accumulate in float32 (fp32 inputs use IEEE
+fp32 dots, not TF32); the output has the inputs' dtype.
+
+Floors: one decode step must read the cache once, ``B * T * (r + p) * element_size`` bytes (``T`` the
+valid tokens), plus the queries and outputs (``B * H * S * (2 r + p)`` elements, small) and the partials
+(``B * H * S * chunks * r`` values in the inputs' dtype, float32 for float32 inputs, plus one float32
+log-sum-exp per row and chunk, written and read, kept small by the chunk heuristic). It also
+does ``2 * B * H * S * T * (2 r + p)`` floating-point operations: at 128 heads and ``r = 512`` that is
+about 240 per cache byte, at the H100/H200's ridge (about 200 in bf16), so wide-head MLA decode is as
+much bound by the tensor cores as by memory. Lengths and starts are device tensors and are never read on
+the host, so a call does no host synchronisation and, with fixed tensor shapes (a fixed-capacity cache
+plus ``kv_lengths``), can be captured in a CUDA graph.
 
 The reference (:func:`mla_decode_attention_reference`) computes the same thing in float32 (float64 for
 float64 inputs) with dense masks; it is the CPU path and the definition the kernel is tested against.
@@ -204,7 +217,8 @@ def key_mask_from_attention_mask(mask: torch.Tensor | None, batch: int, tokens: 
 # -- the Triton kernels ---------------------------------------------------------------------------
 if _HAVE_TRITON:
 
-    @triton.jit
+    # lengths and counts vary from call to call: one compiled variant for all of them
+    @triton.jit(do_not_specialize=["n_tokens", "n_rows", "n_queries", "n_chunks", "chunk_len"])
     def _mla_decode_chunk_kernel(
         Q, QR, C, KR, MASK, STARTS, LENS, O_PART, LSE_PART,
         stride_qb, stride_qh, stride_qs, stride_qd,
@@ -214,26 +228,35 @@ if _HAVE_TRITON:
         stride_mb, stride_mt,
         n_tokens, n_rows, n_queries, n_chunks, chunk_len, scale_log2,
         R: tl.constexpr, P: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT_V: tl.constexpr,
+        BLOCK_P: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_LENS: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """One (row block, chunk, batch row): online softmax over the chunk's tokens, normalised partial
-        output and log2-sum-exp written to O_PART / LSE_PART."""
-        row_block = tl.program_id(0)
+        """One (output half x row block, chunk, batch row): online softmax over the chunk's tokens for
+        BLOCK_M query rows; the normalised partial output of this program's BLOCK_V latent columns and the
+        log2-sum-exp go to O_PART / LSE_PART. With SPLIT_V = 2 the other half of the latent still enters
+        the scores (loaded, multiplied, not accumulated)."""
+        pid = tl.program_id(0)
+        half = pid % SPLIT_V  # the output halves of one row block are neighbours: their tiles meet in L2
+        row_block = pid // SPLIT_V
         chunk = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         head = rows // n_queries
         qi = rows % n_queries
-        offs_r = tl.arange(0, BLOCK_R)
+        offs_v = half * BLOCK_V + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < R
         offs_p = tl.arange(0, BLOCK_P)
-        r_ok = offs_r < R
         p_ok = offs_p < P
-        q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qs + offs_r[None, :] * stride_qd,
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        q_rows = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qs
+        q = tl.load(q_rows + offs_v[None, :] * stride_qd, mask=row_ok[:, None] & v_ok[None, :], other=0.0)
         qr = tl.load(QR + b * stride_rb + head[:, None] * stride_rh + qi[:, None] * stride_rs + offs_p[None, :] * stride_rd,
                      mask=row_ok[:, None] & p_ok[None, :], other=0.0)
+        if SPLIT_V == 2:
+            offs_w = (1 - half) * BLOCK_V + tl.arange(0, BLOCK_V)
+            w_ok = offs_w < R
+            q_w = tl.load(q_rows + offs_w[None, :] * stride_qd, mask=row_ok[:, None] & w_ok[None, :], other=0.0)
         start = 0
         if HAS_STARTS:
             start = tl.maximum(tl.load(STARTS + b).to(tl.int32), 0)
@@ -245,20 +268,29 @@ if _HAVE_TRITON:
         row_end = end - (n_queries - 1 - qi)  # causal: query i is token end - S + i
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        c_row = C + b * stride_cb
+        k_row = KR + b * stride_kb
         for t0 in range(lo, hi, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_ok = offs_t < hi
-            c = tl.load(C + b * stride_cb + offs_t[:, None] * stride_ct + offs_r[None, :] * stride_cd,
-                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)
-            kr = tl.load(KR + b * stride_kb + offs_t[:, None] * stride_kt + offs_p[None, :] * stride_kd,
+            c = tl.load(c_row + offs_t[:, None] * stride_ct + offs_v[None, :] * stride_cd,
+                        mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+            kr = tl.load(k_row + offs_t[:, None] * stride_kt + offs_p[None, :] * stride_kd,
                          mask=t_ok[:, None] & p_ok[None, :], other=0.0)
             if IEEE:  # fp32 inputs: exact fp32 products (the default on NVIDIA would be TF32)
                 s = tl.dot(q, tl.trans(c), input_precision="ieee")
-                s += tl.dot(qr, tl.trans(kr), input_precision="ieee")
+                s = tl.dot(qr, tl.trans(kr), s, input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(c))
-                s += tl.dot(qr, tl.trans(kr))
+                s = tl.dot(qr, tl.trans(kr), s)
+            if SPLIT_V == 2:
+                c_w = tl.load(c_row + offs_t[:, None] * stride_ct + offs_w[None, :] * stride_cd,
+                              mask=t_ok[:, None] & w_ok[None, :], other=0.0)
+                if IEEE:
+                    s = tl.dot(q_w, tl.trans(c_w), s, input_precision="ieee")
+                else:
+                    s = tl.dot(q_w, tl.trans(c_w), s)
             # log2 domain (exp2 below); the cast: inductor passes a Python float scalar as fp64
             s = (s * scale_log2).to(tl.float32)
             allowed = offs_t[None, :] < row_end[:, None]
@@ -271,19 +303,22 @@ if _HAVE_TRITON:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
             if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, c, input_precision="ieee")
+                acc = tl.dot(p, c, acc, input_precision="ieee")
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+                acc = tl.dot(p.to(c.dtype), c, acc)
             m_i = m_new
         has = l_i > 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         part = (b * n_rows + rows) * n_chunks + chunk
-        tl.store(O_PART + part[:, None] * R + offs_r[None, :], o, mask=row_ok[:, None] & r_ok[None, :])
-        tl.store(LSE_PART + part, lse, mask=row_ok)
+        tl.store(O_PART + part[:, None] * R + offs_v[None, :], o.to(O_PART.dtype.element_ty),
+                 mask=row_ok[:, None] & v_ok[None, :])
+        if half == 0:  # both halves computed the same (m, l) up to the order of three fp32 additions
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(LSE_PART + part, lse, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "n_queries", "n_chunks"])
     def _mla_decode_merge_kernel(
         O_PART, LSE_PART, OUT,
         stride_ob, stride_oh, stride_os, stride_od,
@@ -291,61 +326,83 @@ if _HAVE_TRITON:
         R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         """One (row, batch row, block of BLOCK_R latent columns): merge the chunks' partial outputs by their
-        log-sum-exp. Several column blocks per row keep enough programs busy at batch 1."""
+        log-sum-exp, BLOCK_C chunks per load (a [BLOCK_C, BLOCK_R] tile in flight, not one chunk at a time:
+        the merge is latency-bound otherwise when there are a hundred chunks)."""
         row = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         col0 = tl.program_id(2) * BLOCK_R
         base = (b * n_rows + row) * n_chunks
-        offs_c = tl.arange(0, BLOCK_C)
-        lse_all = tl.load(LSE_PART + base + offs_c, mask=offs_c < n_chunks, other=float("-inf"))
-        top = tl.max(lse_all, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)  # no valid token at all: weights 0, output 0
         offs_r = col0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        total = tl.sum(tl.exp2(lse_all - top), 0)
+        tops = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        for c0 in range(0, n_chunks, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            tops = tl.maximum(tops, tl.load(LSE_PART + base + offs_c, mask=offs_c < n_chunks, other=float("-inf")))
+        top = tl.max(tops, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # no valid token at all: weights 0, output 0
+        total = tl.zeros([BLOCK_C], tl.float32)
         acc = tl.zeros([BLOCK_R], tl.float32)
-        for c in range(0, n_chunks):  # one [r] partial at a time: a [chunks, r] tile would not fit in registers
-            w = tl.exp2(tl.load(LSE_PART + base + c) - top)
-            acc += w * tl.load(O_PART + (base + c) * R + offs_r, mask=r_ok, other=0.0)
-        acc = acc / tl.where(total > 0, total, 1.0)
+        for c0 in range(0, n_chunks, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < n_chunks
+            w = tl.exp2(tl.load(LSE_PART + base + offs_c, mask=c_ok, other=float("-inf")) - top)
+            o = tl.load(O_PART + (base + offs_c)[:, None] * R + offs_r[None, :], mask=c_ok[:, None] & r_ok[None, :],
+                        other=0.0).to(tl.float32)
+            # a chunk without tokens has weight 0 and an output of 0 (never NaN): no masking needed
+            acc += tl.sum(w[:, None] * o, 0)
+            total += w
+        total_sum = tl.sum(total, 0)
+        acc = acc / tl.where(total_sum > 0, total_sum, 1.0)
         head = row // n_queries
         qi = row % n_queries
         tl.store(OUT + b * stride_ob + head * stride_oh + qi * stride_os + offs_r * stride_od,
                  acc.to(OUT.dtype.element_ty), mask=r_ok)
 
 
-def plan(batch: int, rows: int, tokens: int, device: torch.device, block_m: int = 16, block_t: int = 32,
-         min_chunk: int = 256) -> tuple[int, int]:
-    """``(chunks, chunk_len)``: split the tokens so that ``row blocks * chunks * batch`` programs fill
-    about two waves of the GPU's SMs, with at least ``min_chunk`` tokens per chunk (partials stay a small
-    fraction of the bytes read). ``chunk_len`` is a multiple of ``block_t`` and every chunk is non-empty.
-    Depends only on shapes, so a captured decode step keeps its launch configuration."""
+def plan(batch: int, rows: int, tokens: int, device: torch.device, block_m: int = 64, block_t: int = 64,
+         min_chunk: int = 256, split_v: int = 1, waves: int = 1) -> tuple[int, int]:
+    """``(chunks, chunk_len)``: split the tokens so that ``split_v * row blocks * chunks * batch``
+    programs fill about ``waves`` waves of the GPU's SMs (the wide tiles leave room for one program per
+    SM), with at least ``min_chunk`` tokens per chunk (partials stay a small fraction of the bytes read).
+    ``chunk_len`` is a multiple of ``block_t`` and every chunk is non-empty. Depends only on shapes, so a
+    captured decode step keeps its launch configuration."""
     sms = sm_count(device)
-    programs = batch * math.ceil(rows / block_m)
-    chunks = max(1, min(math.ceil(2 * sms / programs), math.ceil(tokens / min_chunk)))
+    programs = batch * split_v * math.ceil(rows / block_m)
+    chunks = max(1, min(round(waves * sms / programs), math.ceil(tokens / min_chunk)))
     chunk_len = math.ceil(math.ceil(tokens / chunks) / block_t) * block_t
     return math.ceil(tokens / chunk_len), chunk_len
 
 
-def _config(dtype: torch.dtype, rank: int, rope_dim: int, batch: int, rows: int, tokens: int,
-            device: torch.device) -> dict:
-    """Block sizes: BLOCK_M = 16 query rows (tl.dot's minimum, = V2-Lite's 16 heads), latent tiles of
-    32 tokens (16 for 4-byte types, to keep the [BLOCK_T, r] tile in the same shared memory).
+def _config(dtype: torch.dtype, rank: int, rope_dim: int, rows: int, device: torch.device) -> dict:
+    """Tiles for ``rows`` query rows (heads x new tokens) over a latent of ``rank`` values.
 
-    When the split leaves each program few tokens (<= 512: batch 1, where ``plan`` cuts 32K into 128
-    chunks of 256), 16-bit latents take 64-token tiles in a 3-stage pipeline if three such tiles fit in
-    shared memory (221 KB at r = 512, p = 64: Hopper's 227 KB does, an A100's 163 KB does not). On the
-    H100 at 16 heads x 32K, under CUDA-graph replay: batch 1 went from 30.8 to 25.3 us (2.38x -> 1.95x
-    the bytes floor), while batch 8 (1024-token chunks) stays fastest with the small tiles, 113.9 us
-    against 114.6 (docs/results/perf/mla_kernel_sweep_s6_h100.json)."""
-    if dtype in (torch.float32, torch.float64) or rank > 512:
-        return {"block_m": 16, "block_t": 16, "num_warps": 4, "num_stages": 2}
-    small = {"block_m": 16, "block_t": 32, "num_warps": 4, "num_stages": 2}
-    _, chunk_len = plan(batch, rows, tokens, device, small["block_m"], small["block_t"])
-    big_tiles = 3 * 64 * (rank + rope_dim) * dtype.itemsize
-    if chunk_len <= 512 and shared_memory(device) >= big_tiles:
-        return {"block_m": 16, "block_t": 64, "num_warps": 4, "num_stages": 3}
-    return small
+    Wide head blocks, so that each latent tile is read once for many heads: 128 rows when the latent is
+    256 wide (a TPLA shard at N = 2: at 128 heads one program per tile), 64 rows otherwise (plain MLA, a
+    plain-TP shard, a TPLA shard at N = 4), on 8 warps (two warpgroups: ``tl.dot`` runs as Hopper
+    ``wgmma``) once the float32 accumulator ``BLOCK_M x BLOCK_V`` reaches 64 x 256. The queries stay in
+    shared memory for the whole loop, the rest of it holds up to 3 latent tiles in flight. 4-warp
+    programs are small enough for two per SM, so they get two waves of programs, 8-warp ones one.
+
+    Measured on an H200 at 32K tokens, bf16, batch 8 (``benchmarks/mla_kernel_sweep.py``, CUDA-graph
+    replay; 128 heads unless said): r/N = 128 64 rows on 4 warps, two waves 60.9 us against 63.9 for 128
+    rows on 8 warps; r/N = 256 128 rows 91.4 us against 194.5 for 64 rows and 170.1 for two output halves
+    (``split_v = 2``); r = 512 64 rows 359 us, two output halves 357 (not worth the second score
+    computation); 32 heads at r = 512 64-token tiles in 2 stages 155.9 us against 193.1 for 32-token tiles
+    in 3; 16 heads two waves 88.6 us against 107.2 for one. Float32 inputs, widths past 512 and devices
+    with less than 160 KB of shared memory per program (and Triton's CPU interpreter, which reports none)
+    keep the small tiles of 16 rows."""
+    width, rope = _pow2(rank), _pow2(rope_dim)
+    if dtype in (torch.float32, torch.float64) or width > 512 or shared_memory(device) < 160 * 1024:
+        return {"block_m": 16, "block_t": 16 if dtype.itemsize > 2 or width > 512 else 32, "split_v": 1,
+                "num_warps": 4, "num_stages": 2, "waves": 2}
+    block_m = min(128 if width == 256 else 64, max(16, _pow2(rows)))
+    num_warps = 8 if block_m == 128 or block_m * width >= 64 * 256 else 4
+    block_t = 64 if width + rope <= 320 or (block_m == 32 and width == 512) else 32
+    stage_bytes = block_t * (width + rope) * dtype.itemsize
+    resident = block_m * (width + rope) * dtype.itemsize + 16 * 1024  # queries + softmax / layout scratch
+    num_stages = max(1, min(3, (shared_memory(device) - resident) // stage_bytes))
+    return {"block_m": block_m, "block_t": block_t, "split_v": 1, "num_warps": num_warps,
+            "num_stages": int(num_stages), "waves": 2 if num_warps == 4 else 1}
 
 
 def _direct(kernel):
@@ -354,20 +411,30 @@ def _direct(kernel):
 
 
 def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_starts, key_mask, out,
-                    block_m=None, block_t=None, num_warps=None, num_stages=None, min_chunk=256, wrap=_direct):
+                    block_m=None, block_t=None, num_warps=None, num_stages=None, min_chunk=256, split_v=None,
+                    waves=None, merge_chunks=None, wrap=_direct):
     """Allocate the partials and launch the chunk and merge kernels. Host work depends on shapes, dtypes
     and the device only (never tensor values), so it runs unchanged under FakeTensor tracing; ``wrap`` is
-    ``torch.library.wrap_triton`` inside the custom op (the launches become traceable graph nodes)."""
+    ``torch.library.wrap_triton`` inside the custom op (the launches become traceable graph nodes).
+    The keyword tiles override :func:`_config`'s choice (sweeps, tests)."""
     if latent.dtype == torch.float64:
         raise TypeError("the Triton MLA decode kernel takes float16/bfloat16/float32; use the reference for float64")
     batch, heads, queries, rank = q_latent.shape
     tokens, p = latent.shape[1], rope_key.shape[2]
     rows = heads * queries
-    cfg = _config(latent.dtype, rank, p, batch, rows, tokens, latent.device)
+    cfg = _config(latent.dtype, rank, p, rows, latent.device)
     block_m = block_m or cfg["block_m"]
     block_t = block_t or cfg["block_t"]
-    chunks, chunk_len = plan(batch, rows, tokens, latent.device, block_m, block_t, min_chunk)
-    o_part = torch.empty(batch * rows * chunks * rank, dtype=torch.float32, device=latent.device)
+    split_v = split_v or cfg["split_v"]
+    if split_v not in (1, 2):
+        raise ValueError(f"split_v={split_v!r}: allowed values are 1 and 2")
+    block_v = _pow2(math.ceil(rank / split_v))
+    chunks, chunk_len = plan(batch, rows, tokens, latent.device, block_m, block_t, min_chunk, split_v,
+                             waves or cfg["waves"])
+    # 16-bit inputs keep 16-bit partials: each is normalised (|o| <= max |c|), so that rounds like the output
+    # does, and halves the partials' traffic, which at batch 1 (a hundred chunks) rivals the cache's
+    o_part = torch.empty(batch * rows * chunks * rank, dtype=latent.dtype if latent.dtype.itemsize == 2 else torch.float32,
+                         device=latent.device)
     lse_part = torch.empty(batch * rows * chunks, dtype=torch.float32, device=latent.device)
     if _POISON_BUFFERS:
         o_part.fill_(float("nan"))
@@ -385,20 +452,22 @@ def _triton_forward(q_latent, q_rope, latent, rope_key, scale, kv_lengths, kv_st
     mask_strides = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
     starts = kv_starts if kv_starts is not None else latent
     lens = kv_lengths if kv_lengths is not None else latent
-    grid = (math.ceil(rows / block_m), chunks, batch)
+    grid = (split_v * math.ceil(rows / block_m), chunks, batch)
     wrap(_mla_decode_chunk_kernel)[grid](
         q_latent, q_rope, latent, rope_key, mask, starts, lens, o_part, lse_part,
         *q_latent.stride(), *q_rope.stride(), *latent.stride(), *rope_key.stride(), *mask_strides,
         tokens, rows, queries, chunks, chunk_len, float(scale) * 1.4426950408889634,
-        R=rank, P=p, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_R=_pow2(rank), BLOCK_P=_pow2(p),
+        R=rank, P=p, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_V=block_v, SPLIT_V=split_v, BLOCK_P=_pow2(p),
         HAS_MASK=key_mask is not None, HAS_STARTS=kv_starts is not None, HAS_LENS=kv_lengths is not None,
         IEEE=latent.dtype == torch.float32,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     merge_cols = min(_pow2(rank), 128)
+    # a [chunks, columns] tile of at most 4096 floats per load (32 registers a thread)
+    merge_chunks = merge_chunks or min(_pow2(chunks, 2), max(2, 4096 // merge_cols))
     wrap(_mla_decode_merge_kernel)[(rows, batch, math.ceil(rank / merge_cols))](
         o_part, lse_part, out, *out.stride(), rows, queries, chunks,
-        R=rank, BLOCK_R=merge_cols, BLOCK_C=_pow2(chunks, 2), num_warps=1,
+        R=rank, BLOCK_R=merge_cols, BLOCK_C=merge_chunks, num_warps=4,
     )
     return out
 
