@@ -177,6 +177,7 @@ _INTERPRETER_SCRIPT = r"""
 import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 sys.path[:0] = [{tests!r}, {root!r}]
+import interpreter_compat  # Triton 3.6's interpreter under NumPy >= 2.4
 import torch
 from kvcompress.kernels import configure_kernels, xkv_decode
 from test_kernels_xkv import CASES, OP_BOUNDS, count_ops_and_launches, make_case, rel_err, patched_generation_matches
@@ -321,6 +322,7 @@ _TMA_FALLBACK_SCRIPT = r"""
 import json, os, sys, warnings
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path[:0] = [{tests!r}, {root!r}]
+import interpreter_compat  # Triton 3.6's interpreter under NumPy >= 2.4
 import torch
 from kvcompress.kernels import configure_kernels, xkv_decode
 from test_kernels_xkv import make_case, rel_err

@@ -130,6 +130,7 @@ _INTERPRETER_SCRIPT = r"""
 import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 sys.path[:0] = [{tests!r}, {root!r}]
+import interpreter_compat  # Triton 3.6's interpreter under NumPy >= 2.4
 import torch
 from kvcompress.kernels import configure_kernels, xkv_decode
 from test_xkv_op import LAYOUTS, CountingBackend, case, rel_err
