@@ -3,7 +3,8 @@
 Methods, one home each: :class:`XKVCache` (cross-layer SVD, ``kvcompress.xkv``), :class:`MLALatentCache`
 and :func:`patch_mla` (DeepSeek latent-only caching, ``kvcompress.mla``), :class:`TPLACache` and
 :func:`patch_tpla` (tensor-parallel latent attention, ``kvcompress.tpla``), :func:`convert_gqa_to_mla`
-(TransMLA, ``kvcompress.transmla``). Importing this package registers every method
+(TransMLA, ``kvcompress.transmla``); the peer :class:`CountedQuantizedCache` (transformers' own
+``QuantizedCache`` with its bytes counted, ``kvcompress.quantized``). Importing this package registers every method
 (``kvcompress.registry``); :func:`patch_model` switches one on for an existing model.
 """
 
@@ -13,6 +14,7 @@ from .patch import patch_model
 from .xkv import XKVCache, XKVParams, default_group_size, patch_xkv
 from .mla import MLALatentCache, MLAParams, absorbed_attention, patch_mla
 from .tpla import TPLACache, TPLAParams, patch_tpla
+from .quantized import CountedQuantizedCache, QuantizedParams
 from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token, save_converted
 
 __version__ = "0.1.0"
@@ -23,5 +25,6 @@ __all__ = [
     "XKVCache", "XKVParams", "default_group_size", "patch_xkv",
     "MLALatentCache", "MLAParams", "absorbed_attention", "patch_mla",
     "TPLACache", "TPLAParams", "patch_tpla",
+    "CountedQuantizedCache", "QuantizedParams",
     "convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token", "save_converted",
 ]
