@@ -33,9 +33,9 @@ Which transformers versions
 5.17 takes ``QuantizedCache(backend, config, nbits, axis_key, axis_value, q_group_size,
 residual_length)`` with defaults in the signature; 5.24 takes the same names with ``None`` meaning the
 layer's default (and adds an ``fp8`` backend, not offered here as 5.17 lacks it). The cache is built with
-every option passed by name, which both accept. The residual flush rule differs by one token between
-them (5.17: flush when the residual holds ``residual_length - 1`` tokens before the update; 5.24: when
-it would hold ``residual_length`` after it); ``nbytes()`` counts whatever is held, so it is right on both.
+every option passed by name, which both accept. Their residual flush rules agree for one-token decode
+steps and differ for multi-token updates after the prefill (5.17 looks at the residual's length before
+the update alone, 5.24 adds the new tokens); ``nbytes()`` counts whatever is held, so it is right on both.
 """
 
 from __future__ import annotations
