@@ -3,9 +3,10 @@
 Methods, one home each: :class:`XKVCache` (cross-layer SVD, ``kvcompress.xkv``), :class:`MLALatentCache`
 and :func:`patch_mla` (DeepSeek latent-only caching, ``kvcompress.mla``), :class:`TPLACache` and
 :func:`patch_tpla` (tensor-parallel latent attention, ``kvcompress.tpla``), :func:`convert_gqa_to_mla`
-(TransMLA, ``kvcompress.transmla``); the peer :class:`CountedQuantizedCache` (transformers' own
-``QuantizedCache`` with its bytes counted, ``kvcompress.quantized``). Importing this package registers every method
-(``kvcompress.registry``); :func:`patch_model` switches one on for an existing model.
+(TransMLA, ``kvcompress.transmla``); and a peer to compare against, :class:`CountedQuantizedCache`
+(transformers' own ``QuantizedCache`` with its bytes counted, ``kvcompress.quantized``). Importing this
+package registers every method (``kvcompress.registry``); :func:`patch_model` switches one on for an
+existing model.
 """
 
 from .registry import MethodParams, get_method, list_methods, make_cache, register_method

@@ -157,5 +157,5 @@ register_method(
     params=QuantizedParams,
     families=("llama", "qwen2", "mistral"),
     cache_class="kvcompress.quantized.CountedQuantizedCache",
-    doc="docs/benchmarks.md",
+    doc="docs/quantized.md",
 )
