@@ -171,7 +171,8 @@ def write_report(records: list[dict], samples: dict[str, dict], out_dir: Path, t
     """``summary.md``: every prompt each method finished, then (when they differ) the prompts all finished."""
     legend = ("found: the needle's value appears in the greedy answer. distractor named: answers naming a "
               "distractor's value (the distract style). cache: bytes held after prefill and decode "
-              "(`cache.nbytes()`; stock caches: keys + values), mean per prompt; ratio: against `dynamic` "
+              "(`cache.nbytes()`; stock caches: keys + values; kvpress: without the pairs its head-wise presses "
+              "mask), mean per prompt; ratio: against `dynamic` "
               "(or kvpress's `no_press`) on the same prompts. prefill s: mean seconds until the first "
               "next-token scores.\n")
     rows = summarize(records, samples)

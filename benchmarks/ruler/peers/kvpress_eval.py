@@ -252,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     eos |= {tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids("<|im_end|>")}
                                        if "<|im_end|>" in tokenizer.get_vocab() else set())
     eos.discard(None)
+    tokenizer_dir = None
     if any(s.startswith("kvzip:") for s in specs):
         import tempfile
 
-        point_config_at_tokenizer(model, tokenizer, tempfile.mkdtemp(prefix="kvpress-tokenizer-"))
+        tokenizer_dir = tempfile.TemporaryDirectory(prefix="kvpress-tokenizer-")  # removed when main returns
+        point_config_at_tokenizer(model, tokenizer, tokenizer_dir.name)
     labels = {s: f"kvpress:{s}" for s in specs}
     files = {s: ResultsFile(args.out, labels[s]) for s in specs}
     # sample-major order (index 0 of every task, then index 1, ...): a run cut short by a time limit
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             prompt_tokens=n_prompt, new_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
             seconds=seconds, prefill_seconds=prefill_seconds, batch_size=1,
         )])
+    if tokenizer_dir is not None:
+        tokenizer_dir.cleanup()
     return 0
 
 
