@@ -179,7 +179,8 @@ def write_report(records: list[dict], samples: dict[str, dict], out_dir: Path, t
     text = f"# {title}\n\nEvery prompt each method finished:\n\n" + markdown_table(rows)
     ids = _common_ids([r for r in records if r["id"] in samples])
     if ids and any(row["n"] != len(ids) for row in rows):
-        text += f"\nThe same {len(ids)} prompts for every method:\n\n" + markdown_table(summarize(records, samples, ids))
+        same = markdown_table(summarize(records, samples, ids))
+        text += f"\nThe same {len(ids)} prompts for every method:\n\n" + same
     path = Path(out_dir) / "summary.md"
     path.write_text(text + "\n" + legend)
     return path
@@ -233,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(samples)} prompts; dataset in {dataset}")
     if args.generate_only:
         return 0
-    device_name = torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else platform.processor() or "cpu"
+    on_gpu = str(args.device).startswith("cuda")
+    device_name = torch.cuda.get_device_name(args.device) if on_gpu else platform.processor() or "cpu"
     with (out / "runs.jsonl").open("a") as f:
         f.write(json.dumps(dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), device=str(args.device),
                                 device_name=device_name, dtype=args.dtype, torch=torch.__version__,

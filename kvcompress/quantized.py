@@ -112,8 +112,8 @@ def held_nbytes(obj: object) -> int:
 def quantized_layer_nbytes(layer) -> int:
     """Bytes one ``QuantizedLayer`` holds: its quantised keys and values (data, scales, zeros) and its
     full-precision residual keys and values."""
-    return (held_nbytes(getattr(layer, "_quantized_keys", None)) + held_nbytes(getattr(layer, "_quantized_values", None))
-            + held_nbytes(getattr(layer, "keys", None)) + held_nbytes(getattr(layer, "values", None)))
+    held = ("_quantized_keys", "_quantized_values", "keys", "values")  # 5.17 sets the first two on first update
+    return sum(held_nbytes(getattr(layer, name, None)) for name in held)
 
 
 class CountedQuantizedCache(QuantizedCache):
@@ -152,7 +152,7 @@ def _build_quantized(model_or_config, **params) -> CountedQuantizedCache:
 
 register_method(
     "quantized",
-    summary="stock transformers QuantizedCache (KIVI-style int2/int4 groups + full-precision residual): a peer",
+    summary="stock transformers QuantizedCache (KIVI-style low-bit groups + full-precision residual): a peer",
     build=_build_quantized,
     params=QuantizedParams,
     families=("llama", "qwen2", "mistral"),

@@ -21,7 +21,8 @@ HEAD_DIM = 16  # tiny_config: hidden 64 / 4 heads
 def test_specs_parse_and_bad_parameters_name_the_allowed_values():
     specs = parse_method_specs("dynamic,quantized:backend=quanto:nbits=4,quantized:backend=hqq:nbits=2")
     assert [(s.name, s.params) for s in specs] == [
-        ("dynamic", {}), ("quantized", {"backend": "quanto", "nbits": 4}), ("quantized", {"backend": "hqq", "nbits": 2})]
+        ("dynamic", {}), ("quantized", {"backend": "quanto", "nbits": 4}),
+        ("quantized", {"backend": "hqq", "nbits": 2})]
     with pytest.raises(ValueError, match=r"nbits=8 is not supported by backend='quanto'; allowed: one of 2, 4"):
         parse_method_specs("quantized:backend=quanto:nbits=8")
     with pytest.raises(ValueError, match=r"backend='fp16' is out of range; allowed: one of 'quanto', 'hqq'"):

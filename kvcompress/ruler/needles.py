@@ -167,7 +167,8 @@ def _builder(p: PromptPlan, rng: random.Random):
     return build, key, distractors, distractor_values
 
 
-def needle_sample(p: PromptPlan, count_tokens: TokenCounter, seed: int = 42, hint: int | None = None) -> tuple[dict, int]:
+def needle_sample(p: PromptPlan, count_tokens: TokenCounter, seed: int = 42,
+                  hint: int | None = None) -> tuple[dict, int]:
     """The sample of plan ``p`` fitted to ``p.length`` tokens; returns ``(sample, filler_units)``."""
     if p.style not in STYLES or p.format not in FORMATS:
         raise ValueError(f"style must be one of {', '.join(STYLES)} and format one of {', '.join(FORMATS)}; got "
