@@ -3,8 +3,10 @@
 Methods, one home each: :class:`XKVCache` (cross-layer SVD, ``kvcompress.xkv``), :class:`MLALatentCache`
 and :func:`patch_mla` (DeepSeek latent-only caching, ``kvcompress.mla``), :class:`TPLACache` and
 :func:`patch_tpla` (tensor-parallel latent attention, ``kvcompress.tpla``), :func:`convert_gqa_to_mla`
-(TransMLA, ``kvcompress.transmla``). Importing this package registers every method
-(``kvcompress.registry``); :func:`patch_model` switches one on for an existing model.
+(TransMLA, ``kvcompress.transmla``); and a peer to compare against, :class:`CountedQuantizedCache`
+(transformers' own ``QuantizedCache`` with its bytes counted, ``kvcompress.quantized``). Importing this
+package registers every method (``kvcompress.registry``); :func:`patch_model` switches one on for an
+existing model.
 """
 
 from .registry import MethodParams, get_method, list_methods, make_cache, register_method
@@ -13,6 +15,7 @@ from .patch import patch_model
 from .xkv import XKVCache, XKVParams, default_group_size, patch_xkv
 from .mla import MLALatentCache, MLAParams, absorbed_attention, patch_mla
 from .tpla import TPLACache, TPLAParams, patch_tpla
+from .quantized import CountedQuantizedCache, QuantizedParams
 from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token, save_converted
 
 __version__ = "0.1.0"
@@ -23,5 +26,6 @@ __all__ = [
     "XKVCache", "XKVParams", "default_group_size", "patch_xkv",
     "MLALatentCache", "MLAParams", "absorbed_attention", "patch_mla",
     "TPLACache", "TPLAParams", "patch_tpla",
+    "CountedQuantizedCache", "QuantizedParams",
     "convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token", "save_converted",
 ]

@@ -59,15 +59,23 @@ def load_smollm2(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    path: str | Path | None = None,
 ):
     """Load SmolLM2-135M-Instruct and its tokenizer from the local GGUF file (de-quantised to ``dtype``).
+
+    ``path`` names the GGUF file explicitly (default: :func:`find_smollm2_gguf`).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode on ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = find_smollm2_gguf()
+    if path is None:
+        path = find_smollm2_gguf()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path={str(path)!r} is not a file (expected a SmolLM2 GGUF file)")
     kwargs = {"gguf_file": path.name}
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     if attn_implementation is not None:

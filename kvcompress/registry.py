@@ -208,6 +208,7 @@ class Method:
     install: Callable[..., None] | None = None
     cache_class: str = ""
     doc: str = ""
+    params_class: type[MethodParams] | None = None  # the declaration, when given as a dataclass
     param_map: Mapping[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -233,14 +234,19 @@ class Method:
             )
 
     def resolve_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The defaults overridden by ``params``, every value validated; raises before anything is built."""
+        """The defaults overridden by ``params``, every value validated, then the rules between parameters
+        (the ``__post_init__`` of the method's :class:`MethodParams` dataclass); raises before anything is
+        built."""
         unknown = [k for k in params if k not in self.param_map]
         if unknown:
             allowed = ", ".join(self.param_map) or "(none)"
             raise TypeError(f"method {self.name!r} has no parameter {unknown[0]!r}; allowed parameters: {allowed}")
         for key, value in params.items():
             self.param_map[key].validate(value, self.name)
-        return {**self.defaults(), **params}
+        resolved = {**self.defaults(), **params}
+        if self.params_class is not None:  # rules between parameters live in the dataclass's __post_init__
+            self.params_class(**resolved)
+        return resolved
 
     def parse_cli_params(self, assignments: Iterable[str]) -> dict[str, Any]:
         """``['rank_k=0.25', 'window=32']`` -> ``{'rank_k': 0.25, 'window': 32}``, typed and validated."""
@@ -296,8 +302,9 @@ def register_method(
         raise TypeError(f"build must be callable, got {build!r}")
     if install is not None and not callable(install):
         raise TypeError(f"install must be callable or None, got {install!r}")
+    params_class = None
     if isinstance(params, type) and issubclass(params, MethodParams):
-        params = params.declared()
+        params_class, params = params, params.declared()
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise ValueError(f"method {name!r} declares a parameter twice: {names}")
@@ -305,7 +312,7 @@ def register_method(
         p.validate(p.default, name)  # a declaration whose default is not allowed is a bug
     method = Method(name=name, summary=summary, build=build, params=tuple(params),
                     families=None if families is None else tuple(families), install=install,
-                    cache_class=cache_class, doc=doc)
+                    cache_class=cache_class, doc=doc, params_class=params_class)
     _METHODS[name] = method
     return method
 

@@ -13,11 +13,16 @@ from transformers import DynamicCache
 
 from conftest import tiny_config, tiny_model
 from kvcompress import registry
+from kvcompress.quantized import backend_available
 from kvcompress.registry import Param, Range, get_method, list_methods, make_cache, register_method
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "deepseek_v2", "deepseek_v3")
 # Small windows so a short prompt is really compressed by the methods that compress prompt tokens.
-SHORT_PROMPT_PARAMS = {"xkv": dict(window=8, sink=2, min_compress_tokens=4)}
+# The quantized peer: a group that divides the tiny head dim (16), a residual the decode steps overflow, and
+# the backend that is installed (hqq needs no compiled extension; the test extra brings optimum-quanto).
+SHORT_PROMPT_PARAMS = {"xkv": dict(window=8, sink=2, min_compress_tokens=4),
+                       "quantized": dict(backend="hqq" if backend_available("hqq") else "quanto", nbits=4,
+                                         q_group_size=16, residual_length=2)}
 
 
 def tiny_family_for(method_name: str) -> str:

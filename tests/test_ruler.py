@@ -314,14 +314,37 @@ def test_kvpress_adapter_validates_and_splits_without_kvpress():
     from benchmarks.ruler.peers import kvpress_eval as K
 
     assert K.make_press("no_press") is None
-    for bad, match in (("snapkv", "ratio"), ("snapkv:1.5", r"\[0, 1\)"), ("h2o:0.5", "one of")):
+    for bad, match in (("snapkv", "ratio"), ("snapkv:1.5", r"\[0, 1\)"), ("h2o:0.5", "one of"),
+                       ("adakv_kvzip:0.5", "adakv_SCORER with SCORER one of expected_attention, snapkv"),
+                       ("adakv_snapkv", "ratio")):
         with pytest.raises(ValueError, match=match):
             K.make_press(bad)
+    assert K.parse_press_spec("kvzip:0.3") == ("kvzip", None, 0.3)
+    assert K.parse_press_spec("adakv_expected_attention:0.8") == ("adakv", "expected_attention", 0.8)
     sample = {"id": "x", "question": "\nWhat is it?"}
     assert K.split_prompt("<u>ctx text\nWhat is it?</u> The answer is", sample) == \
         ("<u>ctx text", "\nWhat is it?</u> The answer is")
     with pytest.raises(ValueError, match="question not found"):
         K.split_prompt("no question here", sample)
+
+
+def test_kvpress_adapter_counts_masked_pairs_as_evicted():
+    """Head-wise presses keep evicted pairs in the cache and list them in masked_key_indices: the adapter's
+    cache_bytes leaves them out (head dim 16, fp32 keys and values)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.ruler.peers import kvpress_eval as K
+
+    def attention(indices):
+        return SimpleNamespace(self_attn=SimpleNamespace(masked_key_indices=indices))
+
+    three = (torch.tensor([0, 0, 0]), torch.tensor([0, 1, 1]), torch.tensor([5, 2, 7]))
+    model = SimpleNamespace(model=SimpleNamespace(layers=[attention(three), attention(None)]))
+    layer = SimpleNamespace(keys=torch.zeros(1, 2, 10, 16), values=torch.zeros(1, 2, 10, 16))
+    cache = SimpleNamespace(layers=[layer, layer])
+    assert K.masked_nbytes(model, cache) == 3 * 2 * 16 * 4
 
 
 def test_kvpress_adapter_loads_the_ruler_modules_without_kvcompress_init():

@@ -43,7 +43,9 @@ def parse_method_spec(text: str) -> tuple[str, dict[str, Any]]:
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"method spec {text!r}: {item!r} is not param=value (expected name:param=value:...)")
-    return name, method.parse_cli_params(assignments)
+    params = method.parse_cli_params(assignments)
+    method.resolve_params(params)  # rules between parameters (e.g. quantized's nbits per backend)
+    return name, params
 
 
 def parse_method_specs(spec: str | Iterable[str]) -> list[MethodSpec]:

@@ -163,6 +163,13 @@ class _Essay:
             self.words.extend(W.essay_words(self.rng, n - len(self.words) + 200))
         return self.words[:n]
 
+    def sentences(self, n: int) -> list[str]:
+        """The first ``n`` words cut at sentence boundaries (the last one closed with a full stop)."""
+        text = " ".join(self.take(n))
+        units = [s + "." for s in text.split(". ") if s]
+        units[-1] = units[-1].rstrip(".") + "." if units else ""
+        return units
+
 
 def _insert(units: list[str], items: list[str], positions: list[int]) -> list[str]:
     """Insert ``items[j]`` before unit ``positions[j]`` (positions in the original list, any order)."""
@@ -217,9 +224,7 @@ def _niah_builder(spec: TaskSpec, rng: random.Random, first_depth: float) -> Cal
             units = [NOISE[j % len(NOISE)] for j in range(n)]
             sep = " "
         elif p["haystack"] == "essay":
-            text = " ".join(essay.take(n))
-            units = [s + "." for s in text.split(". ") if s]  # sentence boundaries
-            units[-1] = units[-1].rstrip(".") + "." if units else ""
+            units = essay.sentences(n)
             sep = " "
         else:  # needle: distractor needles with fresh keys and values (never the real ones)
             drng = random.Random(distractor_rng_seed + len(distractors))

@@ -5,7 +5,8 @@ loses at most the samples in flight; ``ResultsFile.done_ids()`` lets the next ru
 line cut short by a kill is ignored on reading and its sample is simply redone.
 
 Record fields: ``id, task, length, index, method, tool, prediction, answers, metric, score,
-cache_bytes, prompt_tokens, new_tokens, seconds, batch_size``.
+cache_bytes, prompt_tokens, new_tokens, seconds, prefill_seconds, batch_size`` (``prefill_seconds`` in
+records written since it was added; the kvpress adapter also writes ``cache_bytes_allocated``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ sample's user message in the model's chat template (when it has one) followed by
 prefix, and up to ``tokens_to_generate`` tokens are decoded greedily. ``cache_bytes`` is the cache's
 ``nbytes()`` after prefill and decoding (for a batch: the batch's bytes divided by its rows; rows of
 one task differ by a few tokens only, so left padding adds at most a few tokens' bytes per row).
+``seconds`` is the whole ``generate`` call and ``prefill_seconds`` the part until generate first asks
+for next-token scores (the prefill forward; on CUDA after a synchronisation), both per row of a batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ from ..bench.spec import MethodSpec, install_method, install_method_needed, make
 from .generate import build_prompt
 from .results import ResultsFile, cache_nbytes
 from .scoring import score
+
+
+class PrefillTimer:
+    """A logits processor that notes when ``generate`` first asks for next-token scores: by then the prompt's
+    forward (the prefill) has run. It passes the scores through unchanged."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            if scores.is_cuda:  # kernels are asynchronous: wait for the prefill itself
+                torch.cuda.synchronize(scores.device)
+            self.at = time.perf_counter()
+        return scores
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -34,9 +51,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[str], cache, max_new_tokens: int) -> tuple[list[str], list[int], int]:
+def generate_batch(model, tokenizer, prompts: list[str], cache, max_new_tokens: int,
+                   timer: PrefillTimer | None = None) -> tuple[list[str], list[int], int]:
     """Greedy answers to ``prompts`` (left-padded batch) with ``cache`` (``None``: the one a patched
-    model builds); returns texts, prompt lengths and the padded prompt width."""
+    model builds); returns texts, prompt lengths and the padded prompt width. ``timer`` notes the end of
+    the prefill."""
     device = next(model.parameters()).device
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -49,6 +68,10 @@ def generate_batch(model, tokenizer, prompts: list[str], cache, max_new_tokens: 
         from ..patch import GENERATE_CACHE_KWARG  # "cache" on recent transformers, "past_key_values" on 5.17
 
         enc[GENERATE_CACHE_KWARG] = cache
+    if timer is not None:
+        from transformers import LogitsProcessorList
+
+        enc["logits_processor"] = LogitsProcessorList([timer])
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                          temperature=None, top_p=None, top_k=None, eos_token_id=_eos_ids(model, tokenizer),
                          pad_token_id=pad_id)
@@ -60,11 +83,11 @@ def generate_batch(model, tokenizer, prompts: list[str], cache, max_new_tokens: 
 
 def run_ruler(model, tokenizer, samples: list[dict], methods: list[MethodSpec], results_dir, *,
               batch_size: int = 1, chat_template: bool | None = None, max_new_tokens: int | None = None,
-              progress: bool = True) -> dict[str, list[dict]]:
+              progress: bool = True, desc: str = "RULER") -> dict[str, list[dict]]:
     """Evaluate every method on every sample, appending per-sample records to
     ``results_dir/<method>.jsonl``; samples already recorded there are skipped (resume).
 
-    Returns every method's records (old and new), keyed by method label.
+    Returns every method's records (old and new), keyed by method label; ``desc`` names the progress bar.
     """
     from tqdm.auto import tqdm
 
@@ -79,7 +102,7 @@ def run_ruler(model, tokenizer, samples: list[dict], methods: list[MethodSpec], 
         make_cache(m, model)
     todo = {m.label: [s for s in samples if s["id"] not in files[m.label].done_ids()] for m in methods}
     total = sum(len(v) for v in todo.values())
-    bar = tqdm(total=total, desc="RULER", disable=not progress)
+    bar = tqdm(total=total, desc=desc, disable=not progress)
     for m in methods:
         pending = todo[m.label]
         if not pending:
@@ -108,10 +131,12 @@ def _run_batch(model, tokenizer, batch: list[dict], m: MethodSpec, handle, chat_
     new_tokens = min(s["tokens_to_generate"] for s in batch)
     if max_new_tokens is not None:
         new_tokens = min(new_tokens, max_new_tokens)
+    prompts = [build_prompt(tokenizer, s, chat_template) for s in batch]
+    timer = PrefillTimer()
     t0 = time.perf_counter()
-    texts, lengths, _ = generate_batch(
-        model, tokenizer, [build_prompt(tokenizer, s, chat_template) for s in batch], cache, new_tokens)
+    texts, lengths, _ = generate_batch(model, tokenizer, prompts, cache, new_tokens, timer)
     seconds = time.perf_counter() - t0
+    prefill = (timer.at - t0) if timer.at is not None else seconds
     used = handle.last_cache if handle is not None else cache
     nbytes = cache_nbytes(used) / len(batch)
     records = []
@@ -121,6 +146,6 @@ def _run_batch(model, tokenizer, batch: list[dict], m: MethodSpec, handle, chat_
             tool="kvcompress", prediction=text, answers=s["answers"], metric=s["metric"],
             score=score(text, s["answers"], s["metric"]), cache_bytes=nbytes, prompt_tokens=n_prompt,
             new_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-            seconds=seconds / len(batch), batch_size=len(batch),
+            seconds=seconds / len(batch), prefill_seconds=prefill / len(batch), batch_size=len(batch),
         ))
     return records

@@ -13,13 +13,31 @@ reader, the prompt builder, the scoring and the results files), without running 
         --gguf "$(python -c 'from kvcompress.models import find_smollm2_gguf; print(find_smollm2_gguf())')" \\
         --presses no_press,snapkv:0.6,knorm:0.6,streaming_llm:0.6,expected_attention:0.6
 
+Any JSONL in RULER's format runs the same way, e.g. the needle sweep's prompts
+(``--dataset results/needles/dataset.jsonl --out results/needles/results``; see benchmarks/needle_sweep.py).
+
+Press specs: ``no_press``; ``NAME:RATIO`` with NAME one of ``PRESSES`` (``kvzip`` is KVzip, which scores
+every context token by how much attention it gets while the model is made to repeat the context; it
+runs two to three extra prefill-sized passes); ``adakv_SCORER:RATIO`` is AdaKV (head-wise budgets: the
+lowest scores over all heads of a layer are evicted, each head keeping at least ``alpha_safeguard`` =
+0.2 of its share) around the scorer press SCORER (one of ``ADAKV_SCORERS``), e.g.
+``adakv_expected_attention:0.8``.
+
 Protocol (kvpress's own pipeline, re-implemented in a few lines so prompts match ours exactly): the
 prompt is built as for our methods (chat template + answer prefix); everything before the sample's
 question is the *context*, prefilled with the press active, so it is compressed without seeing the
 question (kvpress's query-agnostic RULER setting); then the question and answer prefix are fed
-uncompressed and the answer is decoded greedily. ``cache_bytes`` is the stock ``DynamicCache``'s
-keys+values after decoding, the same measure as ours. ``compression_ratio`` in a press spec is the
-fraction of context tokens the press removes (so the cache ratio is about ``1 - compression_ratio``).
+uncompressed and the answer is decoded greedily. ``compression_ratio`` in a press spec is the fraction
+of context tokens the press removes (so the cache ratio is about ``1 - compression_ratio``).
+
+Bytes: ``cache_bytes_allocated`` is the stock ``DynamicCache``'s keys+values after decoding, the same
+measure as ours. Presses that evict per head (AdaKV, KVzip) do not shrink that cache: kvpress keeps the
+evicted pairs in it and hides them from attention with a fake key (its ``attention_patch.py``), listed
+per layer in ``masked_key_indices``. ``cache_bytes`` is therefore the allocated bytes minus those masked
+pairs' keys and values: what the press keeps, as a ragged per-head layout would store it. For presses
+that remove tokens (SnapKV, Knorm, ...) nothing is masked and the two are equal. ``prefill_seconds`` is
+the context prefill with the press (its scoring included) plus the question's forward, up to the first
+next-token logits.
 """
 
 from __future__ import annotations
@@ -37,26 +55,71 @@ PRESSES = {
     "streaming_llm": "StreamingLLMPress",
     "expected_attention": "ExpectedAttentionPress",
     "tova": "TOVAPress",
+    "kvzip": "KVzipPress",
 }
+ADAKV_SCORERS = ("expected_attention", "snapkv", "knorm", "tova")  # scorer presses AdaKVPress wraps
+ADAKV_PREFIX = "adakv_"
 
 
-def make_press(spec: str):
-    """``no_press`` -> None; ``snapkv:0.6`` -> ``SnapKVPress(compression_ratio=0.6)``."""
+def parse_press_spec(spec: str) -> tuple[str, str | None, float] | None:
+    """``no_press`` -> None; ``snapkv:0.6`` -> ``("snapkv", None, 0.6)``; ``adakv_snapkv:0.6`` ->
+    ``("adakv", "snapkv", 0.6)``. Raises ``ValueError`` naming the allowed names and ratios."""
     if spec == "no_press":
         return None
     name, _, ratio = spec.partition(":")
-    if name not in PRESSES:
-        raise ValueError(f"press must be no_press or one of {', '.join(PRESSES)} (as name:ratio), got {spec!r}")
+    allowed = (f"no_press, one of {', '.join(PRESSES)}, or {ADAKV_PREFIX}SCORER with SCORER one of "
+               f"{', '.join(ADAKV_SCORERS)} (as name:ratio)")
+    inner = None
+    if name.startswith(ADAKV_PREFIX):
+        name, inner = "adakv", name[len(ADAKV_PREFIX):]
+        if inner not in ADAKV_SCORERS:
+            raise ValueError(f"press must be {allowed}, got {spec!r}")
+    elif name not in PRESSES:
+        raise ValueError(f"press must be {allowed}, got {spec!r}")
     try:
         value = float(ratio)
     except ValueError:
         raise ValueError(f"press {spec!r}: the compression ratio after ':' must be a float in [0, 1)") from None
     if not 0.0 <= value < 1.0:
         raise ValueError(f"press {spec!r}: compression ratio must be in [0, 1), got {value}")
+    return name, inner, value
+
+
+def make_press(spec: str):
+    """``no_press`` -> None; ``snapkv:0.6`` -> ``SnapKVPress(compression_ratio=0.6)``;
+    ``adakv_expected_attention:0.8`` -> ``AdaKVPress(press=ExpectedAttentionPress(compression_ratio=0.8))``."""
+    parsed = parse_press_spec(spec)
+    if parsed is None:
+        return None
+    name, inner, value = parsed
     _stub_unused_imports()
     import kvpress
 
+    if name == "adakv":
+        return kvpress.AdaKVPress(press=getattr(kvpress, PRESSES[inner])(compression_ratio=value))
     return getattr(kvpress, PRESSES[name])(compression_ratio=value)
+
+
+def masked_nbytes(model, cache) -> int:
+    """Bytes of the key/value pairs that head-wise presses hide from attention instead of removing them
+    (``masked_key_indices`` of each attention module, set during the prefill; see the module docstring)."""
+    total = 0
+    for layer, cache_layer in zip(model.model.layers, cache.layers):
+        indices = getattr(layer.self_attn, "masked_key_indices", None)
+        if indices is None:
+            continue
+        pairs = len(indices[0])
+        total += pairs * (cache_layer.keys.shape[-1] * cache_layer.keys.element_size()
+                          + cache_layer.values.shape[-1] * cache_layer.values.element_size())
+    return total
+
+
+def point_config_at_tokenizer(model, tokenizer, directory: str) -> None:
+    """KVzipPress loads the tokenizer with ``AutoTokenizer.from_pretrained(model.config.name_or_path)``;
+    a model read from a GGUF file has no tokenizer files beside it, so the tokenizer is saved to
+    ``directory`` and the config's ``name_or_path`` pointed there."""
+    tokenizer.save_pretrained(directory)
+    model.config.name_or_path = directory
 
 
 def _stub_unused_imports() -> None:
@@ -111,7 +174,8 @@ def split_prompt(prompt: str, sample: dict) -> tuple[str, str]:
 
 
 def answer(model, tokenizer, press, context: str, question: str, max_new_tokens: int, eos: set[int]):
-    """Greedy answer with ``press`` applied while the context is prefilled; returns (text, cache, n_prompt)."""
+    """Greedy answer with ``press`` applied while the context is prefilled; returns (text, cache, n_prompt,
+    prefill_seconds)."""
     import torch
     from transformers import DynamicCache
 
@@ -119,6 +183,7 @@ def answer(model, tokenizer, press, context: str, question: str, max_new_tokens:
     ctx = tokenizer(context, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     q = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     cache = DynamicCache()
+    t0 = time.perf_counter()
     with torch.inference_mode():
         with press(model) if press is not None else nullcontext():
             model.model(input_ids=ctx, past_key_values=cache)
@@ -127,19 +192,24 @@ def answer(model, tokenizer, press, context: str, question: str, max_new_tokens:
         out = model(input_ids=q, past_key_values=cache, position_ids=pos, logits_to_keep=1)
         pos = pos[:, -1:] + 1
         ids = [out.logits[0, -1].argmax()]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        prefill_seconds = time.perf_counter() - t0
         for i in range(max_new_tokens - 1):
             if ids[-1].item() in eos:
                 break
             out = model(input_ids=ids[-1].view(1, 1), past_key_values=cache, position_ids=pos + i)
             ids.append(out.logits[0, -1].argmax())
-    return tokenizer.decode(torch.stack(ids), skip_special_tokens=True), cache, ctx.shape[1] + q.shape[1]
+    text = tokenizer.decode(torch.stack(ids), skip_special_tokens=True)
+    return text, cache, ctx.shape[1] + q.shape[1], prefill_seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help="RULER JSONL written by 'kvcompress ruler'")
     parser.add_argument("--out", required=True, help="results directory (the same as our methods' to merge)")
-    parser.add_argument("--presses", default="no_press,snapkv:0.6", help="comma list: no_press or name:ratio")
+    parser.add_argument("--presses", default="no_press,snapkv:0.6",
+                        help="comma list: no_press, name:ratio or adakv_scorer:ratio (module docstring)")
     parser.add_argument("--gguf", default=os.environ.get("KVCOMPRESS_SMOLLM2_GGUF"),
                         help="SmolLM2 GGUF file (default: $KVCOMPRESS_SMOLLM2_GGUF)")
     parser.add_argument("--tasks", default=None, help="comma list of tasks (default: all in the dataset)")
@@ -160,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gguf or not Path(args.gguf).is_file():
         parser.error("--gguf must name the SmolLM2 GGUF file (or set KVCOMPRESS_SMOLLM2_GGUF)")
     specs = [s.strip() for s in args.presses.split(",") if s.strip()]
-    presses = {s: make_press(s) for s in specs}  # validates every spec before the model loads
+    for s in specs:  # every spec is checked before kvpress or the model loads
+        try:
+            parse_press_spec(s)
+        except ValueError as error:
+            parser.error(f"--presses: {error}")
+    presses = {s: make_press(s) for s in specs}
     samples = read_jsonl(args.dataset)
     if args.tasks:
         wanted = set(args.tasks.split(","))
@@ -177,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     eos |= {tokenizer.eos_token_id} | ({tokenizer.convert_tokens_to_ids("<|im_end|>")}
                                        if "<|im_end|>" in tokenizer.get_vocab() else set())
     eos.discard(None)
+    tokenizer_dir = None
+    if any(s.startswith("kvzip:") for s in specs):
+        import tempfile
+
+        tokenizer_dir = tempfile.TemporaryDirectory(prefix="kvpress-tokenizer-")  # removed when main returns
+        point_config_at_tokenizer(model, tokenizer, tokenizer_dir.name)
     labels = {s: f"kvpress:{s}" for s in specs}
     files = {s: ResultsFile(args.out, labels[s]) for s in specs}
     # sample-major order (index 0 of every task, then index 1, ...): a run cut short by a time limit
@@ -189,15 +270,20 @@ def main(argv: list[str] | None = None) -> int:
         n_new = sample["tokens_to_generate"] if args.max_new_tokens is None else min(args.max_new_tokens,
                                                                                     sample["tokens_to_generate"])
         t0 = time.perf_counter()
-        text, cache, n_prompt = answer(model, tokenizer, presses[spec], context, question, n_new, eos)
+        text, cache, n_prompt, prefill_seconds = answer(model, tokenizer, presses[spec], context, question, n_new,
+                                                        eos)
+        seconds = time.perf_counter() - t0
+        allocated = cache_nbytes(cache)
         files[spec].append([dict(
             id=sample["id"], task=sample["task"], length=sample["length"], index=sample["index"],
             method=labels[spec], tool="kvpress", prediction=text, answers=sample["answers"],
             metric=sample["metric"], score=score(text, sample["answers"], sample["metric"]),
-            cache_bytes=cache_nbytes(cache), prompt_tokens=n_prompt,
-            new_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-            seconds=time.perf_counter() - t0, batch_size=1,
+            cache_bytes=allocated - masked_nbytes(model, cache), cache_bytes_allocated=allocated,
+            prompt_tokens=n_prompt, new_tokens=len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+            seconds=seconds, prefill_seconds=prefill_seconds, batch_size=1,
         )])
+    if tokenizer_dir is not None:
+        tokenizer_dir.cleanup()
     return 0
 
 
