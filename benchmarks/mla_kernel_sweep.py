@@ -15,10 +15,11 @@ docstring, come from this script on one H200 (docs/results/perf/mla_kernel_sweep
 import json
 import math
 import os
-import statistics
 import time
 
 import torch
+
+from benchmarks.tpla_decode import graph_timed
 
 SHAPES = {"tpla4": (128, 128), "tpla2": (128, 256), "mla": (128, 512), "tp2": (64, 512), "tp4": (32, 512),
           "v2lite": (16, 512)}
@@ -60,28 +61,7 @@ def compile_one(job):
 
 def graph_ms(fns, iters=30):
     """Median milliseconds per call of one CUDA graph that runs every ``fns[i]()`` once."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / len(fns))
-    return statistics.median(samples)
+    return graph_timed(fns, torch.cuda.current_device(), iters)
 
 
 def main():
