@@ -13,7 +13,8 @@ from ..models import text_config
 from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
 from ..registry import MethodParams, Range, param
 from ..storage import grown_capacity, stock_crop_length
-from .compression import (Rank, _Group, _Segment, _rope_table_dtype, default_group_size, plan_group_compression,
+from .compression import (Rank, _Group, _Segment, _rope_table_dtype, default_group_size, dequantize_columns,
+                          plan_group_compression,
                           resolve_rank)
 
 _RANK = (Range(int, low=1), Range(float, low=0.0, high=1.0, low_open=True))
@@ -48,8 +49,10 @@ class XKVParams(MethodParams):
     rank_allocation: str = param("fixed", "split of the keys'/values' rank: fixed (rank_k:rank_v) or spectrum "
                                  "(the group's singular values, for the least relative error)",
                                  Range(str, choices=("fixed", "spectrum")))
-    factor_bits: int | None = param(None, "store the token factors in 8 bits (one scale per row) or as the "
-                                    "states (None)", Range(int, choices=(8,)), none_ok=True)
+    factor_bits: int | None = param(None, "store the token factors in 8 bits (a scale per row and per "
+                                    "component) or as the states (None)", Range(int, choices=(8,)), none_ok=True)
+    matrix_bits: int | None = param(None, "store the reconstruction matrices in 8 bits (a scale per column) "
+                                    "or as the states (None)", Range(int, choices=(8,)), none_ok=True)
     outliers: float = param(0.0, "fraction of each compression's tokens kept exact: those the group's "
                             "factors rebuild worst", Range(float, low=0.0, high=0.5))
 
@@ -122,6 +125,9 @@ class XKVLayer(CacheLayerMixin):
         self.sink_values: torch.Tensor | None = None
         self.key_rights: list[torch.Tensor] = []  # one [B, r_k, H*d] per segment of the group
         self.value_rights: list[torch.Tensor] = []
+        # matrix_bits=8: the rights are int8 and these their column scales [B, 1, H*d] (None entries: float)
+        self.key_right_scales: list[torch.Tensor | None] = []
+        self.value_right_scales: list[torch.Tensor | None] = []
         # per segment: exact copies [B, H, n, d] of its outlier tokens (None: the segment has none)
         self.outlier_keys: list[torch.Tensor | None] = []
         self.outlier_values: list[torch.Tensor | None] = []
@@ -286,6 +292,7 @@ class XKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.sink_keys = self.sink_values = None
         self.key_rights, self.value_rights = [], []
+        self.key_right_scales, self.value_right_scales = [], []
         self.outlier_keys, self.outlier_values = [], []
         self.context = None
         self.tail_length = None
@@ -327,6 +334,8 @@ class XKVLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.key_rights = [fn(t) for t in self.key_rights]
         self.value_rights = [fn(t) for t in self.value_rights]
+        self.key_right_scales = [None if t is None else fn(t) for t in self.key_right_scales]
+        self.value_right_scales = [None if t is None else fn(t) for t in self.value_right_scales]
         self.outlier_keys = [None if t is None else fn(t) for t in self.outlier_keys]
         self.outlier_values = [None if t is None else fn(t) for t in self.outlier_values]
         self.batch_size = self.keys.shape[0]
@@ -354,6 +363,19 @@ class XKVLayer(CacheLayerMixin):
             self.context = None
 
     # -- xKV -----------------------------------------------------------------------------------------
+    def key_right(self, j: int) -> torch.Tensor:
+        """Segment ``j``'s keys reconstruction matrix ``[B, r_k, H*d]`` in the states' dtype (dequantised
+        when stored in 8 bits)."""
+        return dequantize_columns(self.key_rights[j], self.key_right_scales[j], self.group.segments[j].dtype)
+
+    def value_right(self, j: int) -> torch.Tensor:
+        """Segment ``j``'s values reconstruction matrix ``[B, r_v, H*d]`` in the states' dtype."""
+        return dequantize_columns(self.value_rights[j], self.value_right_scales[j], self.group.segments[j].dtype)
+
+    def rights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every segment's ``(key_right, value_right)`` in the states' dtype, in order."""
+        return [(self.key_right(j), self.value_right(j)) for j in range(len(self.key_rights))]
+
     def full_states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole sequence's keys and values ``[B, H, T, d]``, compressed segments rebuilt (static
         capacity: ``T = max_cache_len``, the tail's stale slots included, for the mask to hide).
@@ -366,7 +388,7 @@ class XKVLayer(CacheLayerMixin):
         if not self.key_rights and self.sink_keys.shape[-2] == 0:
             return tail_keys, tail_values
         exact = [(self.sink_keys, self.sink_values), (tail_keys, tail_values)]
-        segments = list(zip(self.group.segments, self.key_rights, self.value_rights))
+        segments = [(segment, *rights) for segment, rights in zip(self.group.segments, self.rights())]
         total = sum(k.shape[-2] for k, _ in exact) + sum(segment.length for segment, _, _ in segments)
         batch, heads = tail_keys.shape[:2]
         keys = tail_keys.new_empty(batch, heads, total, tail_keys.shape[-1])
@@ -391,7 +413,7 @@ class XKVLayer(CacheLayerMixin):
         (``ExactPart``), one ``FactoredPart`` per segment (with its RoPE table when ``pre_rope``), the tail
         (``tail``: the views ``update`` returned, to save two view ops per step; default: ``keys/values``)."""
         parts = [ExactPart(self.sink_keys, self.sink_values)]
-        for segment, key_right, value_right in zip(self.group.segments, self.key_rights, self.value_rights):
+        for segment, (key_right, value_right) in zip(self.group.segments, self.rights()):
             cos = sin = None
             if self._cache.params.pre_rope:
                 cos, sin = self._cache._segment_rope_table(segment)
@@ -438,15 +460,16 @@ class XKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         return tensor_nbytes(self.keys, self.values, self.sink_keys, self.sink_values, *self.key_rights,
-                             *self.value_rights, *self.outlier_keys, *self.outlier_values)
+                             *self.value_rights, *self.key_right_scales, *self.value_right_scales,
+                             *self.outlier_keys, *self.outlier_values)
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated by this layer: as ``nbytes()`` but counting the tail buffers' whole capacity."""
         if not self.is_initialized:
             return 0
         return tensor_nbytes(self._key_buffer, self._value_buffer, self.sink_keys, self.sink_values,
-                             *self.key_rights, *self.value_rights, *self.outlier_keys, *self.outlier_values,
-                             self.tail_length)
+                             *self.key_rights, *self.value_rights, *self.key_right_scales,
+                             *self.value_right_scales, *self.outlier_keys, *self.outlier_values, self.tail_length)
 
 
 class GrowableXKVLayer(XKVLayer):
@@ -578,6 +601,9 @@ class StaticXKVLayer(XKVLayer):
                    ("sink_values", i): self.sink_values}
         storage.update({("key_right", i, j): t for j, t in enumerate(self.key_rights)})
         storage.update({("value_right", i, j): t for j, t in enumerate(self.value_rights)})
+        storage.update({("key_right_scale", i, j): t for j, t in enumerate(self.key_right_scales) if t is not None})
+        storage.update({("value_right_scale", i, j): t for j, t in enumerate(self.value_right_scales)
+                        if t is not None})
         storage.update({("outlier_keys", i, j): t for j, t in enumerate(self.outlier_keys) if t is not None})
         storage.update({("outlier_values", i, j): t for j, t in enumerate(self.outlier_values) if t is not None})
         return storage
@@ -602,15 +628,19 @@ class StaticXKVLayer(XKVLayer):
         return self.max_cache_len
 
 
-def _segment_row_bytes(segment: _Segment, group_size: int, layer_width: int, e: int) -> int:
+def _segment_row_bytes(segment: _Segment, group_size: int, layer_width: int, e: int, matrix_bytes: int) -> int:
     """Bytes per batch row of a segment's own tensors and of its reconstruction matrices in the group's layers
     (its share of the RoPE tables aside): ``T*(r_k*f_k + r_v*f_v)`` for the token factors (``f`` their entry
-    size: 1 byte when quantised, plus ``e`` per row scale), ``e*G*(r_k + r_v)*W`` for the matrices, and per
+    size: 1 byte when quantised, plus ``e`` per row and per component scale), ``m*G*(r_k + r_v)*W`` for the
+    matrices (``m`` = ``matrix_bytes``: ``e``, or 1 in 8 bits plus ``e`` per column scale), and per
     outlier token its exact keys and values in every layer and its int64 slot, plus the one-byte keep mask."""
     rk, rv, t = segment.key_factor.shape[-1], segment.value_factor.shape[-1], segment.length
     total = t * (rk * segment.key_factor.element_size() + rv * segment.value_factor.element_size())
-    total += t * e * ((segment.key_scale is not None) + (segment.value_scale is not None))
-    total += e * group_size * (rk + rv) * layer_width
+    if segment.key_scale is not None:  # one scale per row and one per component, keys and values
+        total += e * (2 * t + rk + rv)
+    total += matrix_bytes * group_size * (rk + rv) * layer_width
+    if matrix_bytes != e:  # int8 matrices: one scale per column, per layer, keys and values
+        total += e * group_size * 2 * layer_width
     total += segment.num_outliers * (e * group_size * 2 * layer_width + 8) + (t if segment.keep is not None else 0)
     return total
 
@@ -686,11 +716,15 @@ class XKVCache(Cache):
             the proportion ``rank_k:rank_v``); ``"spectrum"``: per group, the total rank is split between keys
             and values from their singular values, for the least sum of relative errors
             (:func:`kvcompress.xkv.compression.split_rank_by_spectrum`; one split for the whole batch).
-        factor_bits: ``None`` (default): the token factors in the states' dtype; ``8``: int8 with one scale per
-            token row (:func:`kvcompress.xkv.compression.quantize_rows`), a quarter (fp32) or half (16-bit) of the
-            bytes of the largest part of the cache, so ``ratio=`` affords 2-4x the rank. The reconstruction
-            matrices stay in the states' dtype. Attention dequantises the factors (a copy per layer and step
-            on the decode path: bytes saved, not yet time).
+        factor_bits: ``None`` (default): the token factors in the states' dtype; ``8``: int8, entry ``(t, i)``
+            standing for ``q[t, i] * scale[t] * channel[i]`` (:func:`kvcompress.xkv.compression.quantize_factor`):
+            a quarter (fp32) or half (16-bit) of the bytes of the largest part of the cache, so ``ratio=``
+            affords 2-4x the rank. Attention dequantises the factors (a copy per layer and step on the decode
+            path: bytes saved, not yet time).
+        matrix_bits: ``None`` (default): the reconstruction matrices in the states' dtype; ``8``: int8 with one
+            scale per column (:func:`kvcompress.xkv.compression.quantize_columns`). At a few thousand tokens
+            the matrices (``G*(r_k + r_v)*H*d`` per layer and segment) cost about as much as int8 factors, so
+            with ``factor_bits=8`` this buys another ~1.5x the rank under ``ratio=``.
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -722,13 +756,14 @@ class XKVCache(Cache):
         ratio: float | None = XKVParams.ratio,
         rank_allocation: str = XKVParams.rank_allocation,
         factor_bits: int | None = XKVParams.factor_bits,
+        matrix_bits: int | None = XKVParams.matrix_bits,
     ):
         # every model-independent rule lives in XKVParams (TypeError/ValueError naming the parameter)
         self.params = params = XKVParams(
             group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink, pre_rope=pre_rope,
             min_compress_tokens=min_compress_tokens, svd_method=svd_method, max_cache_len=max_cache_len,
             merge_segments=merge_segments, outliers=outliers, ratio=ratio, rank_allocation=rank_allocation,
-            factor_bits=factor_bits)
+            factor_bits=factor_bits, matrix_bits=matrix_bits)
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
             raise ValueError("XKVCache supports decoder-only models; got an encoder-decoder config")
@@ -913,6 +948,7 @@ class XKVCache(Cache):
                 segment.key_factor, segment.value_factor = fn(segment.key_factor), fn(segment.value_factor)
                 if segment.key_scale is not None:
                     segment.key_scale, segment.value_scale = fn(segment.key_scale), fn(segment.value_scale)
+                    segment.key_channel, segment.value_channel = fn(segment.key_channel), fn(segment.value_channel)
                 if segment.outlier_index is not None:
                     segment.outlier_index, segment.keep = fn(segment.outlier_index), fn(segment.keep)
 
@@ -956,6 +992,8 @@ class XKVCache(Cache):
                     kept[("value_factor", g, j)] = segment.value_factor
                     if segment.key_scale is not None:
                         kept[("key_scale", g, j)], kept[("value_scale", g, j)] = segment.key_scale, segment.value_scale
+                        kept[("key_channel", g, j)] = segment.key_channel
+                        kept[("value_channel", g, j)] = segment.value_channel
                     if segment.outlier_index is not None:
                         kept[("outlier_index", g, j)] = segment.outlier_index
                         kept[("keep", g, j)] = segment.keep
@@ -1051,8 +1089,8 @@ class XKVCache(Cache):
         plan = plan_group_compression(
             [layer.keys for layer in layers], [layer.values for layer in layers],
             held_sinks=first.sink_keys.shape[-2], first_slot=first.seq_tokens() - tail, previous=previous,
-            previous_key_rights=[layer.key_rights[-1] for layer in layers] if previous is not None else [],
-            previous_value_rights=[layer.value_rights[-1] for layer in layers] if previous is not None else [],
+            previous_key_rights=[layer.key_right(-1) for layer in layers] if previous is not None else [],
+            previous_value_rights=[layer.value_right(-1) for layer in layers] if previous is not None else [],
             params=self.params, key_rank=self.key_rank, value_rank=self.value_rank,
             layer_width=self.num_kv_heads * self.head_dim,
             rope_table=(lambda start, k: self._rope_table(start, k.shape[1], k.device, _rope_table_dtype(k.dtype)))
@@ -1075,10 +1113,18 @@ class XKVCache(Cache):
                 if merge:
                     layer.key_rights.pop()
                     layer.value_rights.pop()
+                    layer.key_right_scales.pop()
+                    layer.value_right_scales.pop()
                     old_keys, old_values = layer.outlier_keys.pop(), layer.outlier_values.pop()
                 j = len(layer.key_rights)
                 layer.key_rights.append(self._reuse(("key_right", n, j), plan.key_rights[i]))
                 layer.value_rights.append(self._reuse(("value_right", n, j), plan.value_rights[i]))
+                scales = (None, None)
+                if plan.key_right_scales is not None:
+                    scales = (self._reuse(("key_right_scale", n, j), plan.key_right_scales[i]),
+                              self._reuse(("value_right_scale", n, j), plan.value_right_scales[i]))
+                layer.key_right_scales.append(scales[0])
+                layer.value_right_scales.append(scales[1])
                 if plan.outlier_keys:  # the merged segment's earlier outliers first: its index is in that order
                     old_keys = plan.outlier_keys[i] if old_keys is None else torch.cat([old_keys, plan.outlier_keys[i]], -2)
                     old_values = (plan.outlier_values[i] if old_values is None
@@ -1096,6 +1142,8 @@ class XKVCache(Cache):
             if new_segment.key_scale is not None:
                 new_segment.key_scale = self._reuse(("key_scale", g, j), new_segment.key_scale)
                 new_segment.value_scale = self._reuse(("value_scale", g, j), new_segment.value_scale)
+                new_segment.key_channel = self._reuse(("key_channel", g, j), new_segment.key_channel)
+                new_segment.value_channel = self._reuse(("value_channel", g, j), new_segment.value_channel)
             if new_segment.outlier_index is not None:
                 new_segment.outlier_index = self._reuse(("outlier_index", g, j), new_segment.outlier_index)
                 new_segment.keep = self._reuse(("keep", g, j), new_segment.keep)
@@ -1127,10 +1175,11 @@ class XKVCache(Cache):
         ``W = H*d`` per layer, ``N`` tokens held, ``X`` of them exact outside the segment, ``O`` the bytes of
         the group's other segments, all but the last when ``merge`` extends it)::
 
-            f*T*(r_k + r_v) + 2*e*T*[f < e] + e*G*(r_k + r_v)*W + n*(2*G*W*e + 8) + T*[n > 0] + rope/groups
-                <=  2*G*W*N*e / ratio  -  2*G*W*X*e  -  O
+            (f*T + m*G*W + e*[f < e])*(r_k + r_v) + 2*e*T*[f < e] + 2*e*G*W*[m < e] + n*(2*G*W*e + 8) + T*[n > 0]
+                + rope/groups  <=  2*G*W*N*e / ratio  -  2*G*W*X*e  -  O
 
-        with ``f`` the bytes of a factor entry (1 with ``factor_bits=8``, plus the two row scales).
+        with ``f`` the bytes of a factor entry (1 with ``factor_bits=8``, which adds the row and component
+        scales) and ``m`` of a matrix entry (1 with ``matrix_bits=8``, which adds the column scales).
         """
         first: XKVLayer = self.layers[group.layer_indices[0]]  # type: ignore[assignment]
         e, b = first.keys.element_size(), first.batch_size
@@ -1140,19 +1189,25 @@ class XKVCache(Cache):
         rotary = 2 * len(self._inv_freq) if self.params.pre_rope else 0
         table_bytes = _rope_table_dtype(first.keys.dtype).itemsize * 2 * rotary / len(self.groups) / b
 
-        f = 1 if self.params.factor_bits == 8 else e  # bytes per factor entry
-        scales = 2 * e if self.params.factor_bits == 8 else 0  # per token: one key and one value scale
+        quantised = self.params.factor_bits == 8
+        f = 1 if quantised else e  # bytes per factor entry
+        m = self._matrix_bytes(e)  # bytes per reconstruction matrix entry
 
         def budget(tokens: int, outliers: int, merge: bool) -> int:
             previous = group.segments[:-1] if merge else group.segments
             others = sum(s.length for s in previous)
-            other_bytes = sum(_segment_row_bytes(s, g, w, e) + table_bytes * s.length for s in previous)
+            other_bytes = sum(_segment_row_bytes(s, g, w, e, m) + table_bytes * s.length for s in previous)
             exact = held - tokens - others
             room = 2 * g * w * e * held / ratio - 2 * g * w * e * exact - other_bytes
             room -= outliers * (2 * g * w * e + 8) + (tokens if outliers else 0) + table_bytes * tokens
-            room -= scales * tokens
-            return int(room // (f * tokens + e * g * w))
+            room -= 2 * e * tokens if quantised else 0  # the key and value row scales
+            room -= 2 * e * g * w if m != e else 0  # the matrices' column scales
+            return int(room // (f * tokens + m * g * w + (e if quantised else 0)))
         return budget
+
+    def _matrix_bytes(self, element_size: int) -> int:
+        """Bytes of a reconstruction matrix entry: 1 with ``matrix_bits=8``, else the states' element size."""
+        return 1 if self.params.matrix_bits == 8 else element_size
 
     def expected_nbytes(self) -> int:
         """The memory formula evaluated on the current token counts (docs/xkv.md); ``nbytes()`` must equal it.
@@ -1175,7 +1230,7 @@ class XKVCache(Cache):
                 continue
             e, b, hd = layer.keys.element_size(), layer.batch_size, self.num_kv_heads * self.head_dim
             g = len(group.layer_indices)
-            total += b * sum(_segment_row_bytes(s, g, hd, e) for s in group.segments)
+            total += b * sum(_segment_row_bytes(s, g, hd, e, self._matrix_bytes(e)) for s in group.segments)
             exact = layer.sink_keys.shape[-2] + layer.keys.shape[-2]
             total += e * b * g * exact * 2 * hd
         for layer in self.layers:
