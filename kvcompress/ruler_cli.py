@@ -101,9 +101,14 @@ def run(args: argparse.Namespace) -> int:
     from .ruler import generate, report, results, runner
 
     out = Path(args.out)
-    title = args.title or f"RULER, {args.model}, length {'/'.join(map(str, args.length))}"
+
+    def title(records) -> str:  # the lengths the results hold (a --dataset need not be --length's)
+        lengths = sorted({r["length"] for r in records if "length" in r}) or args.length
+        return args.title or f"RULER, {args.model}, length {'/'.join(map(str, lengths))}"
+
     if args.report_only:
-        md, png = report.write_report(results.read_all(out / "results"), out, title)
+        records = results.read_all(out / "results")
+        md, png = report.write_report(records, out, title(records))
         print(md.read_text())
         print(f"wrote {md}" + (f" and {png}" if png else ""))
         return 0
@@ -137,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted: finished samples are kept in {out / 'results'}; rerun the same command to resume",
               file=sys.stderr)
         raise
-    md, png = report.write_report(results.read_all(out / "results"), out, title)
+    records = results.read_all(out / "results")
+    md, png = report.write_report(records, out, title(records))
     print(md.read_text())
     print(f"wrote {md}" + (f" and {png}" if png else ""))
     return 0

@@ -357,3 +357,18 @@ def test_demo_checks_its_arguments_before_loading(no_model_load, capsys):
             main(["demo", *argv])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_ruler_report_only_titles_the_lengths_it_holds(tmp_path, capsys):
+    """--report-only over 8k results (a --dataset run) says length 8192, not --length's default 4096."""
+    import json
+
+    (tmp_path / "results").mkdir()
+    rows = [{"id": f"niah_single_1/8192/{i}", "task": "niah_single_1", "length": 8192, "index": i,
+             "method": "dynamic", "tool": "kvcompress", "prediction": "1", "answers": ["1"], "metric": "all",
+             "score": 100.0, "cache_bytes": 1000, "prompt_tokens": 8000, "new_tokens": 4, "seconds": 1.0,
+             "prefill_seconds": 0.5, "batch_size": 1} for i in range(2)]
+    (tmp_path / "results" / "dynamic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["ruler", "--report-only", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "length 8192" in text and "4096" not in text.splitlines()[0]
