@@ -89,7 +89,7 @@ def test_fuzz_xkv_against_dynamic_cache(seed):
                        num_attention_heads=case["heads"], num_key_value_heads=case["kv_heads"],
                        hidden_size=case["heads"] * head_dim, head_dim=head_dim)
     ids, mask = prompt_batch(case, seed)
-    ranks = dict(rank_k=None, rank_v=None) if case["full_rank"] else dict(rank_k=0.25, rank_v=0.25)
+    ranks = dict(rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None) if case["full_rank"] else dict(rank_k=0.25, rank_v=0.25)
     params = dict(group_size=2 if case["layers"] % 2 == 0 else 1, window=2, sink=1, min_compress_tokens=1, **ranks)
     stock = greedy(model, ids, mask, DynamicCache(config=model.config))
     runs = [greedy(model, ids, mask, XKVCache(model.config, **params))]

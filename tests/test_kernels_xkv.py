@@ -390,7 +390,7 @@ def _layer_states(cache, idx=0):
 
 def test_tail_grows_geometrically_in_place_and_reports_valid_bytes():
     config = tiny_model("llama").config
-    cache = XKVCache(config, group_size=2, rank_k=None, rank_v=None, window=4, sink=0, min_compress_tokens=10_000)
+    cache = XKVCache(config, group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=0, min_compress_tokens=10_000)
     g = torch.Generator().manual_seed(0)
     states = lambda n: (torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g))  # noqa: E731
     k0, v0 = states(3)
@@ -420,7 +420,7 @@ def test_tail_grows_geometrically_in_place_and_reports_valid_bytes():
 def test_tail_assignment_replaces_storage():
     """cache_utils' offload/prefetch assign keys then values: the tensors become the (full) storage."""
     config = tiny_model("llama").config
-    cache = XKVCache(config, group_size=2, rank_k=None, rank_v=None, window=4, sink=0, min_compress_tokens=10_000)
+    cache = XKVCache(config, group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=0, min_compress_tokens=10_000)
     k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     layer = cache.layers[0]
     layer.update(k, v)
@@ -541,7 +541,7 @@ def test_patched_full_rank_equals_dynamic_cache_and_remove_restores():
         assert model.config._attn_implementation == "kvcompress_xkv_" + before
         with pytest.raises(ValueError, match="already patched"):
             patch_xkv(model)
-        cache = XKVCache(model.config, group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+        cache = XKVCache(model.config, group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=2, min_compress_tokens=1)
         out = _generate(model, ids, mask, cache)
     assert model.config._attn_implementation == before
     assert all(not module._forward_pre_hooks for module in model.modules() if hasattr(module, "num_key_value_groups"))

@@ -110,7 +110,7 @@ def test_xkv_patch_compresses_and_full_rank_tracks_stock():
     model = tiny_model("llama")
     ids = prompt_ids(200, seed=4)
     stock = run_generate(model, ids)
-    with patch_model(model, "xkv", rank_k=None, rank_v=None, **SHORT_PROMPT_PARAMS["xkv"]) as handle:
+    with patch_model(model, "xkv", rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, **SHORT_PROMPT_PARAMS["xkv"]) as handle:
         lossless = run_generate(model, ids)
         assert len(handle.last_cache.groups[0].segments) == 1  # the prompt was compressed...
     assert torch.equal(lossless.sequences, stock.sequences)  # ...losslessly

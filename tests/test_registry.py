@@ -134,7 +134,7 @@ def test_xkv_compresses_and_full_rank_matches_stock():
     stock, stock_logits = prefilled(model, prompt, "dynamic")
     small, _ = prefilled(model, prompt, "xkv", **SHORT_PROMPT_PARAMS["xkv"])
     assert 0 < small.nbytes() < held_bytes(stock)
-    lossless, lossless_logits = prefilled(model, prompt, "xkv", rank_k=None, rank_v=None, **SHORT_PROMPT_PARAMS["xkv"])
+    lossless, lossless_logits = prefilled(model, prompt, "xkv", rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, **SHORT_PROMPT_PARAMS["xkv"])
     assert lossless.nbytes() > 0 and len(lossless.groups[0].segments) == 1  # it did compress the prompt
     assert torch.equal(stock_logits, lossless_logits)  # the prefill attends over exact states
     next_token = stock_logits[:, -1:].argmax(-1)

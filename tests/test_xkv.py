@@ -45,7 +45,7 @@ def assert_same_generation(ref, out, atol=1e-4):
 
 
 def full_rank_cache(config, **kwargs):
-    params = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+    params = dict(group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=2, min_compress_tokens=1)
     params.update(kwargs)
     return XKVCache(config, **params)
 
@@ -140,26 +140,34 @@ def test_sliding_window_layers_stay_stock():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_truncated_rank_nbytes_equals_formula_and_frees_full_tensors(dtype):
+@pytest.mark.parametrize("bits", [None, 8])
+def test_truncated_rank_nbytes_equals_formula_and_frees_full_tensors(dtype, bits):
     config = tiny_config("llama", num_hidden_layers=4)
     model = tiny_model("llama", seed=2).to(dtype)
     prompt, new, window, sink = 120, 6, 8, 3
     ids = torch.randint(3, 160, (2, prompt), generator=torch.Generator().manual_seed(0))
-    cache = XKVCache(config, group_size=2, rank_k=0.25, rank_v=10, window=window, sink=sink)
+    cache = XKVCache(config, group_size=2, rank_k=0.25, rank_v=10, window=window, sink=sink, factor_bits=bits,
+                     matrix_bits=bits)
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                    max_new_tokens=new, do_sample=False, pad_token_id=0)
-    # Independent evaluation of docs/xkv.md's formula.
+    # Independent evaluation of docs/xkv.md's formula (8 bits: int8 entries, plus per token one key and one
+    # value scale, per component one scale, per layer one scale per column of each matrix).
     batch, heads, head_dim, g, groups, elem = 2, 2, 16, 2, 2, dtype.itemsize
     width = g * heads * head_dim
     r_k, r_v = math.ceil(0.25 * width), 10
     compressed = prompt - sink - window
     exact = sink + window + (new - 1)  # the last generated token is never fed back
-    per_group = compressed * (r_k + r_v) + g * (r_k + r_v) * heads * head_dim + g * exact * 2 * heads * head_dim
+    group_bytes = elem * (compressed * (r_k + r_v) + g * (r_k + r_v) * heads * head_dim
+                          + g * exact * 2 * heads * head_dim)
+    if bits == 8:
+        group_bytes = (compressed * (r_k + r_v) + g * (r_k + r_v) * heads * head_dim  # one byte each
+                       + elem * (2 * compressed + (r_k + r_v) + g * 2 * heads * head_dim)  # the scales
+                       + elem * g * exact * 2 * heads * head_dim)
     # cos and sin of the compressed slots, shared: float32, or float16 for 16-bit states (the fused
     # decode's kernel reads them per key tile)
     table_elem = 4 if dtype == torch.float32 else 2
     rope_table = table_elem * 2 * compressed * head_dim
-    assert cache.nbytes() == elem * batch * groups * per_group + rope_table == cache.expected_nbytes()
+    assert cache.nbytes() == batch * groups * group_bytes + rope_table == cache.expected_nbytes()
     (segment,) = cache.groups[0].segments
     cos, sin = cache.layers[0].decode_parts()[1].cos, cache.layers[0].decode_parts()[1].sin
     assert cos.dtype == sin.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
@@ -176,9 +184,15 @@ def test_segment_that_would_not_save_memory_stays_exact():
     config = tiny_config("llama")  # group width 2 * 2 * 16 = 64
     model = tiny_model("llama")
     ids = torch.randint(3, 160, (1, 40), generator=torch.Generator().manual_seed(0))
-    wasteful = XKVCache(config, group_size=2, rank_k=0.9, rank_v=0.9, window=4, sink=2)  # 58+58 of 64
+    wasteful = XKVCache(config, group_size=2, rank_k=0.9, rank_v=0.9, window=4, sink=2, factor_bits=None,
+                        matrix_bits=None)  # 58+58 of 64 in float32
     model(input_ids=ids, past_key_values=wasteful)
     assert all(not group.segments for group in wasteful.groups)
+    # the same ranks in 8 bits cost a quarter per entry: they save memory, so the prompt is compressed
+    eight_bit = XKVCache(config, group_size=2, rank_k=0.9, rank_v=0.9, window=4, sink=2)
+    model(input_ids=ids, past_key_values=eight_bit)
+    assert all(len(group.segments) == 1 for group in eight_bit.groups)
+    assert eight_bit.nbytes() < wasteful.nbytes()
     dense = DynamicCache(config=config)
     model(input_ids=ids, past_key_values=dense)
     assert wasteful.nbytes() == sum(l.keys.nbytes + l.values.nbytes for l in dense.layers)
@@ -426,7 +440,7 @@ def test_chunked_prefill_merges_into_one_segment_per_group():
     assert all(len(g.segments) == 1 for g in merged.groups) and all(len(g.segments) == 3 for g in split.groups)
     assert merged.nbytes() == one_shot.nbytes() == merged.expected_nbytes() < split.nbytes()
     stock = generate(model, ids, mask, DynamicCache(config=model.config))
-    full = generate(model, ids, mask, XKVCache(model.config, rank_k=None, rank_v=None, **kw), prefill_chunk_size=32)
+    full = generate(model, ids, mask, XKVCache(model.config, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, **kw), prefill_chunk_size=32)
     assert torch.equal(stock.sequences, full.sequences)
 
 
@@ -471,11 +485,11 @@ def test_full_states_rebuilds_block_by_block_exactly(monkeypatch):
     assert segment.length % 64 != 0 and segment.length > 64
     keys, values = layer.full_states()
     start, end = layer.sink_keys.shape[-2], layer.sink_keys.shape[-2] + segment.length
-    whole = torch.matmul(segment.key_factor, layer.key_rights[0]).view(batch, segment.length, heads, -1)
+    whole = torch.matmul(segment.key_left(), layer.key_right(0)).view(batch, segment.length, heads, -1)
     cos, sin = cache._rope_table(segment.start, segment.length, whole.device)
     whole = apply_rope(whole, cos[:, None, :], sin[:, None, :]).transpose(1, 2)
     torch.testing.assert_close(keys[:, :, start:end], whole, rtol=0, atol=1e-6)
-    rebuilt_values = torch.matmul(segment.value_factor, layer.value_rights[0]).view(batch, segment.length, heads, -1)
+    rebuilt_values = torch.matmul(segment.value_left(), layer.value_right(0)).view(batch, segment.length, heads, -1)
     torch.testing.assert_close(values[:, :, start:end], rebuilt_values.transpose(1, 2), rtol=0, atol=1e-6)
     assert torch.equal(keys[:, :, :start], layer.sink_keys) and torch.equal(keys[:, :, end:], layer.keys)
     assert torch.equal(values[:, :, end:], layer.values)
@@ -571,7 +585,7 @@ def test_patched_prefill_that_fails_leaves_no_pending_compression(monkeypatch):
 
     model = tiny_model("llama")
     ids, mask = left_padded_batch(lengths=(96, 80))
-    kw = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+    kw = dict(group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=2, min_compress_tokens=1)
     original = xkv_module.grouped_query_sdpa
 
     calls = []

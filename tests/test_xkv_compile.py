@@ -54,7 +54,7 @@ def test_static_cache_greedy_matches_growable(family, fused):
     model = make_model(family)
     ids, mask = prompts([40, 31])
     grow = greedy(model, XKVCache(model.config, **SMALL), ids, mask, new_tokens=8)
-    full = greedy(model, XKVCache(model.config, rank_k=None, rank_v=None, max_cache_len=56, **SMALL), ids, mask,
+    full = greedy(model, XKVCache(model.config, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, max_cache_len=56, **SMALL), ids, mask,
                   new_tokens=8, disable_compile=True)
     stock = greedy(model, DynamicCache(config=model.config), ids, mask, new_tokens=8)
     with patch_xkv(model) if fused else contextlib.nullcontext():

@@ -12,7 +12,7 @@ from conftest import tiny_config, tiny_model
 from kvcompress import XKVCache, patch_model
 from kvcompress.xkv import patch_xkv
 
-KW = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+KW = dict(group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=2, min_compress_tokens=1)
 
 
 def step(model, cache, ids):

@@ -38,7 +38,8 @@ def test_full_rank_with_outliers_matches_dynamic_cache(merge):
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     ref = generate(model, ids, mask, DynamicCache(config=model.config))
-    cache = XKVCache(model.config, rank_k=None, rank_v=None, outliers=0.25, merge_segments=merge, **SMALL)
+    cache = XKVCache(model.config, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, outliers=0.25,
+                     merge_segments=merge, **SMALL)
     out = generate(model, ids, mask, cache)
     assert_same_generation(ref, out)
     assert any(s.num_outliers for g in cache.groups for s in g.segments)
@@ -128,9 +129,12 @@ def test_outliers_survive_batch_operations():
     assert cache.nbytes() == cache.expected_nbytes()
 
 
+FLOAT = dict(factor_bits=None, matrix_bits=None)
+
+
 @pytest.mark.parametrize("ratio", [3.0, 5.0])
 @pytest.mark.parametrize("allocation", ["fixed", "spectrum"])
-@pytest.mark.parametrize("outliers, bits", [(0.0, {}), (0.02, {}), (0.0, dict(factor_bits=8)),
+@pytest.mark.parametrize("outliers, bits", [(0.0, FLOAT), (0.02, FLOAT), (0.0, dict(factor_bits=8, matrix_bits=None)),
                                             (0.02, dict(factor_bits=8, matrix_bits=8))])
 def test_ratio_reaches_the_target_on_the_measured_bytes(ratio, allocation, outliers, bits):
     """ratio= takes the largest ranks whose measured bytes (nbytes: everything held, RoPE tables, outlier slots
@@ -181,7 +185,8 @@ def test_full_rank_spectrum_allocation_is_exact():
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     ref = generate(model, ids, mask, DynamicCache(config=model.config))
-    out = generate(model, ids, mask, XKVCache(model.config, rank_k=None, rank_v=None, rank_allocation="spectrum",
+    out = generate(model, ids, mask, XKVCache(model.config, rank_k=None, rank_v=None, factor_bits=None,
+                                              matrix_bits=None, rank_allocation="spectrum",
                                               outliers=0.1, **SMALL))
     assert_same_generation(ref, out)
 
@@ -288,7 +293,8 @@ def test_int8_factors_at_full_rank_stay_close():
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     ref = generate(model, ids, mask, DynamicCache(config=model.config))
-    for bits in (dict(factor_bits=8), dict(factor_bits=8, matrix_bits=8), dict(matrix_bits=8)):
+    for bits in (dict(factor_bits=8, matrix_bits=None), dict(factor_bits=8, matrix_bits=8),
+                 dict(factor_bits=None, matrix_bits=8)):
         out = generate(model, ids, mask, XKVCache(model.config, rank_k=None, rank_v=None, **bits, **SMALL))
         assert torch.equal(ref.sequences, out.sequences), bits
         for a, b in zip(ref.scores, out.scores):

@@ -16,7 +16,7 @@ from kvcompress.ops import tensor_nbytes
 from kvcompress.patch import GENERATE_CACHE_KWARG
 from kvcompress.xkv import patch_xkv
 
-KW = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+KW = dict(group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=2, min_compress_tokens=1)
 
 
 def smollm2_shaped_config() -> LlamaConfig:
@@ -121,7 +121,7 @@ def test_repeated_token_prompt_full_rank_matches_dynamic_cache(patched):
     DynamicCache's greedy tokens at full rank, growable and static, unpatched and patched."""
     model = tiny_model("llama")
     ids = torch.full((1, 48), 37)
-    kw = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1)
+    kw = dict(group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=2, min_compress_tokens=1)
 
     def greedy(cache):
         with torch.no_grad():
@@ -147,7 +147,7 @@ def test_exactly_rank_deficient_segment_keeps_only_nonzero_components():
     heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
     row_k, row_v = torch.randn(1, heads, 1, dim), torch.randn(1, heads, 1, dim)
     keys, values = row_k.expand(1, heads, 40, dim).contiguous(), row_v.expand(1, heads, 40, dim).contiguous()
-    kw = dict(group_size=2, rank_k=None, rank_v=None, window=4, sink=2, min_compress_tokens=1, pre_rope=False)
+    kw = dict(group_size=2, rank_k=None, rank_v=None, factor_bits=None, matrix_bits=None, window=4, sink=2, min_compress_tokens=1, pre_rope=False)
     growable, static = XKVCache(config, **kw), XKVCache(config, max_cache_len=48, **kw)
     for cache in (growable, static):
         for layer in range(config.num_hidden_layers):

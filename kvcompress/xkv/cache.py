@@ -29,9 +29,9 @@ class XKVParams(MethodParams):
     group_size: int | None = param(None, "adjacent layers sharing one SVD (None: divisor nearest 4)",
                                    Range(int, low=1), none_ok=True,
                                    note="must divide the number of full-attention layers")
-    rank_k: Rank = param(0.125, "rank of the keys' group SVD: absolute, fraction of the width, None = full",
+    rank_k: Rank = param(0.3, "rank of the keys' group SVD: absolute, fraction of the width, None = full",
                          *_RANK, none_ok=True, note="int at most group_size*kv_heads*head_dim")
-    rank_v: Rank = param(0.1875, "rank of the values' group SVD: absolute, fraction of the width, None = full",
+    rank_v: Rank = param(0.45, "rank of the values' group SVD: absolute, fraction of the width, None = full",
                          *_RANK, none_ok=True, note="int at most group_size*kv_heads*head_dim")
     window: int = param(64, "most recent prompt tokens kept exact", Range(int, low=0))
     sink: int = param(4, "first tokens of the sequence kept exact", Range(int, low=0))
@@ -49,9 +49,9 @@ class XKVParams(MethodParams):
     rank_allocation: str = param("fixed", "split of the keys'/values' rank: fixed (rank_k:rank_v) or spectrum "
                                  "(the group's singular values, for the least relative error)",
                                  Range(str, choices=("fixed", "spectrum")))
-    factor_bits: int | None = param(None, "store the token factors in 8 bits (a scale per row and per "
+    factor_bits: int | None = param(8, "store the token factors in 8 bits (a scale per row and per "
                                     "component) or as the states (None)", Range(int, choices=(8,)), none_ok=True)
-    matrix_bits: int | None = param(None, "store the reconstruction matrices in 8 bits (a scale per column) "
+    matrix_bits: int | None = param(8, "store the reconstruction matrices in 8 bits (a scale per column) "
                                     "or as the states (None)", Range(int, choices=(8,)), none_ok=True)
     outliers: float = param(0.0, "fraction of each compression's tokens kept exact: those the group's "
                             "factors rebuild worst", Range(float, low=0.0, high=0.5))
@@ -671,9 +671,11 @@ class XKVCache(Cache):
         group_size: adjacent attention layers per group; must divide the number of full-attention
             layers. ``None`` (default) picks the divisor nearest 4 (SmolLM2's 30 layers: 5).
         rank_k, rank_v: rank of the keys' / values' group SVD: an int in ``[1, group_size*kv_heads*head_dim]``,
-            a float in (0, 1] (fraction of that width, rounded up), or ``None`` for full rank (lossless:
-            reproduces ``DynamicCache`` up to float rounding). A segment shorter than the rank keeps
-            rank = its length.
+            a float in (0, 1] (fraction of that width, rounded up), or ``None`` for full rank (lossless with
+            ``factor_bits=None, matrix_bits=None``: reproduces ``DynamicCache`` up to float rounding). A
+            segment shorter than the rank keeps rank = its length. The defaults, 0.3 / 0.45 with 8-bit factors
+            and matrices, hold SmolLM2 at 4k tokens in 1/6.9 of ``DynamicCache``'s bytes (fp32) with its
+            RULER average (docs/xkv.md).
         window: most recent prompt tokens kept exact at each compression (>= 0).
         sink: first tokens of the sequence kept exact (>= 0).
         pre_rope: compress keys before RoPE (default, as the paper) or as rotated (``False``).
@@ -716,15 +718,16 @@ class XKVCache(Cache):
             the proportion ``rank_k:rank_v``); ``"spectrum"``: per group, the total rank is split between keys
             and values from their singular values, for the least sum of relative errors
             (:func:`kvcompress.xkv.compression.split_rank_by_spectrum`; one split for the whole batch).
-        factor_bits: ``None`` (default): the token factors in the states' dtype; ``8``: int8, entry ``(t, i)``
+        factor_bits: ``8`` (default): the token factors in int8, entry ``(t, i)``
             standing for ``q[t, i] * scale[t] * channel[i]`` (:func:`kvcompress.xkv.compression.quantize_factor`):
             a quarter (fp32) or half (16-bit) of the bytes of the largest part of the cache, so ``ratio=``
             affords 2-4x the rank. Attention dequantises the factors (a copy per layer and step on the decode
-            path: bytes saved, not yet time).
-        matrix_bits: ``None`` (default): the reconstruction matrices in the states' dtype; ``8``: int8 with one
+            path: bytes saved, not yet time). ``None``: in the states' dtype.
+        matrix_bits: ``8`` (default): the reconstruction matrices in int8 with one
             scale per column (:func:`kvcompress.xkv.compression.quantize_columns`). At a few thousand tokens
             the matrices (``G*(r_k + r_v)*H*d`` per layer and segment) cost about as much as int8 factors, so
-            with ``factor_bits=8`` this buys another ~1.5x the rank under ``ratio=``.
+            with ``factor_bits=8`` this buys another ~1.5x the rank under ``ratio=``. ``None``: in the states'
+            dtype.
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.

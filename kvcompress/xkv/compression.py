@@ -154,15 +154,22 @@ def default_group_size(num_layers: int, requested: int = 4) -> int:
     return min(divisors, key=lambda g: (abs(g - requested), -g))
 
 
-def factors_save_memory(tokens: int, group_size: int, key_rank: int, value_rank: int, layer_width: int) -> bool:
+def factors_save_memory(tokens: int, group_size: int, key_rank: int, value_rank: int, layer_width: int,
+                        element_size: int = 1, factor_bytes: int | None = None,
+                        matrix_bytes: int | None = None) -> bool:
     """Whether factors of ``tokens`` tokens are smaller than the exact states they replace.
 
     A truncated rank that is a large fraction of the group's width can cost more than it saves on a short
-    segment (``T*r + G*r*H*d >= G*T*H*d``); such a segment stays exact. ``layer_width`` is ``H*d``.
+    segment (``f*T*r + m*G*r*H*d >= e*G*T*H*d`` per keys or values, ``e`` the states' element size, ``f``
+    and ``m`` the bytes of a factor and a matrix entry: ``e``, or 1 in 8 bits); such a segment stays
+    exact. ``layer_width`` is ``H*d``. (The 8-bit scales are left out: a few per token and component.)
     """
+    e = element_size
+    f = e if factor_bytes is None else factor_bytes
+    m = e if matrix_bytes is None else matrix_bytes
     key_rank, value_rank = min(key_rank, tokens), min(value_rank, tokens)
-    factored = (key_rank + value_rank) * (tokens + group_size * layer_width)
-    return factored < 2 * group_size * tokens * layer_width
+    factored = (key_rank + value_rank) * (f * tokens + m * group_size * layer_width)
+    return factored < e * 2 * group_size * tokens * layer_width
 
 
 @dataclass
@@ -290,9 +297,11 @@ def plan_group_compression(
     # next turn): no new fixed factor cost, so only min_compress_tokens decides
     merge = params.merge_segments and previous is not None and previous.start + previous.length == start
     full_rank = params.rank_k is None and params.rank_v is None  # always factored: it verifies the maths
+    e = tail_keys[0].element_size()
     if to_compress < params.min_compress_tokens or (
             not merge and not full_rank and rank_budget is None
-            and not factors_save_memory(to_compress, group_size, key_rank, value_rank, layer_width)):
+            and not factors_save_memory(to_compress, group_size, key_rank, value_rank, layer_width,
+                                        e, 1 if params.factor_bits == 8 else e, 1 if params.matrix_bits == 8 else e)):
         to_compress = 0
     if to_sink == 0 and to_compress == 0:
         return None
