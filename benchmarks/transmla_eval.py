@@ -2,7 +2,7 @@
 settings: KV cache per token, held-out perplexity and needle accuracy, before and after recovery training.
 
 For every setting the model is converted from calibration windows of Python's bundled docs
-(``calibration_text("calibration")``), then measured:
+(``calibration_text(--calib-split)``), then measured:
 
 * KV elements and bytes per token (all layers) against the source's ``2 * kv_heads * head_dim * layers``;
 * perplexity over ``--ppl-tokens`` tokens of ``calibration_text("heldout")`` in non-overlapping
@@ -12,14 +12,20 @@ For every setting the model is converted from calibration windows of Python's bu
   number appears in it. Converted models generate with ``MLALatentCache`` and absorbed decode
   (``patch_mla``), the source with ``DynamicCache``; the cache bytes after the longest prompt are recorded.
 
-With ``--recovery-steps N`` each lossy setting is then distilled from the source (logit KL,
-``distill_from_teacher``) on the calibration windows and measured again.
+With ``--recovery-tokens N`` (or ``--recovery-steps N``) each lossy setting is then distilled from the
+source (``distill_from_teacher``: logit KL, plus ``--hidden-weight``/``--attention-weight`` per-layer
+terms) on ``--recovery-len``-token windows of ``--recovery-corpus`` (``both`` = the calibration split of
+Python's docs + the standard library's docstrings; never the held-out text) and measured again. With
+``--checkpoint-dir`` the recovery writes checkpoints (one sub-folder per setting) and ``--resume``
+continues an interrupted run. Every row is written to ``--out`` as soon as it is measured.
 
-GPU run of docs/transmla.md:
-    PYTHONPATH=. python benchmarks/transmla_eval.py --device cuda --json transmla.json
-CPU run (small sizes, minutes):
-    python benchmarks/transmla_eval.py --device cpu --ppl-tokens 2048 --needle-lengths 2048 \
-        --needle-prompts 3 --calib-seqs 4 --calib-len 256 --settings 128:64 96:32
+GPU run of docs/transmla.md (one setting, recovery on 3M tokens, ~8 minutes on an H200):
+    PYTHONPATH=. python benchmarks/transmla_eval.py --device cuda --settings 128:64 \
+        --recovery-tokens 3000000 --out transmla.json
+CPU smoke (a few recovery steps on short windows; minutes):
+    PYTHONPATH=. python benchmarks/transmla_eval.py --device cpu --settings 128:64 --ppl-tokens 1024 \
+        --needle-lengths 2048 --needle-prompts 1 --calib-seqs 2 --calib-len 256 --recovery-steps 2 \
+        --recovery-len 256 --recovery-batch 1 --skip-before --out smoke.json
 Perplexity only (no needle), e.g. to compare calibration sizes: ``--needle-prompts 0``.
 """
 
@@ -30,6 +36,8 @@ import inspect
 import json
 import math
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +46,16 @@ from tqdm.auto import tqdm
 from kvcompress.mla import MLALatentCache, patch_mla
 from kvcompress.models import load_smollm2
 from kvcompress.needle import encode_chat, needle_prompt
-from kvcompress.transmla import calibration_tokens, convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token
+from kvcompress.transmla import (
+    TRAIN_CHOICES,
+    calibration_tokens,
+    convert_gqa_to_mla,
+    distill_from_teacher,
+    kv_elements_per_token,
+)
+from kvcompress.transmla.rorope import ROPE_SELECTIONS
 
-DEFAULT_SETTINGS = ["193:192", "128:64", "160:32", "160:32:2", "96:32", "64:16"]
+DEFAULT_SETTINGS = ["128:64"]  # the docs' other rows: 193:192 160:32 160:32:2 96:32 64:16
 
 
 def cache_kwarg(model) -> str:
@@ -70,7 +85,7 @@ def perplexity(model, ids: torch.Tensor, window: int, device: str) -> float:
 
 @torch.no_grad()
 def needle_accuracy(model, tokenizer, lengths, prompts, answer_tokens, device, latent_cache: bool):
-    """Per length: fraction correct; plus the cache bytes after the last prompt of the longest length.
+    """Per length: how many of the ``prompts`` prompts were answered correctly; plus the cache bytes after the last prompt of the longest length.
     ``prompts = 0`` skips the needle test (perplexity only)."""
     results, cache_bytes = {}, None
     if prompts == 0:
@@ -90,7 +105,7 @@ def needle_accuracy(model, tokenizer, lengths, prompts, answer_tokens, device, l
                 out = model.generate(**enc, **kw)
             answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += prompt.answer in answer
-        results[length] = correct / prompts
+        results[length] = correct
     return results, cache_bytes
 
 
@@ -107,13 +122,45 @@ def measure(name, model, tokenizer, args, heldout, latent_cache, source_elements
     elements = kv_elements_per_token(model)
     element_size = next(model.parameters()).element_size()
     row = {"name": name, "kv_elements_per_token": elements, "kv_bytes_per_token": elements * element_size,
-           "cache_ratio": source_elements / elements, "perplexity": ppl, "needle": needle,
+           "cache_ratio": source_elements / elements, "perplexity": ppl, "needle_found": needle,
+           "needle_prompts": args.needle_prompts,
            "mla_cache_bytes_last_prompt": cache_bytes, "seconds": time.time() - start}
     row.update(extra or {})
-    needle_text = " ".join(f"{k}:{v:.2f}" for k, v in needle.items())
+    needle_text = " ".join(f"{k}:{v}/{args.needle_prompts}" for k, v in needle.items())
     print(f"{name:28s} {elements * element_size:6d} B/token  x{row['cache_ratio']:.2f}  ppl {ppl:8.3f}  "
           f"needle {needle_text}", flush=True)
     return row
+
+
+@contextmanager
+def recovery_precision(device: str, precision: str):
+    """fp32; tf32 (float32 weights, TF32 matmuls); bf16 (autocast, float32 weights and loss)."""
+    if not device.startswith("cuda") or precision == "fp32":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        if precision == "bf16":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def recovery_corpus(model, tokenizer, corpus: str, length: int) -> torch.Tensor:
+    """Every whole ``length``-token window of the recovery text (never the held-out split)."""
+    splits = {"calibration": ["calibration"], "stdlib": ["stdlib"], "both": ["calibration", "stdlib"]}[corpus]
+    return torch.cat([calibration_tokens(model, tokenizer, None, length, split=s, progress=False) for s in splits])
+
+
+def write(path, meta, rows) -> None:
+    if path:
+        partial = Path(str(path) + ".partial")
+        partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        partial.replace(path)
 
 
 def main(argv=None) -> None:
@@ -121,51 +168,109 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--settings", nargs="+", type=parse_setting, default=[parse_setting(s) for s in DEFAULT_SETTINGS],
                         help="kv_lora_rank:rope_dim[:freq_fold] (default: %(default)s)")
-    parser.add_argument("--calib-seqs", type=int, default=16)
-    parser.add_argument("--calib-len", type=int, default=512)
-    parser.add_argument("--ppl-tokens", type=int, default=8192)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--needle-lengths", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--needle-prompts", type=int, default=8)
-    parser.add_argument("--answer-tokens", type=int, default=24)
-    parser.add_argument("--recovery-steps", type=int, default=0)
-    parser.add_argument("--recovery-lr", type=float, default=1e-4)
-    parser.add_argument("--recovery-batch", type=int, default=4)
-    parser.add_argument("--json", default=None, help="write all rows to this JSON file")
+    conv = parser.add_argument_group("conversion")
+    conv.add_argument("--calib-seqs", type=int, default=16)
+    conv.add_argument("--calib-len", type=int, default=512)
+    conv.add_argument("--calib-split", choices=["calibration", "stdlib"], default="calibration")
+    conv.add_argument("--rorope-basis", choices=["qk", "key"], default="qk")
+    conv.add_argument("--rope-selection", choices=ROPE_SELECTIONS, default="rotation")
+    conv.add_argument("--rope-context", type=int, default=None, help="default: max_position_embeddings")
+    conv.add_argument("--no-balance-kv", action="store_true")
+    ev = parser.add_argument_group("evaluation")
+    ev.add_argument("--ppl-tokens", type=int, default=8192)
+    ev.add_argument("--window", type=int, default=512)
+    ev.add_argument("--needle-lengths", type=int, nargs="+", default=[2048, 4096])
+    ev.add_argument("--needle-prompts", type=int, default=8)
+    ev.add_argument("--answer-tokens", type=int, default=24)
+    ev.add_argument("--skip-source", action="store_true", help="do not measure the source model")
+    ev.add_argument("--skip-before", action="store_true", help="do not measure settings before recovery")
+    rec = parser.add_argument_group("recovery (distill_from_teacher)")
+    rec.add_argument("--recovery-tokens", type=int, default=0, help="token budget (0: use --recovery-steps)")
+    rec.add_argument("--recovery-steps", type=int, default=0)
+    rec.add_argument("--recovery-lr", type=float, default=1e-4)
+    rec.add_argument("--recovery-batch", type=int, default=2, help="windows per step")
+    rec.add_argument("--recovery-len", type=int, default=2048, help="tokens per training window")
+    rec.add_argument("--recovery-corpus", choices=["calibration", "stdlib", "both"], default="both")
+    rec.add_argument("--recovery-precision", choices=["fp32", "tf32", "bf16"], default="tf32")
+    rec.add_argument("--kl-weight", type=float, default=1.0)
+    rec.add_argument("--hidden-weight", type=float, default=0.0)
+    rec.add_argument("--attention-weight", type=float, default=0.0)
+    rec.add_argument("--temperature", type=float, default=1.0)
+    rec.add_argument("--train", choices=TRAIN_CHOICES, default="attention")
+    rec.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    rec.add_argument("--warmup-steps", type=int, default=20)
+    rec.add_argument("--max-grad-norm", type=float, default=1.0)
+    rec.add_argument("--no-shuffle", action="store_true")
+    rec.add_argument("--checkpoint-dir", default=None, help="checkpoints, one sub-folder per setting")
+    rec.add_argument("--checkpoint-every", type=int, default=None)
+    rec.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    parser.add_argument("--out", "--json", dest="out", default=None, help="write all rows to this JSON file")
     args = parser.parse_args(argv)
+    recover = args.recovery_tokens > 0 or args.recovery_steps > 0
+    if args.recovery_tokens and args.recovery_steps:
+        parser.error("give --recovery-tokens or --recovery-steps, not both")
 
+    import transformers
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    meta = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "args": {k: v for k, v in vars(args).items()}}
+    rows = []
+    begin = time.time()
     model, tokenizer = load_smollm2(device=args.device, attn_implementation="sdpa")
-    calibration = calibration_tokens(model, tokenizer, args.calib_seqs, args.calib_len)
+    meta["load_seconds"] = time.time() - begin
+    calibration = calibration_tokens(model, tokenizer, args.calib_seqs, args.calib_len, split=args.calib_split)
     heldout = calibration_tokens(model, tokenizer, 1, args.ppl_tokens, split="heldout")[0]
+    train_tokens = recovery_corpus(model, tokenizer, args.recovery_corpus, args.recovery_len) if recover else None
+    if train_tokens is not None:
+        meta["recovery_corpus_tokens"] = train_tokens.numel()
+        print(f"recovery corpus: {train_tokens.shape[0]} windows of {train_tokens.shape[1]} tokens", flush=True)
     source_elements = kv_elements_per_token(model)
-    rows = [measure("source (GQA)", model, tokenizer, args, heldout, False, source_elements)]
+    if not args.skip_source:
+        rows.append(measure("source (GQA)", model, tokenizer, args, heldout, False, source_elements))
+        write(args.out, meta, rows)
     for kv_lora_rank, rope_dim, fold in tqdm(args.settings, desc="settings"):
         name = f"MLA kv{kv_lora_rank} rope{rope_dim}" + (f" fold{fold}" if fold > 1 else "")
         start = time.time()
-        converted = convert_gqa_to_mla(model, kv_lora_rank, rope_dim, calibration, freq_fold=fold)
+        converted = convert_gqa_to_mla(model, kv_lora_rank, rope_dim, calibration, freq_fold=fold,
+                                       rorope_basis=args.rorope_basis, balance_kv=not args.no_balance_kv,
+                                       rope_selection=args.rope_selection, rope_context=args.rope_context)
         info = {"kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim, "freq_fold": fold,
                 "convert_seconds": time.time() - start, "lossless": converted.transmla_info["lossless"],
-                "recovery_steps": 0}
-        rows.append(measure(name, converted, tokenizer, args, heldout, True, source_elements, info))
-        if args.recovery_steps and not converted.transmla_info["lossless"]:
+                "rope_slots_per_block": converted.transmla_info["rope_slots_per_block"], "recovery_tokens": 0}
+        if not args.skip_before or not recover or info["lossless"]:
+            rows.append(measure(name, converted, tokenizer, args, heldout, True, source_elements, info))
+            write(args.out, meta, rows)
+        if recover and not info["lossless"]:
             start = time.time()
-            losses = distill_from_teacher(converted, model, calibration, steps=args.recovery_steps,
-                                          lr=args.recovery_lr, batch_size=args.recovery_batch)
-            info = dict(info, recovery_steps=len(losses), recovery_seconds=time.time() - start,
-                        recovery_loss_first=losses[0], recovery_loss_last=losses[-1])
+            checkpoints = None
+            if args.checkpoint_dir:
+                checkpoints = Path(args.checkpoint_dir) / f"kv{kv_lora_rank}_rope{rope_dim}_fold{fold}"
+            budget = dict(token_budget=args.recovery_tokens) if args.recovery_tokens else dict(steps=args.recovery_steps)
+            with recovery_precision(args.device, args.recovery_precision):
+                losses = distill_from_teacher(
+                    converted, model, train_tokens, lr=args.recovery_lr, temperature=args.temperature,
+                    batch_size=args.recovery_batch, kl_weight=args.kl_weight, hidden_weight=args.hidden_weight,
+                    attention_weight=args.attention_weight, train=args.train, lr_schedule=args.lr_schedule,
+                    warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
+                    shuffle=not args.no_shuffle, checkpoint_dir=checkpoints,
+                    checkpoint_every=args.checkpoint_every if checkpoints else None,
+                    resume=args.resume and checkpoints is not None, **budget)
+            tokens_done = len(losses) * args.recovery_batch * args.recovery_len
+            info = dict(info, recovery_steps=len(losses), recovery_tokens=tokens_done,
+                        recovery_seconds=time.time() - start, recovery_loss_first=losses[0] if losses else None,
+                        recovery_loss_last=losses[-1] if losses else None,
+                        recovery_losses_every_10=losses[::10])
+            print(f"recovery: {len(losses)} steps, {tokens_done} tokens, {info['recovery_seconds']:.0f} s, "
+                  f"loss {info['recovery_loss_first']} -> {info['recovery_loss_last']}", flush=True)
             rows.append(measure(name + " +rec", converted, tokenizer, args, heldout, True, source_elements, info))
+            write(args.out, meta, rows)
         del converted
-        if args.device == "cuda":
+        if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    meta = {"device": device_name, "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
-    import transformers
-
-    meta["transformers"] = transformers.__version__
+    meta["total_seconds"] = time.time() - begin
     print(json.dumps(meta))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -425,7 +425,7 @@ def test_distillation_refuses_a_teacher_sharing_parameters_with_the_student():
 
 
 def test_sampled_calibration_rejects_an_unknown_split():
-    with pytest.raises(ValueError, match=r"split must be 'calibration' or 'heldout', got 'train'"):
+    with pytest.raises(ValueError, match=r"split must be one of \('calibration', 'heldout', 'stdlib'\), got 'train'"):
         calibration_tokens(tiny_model("llama"), num_sequences=1, seq_len=4, split="train", progress=False)
 
 

@@ -24,15 +24,18 @@ model's logits equal the source's within float tolerance with ``D + rope_dim + 1
 elements per token and layer (the source caches ``2 G d``). Anything smaller is lossy; see docs/transmla.md.
 """
 
-from .calibration import calibration_text, calibration_tokens
+from .calibration import SPLITS, calibration_text, calibration_tokens
 from .checkpoint import save_converted
 from .convert import ANCHOR_RATIO, convert_gqa_to_mla, kv_elements_per_token
-from .distill import distill_from_teacher
+from .distill import CHECKPOINT_FILE, TRAIN_CHOICES, distill_from_teacher
 from .source import SUPPORTED_MODEL_TYPES, is_lossless
 
 __all__ = [
     "ANCHOR_RATIO",
+    "SPLITS",
     "SUPPORTED_MODEL_TYPES",
+    "CHECKPOINT_FILE",
+    "TRAIN_CHOICES",
     "calibration_text",
     "calibration_tokens",
     "convert_gqa_to_mla",

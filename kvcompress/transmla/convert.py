@@ -37,7 +37,7 @@ from ..models import text_config
 from .calibration import _as_token_batch, _input_moments, calibration_tokens
 from .checks import check_bool, check_int, check_positive_float
 from .distill import distill_from_teacher
-from .rorope import _allot_slots, _block_frequencies, _rorope_basis, _split, _Split
+from .rorope import ROPE_SELECTIONS, _allot_slots, _block_frequencies, _block_weights, _rorope_basis, _split, _Split
 from .source import _augmented, _check_settings, _eval_mode, _inspect_source, _Source
 
 ANCHOR_RATIO = 1e-4  # rho: the latent's bounded norm over the anchor; rho^2 is below float32 resolution
@@ -181,6 +181,8 @@ def convert_gqa_to_mla(
     rorope_basis: str = "qk",
     balance_kv: bool = True,
     rope_interleave: bool = True,
+    rope_selection: str = "rotation",
+    rope_context: int | None = None,
     recovery_steps: int = 0,
     recovery_lr: float = 1e-4,
     progress: bool = True,
@@ -213,6 +215,13 @@ def convert_gqa_to_mla(
             paper's orthogonal PCA of the keys alone. Both commute with RoPE.
         balance_kv: scale no-RoPE keys to the values' norm before the joint PCA (the paper's BKV).
         rope_interleave: DeepSeek's ``rope_interleave`` layout for the converted config.
+        rope_selection: which frequencies keep RoPE when ``rope_dim < G * d``: components ranked by energy
+            times their frequency's position sensitivity, the mean of ``1 - cos(w t)`` over distances ``t``
+            uniform on ``[0, rope_context]`` (``"rotation"``, default) or weighted ``1 / t`` on ``1 ..
+            rope_context`` (``"log_rotation"``); ``"energy"``: energy alone; ``"frequency"``: the highest
+            frequencies, whole blocks at a time.
+        rope_context: the distance range ``L`` of ``rope_selection``, an int >= 1; ``None`` =
+            ``max_position_embeddings``.
         recovery_steps: if > 0, that many steps of :func:`distill_from_teacher` on the calibration tokens.
         recovery_lr: AdamW learning rate of the recovery training.
         progress: show tqdm bars.
@@ -224,7 +233,8 @@ def convert_gqa_to_mla(
     Raises:
         TypeError: unsupported model type/architecture or dtype (float16), bad ``calibration`` type, a
             ``tokenizer`` that is not callable.
-        ValueError: ``kv_lora_rank``, ``rope_dim``, ``freq_fold``, ``rorope_basis``, ``recovery_steps`` or
+        ValueError: ``kv_lora_rank``, ``rope_dim``, ``freq_fold``, ``rorope_basis``, ``rope_selection``,
+            ``rope_context``, ``recovery_steps`` or
             ``recovery_lr`` (finite, > 0) out of range, a flag that is not a bool, calibration token ids out
             of the vocabulary, odd head dim, sequence-length-dependent RoPE. Every argument is checked
             before any work starts; a Ctrl-C during conversion leaves ``model`` as it was.
@@ -235,6 +245,11 @@ def convert_gqa_to_mla(
     if rorope_basis not in ("qk", "key"):
         raise ValueError(f"rorope_basis must be 'qk' or 'key', got {rorope_basis!r}")
     balance_kv = check_bool("balance_kv", balance_kv)
+    if rope_selection not in ROPE_SELECTIONS:
+        raise ValueError(f"rope_selection must be one of {ROPE_SELECTIONS}, got {rope_selection!r}")
+    if rope_context is None:
+        rope_context = int(getattr(src.config, "max_position_embeddings", None) or 4096)
+    rope_context = check_int("rope_context", rope_context, 1)
     rope_interleave = check_bool("rope_interleave", rope_interleave)
     progress = check_bool("progress", progress)
     recovery_steps = check_int("recovery_steps", recovery_steps, 0)
@@ -258,7 +273,8 @@ def convert_gqa_to_mla(
     wks = [_augmented(layer.self_attn.k_proj) for layer in src.layers]
     wqs = [_augmented(layer.self_attn.q_proj) for layer in src.layers]
     bases = [_rorope_basis(src, wk, wq, m, freq_fold, block_freq, rorope_basis) for wk, wq, m in zip(wks, wqs, moments)]
-    counts = _allot_slots(bases, rope_dim // 2, src.kv_heads * freq_fold)
+    weights = _block_weights(block_freq, rope_selection, rope_context)
+    counts = _allot_slots(bases, rope_dim // 2, src.kv_heads * freq_fold, weights, rope_selection)
     slot_freq = torch.cat([block_freq[b].repeat(n) for b, n in enumerate(counts)])
 
     config = _deepseek_config(src, kv_lora_rank, rope_dim, slot_freq, rope_interleave)
@@ -303,7 +319,7 @@ def convert_gqa_to_mla(
         new.generation_config = model.generation_config
     new.transmla_info = {
         "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim, "freq_fold": freq_fold, "rorope_basis": rorope_basis,
-        "balance_kv": balance_kv,
+        "balance_kv": balance_kv, "rope_selection": rope_selection, "rope_context": rope_context,
         "lossless": lossless, "rope_slots_per_block": counts,
         "cache_elements_per_token": {"source": kv_elements_per_token(model), "converted": kv_elements_per_token(new)},
         "layers": layer_stats, "calibration_tokens": 0 if tokens is None else tokens.numel(), "recovery_losses": [],

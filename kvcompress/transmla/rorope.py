@@ -18,15 +18,20 @@ pair ``p`` (dims ``p`` and ``p + d/2`` of a head) turns by ``w_p * position``. E
    share of the score energy. Together the blocks give ``s_i = (B E_i q_i) . (A k)`` with ``B = A^-T``.
 2. ``rope_dim / 2`` components keep RoPE: their keys form DeepSeek's one shared ``k_rot`` and each head's
    query gets its own ``q_rot``. Which ones: every layer must use the same frequencies (DeepSeek has one
-   RoPE table), so each block ``b`` gets ``n_b`` slots, allotted greedily by the component score summed
-   over layers, energy times ``1 - sinc(w_b L)`` (how far RoPE turns over ``L = max_position_embeddings``
-   tokens), and each layer keeps its top ``n_b`` components of block ``b``. The other components lose
-   RoPE and join the no-RoPE keys ``k_nope`` (``D - rope_dim`` dims).
+   RoPE table), so each block ``b`` gets ``n_b`` slots, allotted greedily by the component energy summed
+   over layers times the block's *position sensitivity* ``m_b``, and each layer keeps its top ``n_b``
+   components of block ``b``. The other components lose RoPE and join the no-RoPE keys ``k_nope``
+   (``D - rope_dim`` dims). A component of energy ``S`` that loses its rotation changes the score at
+   distance ``t`` by ``q^T (R(w t) - I) k``, of mean square ``S * 2 (1 - cos(w t))`` for a rotation-blind
+   (isotropic) pair, so ``m_b`` is ``1 - cos(w_b t)`` averaged over a distribution of distances
+   (``rope_selection``): ``"rotation"`` uniform on ``[0, L]`` (``m_b = 1 - sinc(w_b L)``), ``"log_rotation"``
+   ``t = 1 .. L`` with weight ``1 / t`` (attention is mostly local), ``"energy"`` ``m_b = 1`` (position
+   blind), and ``"frequency"`` keeps the fastest-turning blocks whole, highest frequency first.
+   ``L = rope_context`` (default ``max_position_embeddings``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +56,11 @@ def _block_frequencies(src: _Source, fold: int) -> torch.Tensor:
 class _LayerBasis:
     """RoRoPE bases of one layer. Per block ``b``: ``keys[b]`` (rows: components, applied to the key
     coordinates of the block) and ``queries[b] = keys[b]^-T`` (applied to query coordinates), so that
-    ``(queries q) . (keys k) = q . k``; rows sorted by importance, whose values are ``scores[b]``."""
+    ``(queries q) . (keys k) = q . k``; rows sorted by energy, whose values are ``energies[b]``."""
 
     keys: list[torch.Tensor]  # [G f, G f] each
     queries: list[torch.Tensor]
-    scores: torch.Tensor  # [blocks, G f]
+    energies: torch.Tensor  # [blocks, G f]
 
 
 def _rorope_basis(src: _Source, wk: torch.Tensor, wq: torch.Tensor, moment: torch.Tensor, fold: int,
@@ -68,13 +73,13 @@ def _rorope_basis(src: _Source, wk: torch.Tensor, wq: torch.Tensor, moment: torc
     its group's components) and ``L^T Ck L = W S W^T``, keys use ``A = W^T L^T`` and queries ``A^-T =
     W^T L^-1``: query components come out white and key components uncorrelated with energies ``S``, so
     ``S_c`` is component ``c``'s share of the score energy ``E (q . k)^2``.
-    Components are ranked by energy times ``1 - sinc(w_b L)`` (how much RoPE moves over ``L`` tokens).
+    Components are ranked by energy (within a block they share the frequency, so every position weight of
+    :func:`_block_weights` keeps this order).
     """
     d, half, rep = src.head_dim, src.head_dim // 2, src.heads // src.kv_heads
     key_moment = wk @ moment @ wk.T  # [D, D]
     query_moments = [wq[i * d : (i + 1) * d] @ moment @ wq[i * d : (i + 1) * d].T for i in range(src.heads)]
-    context = float(getattr(src.config, "max_position_embeddings", 4096) or 4096)
-    keys, queries, scores = [], [], []
+    keys, queries, energies = [], [], []
     for b, comps in enumerate(_blocks(src, fold)):
         a_idx = torch.tensor([g * d + p for g, p in comps])
         ck = key_moment[a_idx][:, a_idx] + key_moment[a_idx + half][:, a_idx + half]
@@ -96,20 +101,43 @@ def _rorope_basis(src: _Source, wk: torch.Tensor, wq: torch.Tensor, moment: torc
             energy, vecs = torch.linalg.eigh(chol.T @ ck @ chol)
             key_rows = vecs.T @ chol.T
             query_rows = torch.linalg.solve_triangular(chol, vecs, upper=False).T  # W^T L^-1
-        wl = float(block_freq[b]) * context
-        motion = 1.0 - math.sin(wl) / wl if wl > 0 else 0.0
-        score = energy.clamp_min(0) * motion
-        order = torch.argsort(score, descending=True, stable=True)
+        energy = energy.clamp_min(0)
+        order = torch.argsort(energy, descending=True, stable=True)
         keys.append(key_rows[order])
         queries.append(query_rows[order])
-        scores.append(score[order])
-    return _LayerBasis(keys, queries, torch.stack(scores))
+        energies.append(energy[order])
+    return _LayerBasis(keys, queries, torch.stack(energies))
 
 
-def _allot_slots(bases: list[_LayerBasis], rope_pairs: int, per_block: int) -> list[int]:
-    """Greedy: how many RoPE slots each block gets, by the component score summed over layers."""
-    total = torch.stack([b.scores for b in bases]).sum(dim=0)  # [blocks, G f]
-    counts = [0] * total.shape[0]
+ROPE_SELECTIONS = ("rotation", "log_rotation", "energy", "frequency")
+
+
+def _block_weights(block_freq: torch.Tensor, selection: str, context: int) -> torch.Tensor:
+    """Position sensitivity ``m_b`` of each block: the mean of ``1 - cos(w_b t)`` over the distances ``t`` of
+    ``selection`` (module docstring, item 2); ``"frequency"`` gives the frequencies themselves."""
+    w = block_freq.double()
+    if selection == "rotation":  # t uniform on [0, L]: 1 - sin(w L) / (w L)
+        wl = w * context
+        return torch.where(wl > 0, 1.0 - torch.sin(wl) / wl.clamp_min(1e-300), torch.zeros_like(wl))
+    if selection == "log_rotation":  # t = 1 .. L, weight 1 / t
+        t = torch.arange(1, context + 1, dtype=torch.float64)
+        weight = 1.0 / t
+        return (1.0 - torch.cos(w[:, None] * t[None])) @ weight / weight.sum()
+    if selection == "energy":
+        return torch.ones_like(w)
+    return w  # "frequency"
+
+
+def _allot_slots(bases: list[_LayerBasis], rope_pairs: int, per_block: int, weights: torch.Tensor,
+                 selection: str = "rotation") -> list[int]:
+    """How many RoPE slots each block gets: greedily, by the component energy summed over layers times the
+    block's weight; ``selection="frequency"`` fills whole blocks in order of decreasing weight instead."""
+    counts = [0] * len(weights)
+    if selection == "frequency":
+        for b in torch.argsort(weights, descending=True, stable=True).tolist():
+            counts[b] = min(per_block, rope_pairs - sum(counts))
+        return counts
+    total = torch.stack([b.energies for b in bases]).sum(dim=0) * weights[:, None]  # [blocks, G f]
     for _ in range(rope_pairs):
         best, best_gain = None, -1.0
         for b, n in enumerate(counts):
