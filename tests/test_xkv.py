@@ -208,7 +208,8 @@ def test_truncated_rank_degrades_gracefully():
     ref = model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits[:, -1]
     errors = []
     for rank in (64, 16, 4):
-        cache = XKVCache(model.config, group_size=2, rank_k=rank, rank_v=rank, window=0, sink=0)
+        cache = XKVCache(model.config, group_size=2, rank_k=rank, rank_v=rank, window=0, sink=0, factor_bits=None,
+                         matrix_bits=None)  # float factors: rank 64 is the whole width, so exact
         logits = model(input_ids=ids, past_key_values=cache).logits[:, -1]
         torch.testing.assert_close(logits, ref)  # the prompt's own forward attends exact states
         step = model(input_ids=ids[:, :1], past_key_values=cache).logits[:, -1]
