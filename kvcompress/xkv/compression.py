@@ -67,12 +67,17 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def _int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``round(x / scale)`` in int8, symmetric ``[-127, 127]``, computed in float32."""
+    return (x.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 8-bit quantisation with one scale per row: ``x[t] ~ q[t] * scale[t]``, ``q`` int8 in
     ``[-127, 127]``, ``scale = max|x[t]| / 127`` (in ``x``'s dtype; 1 for an all-zero row); the error per
     entry is at most ``scale/2``. (:func:`quantize_factor` adds per-column ranges; the cache uses that.)"""
     scale = _nonzero(x.abs().amax(dim=-1, keepdim=True).float() / 127.0).to(x.dtype)
-    q = (x.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
+    q = _int8(x, scale)
     return q, scale
 
 
@@ -90,7 +95,7 @@ def quantize_factor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     channel = _nonzero(xf.abs().amax(dim=-2, keepdim=True)).to(x.dtype)
     equalised = xf / channel.float()
     scale = _nonzero(equalised.abs().amax(dim=-1, keepdim=True) / 127.0).to(x.dtype)
-    q = (equalised / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
+    q = _int8(equalised, scale)
     return q, scale, channel
 
 
@@ -101,7 +106,7 @@ def quantize_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     their ranges are alike, while the features (heads, channels) differ; on SmolLM2's groups it gave a
     third less error than per row. Returns ``(q, scale [B, 1, W])``."""
     scale = _nonzero(x.float().abs().amax(dim=-2, keepdim=True) / 127.0).to(x.dtype)
-    q = (x.float() / scale.float()).round_().clamp_(-127, 127).to(torch.int8)
+    q = _int8(x, scale)
     return q, scale
 
 
