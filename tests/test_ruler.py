@@ -277,6 +277,22 @@ def test_report_accuracy_and_ratio(tmp_path):
         assert png.stat().st_size > 1000 and (tmp_path / "accuracy_vs_ratio_same_samples.png").exists()
 
 
+def test_report_counts_a_sample_once_and_groups_methods_into_lines(tmp_path):
+    recs = [_rec("dynamic", "vt", 0, 1.0, 100), _rec("dynamic", "vt", 1, 0.0, 100),
+            _rec("xkv:ratio=7", "vt", 0, 1.0, 20), _rec("xkv:ratio=7", "vt", 1, 0.0, 20),
+            _rec("xkv:ratio=7", "vt", 1, 1.0, 20)]  # a second run of the method appended sample 1 again
+    rows = {r["method"]: r for r in report.summarize(recs)}
+    assert rows["xkv:ratio=7"]["n"] == 2 and rows["xkv:ratio=7"]["average"] == 50.0
+    assert report.method_family("xkv:ratio=7:factor_bits=8") == report.method_family("xkv") == "xkv"
+    assert report.method_family("quantized:nbits=2") == "quantized quanto"
+    assert report.method_family("quantized:backend=hqq:nbits=4") == "quantized hqq"
+    assert report.method_family("kvpress:adakv_snapkv:0.85") == "kvpress adakv_snapkv"
+    recs += [_rec("kvpress:kvzip:0.85", "vt", 0, 1.0, 15, "kvpress"), _rec("kvpress:kvzip:0.88", "vt", 0, 0.0, 12, "kvpress")]
+    _, png = report.write_report(recs, tmp_path, "t")
+    if png is not None:
+        assert png.stat().st_size > 1000
+
+
 # -- the real model ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_lengths_and_a_real_answer(smollm2, tmp_path):

@@ -1,5 +1,6 @@
 """Summary of RULER results: a markdown table (accuracy per task, average, cache bytes, ratio to
-``dynamic``) and a PNG plot of average accuracy against cache ratio, for our methods and peers alike.
+``dynamic``) and a PNG plot of average accuracy against compression (one line per method through its
+settings), for our methods and peers alike.
 
 The ratio of a method is its mean cache bytes over the samples it shares with the reference method
 (``dynamic``, or kvpress's ``no_press`` for peers' runs without it) divided by the reference's mean
@@ -34,8 +35,10 @@ def summarize(records: list[dict], ids: set[str] | None = None) -> list[dict]:
     that *every* row has (``shared_tasks``), so rows of runs cut short stay comparable.
     """
     by_method: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        if ids is None or r["id"] in ids:
+    seen: set[tuple[str, str]] = set()
+    for r in records:  # the first record of a (method, sample) counts: two runs of one method may both append
+        if (ids is None or r["id"] in ids) and (r["method"], r["id"]) not in seen:
+            seen.add((r["method"], r["id"]))
             by_method[r["method"]].append(r)
     ref_label = next((m for m in REFERENCES if m in by_method), None)
     ref_bytes = {r["id"]: r["cache_bytes"] for r in by_method.get(ref_label, [])}
@@ -90,31 +93,53 @@ def _label(method: str) -> str:
     return text.replace("0.", ".")
 
 
+def method_family(method: str) -> str:
+    """The line a method's point belongs to in the plot: one line per method, its settings as points.
+
+    ``xkv:ratio=7`` -> ``xkv``; ``quantized:backend=hqq:nbits=2`` -> ``quantized hqq`` (the backend,
+    default quanto, is part of the method); ``kvpress:adakv_snapkv:0.85`` -> ``kvpress adakv_snapkv``.
+    """
+    parts = method.split(":")
+    if parts[0] == "kvpress":
+        return "kvpress " + (parts[1] if len(parts) > 1 else "")
+    if parts[0] == "quantized":
+        backend = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("backend=")), "quanto")
+        return f"quantized {backend}"
+    return parts[0]
+
+
 def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | None:
-    """Average accuracy against cache ratio, one point per method (needs matplotlib: the bench extra)."""
+    """Average accuracy against compression (reference bytes / method bytes), one line per method
+    (:func:`method_family`) through its settings, the reference as a dashed level (needs matplotlib)."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"kvcompress": "o", "kvpress": "s"}
-    placed: list[tuple[float, float]] = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    families: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        if row["ratio"] is None:
+        if row["ratio"]:
+            families[method_family(row["method"])].append(row)
+    reference = next((row for row in rows if row["method"] in REFERENCES), None)
+    if reference is not None:
+        ax.axhline(reference["average"], color="grey", linestyle="--", linewidth=1,
+                   label=f"{reference['method']} (1x)")
+    markers = "osD^v<>pPX*h"
+    for i, (family, members) in enumerate(sorted(families.items())):
+        if reference is not None and members == [reference]:
             continue
-        x, y = row["ratio"], row["average"]
-        ax.scatter(x, y, marker=markers.get(row["tool"], "^"), s=50,
-                   color="tab:blue" if row["tool"] == "kvcompress" else "tab:orange")
-        # stack the labels of points that (nearly) coincide instead of printing them on top of each other
-        crowd = sum(1 for px, py in placed if abs(px - x) < 0.08 and abs(py - y) < 4)
-        placed.append((x, y))
-        ax.annotate(_label(row["method"]), (x, y), fontsize=7, xytext=(4, 3 - 9 * crowd), textcoords="offset points")
-    for tool, marker in markers.items():
-        ax.scatter([], [], marker=marker, color="tab:blue" if tool == "kvcompress" else "tab:orange", label=tool)
-    ax.set_xlabel("cache bytes / dynamic cache bytes (lower = more compressed)")
+        members.sort(key=lambda row: 1.0 / row["ratio"])
+        xs = [1.0 / row["ratio"] for row in members]
+        ys = [row["average"] for row in members]
+        dashed = members[0]["tool"] != "kvcompress"
+        ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle=":" if dashed else "-", label=family)
+        for x, y, row in zip(xs, ys, members):
+            ax.annotate(_label(row["method"]), (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("times smaller than the reference cache (log scale)")
     ax.set_ylabel("RULER accuracy (%), mean over shared tasks")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=7)
     return save_figure(fig, path)
 
 
