@@ -12,18 +12,28 @@ MLA caches per token the normalised latent ``c = g * n`` (``n = x / rms(x)``, ``
 **Rotation (exact).** With an orthogonal ``Q`` (``r x r``: identity, Hadamard or PCA) TPLA caches
 ``z = Q^T c`` and uses ``W'_b = W_b Q`` instead of ``kv_b_proj``'s ``W_b``: ``W'_b z = W_b Q Q^T c = W_b c``.
 ``W'_b`` (hence the absorbed ``W'_UK``, ``W'_UV``) is folded from the live ``kv_b_proj`` weight and re-folded
-only when that weight changes (:class:`TPLAWeights`); the latent side costs one
+only when that weight changes (:class:`TPLAWeights`); unless folded (below) the latent side costs one
 ``r x r`` matmul per *new* token and layer (DeepSeek-V3: 0.26 M multiply-adds, against 4.1 M for
 ``kv_a_proj`` and ``H * T * (r/N + p)`` = 1.3 G for a shard's attention at 32K), nothing per cached token.
 
-Why not fold ``Q`` into ``kv_a_proj`` too (zero cost)? The norm weight ``g`` multiplies elementwise
-after the RMS division and does not commute with ``Q``; folding would mean caching ``Q^T n`` (``n = x /
-rms(x)``, exact because ``rms(Q^T x) = rms(x)``) and moving ``g`` into ``W'_b = W_b diag(g) Q``. That is
-exact in real arithmetic but not in floating point when ``g`` is far from uniform: a channel that ``g``
-suppresses can dominate ``n`` and, once rotated, every coordinate of ``z``; the useful signal is then
-rounded away. TransMLA-converted models are the extreme case (an anchor channel ``10^4`` times larger
-than the rest with ``g = 0``): folded that way, SmolLM2's perplexity at ``N = 1`` moved from 27.54 to
-27.95 with Hadamard. Rotating ``c`` itself keeps ``N = 1`` equal to MLA to rounding for every model.
+**Folding ``Q`` into ``kv_a_proj`` (``fold_rotation=True``, opt-in).** The norm weight ``g`` multiplies
+elementwise after the RMS division and does not commute with ``Q``, so the zero-cost fold caches
+``z = Q^T n`` (``n = x / rms(x)``; computed as ``Q^T x / rms(Q^T x)`` from ``kv_a_proj``'s latent rows
+replaced by ``Q^T W_a``, since ``rms(Q^T x) = rms(x)``) and moves ``g`` into ``W'_b = W_b diag(g) Q``:
+``W'_b z = W_b diag(g) n = W_b c``. Decode then applies no rotation (the prompt's tokens still take one
+``r x r`` product each, ``n Q``, beside the stock prefill). What is exact:
+
+* ``N = 1``: in real arithmetic for any ``g`` (the whole latent is summed);
+* ``N > 1``: equal to ``fold_rotation=False`` only when ``diag(g)`` commutes with ``Q`` (``g`` uniform;
+  ``Q`` = identity is a no-op and not folded). Otherwise shard ``i`` holds ``(Q^T n)[S_i]`` instead of
+  ``(Q^T c)[S_i]`` and sees the partial score ``(Q^T diag(g) W_UK^T q)[S_i] . (Q^T n)[S_i]`` instead of
+  ``(Q^T W_UK^T q)[S_i] . (Q^T c)[S_i]``: another per-shard approximation, not a rounding difference (PCA
+  is then taken on ``n``, what is cached);
+* floating point, when ``g`` is far from uniform: a channel that ``g`` suppresses can dominate ``n`` and,
+  once rotated, every coordinate of ``z``; the useful signal is then rounded away. TransMLA-converted
+  models are the extreme case (an anchor channel ``10^4`` times larger than the rest with ``g = 0``):
+  folded that way, SmolLM2's perplexity at ``N = 1`` moved from 27.54 to 27.95 with Hadamard. Rotating
+  ``c`` itself (the default) keeps ``N = 1`` equal to MLA to rounding for every model.
 
 **The norm is exact.** The RMSNorm is computed on the *full* latent of the new token(s) before
 slicing: every shard computes the whole ``kv_a_proj`` output of the new token (a ``hidden x (r + p)``
@@ -50,14 +60,25 @@ of the latent's partial score), and it costs ``p`` values per token on each shar
 per-shard cache ``r / N + p`` instead of ``r + p`` (DeepSeek-V3, N = 2: 320 vs 576 values, 1.8x fewer
 bytes read per decode step).
 
-**Prefill stays exact MLA.** Forwards of more than ``max_absorbed_tokens`` new tokens expand the latent
-per head with ``W'_b`` (each shard multiplies its slice by its columns and the partial products are
-summed: exact) and run the model's attention implementation. Only decode uses the per-shard softmax.
+**Prefill in MLA form** (``prefill="mla"``, the default; the paper's split: prefill unchanged, decode on
+the shards). The prompt (a forward on a layer's empty cache, or without a cache, whatever its length) and
+every forward of more than ``max_absorbed_tokens`` new tokens run the model's own prefill: keys and values
+of the new tokens are ``kv_b_proj`` of their full latent ``c`` (every shard computes ``c`` in full, so no
+collective), those of tokens already cached come from the slices (``sum_i W'_b[:, S_i] z[S_i]``, an
+all-reduce in distributed mode: exact), then the model's attention implementation. On an empty cache this
+is bitwise the stock prefill. ``prefill="tpla"`` (the earlier behaviour) expands every token from the
+slices (equal up to rounding) and lets a prompt of at most ``max_absorbed_tokens`` tokens take the
+per-shard softmax: for such prompts of more than one token the two modes differ by TPLA's approximation
+(a one-token prompt is exact either way: every shard's softmax is 1). Only decode uses the per-shard
+softmax in the default mode. Under ``torch.compile`` the host does not know the cache length, so there a
+forward of at most ``max_absorbed_tokens`` tokens is always a decode (generate's prefill runs eagerly).
 
 Storage: ``TPLACache(max_cache_len=None)`` grows geometrically; with ``max_cache_len`` its layers are
 static (``StaticLayer`` semantics, as for ``MLALatentCache``: fixed shapes, a device length counter passed
 to the decode as every shard row's valid length, ``is_compileable``), so the decode step compiles with
-``fullgraph=True`` and no recompiles. A patched model also serves a cache of the stock latent
+``fullgraph=True`` and no recompiles. The folded weights a compiled step reads off the patch (not module
+parameters) are marked as static addresses, so CUDA graphs read them in place rather than copy them into
+the graph's inputs at every replay. A patched model also serves a cache of the stock latent
 (``DynamicCache``, ``MLALatentCache``) or none, e.g. a plain ``model(input_ids, labels=...)``: the shard
 slices are then cut from every cached latent at each forward (correct, not TPLA's memory or speed).
 The attention forward itself is :func:`kvcompress.deepseek.deepseek_attention_forward`; this module

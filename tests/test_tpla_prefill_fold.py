@@ -246,3 +246,21 @@ def test_bad_prefill_and_fold_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         patch_tpla(model, num_shards=2, rotation="hadamard", **kwargs)
     assert not hasattr(model.model.layers[0].self_attn, "kvcompress_tpla")
+
+
+def test_generate_compiles_the_folded_decode_step():
+    """generate()'s compile path (backend 'eager', fullgraph, forced on CPU) with the folded patch and the
+    static cache: the eager tokens, no graph breaks, no recompile in a second generate."""
+    from transformers import CompileConfig
+
+    from test_mla_compile import generate_compiled_twice
+
+    model = tpla_model()
+    ids, mask = prompts([20, 13])
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True  # generate() compiles only on accelerators unless told
+    with patch_tpla(model, num_shards=2, rotation="hadamard", fold_rotation=True):
+        first = generate_compiled_twice(
+            model, lambda: TPLACache(model.config, num_shards=2, rotation="hadamard", max_cache_len=40), ids, mask,
+            config)
+    assert first >= 1
