@@ -24,8 +24,9 @@ DeepSeek-V3 attention shapes by default (128 heads, kv_lora_rank 512, rope 64, n
 * ``--mode projection`` (one device): the latent side of one decode step, per layer, for ``B`` new tokens:
   ``runtime`` = ``kv_a_proj_with_mqa``, ``kv_a_layernorm`` and the ``r x r`` rotation ``z = Q^T c``
   (``patch_tpla(fold_rotation=False)``) against ``folded`` = the folded ``kv_a_proj`` rows and a weightless
-  RMSNorm (``fold_rotation=True``), both through ``kvcompress.tpla``'s own code on random weights. Rank 0
-  also checks, on the same inputs in float32, that the folded slices times the folded ``W'_b`` equal the
+  RMSNorm (``fold_rotation=True``), both through ``kvcompress.tpla``'s own code on random weights (CUDA
+  graphs: one layer per copy, each with its own weights, ``--rotate-mib`` of weights in all). It also
+  checks, on the same inputs in float32, that the folded slices times the folded ``W'_b`` equal the
   run-time ones times ``W_b Q`` (``max_abs_err_kv``).
 
 Timing (single mode, CUDA): the step is captured in a CUDA graph and the median replay is reported, as a
@@ -278,46 +279,52 @@ def run_projection(args) -> list[dict]:
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     use_graphs = device.type == "cuda" and not args.eager
+    q = hadamard_rotation(args.rank)
+
+    def build(dtype, seed, n):
+        """One layer's latent side: the module and both strategies (run-time rotation, folded)."""
+        module = _LatentSide(args, dtype, device, torch.Generator(device=device).manual_seed(seed))
+        runtime, folded = TPLAWeights(q, slice(None)), TPLAWeights(q, slice(None), folded=True)
+        runtime.current(module), folded.current(module)
+        return (module, runtime, TPLADecode(runtime, n, "hadamard", None, None, 16, "half", None),
+                TPLADecode(runtime, n, "hadamard", None, None, 16, "half", None, folded=folded))
+
+    def step(module, runtime, strategy, h):
+        latent, _ = strategy.project(module, h, None, True)
+        if latent.rotated is not None:
+            return strategy._slices(latent.rotated, None)
+        return strategy._slices(latent.stock, runtime.rotation)
+
     rows = []
     for n in args.shards:
         for batch in args.batches:
             generator = torch.Generator(device=device).manual_seed(0)
-            module = _LatentSide(args, dtype, device, generator)
-            q = hadamard_rotation(args.rank)
-            runtime, folded = TPLAWeights(q, slice(None)), TPLAWeights(q, slice(None), folded=True)
-            plain = TPLADecode(runtime, n, "hadamard", None, None, 16, "half", None)
-            fold = TPLADecode(runtime, n, "hadamard", None, None, 16, "half", None, folded=folded)
-            runtime.current(module), folded.current(module)
-            copies = 1
-            hidden = [torch.randn(batch, 1, args.hidden, generator=generator, device=device).to(dtype)]
-            if use_graphs:  # enough distinct inputs (and the weights) that the data is read from memory
-                weight_bytes = nbytes(module.kv_a_proj_with_mqa.weight)
-                copies = max(1, math.ceil(args.rotate_mib * 2**20 / max(weight_bytes, 1)))
-                hidden += [torch.randn_like(hidden[0]) for _ in range(copies - 1)]
-
-            def step(strategy, h):
-                latent, _ = strategy.project(module, h, None, True)
-                return strategy._slices(latent.rotated, None) if latent.rotated is not None else                     strategy._slices(latent.stock, runtime.rotation)
-
+            layer_bytes = (args.rank + args.rope) * args.hidden * torch.empty(0, dtype=dtype).element_size()
+            # graphs: one layer per copy (its own weights), enough that the weights come from memory, not L2
+            copies = max(1, math.ceil(args.rotate_mib * 2**20 / layer_bytes)) if use_graphs else 1
+            layers = [build(dtype, seed, n) for seed in range(copies)]
+            hidden = [torch.randn(batch, 1, args.hidden, generator=generator, device=device).to(dtype)
+                      for _ in range(copies)]
             times = {}
-            for name, strategy in (("runtime", plain), ("folded", fold)):
-                fns = [lambda h=h, s=strategy: step(s, h) for h in hidden]
-                times[name] = graph_timed(fns, device, args.iters) if use_graphs else                     timed(fns[0], device, args.warmup, args.iters)
-            with torch.no_grad():  # equality of what attention reads: slices times the matching W'_b
+            for name, which in (("runtime", 2), ("folded", 3)):
+                fns = [lambda h=h, layer=layer: step(layer[0], layer[1], layer[which], h)
+                       for h, layer in zip(hidden, layers)]
+                times[name] = graph_timed(fns, device, args.iters) if use_graphs else \
+                    timed(fns[0], device, args.warmup, args.iters)
+            del layers
+            with torch.no_grad():  # equality of what attention reads, fp32: slices times the matching W'_b
+                module, runtime, plain, fold = build(torch.float32, 0, n)
                 h32 = hidden[0].float()
-                module32 = _LatentSide(args, torch.float32, device, torch.Generator(device=device).manual_seed(0))
-                w_run, w_fold = TPLAWeights(q, slice(None)), TPLAWeights(q, slice(None), folded=True)
-                w_run.current(module32), w_fold.current(module32)
-                p32 = TPLADecode(w_run, n, "hadamard", None, None, 16, "half", None)
-                f32 = TPLADecode(w_run, n, "hadamard", None, None, 16, "half", None, folded=w_fold)
-                lat_run, _ = p32.project(module32, h32, None, True)
-                lat_fold, _ = f32.project(module32, h32, None, True)
-                kv_run = torch.nn.functional.linear(lat_run.stock @ w_run.rotation, w_run.kv_b)
-                kv_fold = torch.nn.functional.linear(lat_fold.rotated, w_fold.kv_b)
+                lat_run, _ = plain.project(module, h32, None, True)
+                lat_fold, _ = fold.project(module, h32, None, True)
+                kv_run = torch.nn.functional.linear(lat_run.stock @ runtime.rotation, runtime.kv_b)
+                kv_fold = torch.nn.functional.linear(lat_fold.rotated, fold.folded.kv_b)
                 err = (kv_run - kv_fold).abs().max().item()
             rows.append(dict(mode="projection", shards=n, batch=batch, runtime_ms=times["runtime"],
                              folded_ms=times["folded"], speedup=times["runtime"] / times["folded"],
-                             input_copies=copies, max_abs_err_kv=err, max_abs_kv=kv_run.abs().max().item()))
+                             layer_copies=copies, max_abs_err_kv=err, max_abs_kv=kv_run.abs().max().item()))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -124,8 +124,9 @@ class LatentDecode:
 
     def store(self, module: torch.nn.Module, cache: Cache | None, latent: torch.Tensor, k_rot: torch.Tensor,
               compiling: bool) -> Any:
-        """Write the new tokens' latent ``[B, 1, S, r]`` and rotated RoPE key ``[B, 1, S, p]`` to ``cache``
-        (None: no cache) and return what :meth:`decode` / :meth:`expand` read."""
+        """Write the new tokens' latent (what :meth:`project` returned; by default ``c`` ``[B, 1, S, r]``) and
+        rotated RoPE key ``[B, 1, S, p]`` to ``cache`` (None: no cache) and return what :meth:`decode` /
+        :meth:`expand` read."""
         raise NotImplementedError
 
     def decode(self, module: torch.nn.Module, q_nope: torch.Tensor, q_rot: torch.Tensor, stored: Any,
