@@ -20,8 +20,8 @@ object (stored on the attention module) with three parts: ``store`` (what goes i
 from the cache), ``decode`` (its own attention for forwards of at most ``max_absorbed_tokens`` new
 tokens, returning the heads' outputs before ``o_proj``) and ``expand`` (the per-head ``kv_b_proj``
 product of the stored latent, for the stock prefill), and may refine ``takes_decode`` (which forwards
-decode) and ``project`` (the new tokens' latent, default the stock ``c``). The argument binding accepts the keyword and
-positional forms of transformers 5.17 (``past_key_values``) and 5.24 (``cache``).
+decode) and ``project`` (the new tokens' latent, default the stock ``c``). The argument binding accepts
+the keyword and positional forms of transformers 5.17 (``past_key_values``) and 5.24 (``cache``).
 
 Any cache, or none, is served: a method's own cache class, transformers' ``DynamicCache`` (which holds
 the stock latent on transformers >= 5.17), or ``use_cache=False``, so plain ``model(input_ids)`` and
