@@ -1,6 +1,7 @@
 """TPLA accuracy against exact MLA for N shards x rotation none/hadamard/pca (CPU is enough).
 
-``--model tiny``: a small random DeepSeek-V3 whose latent has the structure trained latents have, planted:
+``--model tiny`` (``--fold-rotation``: each rotated configuration also with ``fold_rotation=True``): a
+small random DeepSeek-V3 whose latent has the structure trained latents have, planted:
 ``kv_a_proj``'s latent rows get a decaying spectrum (low effective rank) and ``--outliers`` channels
 scaled by ``--outlier-scale`` (massive channels). Teacher-forced decode of ``--decode`` tokens after a
 ``--prompt``-token prefill, one token per forward; reported per configuration: relative logit error
@@ -81,15 +82,17 @@ def run_tiny(args):
         ref = teacher_forced_logits(model, ids, args.prompt, MLALatentCache(model.config))
     ref_logp = ref.log_softmax(-1)
     rows = []
-    for n, rot in tqdm(configs(args.shards), desc="tiny"):
-        with patch_tpla(model, num_shards=n, rotation=rot):
+    folds = (False, True) if args.fold_rotation else (False,)
+    runs = [(n, rot, fold) for n, rot in configs(args.shards) for fold in folds if not (fold and rot is None)]
+    for n, rot, fold in tqdm(runs, desc="tiny"):
+        with patch_tpla(model, num_shards=n, rotation=rot, fold_rotation=fold):
             got = teacher_forced_logits(model, ids, args.prompt, TPLACache(model.config, num_shards=n, rotation=rot))
-        rows.append(dict(model="tiny-planted", shards=n, rotation=rot,
+        rows.append(dict(model="tiny-planted", shards=n, rotation=rot, fold_rotation=fold,
                          rel_logit_err=((got - ref).norm() / ref.norm()).item(),
                          kl=F.kl_div(got.log_softmax(-1), ref_logp, log_target=True, reduction="none").sum(-1).mean().item(),
                          top1_agree=(got.argmax(-1) == ref.argmax(-1)).float().mean().item()))
         r = rows[-1]
-        print(f"N={n} rotation={str(rot):8s} rel logit err {r['rel_logit_err']:.4f}  KL {r['kl']:.2e}  "
+        print(f"N={n} rotation={str(rot):8s}{' folded' if fold else ''} rel logit err {r['rel_logit_err']:.4f}  KL {r['kl']:.2e}  "
               f"top-1 agree {r['top1_agree']:.3f}", flush=True)
     return rows
 
@@ -172,6 +175,8 @@ def main(argv=None):
     parser.add_argument("--outliers", type=int, default=2)
     parser.add_argument("--outlier-scale", type=float, default=20.0)
     parser.add_argument("--query-gain", type=float, default=4.0)
+    parser.add_argument("--fold-rotation", action="store_true",
+                        help="also measure every rotated configuration with fold_rotation=True")
     # smollm2
     parser.add_argument("--rope-dim", type=int, default=64)
     parser.add_argument("--calib-seqs", type=int, default=4)

@@ -21,6 +21,14 @@ DeepSeek-V3 attention shapes by default (128 heads, kv_lora_rank 512, rope 64, n
   so that each rank gets the summed outputs of its ``128/N`` heads. Rank 0 also checks that the
   distributed TPLA output equals the simulated N-shard computation (``tpla_attention`` on one device).
 
+* ``--mode projection`` (one device): the latent side of one decode step, per layer, for ``B`` new tokens:
+  ``runtime`` = ``kv_a_proj_with_mqa``, ``kv_a_layernorm`` and the ``r x r`` rotation ``z = Q^T c``
+  (``patch_tpla(fold_rotation=False)``) against ``folded`` = the folded ``kv_a_proj`` rows and a weightless
+  RMSNorm (``fold_rotation=True``), both through ``kvcompress.tpla``'s own code on random weights (CUDA
+  graphs: one layer per copy, each with its own weights, ``--rotate-mib`` of weights in all). It also
+  checks, on the same inputs in float32, that the folded slices times the folded ``W'_b`` equal the
+  run-time ones times ``W_b Q`` (``max_abs_err_kv``).
+
 Timing (single mode, CUDA): the step is captured in a CUDA graph and the median replay is reported, as a
 serving engine runs decode; the graph runs the step over several copies of the inputs in turn (at least
 ``--rotate-mib`` of data), so that a small cache is read from memory, not from the 60 MB L2, and the
@@ -31,6 +39,7 @@ the same run. Results print as a table and go to ``--json``.
     python benchmarks/tpla_decode.py --mode single --device cuda --contexts 32768 65536 --batches 1 8
     python benchmarks/tpla_decode.py --mode distributed --device cuda --shards 2 --contexts 8192 32768 65536 --batches 1 8
     python benchmarks/tpla_decode.py --mode single --device cpu --contexts 1024 --heads 16 --rank 128 --hidden 512
+    python benchmarks/tpla_decode.py --mode projection --device cuda --batches 1 8 64
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from kvcompress.tpla import tpla_attention
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["single", "distributed"], default="single")
+    parser.add_argument("--mode", choices=["single", "distributed", "projection"], default="single")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4])
@@ -244,6 +253,81 @@ def run_single(args) -> tuple[list[dict], dict]:
     return rows, ceilings
 
 
+class _LatentSide(torch.nn.Module):
+    """The attention attributes ``TPLADecode.project`` reads: ``kv_a_proj_with_mqa``, ``kv_a_layernorm``,
+    ``kv_b_proj`` (for the fold) and the shapes; random weights, the norm weight uneven."""
+
+    def __init__(self, args, dtype, device, generator):
+        super().__init__()
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+        r, p, heads = args.rank, args.rope, args.heads
+        self.kv_lora_rank, self.qk_rope_head_dim, self.num_heads = r, p, heads
+        self.qk_nope_head_dim, self.v_head_dim = args.nope, args.v
+        self.kv_a_proj_with_mqa = torch.nn.Linear(args.hidden, r + p, bias=False, device=device, dtype=dtype)
+        self.kv_a_layernorm = DeepseekV3RMSNorm(r).to(device=device, dtype=dtype)
+        self.kv_b_proj = torch.nn.Linear(r, heads * (args.nope + args.v), bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            for weight in (self.kv_a_proj_with_mqa.weight, self.kv_b_proj.weight):
+                weight.copy_(torch.randn(weight.shape, generator=generator, device=device) * weight.shape[1] ** -0.5)
+            self.kv_a_layernorm.weight.copy_(0.5 + torch.rand(r, generator=generator, device=device))
+
+
+def run_projection(args) -> list[dict]:
+    """Per batch: the latent side with the run-time rotation and with the folded weights (see the docstring)."""
+    from kvcompress.tpla import TPLADecode, TPLAWeights, hadamard_rotation
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    use_graphs = device.type == "cuda" and not args.eager
+    q = hadamard_rotation(args.rank)
+
+    def build(dtype, seed, n):
+        """One layer's latent side: the module and both strategies (run-time rotation, folded)."""
+        module = _LatentSide(args, dtype, device, torch.Generator(device=device).manual_seed(seed))
+        runtime, folded = TPLAWeights(q, slice(None)), TPLAWeights(q, slice(None), folded=True)
+        runtime.current(module), folded.current(module)
+        return (module, runtime, TPLADecode(runtime, n, "hadamard", None, None, 16, "half", None),
+                TPLADecode(runtime, n, "hadamard", None, None, 16, "half", None, folded=folded))
+
+    def step(module, runtime, strategy, h):
+        latent, _ = strategy.project(module, h, None, True)
+        if latent.rotated is not None:
+            return strategy._slices(latent.rotated, None)
+        return strategy._slices(latent.stock, runtime.rotation)
+
+    rows = []
+    for n in args.shards:
+        for batch in args.batches:
+            generator = torch.Generator(device=device).manual_seed(0)
+            layer_bytes = (args.rank + args.rope) * args.hidden * torch.empty(0, dtype=dtype).element_size()
+            # graphs: one layer per copy (its own weights), enough that the weights come from memory, not L2
+            copies = max(1, math.ceil(args.rotate_mib * 2**20 / layer_bytes)) if use_graphs else 1
+            layers = [build(dtype, seed, n) for seed in range(copies)]
+            hidden = [torch.randn(batch, 1, args.hidden, generator=generator, device=device).to(dtype)
+                      for _ in range(copies)]
+            times = {}
+            for name, which in (("runtime", 2), ("folded", 3)):
+                fns = [lambda h=h, layer=layer: step(layer[0], layer[1], layer[which], h)
+                       for h, layer in zip(hidden, layers)]
+                times[name] = graph_timed(fns, device, args.iters) if use_graphs else \
+                    timed(fns[0], device, args.warmup, args.iters)
+            del layers
+            with torch.no_grad():  # equality of what attention reads, fp32: slices times the matching W'_b
+                module, runtime, plain, fold = build(torch.float32, 0, n)
+                h32 = hidden[0].float()
+                lat_run, _ = plain.project(module, h32, None, True)
+                lat_fold, _ = fold.project(module, h32, None, True)
+                kv_run = torch.nn.functional.linear(lat_run.stock @ runtime.rotation, runtime.kv_b)
+                kv_fold = torch.nn.functional.linear(lat_fold.rotated, fold.folded.kv_b)
+                err = (kv_run - kv_fold).abs().max().item()
+            rows.append(dict(mode="projection", shards=n, batch=batch, runtime_ms=times["runtime"],
+                             folded_ms=times["folded"], speedup=times["runtime"] / times["folded"],
+                             layer_copies=copies, max_abs_err_kv=err, max_abs_kv=kv_run.abs().max().item()))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
 def _distributed_worker(rank: int, args, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
@@ -403,6 +487,8 @@ def main(argv=None) -> None:
     ceilings = None
     if args.mode == "single":
         rows, ceilings = run_single(args)
+    elif args.mode == "projection":
+        rows = run_projection(args)
     else:
         rows = run_distributed(args)
     try:
@@ -417,7 +503,13 @@ def main(argv=None) -> None:
              else "CUDA graph replay"))
     if args.mode == "single":
         print_single(rows, ceilings)
-    for row in rows if args.mode != "single" else []:
+    if args.mode == "projection":
+        print("| N | B | run-time rotation ms | folded ms | folded speed-up | max abs err kv (max abs kv, fp32) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['shards']} | {r['batch']} | {r['runtime_ms']:.4f} | {r['folded_ms']:.4f} | {r['speedup']:.2f}x "
+                  f"| {r['max_abs_err_kv']:.3g} ({r['max_abs_kv']:.3g}) |")
+    for row in rows if args.mode == "distributed" else []:
         extra = f"  x{row['speedup_vs_tp']:.2f} vs tp" if "speedup_vs_tp" in row else ""
         if row.get("max_abs_err_vs_simulated") is not None:
             extra += f"  err vs simulated {row['max_abs_err_vs_simulated']:.3g} (|ref| {row['ref_max_abs']:.3g})"

@@ -19,8 +19,9 @@ DeepSeek attention (multi-head latent attention) computes, for ``S`` new tokens 
 object (stored on the attention module) with three parts: ``store`` (what goes into and comes back
 from the cache), ``decode`` (its own attention for forwards of at most ``max_absorbed_tokens`` new
 tokens, returning the heads' outputs before ``o_proj``) and ``expand`` (the per-head ``kv_b_proj``
-product of the stored latent, for the stock prefill). The argument binding accepts the keyword and
-positional forms of transformers 5.17 (``past_key_values``) and 5.24 (``cache``).
+product of the stored latent, for the stock prefill), and may refine ``takes_decode`` (which forwards
+decode) and ``project`` (the new tokens' latent, default the stock ``c``). The argument binding accepts
+the keyword and positional forms of transformers 5.17 (``past_key_values``) and 5.24 (``cache``).
 
 Any cache, or none, is served: a method's own cache class, transformers' ``DynamicCache`` (which holds
 the stock latent on transformers >= 5.17), or ``use_cache=False``, so plain ``model(input_ids)`` and
@@ -110,10 +111,22 @@ class LatentDecode:
     def check_cache(self, module: torch.nn.Module, cache: Cache | None) -> None:
         """Raise before anything is written if ``cache`` cannot serve ``module`` (default: nothing to check)."""
 
+    def takes_decode(self, module: torch.nn.Module, cache: Cache | None, tokens: int, compiling: bool) -> bool:
+        """Whether a forward of ``tokens`` new tokens (eval mode) runs :meth:`decode` rather than the stock
+        prefill; asked before anything is projected or cached. Default: ``tokens <= max_absorbed_tokens``."""
+        return tokens <= self.max_absorbed_tokens
+
+    def project(self, module: torch.nn.Module, hidden_states: torch.Tensor, cache: Cache | None,
+                decode: bool) -> tuple[Any, torch.Tensor]:
+        """The new tokens' latent (whatever :meth:`store` takes as ``latent``; default the stock ``c``
+        ``[B, 1, S, r]`` of :func:`project_latent`) and the unrotated RoPE key ``[B, 1, S, p]``."""
+        return project_latent(module, hidden_states)
+
     def store(self, module: torch.nn.Module, cache: Cache | None, latent: torch.Tensor, k_rot: torch.Tensor,
               compiling: bool) -> Any:
-        """Write the new tokens' latent ``[B, 1, S, r]`` and rotated RoPE key ``[B, 1, S, p]`` to ``cache``
-        (None: no cache) and return what :meth:`decode` / :meth:`expand` read."""
+        """Write the new tokens' latent (what :meth:`project` returned; by default ``c`` ``[B, 1, S, r]``) and
+        rotated RoPE key ``[B, 1, S, p]`` to ``cache`` (None: no cache) and return what :meth:`decode` /
+        :meth:`expand` read."""
         raise NotImplementedError
 
     def decode(self, module: torch.nn.Module, q_nope: torch.Tensor, q_rot: torch.Tensor, stored: Any,
@@ -291,6 +304,9 @@ def expanded_attention(module: torch.nn.Module, modeling, q_nope: torch.Tensor, 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     batch, _, length, _ = q_nope.shape
+    if attention_mask is not None and attention_mask.shape[-1] > kv.shape[1]:
+        # keys of the valid tokens only, from a fixed-capacity cache: the positions past them are masked anyway
+        attention_mask = attention_mask[..., : kv.shape[1]]
     kv = kv.view(batch, kv.shape[1], -1, module.qk_nope_head_dim + module.v_head_dim).transpose(1, 2)
     k_nope, value_states = torch.split(kv, [module.qk_nope_head_dim, module.v_head_dim], dim=-1)
     key_states = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
@@ -306,8 +322,9 @@ def expanded_attention(module: torch.nn.Module, modeling, q_nope: torch.Tensor, 
 
 def deepseek_attention_forward(module: torch.nn.Module, strategy: LatentDecode, hidden_states: torch.Tensor,
                                *args, **kwargs):
-    """Forward of a patched DeepSeek-V2/V3 attention: ``strategy.decode`` for at most
-    ``strategy.max_absorbed_tokens`` new tokens in eval mode, the stock prefill otherwise."""
+    """Forward of a patched DeepSeek-V2/V3 attention: ``strategy.decode`` where ``strategy.takes_decode``
+    says so (default: at most ``strategy.max_absorbed_tokens`` new tokens) in eval mode, the stock prefill
+    otherwise."""
     call = bind_arguments(module, hidden_states, args, kwargs)
     implementation = module.config._attn_implementation
     if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
@@ -320,11 +337,12 @@ def deepseek_attention_forward(module: torch.nn.Module, strategy: LatentDecode, 
     # Under torch.compile Python bookkeeping whose value changes per step (call counters, weight
     # refreshes comparing data pointers) would be guarded on and recompile: the strategy skips it.
     compiling = torch.compiler.is_compiling()
+    decode = not module.training and strategy.takes_decode(module, call.cache, hidden_states.shape[1], compiling)
     q_nope, q_rot = project_query(module, hidden_states)
-    latent, k_rot = project_latent(module, hidden_states)
+    latent, k_rot = strategy.project(module, hidden_states, call.cache, decode)
     q_rot, k_rot = apply_rope(strategy.rope, strategy.modeling, q_rot, k_rot, call.position_embeddings)
     stored = strategy.store(module, call.cache, latent, k_rot, compiling)
-    if hidden_states.shape[1] <= strategy.max_absorbed_tokens and not module.training:
+    if decode:
         out = strategy.decode(module, q_nope, q_rot, stored, call.attention_mask, compiling)
         return module.o_proj(out), None
     kv, k_rope = strategy.expand(module, stored, compiling)

@@ -12,18 +12,28 @@ MLA caches per token the normalised latent ``c = g * n`` (``n = x / rms(x)``, ``
 **Rotation (exact).** With an orthogonal ``Q`` (``r x r``: identity, Hadamard or PCA) TPLA caches
 ``z = Q^T c`` and uses ``W'_b = W_b Q`` instead of ``kv_b_proj``'s ``W_b``: ``W'_b z = W_b Q Q^T c = W_b c``.
 ``W'_b`` (hence the absorbed ``W'_UK``, ``W'_UV``) is folded from the live ``kv_b_proj`` weight and re-folded
-only when that weight changes (:class:`TPLAWeights`); the latent side costs one
+only when that weight changes (:class:`TPLAWeights`); unless folded (below) the latent side costs one
 ``r x r`` matmul per *new* token and layer (DeepSeek-V3: 0.26 M multiply-adds, against 4.1 M for
 ``kv_a_proj`` and ``H * T * (r/N + p)`` = 1.3 G for a shard's attention at 32K), nothing per cached token.
 
-Why not fold ``Q`` into ``kv_a_proj`` too (zero cost)? The norm weight ``g`` multiplies elementwise
-after the RMS division and does not commute with ``Q``; folding would mean caching ``Q^T n`` (``n = x /
-rms(x)``, exact because ``rms(Q^T x) = rms(x)``) and moving ``g`` into ``W'_b = W_b diag(g) Q``. That is
-exact in real arithmetic but not in floating point when ``g`` is far from uniform: a channel that ``g``
-suppresses can dominate ``n`` and, once rotated, every coordinate of ``z``; the useful signal is then
-rounded away. TransMLA-converted models are the extreme case (an anchor channel ``10^4`` times larger
-than the rest with ``g = 0``): folded that way, SmolLM2's perplexity at ``N = 1`` moved from 27.54 to
-27.95 with Hadamard. Rotating ``c`` itself keeps ``N = 1`` equal to MLA to rounding for every model.
+**Folding ``Q`` into ``kv_a_proj`` (``fold_rotation=True``, opt-in).** The norm weight ``g`` multiplies
+elementwise after the RMS division and does not commute with ``Q``, so the zero-cost fold caches
+``z = Q^T n`` (``n = x / rms(x)``; computed as ``Q^T x / rms(Q^T x)`` from ``kv_a_proj``'s latent rows
+replaced by ``Q^T W_a``, since ``rms(Q^T x) = rms(x)``) and moves ``g`` into ``W'_b = W_b diag(g) Q``:
+``W'_b z = W_b diag(g) n = W_b c``. Decode then applies no rotation (the prompt's tokens still take one
+``r x r`` product each, ``n Q``, beside the stock prefill). What is exact:
+
+* ``N = 1``: in real arithmetic for any ``g`` (the whole latent is summed);
+* ``N > 1``: equal to ``fold_rotation=False`` only when ``diag(g)`` commutes with ``Q`` (``g`` uniform;
+  ``Q`` = identity is a no-op and not folded). Otherwise shard ``i`` holds ``(Q^T n)[S_i]`` instead of
+  ``(Q^T c)[S_i]`` and sees the partial score ``(Q^T diag(g) W_UK^T q)[S_i] . (Q^T n)[S_i]`` instead of
+  ``(Q^T W_UK^T q)[S_i] . (Q^T c)[S_i]``: another per-shard approximation, not a rounding difference (PCA
+  is then taken on ``n``, what is cached);
+* floating point, when ``g`` is far from uniform: a channel that ``g`` suppresses can dominate ``n`` and,
+  once rotated, every coordinate of ``z``; the useful signal is then rounded away. TransMLA-converted
+  models are the extreme case (an anchor channel ``10^4`` times larger than the rest with ``g = 0``):
+  folded that way, SmolLM2's perplexity at ``N = 1`` moved from 27.54 to 27.95 with Hadamard. Rotating
+  ``c`` itself (the default) keeps ``N = 1`` equal to MLA to rounding for every model.
 
 **The norm is exact.** The RMSNorm is computed on the *full* latent of the new token(s) before
 slicing: every shard computes the whole ``kv_a_proj`` output of the new token (a ``hidden x (r + p)``
@@ -50,14 +60,25 @@ of the latent's partial score), and it costs ``p`` values per token on each shar
 per-shard cache ``r / N + p`` instead of ``r + p`` (DeepSeek-V3, N = 2: 320 vs 576 values, 1.8x fewer
 bytes read per decode step).
 
-**Prefill stays exact MLA.** Forwards of more than ``max_absorbed_tokens`` new tokens expand the latent
-per head with ``W'_b`` (each shard multiplies its slice by its columns and the partial products are
-summed: exact) and run the model's attention implementation. Only decode uses the per-shard softmax.
+**Prefill in MLA form** (``prefill="mla"``, the default; the paper's split: prefill unchanged, decode on
+the shards). The prompt (a forward on a layer's empty cache, or without a cache, whatever its length) and
+every forward of more than ``max_absorbed_tokens`` new tokens run the model's own prefill: keys and values
+of the new tokens are ``kv_b_proj`` of their full latent ``c`` (every shard computes ``c`` in full, so no
+collective), those of tokens already cached come from the slices (``sum_i W'_b[:, S_i] z[S_i]``, an
+all-reduce in distributed mode: exact), then the model's attention implementation. On an empty cache this
+is bitwise the stock prefill. ``prefill="tpla"`` (the earlier behaviour) expands every token from the
+slices (equal up to rounding) and lets a prompt of at most ``max_absorbed_tokens`` tokens take the
+per-shard softmax: for such prompts of more than one token the two modes differ by TPLA's approximation
+(a one-token prompt is exact either way: every shard's softmax is 1). Only decode uses the per-shard
+softmax in the default mode. Under ``torch.compile`` the host does not know the cache length, so there a
+forward of at most ``max_absorbed_tokens`` tokens is always a decode (generate's prefill runs eagerly).
 
 Storage: ``TPLACache(max_cache_len=None)`` grows geometrically; with ``max_cache_len`` its layers are
 static (``StaticLayer`` semantics, as for ``MLALatentCache``: fixed shapes, a device length counter passed
 to the decode as every shard row's valid length, ``is_compileable``), so the decode step compiles with
-``fullgraph=True`` and no recompiles. A patched model also serves a cache of the stock latent
+``fullgraph=True`` and no recompiles. The folded weights a compiled step reads off the patch (not module
+parameters) are marked as static addresses, so CUDA graphs read them in place rather than copy them into
+the graph's inputs at every replay. A patched model also serves a cache of the stock latent
 (``DynamicCache``, ``MLALatentCache``) or none, e.g. a plain ``model(input_ids, labels=...)``: the shard
 slices are then cut from every cached latent at each forward (correct, not TPLA's memory or speed).
 The attention forward itself is :func:`kvcompress.deepseek.deepseek_attention_forward`; this module
@@ -93,6 +114,7 @@ from .storage import GrowableLayer, StaticBufferLayer
 from .registry import MethodParams, Range, param, register_method
 
 ROTATIONS = ("hadamard", "pca", None)
+PREFILL_MODES = ("mla", "tpla")
 _STATE_ATTRIBUTE = "kvcompress_tpla"
 
 
@@ -113,6 +135,12 @@ class TPLAParams(MethodParams):
     distributed: bool = param(False, "one torch.distributed rank per shard (world size = num_shards)", Range(bool))
     max_cache_len: int | None = param(None, "None (storage grows) or a fixed capacity in tokens "
                                       "(static shapes: compileable, CUDA graphs)", Range(int, low=1), none_ok=True)
+    prefill: str = param("mla", "mla: the prompt (a forward on an empty cache) and long forwards run as ordinary "
+                         "MLA with the model's kv_b_proj; tpla: short prompts take the per-shard softmax too "
+                         "(patch_model only)", Range(str, choices=PREFILL_MODES))
+    fold_rotation: bool = param(False, "fold the rotation into kv_a_proj's latent rows and kv_a_layernorm's "
+                                "weight into the up-projections: no r x r matmul per new token (patch_model only)",
+                                Range(bool), note="exact for N = 1 or a uniform kv_a_layernorm weight")
 
 
 def check_layout(kv_lora_rank: int, num_shards: int, rotation: str | None) -> None:
@@ -172,9 +200,10 @@ def default_calibration(config, sequences: int = 4, tokens: int = 128, seed: int
 
 
 @torch.no_grad()
-def calibration_latents(model: torch.nn.Module, calibration: torch.Tensor) -> list[torch.Tensor]:
+def calibration_latents(model: torch.nn.Module, calibration: torch.Tensor, weighted: bool = True) -> list[torch.Tensor]:
     """Per attention layer, the latents ``c`` the model caches (``[tokens, r]``, float64) for ``calibration``
-    (token ids ``[sequences, tokens]``).
+    (token ids ``[sequences, tokens]``); with ``weighted=False`` the latents before ``kv_a_layernorm``'s
+    weight, ``n = x / rms(x)`` (what ``fold_rotation=True`` caches, rotated).
 
     Computed from the decoder layers' inputs (``output_hidden_states``), no hooks: layer ``l``'s latent is
     ``kv_a_layernorm(kv_a_proj(input_layernorm(hidden_states[l]))[:r])``.
@@ -186,8 +215,24 @@ def calibration_latents(model: torch.nn.Module, calibration: torch.Tensor) -> li
     for layer, hidden in zip(layers, out.hidden_states):
         attn = layer.self_attn
         x = attn.kv_a_proj_with_mqa(layer.input_layernorm(hidden))[..., : attn.kv_lora_rank]
-        latents.append(attn.kv_a_layernorm(x).to(torch.float64).reshape(-1, attn.kv_lora_rank))
+        latent = attn.kv_a_layernorm(x) if weighted else unit_rms_norm(x, norm_epsilon(attn.kv_a_layernorm))
+        latents.append(latent.to(torch.float64).reshape(-1, attn.kv_lora_rank))
     return latents
+
+
+def norm_epsilon(norm: torch.nn.Module) -> float:
+    """The epsilon of a DeepSeek RMSNorm (``variance_epsilon``, or ``eps``); ValueError if it has neither."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(eps, float):
+        raise ValueError(f"fold_rotation=True needs kv_a_layernorm to be an RMSNorm with a float variance_epsilon, "
+                         f"got {type(norm).__name__}; use fold_rotation=False")
+    return eps
+
+
+def unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x)`` computed as DeepSeek's RMSNorm does (in float32, back to ``x``'s dtype), without its weight."""
+    x32 = x.to(torch.float32)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 # -- the cache --------------------------------------------------------------------------------------
@@ -200,7 +245,7 @@ class _ShardStates:
     shards: tuple[int, ...]
     width: int
     rope_dim: int
-    source: str | None  # "tpla" (a patch_tpla forward) or "stock" (an unpatched model)
+    source: str | None  # "tpla", "tpla-folded" (a patch_tpla forward, fold_rotation) or "stock" (unpatched)
 
     def _set_layout(self, layer_idx: int, shards: tuple[int, ...], width: int, rope_dim: int) -> None:
         self.layer_idx, self.shards, self.width, self.rope_dim = layer_idx, shards, width, rope_dim
@@ -226,15 +271,19 @@ class _ShardStates:
                 raise ValueError(f"batch size {latent.shape[0]} does not match the {self.keys.shape[0]} rows this "
                                  "TPLACache holds; use a new cache for another batch")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, tpla: bool = False, **kwargs):
-        """Append the held shards' slices (from a TPLA forward, ``tpla=True``) and return every token's (a
-        static layer: the whole capacity). From an unpatched model (the stock latent ``[B, 1, S, r]``,
-        simulated caches only) the latent is cut into the same per-shard slices and handed back whole: TPLA's
-        memory layout, exact stock attention (no per-shard softmax; that needs :func:`patch_tpla`)."""
-        source = "tpla" if tpla else "stock"
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, tpla: bool = False,
+               folded: bool = False, **kwargs):
+        """Append the held shards' slices (from a TPLA forward, ``tpla=True``; ``folded=True``: slices of
+        ``Q^T n`` from a ``fold_rotation`` patch, not of ``Q^T c``) and return every token's (a static layer:
+        the whole capacity). From an unpatched model (the stock latent ``[B, 1, S, r]``, simulated caches
+        only) the latent is cut into the same per-shard slices and handed back whole: TPLA's memory layout,
+        exact stock attention (no per-shard softmax; that needs :func:`patch_tpla`). A layer keeps one
+        kind: another kind later raises ValueError (the slices would mean something else)."""
+        source = ("tpla-folded" if folded else "tpla") if tpla else "stock"
         if self.source is not None and source != self.source:
             raise ValueError(f"TPLACache layer {self.layer_idx} was filled by a {self.source} forward and now gets "
-                             f"a {source} one: use a new cache after patching or unpatching the model")
+                             f"a {source} one: use a new cache after patching or unpatching the model (or "
+                             "changing fold_rotation)")
         if source == "stock":
             n, r = len(self.shards), self.width * len(self.shards)
             if n == 1 and self.shards != (0,) or not (isinstance(key_states, torch.Tensor) and key_states.dim() == 4
@@ -404,74 +453,174 @@ def tpla_attention(
 
 
 # -- folded weights and the patched forward ---------------------------------------------------------
+def _mark_static(*tensors: torch.Tensor | None) -> None:
+    """Tag tensors a compiled decode step reads but that are not module parameters as fixed addresses, so
+    CUDA graphs (``mode="reduce-overhead"``) read them in place instead of copying them into the graph's
+    inputs at every replay (what ``StaticLayer`` does for its storage)."""
+    if torch.compiler.is_compiling():
+        return
+    for tensor in tensors:
+        if tensor is not None:
+            torch._dynamo.mark_static_address(tensor)
+
+
 class TPLAWeights:
     """One attention's TPLA weights, restricted to the shards this process holds, derived from the live
-    ``kv_b_proj.weight`` at use.
+    weights at use.
 
-    ``rotation``: ``Q`` (``[r, r]`` in the weight's dtype; ``None`` for the identity): new tokens' latents
-    become ``z = Q^T c``. ``kv_b``: ``W_b Q`` (float64 product, stored in the weight's dtype) restricted
-    to the held columns, ``[H * (nope + v), n * w]``; ``w_uk`` (``[H, nope, n*w]``) and ``w_uv_t``
-    (``[H, n*w, v]``) are views of it.
+    ``folded=False`` (new tokens' latents are rotated at run time): ``rotation`` is ``Q`` (``[r, r]`` in the
+    weight's dtype; ``None`` for the identity) and new tokens' latents become ``z = Q^T c``; ``kv_b`` is
+    ``W_b Q`` (float64 product, stored in the weight's dtype) restricted to the held columns,
+    ``[H * (nope + v), n * w]``; ``w_uk`` (``[H, nope, n*w]``) and ``w_uv_t`` (``[H, n*w, v]``) are views of it.
 
-    :meth:`current` re-derives them when ``kv_b_proj.weight`` changed since the last fold: another
-    tensor or storage (``model.to(...)``), dtype or device, or an in-place write (``load_state_dict``,
-    an optimizer step: the tensor's version counter). The fold is one ``[H*(nope+v), r] x [r, r]``
-    product per layer, paid only after such a change; ``builds`` counts folds. The rotation itself
-    (Hadamard, or PCA of the latents at patch time) is kept: any orthogonal ``Q`` is exact for ``N = 1``.
+    ``folded=True`` (``fold_rotation``; needs a rotation): ``kv_a`` is ``kv_a_proj_with_mqa``'s weight with
+    its latent rows replaced by ``Q^T W_a`` (bias likewise), so the projection itself yields ``Q^T x``, and
+    ``kv_b`` is ``W_b diag(g) Q`` (``g`` = ``kv_a_layernorm``'s weight, ``eps`` its epsilon): the cached
+    latent is ``z = Q^T x / rms(x)`` (``rms(Q^T x) = rms(x)``) and ``W'_b z = W_b c``. ``rotation`` is still
+    ``Q`` (the MLA-form prefill rotates its unit-normalised latent with it).
+
+    :meth:`current` re-derives them when a source weight changed since the last fold: another tensor or
+    storage (``model.to(...)``), dtype or device, or an in-place write (``load_state_dict``, an optimizer
+    step: the tensor's version counter). The fold is one ``[H*(nope+v), r] x [r, r]`` product per layer
+    (``folded``: and one ``[r, r] x [r, hidden]``), paid only after such a change; ``builds`` counts folds.
+    The rotation itself (Hadamard, or PCA at patch time) is kept: any orthogonal ``Q`` is exact for ``N = 1``.
     Writes through ``weight.data`` bypass the version counter and are not seen.
     """
 
-    def __init__(self, rotation: torch.Tensor | None, columns: slice):
+    def __init__(self, rotation: torch.Tensor | None, columns: slice, folded: bool = False):
+        if folded and rotation is None:
+            raise ValueError("folded TPLAWeights need a rotation (with rotation=None there is nothing to fold)")
         self.master = None if rotation is None else rotation.detach().to(torch.float64).cpu()
-        self.columns = columns
+        self.columns, self.folded = columns, folded
         self.rotation: torch.Tensor | None = None
         self.kv_b = self.w_uk = self.w_uv_t = None
+        self.kv_a = self.kv_a_bias = None
+        self.eps: float | None = None
         self.builds = 0
         self._key: tuple | None = None
 
     @staticmethod
-    def _key_of(weight: torch.Tensor) -> tuple:
-        return weight._version, weight.data_ptr(), weight.dtype, weight.device
+    def _key_of(*tensors: torch.Tensor | None) -> tuple:
+        return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+    def _sources(self, module: torch.nn.Module) -> tuple:
+        if not self.folded:
+            return (module.kv_b_proj.weight,)
+        return (module.kv_b_proj.weight, module.kv_a_proj_with_mqa.weight, module.kv_a_proj_with_mqa.bias,
+                module.kv_a_layernorm.weight)
+
+    @property
+    def built(self) -> bool:
+        return self._key is not None
 
     @torch.no_grad()
     def current(self, module: torch.nn.Module) -> "TPLAWeights":
         weight = module.kv_b_proj.weight
-        key = self._key_of(weight)
+        key = self._key_of(*self._sources(module))
         if key != self._key:
             w = weight.detach()
+            r = module.kv_lora_rank
             if self.master is None:
                 kv_b = w if self.columns == slice(None) else w[:, self.columns].contiguous()
                 self.rotation = None
             else:
                 q = self.master.to(w.device)
-                kv_b = (w.to(torch.float64) @ q)[:, self.columns].to(w.dtype).contiguous()
+                w64 = w.to(torch.float64)
+                if self.folded:
+                    w64 = w64 * module.kv_a_layernorm.weight.detach().to(device=w.device, dtype=torch.float64)
+                kv_b = (w64 @ q)[:, self.columns].to(w.dtype).contiguous()
                 self.rotation = q.to(w.dtype)
+            if self.folded:
+                a = module.kv_a_proj_with_mqa.weight.detach()
+                q = self.master.to(a.device)
+                self.kv_a = torch.cat(((q.T @ a[:r].to(torch.float64)).to(a.dtype), a[r:]))
+                bias = module.kv_a_proj_with_mqa.bias
+                self.kv_a_bias = None if bias is None else torch.cat(
+                    ((q.T @ bias[:r].detach().to(torch.float64)).to(bias.dtype), bias[r:].detach()))
+                self.eps = norm_epsilon(module.kv_a_layernorm)
             per_head = kv_b.view(module.num_heads, module.qk_nope_head_dim + module.v_head_dim, -1)
             self.kv_b = kv_b
             self.w_uk = per_head[:, : module.qk_nope_head_dim]
             self.w_uv_t = per_head[:, module.qk_nope_head_dim :].transpose(1, 2)
+            _mark_static(self.kv_b, self.rotation, self.kv_a, self.kv_a_bias)
             self._key = key
             self.builds += 1
         return self
 
 
+@dataclass
+class NewLatent:
+    """What :meth:`TPLADecode.project` hands to :meth:`TPLADecode.store` for the new tokens.
+
+    ``stock``: the model's latent ``c`` ``[B, 1, S, r]`` (``None`` on the folded decode path, which never
+    computes it). ``rotated``: ``None`` (the slices are cut from ``c Q``) or the folded form ``Q^T x / rms(x)``
+    ``[B, 1, S, r]`` whose slices are cached as they are.
+    """
+
+    stock: torch.Tensor | None
+    rotated: torch.Tensor | None = None
+
+
+@dataclass
+class Stored:
+    """What :meth:`TPLADecode.store` returns: the held shards' slices ``[B, n, T, w]`` and RoPE keys
+    ``[B, n, T, p]`` (a static layer: the whole capacity), the valid lengths (static layer) or ``None``, the
+    weights matching the slices' form, the new tokens' latent, the tokens cached before this forward
+    (``None`` when not known on the host) and, for a cache of the stock latent, every token's ``c`` and RoPE key."""
+
+    slices: torch.Tensor
+    rope_key: torch.Tensor
+    kv_lengths: torch.Tensor | None
+    weights: TPLAWeights
+    new: NewLatent
+    past: int | None
+    stock_all: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def cached_tokens(cache, layer_idx: int) -> int | None:
+    """Tokens ``cache`` holds for layer ``layer_idx`` before this forward's update, as a Python int; ``None``
+    when only the device knows (a stock static layer). Never called inside compiled code."""
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    if layer_idx >= len(layers) or not layers[layer_idx].is_initialized:
+        return 0  # DynamicCache appends its layers lazily
+    layer = layers[layer_idx]
+    if isinstance(layer, StaticBufferLayer):
+        return layer.valid_tokens()
+    if isinstance(layer, GrowableLayer):
+        return layer.get_seq_length()
+    length = layer.get_seq_length()
+    return length if isinstance(length, int) else None
+
+
 class TPLADecode(LatentDecode):
     """The TPLA decode step of one patched attention (kept on the module as ``kvcompress_tpla``).
 
-    ``store``: with a :class:`TPLACache` the new tokens' latents are rotated and sliced and only the held
-    shards' slices are written; any other cache (``DynamicCache``, :class:`~kvcompress.mla.MLALatentCache`)
-    keeps the stock latent (what the unpatched model would store, so the cache stays valid for it) and
-    the slices are derived from every cached token at each forward (``T x r x r`` per layer: correct, not
-    fast; use a TPLACache for TPLA's memory and speed). ``decode``: the per-shard softmax. ``expand``: each
-    held shard's columns of ``W'_b`` times its slice, summed over shards (exact MLA).
+    ``takes_decode``: forwards of at most ``max_absorbed_tokens`` new tokens take the per-shard softmax;
+    with ``prefill="mla"`` not the first forward on a layer's cache (the prompt), nor any forward without a
+    cache. ``project``: the new tokens' latent; with ``fold_rotation`` and a :class:`TPLACache` (or none), the
+    decode path projects the rotated latent directly through the folded ``kv_a_proj`` rows (no ``r x r``
+    matmul). ``store``: with a :class:`TPLACache` the held shards' slices are written; any other cache
+    (``DynamicCache``, :class:`~kvcompress.mla.MLALatentCache`) keeps the stock latent (what the unpatched
+    model would store, so the cache stays valid for it) and the slices are derived from every cached token
+    at each forward (``T x r x r`` per layer: correct, not fast; use a TPLACache for TPLA's memory and speed).
+    ``decode``: the per-shard softmax. ``expand``: ``prefill="mla"``: the new tokens' keys and values from
+    the model's own ``kv_b_proj`` on their full latent (bitwise the stock prefill on an empty cache), the
+    cached tokens' from each held shard's slice times its columns of ``W'_b``, summed over shards;
+    ``prefill="tpla"``: every token's from the slices.
     """
 
     method = "patch_tpla"
 
     def __init__(self, weights: TPLAWeights, num_shards: int, rotation: str | None, shard: int | None, group,
-                 max_absorbed_tokens: int, rope: str, modeling):
+                 max_absorbed_tokens: int, rope: str, modeling, prefill: str = TPLAParams.prefill,
+                 folded: TPLAWeights | None = None):
         self.weights, self.num_shards, self.rotation, self.shard, self.group = weights, num_shards, rotation, shard, group
         self.max_absorbed_tokens, self.rope, self.modeling = max_absorbed_tokens, rope, modeling
+        self.prefill, self.folded = prefill, folded
         self.tpla_calls = 0
         self.expanded_calls = 0
 
@@ -487,14 +636,25 @@ class TPLADecode(LatentDecode):
             dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=self.group)
         return partial
 
-    def _weights(self, module, compiling: bool) -> TPLAWeights:
-        # compiled steps use the tensors of the last eager fold (generate's prefill runs eagerly)
-        return self.weights if compiling else self.weights.current(module)
+    def _weights(self, module, compiling: bool, folded: bool = False) -> TPLAWeights:
+        weights = self.folded if folded else self.weights
+        if compiling:
+            # compiled steps use the tensors of the last eager fold (generate's prefill runs eagerly)
+            if not weights.built:
+                raise RuntimeError("patch_tpla: a compiled step needs weights folded by an eager forward first; "
+                                   "run one eager forward (the prefill) with the same kind of cache")
+            return weights
+        return weights.current(module)
 
-    def _slices(self, latent: torch.Tensor, weights: TPLAWeights) -> torch.Tensor:
-        """``[B, 1, T, r]`` latents -> the held shards' slices of ``z = Q^T c``, ``[B, n, T, w]``."""
+    def _fold_applies(self, cache) -> bool:
+        # a cache of the stock latent must keep c (an unpatched model reads it): no folded form there
+        return self.folded is not None and (cache is None or isinstance(cache, TPLACache))
+
+    def _slices(self, latent: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+        """``[B, 1, T, r]`` latents -> the held shards' slices of ``latent Q`` (``Q`` = ``rotation``, ``None``:
+        the identity), ``[B, n, T, w]``."""
         batch, _, tokens, r = latent.shape
-        z = latent if weights.rotation is None else latent @ weights.rotation  # rows: z^T = c^T Q
+        z = latent if rotation is None else latent @ rotation  # rows: z^T = c^T Q
         z = z.view(batch, tokens, self.num_shards, r // self.num_shards).transpose(1, 2)
         if self.shard is not None:
             z = z[:, self.shard : self.shard + 1]
@@ -509,43 +669,93 @@ class TPLADecode(LatentDecode):
                 f"rotation={self.rotation!r}, shard={self.shard}"
             )
 
+    def takes_decode(self, module, cache, tokens, compiling):
+        if tokens > self.max_absorbed_tokens:
+            return False
+        if self.prefill == "tpla" or compiling:  # compiled: no host-side length to ask (a decode step)
+            return True
+        past = cached_tokens(cache, module.layer_idx)
+        return past is None or past > 0
+
+    def project(self, module, hidden_states, cache, decode):
+        fold = self._fold_applies(cache)
+        batch, length = hidden_states.shape[:-1]
+        r, p = module.kv_lora_rank, module.qk_rope_head_dim
+        if decode and fold:
+            weights = self._weights(module, torch.compiler.is_compiling(), folded=True)
+            compressed = F.linear(hidden_states, weights.kv_a, weights.kv_a_bias)  # [Q^T x ; k^R]
+            rotated, k_rot = torch.split(compressed, [r, p], dim=-1)
+            rotated = unit_rms_norm(rotated, weights.eps).view(batch, 1, length, r)
+            return NewLatent(None, rotated), k_rot.view(batch, 1, length, p)
+        compressed = module.kv_a_proj_with_mqa(hidden_states)
+        x, k_rot = torch.split(compressed, [r, p], dim=-1)
+        stock = module.kv_a_layernorm(x).view(batch, 1, length, r)
+        rotated = None
+        if fold:  # the folded cache holds Q^T x / rms(x): one r x r product per prompt token, not per decode step
+            weights = self._weights(module, torch.compiler.is_compiling(), folded=True)
+            rotated = (unit_rms_norm(x, weights.eps) @ weights.rotation).view(batch, 1, length, r)
+        return NewLatent(stock, rotated), k_rot.view(batch, 1, length, p)
+
     def store(self, module, cache, latent, k_rot, compiling):
-        weights = self._weights(module, compiling)
-        batch = latent.shape[0]
+        new = latent
+        folded = new.rotated is not None
+        weights = self._weights(module, compiling, folded=folded)
+        batch = k_rot.shape[0]
+        stock_all = None
+        past = None if compiling else cached_tokens(cache, module.layer_idx)
         if cache is not None and not isinstance(cache, TPLACache):
-            latent, k_rot = cache.update(latent, k_rot, module.layer_idx)
-            if latent.dim() != 4 or latent.shape[1] != 1 or latent.shape[-1] != module.kv_lora_rank:
+            latent_all, k_rot_all = cache.update(new.stock, k_rot, module.layer_idx)
+            if latent_all.dim() != 4 or latent_all.shape[1] != 1 or latent_all.shape[-1] != module.kv_lora_rank:
                 raise ValueError(
-                    f"the cache ({type(cache).__name__}) returned states of shape {tuple(latent.shape)} for layer "
-                    f"{module.layer_idx}; a TPLA-patched model needs a TPLACache or a cache of the stock latent "
-                    f"[batch, 1, tokens, {module.kv_lora_rank}] (DynamicCache, MLALatentCache)"
+                    f"the cache ({type(cache).__name__}) returned states of shape {tuple(latent_all.shape)} for "
+                    f"layer {module.layer_idx}; a TPLA-patched model needs a TPLACache or a cache of the stock "
+                    f"latent [batch, 1, tokens, {module.kv_lora_rank}] (DynamicCache, MLALatentCache)"
                 )
-        slices = self._slices(latent, weights)
+            stock_all = latent_all, k_rot_all
+            slices, k_rot = self._slices(latent_all, weights.rotation), k_rot_all
+        elif folded:
+            slices = self._slices(new.rotated, None)
+        else:
+            slices = self._slices(new.stock, weights.rotation)
         rope_key = k_rot.expand(batch, self.held, k_rot.shape[2], k_rot.shape[-1])
         kv_lengths = None
         if isinstance(cache, TPLACache):
-            slices, rope_key = cache.update(slices, rope_key.contiguous(), module.layer_idx, tpla=True)
+            slices, rope_key = cache.update(slices, rope_key.contiguous(), module.layer_idx, tpla=True, folded=folded)
             layer = cache.layers[module.layer_idx]
             if isinstance(layer, StaticTPLALayer):
                 # the whole capacity came back: the valid length is the device counter (no host sync)
                 kv_lengths = layer.cumulative_length.expand(batch).contiguous()
-        return slices, rope_key, kv_lengths, weights
+        return Stored(slices, rope_key, kv_lengths, weights, new, past, stock_all)
 
     def decode(self, module, q_nope, q_rot, stored, attention_mask, compiling):
-        slices, rope_key, kv_lengths, weights = stored
+        weights = stored.weights
         if not compiling:
             self.tpla_calls += 1
         q_latent = absorb_query(q_nope, weights.w_uk)
-        out_latent = tpla_attention(q_latent, q_rot, slices, rope_key, attention_mask, module.scaling, kv_lengths)
+        out_latent = tpla_attention(q_latent, q_rot, stored.slices, stored.rope_key, attention_mask, module.scaling,
+                                    stored.kv_lengths)
         return self.reduce(absorb_output(out_latent, weights.w_uv_t).contiguous())  # w_uv_t sums the held shards
 
+    def _expand_slices(self, slices: torch.Tensor, weights: TPLAWeights) -> torch.Tensor:
+        """``sum_i W'_b[:, S_i] z[S_i]`` for every token of ``slices`` ``[B, n, T, w]``: ``[B, T, H * (nope + v)]``."""
+        batch, n, tokens, width = slices.shape
+        return self.reduce(F.linear(slices.transpose(1, 2).reshape(batch, tokens, n * width), weights.kv_b).contiguous())
+
     def expand(self, module, stored, compiling):
-        slices, rope_key, _, weights = stored
         if not compiling:
             self.expanded_calls += 1
-        batch, n, tokens, width = slices.shape
-        kv = self.reduce(F.linear(slices.transpose(1, 2).reshape(batch, tokens, n * width), weights.kv_b).contiguous())
-        return kv, rope_key[:, :1]
+        if self.prefill == "mla" and not compiling and stored.new.stock is not None:
+            if stored.stock_all is not None:  # a cache of the stock latent: exactly the stock prefill
+                latent_all, k_rot_all = stored.stock_all
+                return module.kv_b_proj(latent_all[:, 0]), k_rot_all
+            if stored.past is not None:
+                kv = module.kv_b_proj(stored.new.stock[:, 0])  # no collective: every rank has the full latent
+                total = stored.past + kv.shape[1]
+                if stored.past:
+                    kv = torch.cat((self._expand_slices(stored.slices[:, :, : stored.past], stored.weights), kv), dim=1)
+                # a static layer hands back its whole capacity: keep the valid tokens (the mask is cut to match)
+                return kv, stored.rope_key[:, :1, :total]
+        return self._expand_slices(stored.slices, stored.weights), stored.rope_key[:, :1]
 
 
 def _tpla_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -580,6 +790,8 @@ def patch_tpla(
     distributed: bool = TPLAParams.distributed,
     calibration: torch.Tensor | None = None,
     process_group=None,
+    prefill: str = TPLAParams.prefill,
+    fold_rotation: bool = TPLAParams.fold_rotation,
 ) -> PatchHandle:
     """Install TPLA attention on every DeepSeek-V2/V3 attention of ``model``; use it with a :class:`TPLACache`
     (any other cache, or none, also works: see :class:`TPLADecode`).
@@ -600,6 +812,26 @@ def patch_tpla(
             :func:`default_calibration`. In distributed mode rank 0's rotation is broadcast, so every rank
             folds the same one.
         process_group: the ``torch.distributed`` group (``None``: the default group).
+        prefill: ``"mla"`` (the paper's split: prefill unchanged) or ``"tpla"``. ``"mla"``: a forward on a
+            layer's empty cache (the prompt, whatever its length), any forward without a cache, and any
+            forward of more than ``max_absorbed_tokens`` tokens run as ordinary MLA: the new tokens' keys and
+            values are the model's ``kv_b_proj`` of their full latent ``c`` (every rank computes ``c`` in
+            full, so no collective), cached tokens' come from the shards' slices (summed: exact). On an empty
+            cache that is bitwise the stock prefill. ``"tpla"``: short prompts (at most
+            ``max_absorbed_tokens``) take the per-shard softmax as decode does, and long forwards expand every
+            token from the slices with ``W'_b`` (equal to ``"mla"`` up to rounding). The two differ beyond
+            rounding only for prompts of at most ``max_absorbed_tokens`` tokens longer than one, where
+            ``"tpla"``'s per-shard softmax is the approximation. Inside ``torch.compile`` the host does not
+            know the cache length, so there every forward of at most ``max_absorbed_tokens`` is a decode.
+        fold_rotation: ``False``: new tokens' latents are rotated at run time (``z = Q^T c``, one ``r x r``
+            matmul per new token and layer). ``True`` (with a rotation; a no-op for ``rotation=None``): ``Q``
+            is folded into ``kv_a_proj``'s latent rows and ``kv_a_layernorm``'s weight ``g`` into the
+            up-projections (``W'_b = W_b diag(g) Q``); the cache holds ``z = Q^T x / rms(x)`` and decode
+            applies no rotation. Exact in real arithmetic for ``N = 1``; for ``N > 1`` equal to
+            ``fold_rotation=False`` only when ``diag(g)`` commutes with ``Q`` (``g`` uniform), since otherwise
+            the shards split ``Q^T n`` instead of ``Q^T (g * n)`` (another per-shard approximation, not
+            rounding), and PCA is then taken on ``n = x / rms(x)``. Serving a cache of the stock latent
+            (``DynamicCache``) falls back to the run-time rotation.
 
     Returns:
         A :class:`~kvcompress.patch.PatchHandle`.
@@ -608,7 +840,7 @@ def patch_tpla(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = deepseek_config(model, "patch_tpla")
     TPLAParams(num_shards=num_shards, rotation=rotation, max_absorbed_tokens=max_absorbed_tokens,
-               distributed=distributed)
+               distributed=distributed, prefill=prefill, fold_rotation=fold_rotation)
     check_layout(cfg.kv_lora_rank, num_shards, rotation)
     check_attn_implementation(cfg, "patch_tpla")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -635,7 +867,8 @@ def patch_tpla(
     elif rotation == "hadamard":
         rotations = [hadamard_rotation(r)] * len(modules)
     else:
-        latents = calibration_latents(model, default_calibration(cfg) if calibration is None else calibration)
+        latents = calibration_latents(model, default_calibration(cfg) if calibration is None else calibration,
+                                      weighted=not fold_rotation)
         rotations = [pca_rotation(lat) for lat in latents]
         if shard is not None:
             import torch.distributed as dist
@@ -648,12 +881,17 @@ def patch_tpla(
     columns = slice(None) if shard is None else slice(shard * width, (shard + 1) * width)
     rope = rope_style(cfg)
     states = []
+    fold = fold_rotation and rotation is not None
     for module, rot in zip(modules, rotations):
         weights = TPLAWeights(rot, columns)
-        weights.current(module)  # fold now: a compiled step never folds
+        folded = TPLAWeights(rot, columns, folded=True) if fold else None
+        if fold:
+            norm_epsilon(module.kv_a_layernorm)  # refuse a norm without an epsilon before anything changes
+        (folded or weights).current(module)  # fold now: a compiled step never folds (the other form: at use)
         states.append(TPLADecode(weights, num_shards, rotation, shard, process_group, max_absorbed_tokens, rope,
-                                 modeling_file(module, rope, "patch_tpla")))
-    handle = PatchHandle(model, f"tpla N={num_shards} rotation={rotation}" + ("" if shard is None else f" shard={shard}"))
+                                 modeling_file(module, rope, "patch_tpla"), prefill=prefill, folded=folded))
+    handle = PatchHandle(model, f"tpla N={num_shards} rotation={rotation} prefill={prefill}"
+                         + (" folded" if fold else "") + ("" if shard is None else f" shard={shard}"))
     for module, state in zip(modules, states):
         set_attribute(module, _STATE_ATTRIBUTE, state, handle)
         replace_forward(module, _tpla_forward, handle)
@@ -664,7 +902,8 @@ def patch_tpla(
 
 
 def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens: int, distributed: bool,
-                max_cache_len: int | None = None) -> TPLACache:
+                max_cache_len: int | None = None, prefill: str = TPLAParams.prefill,
+                fold_rotation: bool = TPLAParams.fold_rotation) -> TPLACache:
     shard = None
     if distributed:
         import torch.distributed as dist
@@ -679,10 +918,12 @@ def _build_tpla(model_or_config, num_shards: int, rotation, max_absorbed_tokens:
 
 
 def _install_tpla(model, handle: PatchHandle, num_shards: int, rotation, max_absorbed_tokens: int,
-                  distributed: bool, max_cache_len: int | None = None) -> None:
+                  distributed: bool, max_cache_len: int | None = None, prefill: str = TPLAParams.prefill,
+                  fold_rotation: bool = TPLAParams.fold_rotation) -> None:
     # max_cache_len belongs to the cache
     handle.add_undo(patch_tpla(model, num_shards=num_shards, rotation=rotation,
-                               max_absorbed_tokens=max_absorbed_tokens, distributed=distributed).remove)
+                               max_absorbed_tokens=max_absorbed_tokens, distributed=distributed, prefill=prefill,
+                               fold_rotation=fold_rotation).remove)
 
 
 register_method(

@@ -115,11 +115,11 @@ def test_prefill_is_exact_mla(num_shards):
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_one_token_context_is_exact(num_shards):
     """With a single cached token every shard's softmax is 1, so TPLA equals MLA for any N (a one-token
-    prompt goes through the TPLA path)."""
+    prompt goes through the TPLA path with prefill="tpla")."""
     model = tpla_model()
     ids = torch.randint(3, 160, (2, 1), generator=torch.Generator().manual_seed(3))
     _, ref_logits = mla_reference(model, ids, None, new_tokens=1)
-    _, logits, _ = tpla_run(model, ids, None, num_shards, None, new_tokens=1)
+    _, logits, _ = tpla_run(model, ids, None, num_shards, None, new_tokens=1, prefill="tpla")
     assert (logits - ref_logits).abs().max() < 1e-4
 
 
