@@ -168,7 +168,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_report(records: list[dict], samples: dict[str, dict], out_dir: Path, title: str) -> Path:
-    """``summary.md``: every prompt each method finished, then (when they differ) the prompts all finished."""
+    """``summary.md``: every prompt each method finished, then (when they differ) the prompts all finished;
+    ``found_vs_ratio.png`` (with matplotlib): share found against compression, one line per method."""
     legend = ("found: the needle's value appears in the greedy answer. distractor named: answers naming a "
               "distractor's value (the distract style). cache: bytes held after prefill and decode "
               "(`cache.nbytes()`; stock caches: keys + values; kvpress: without the pairs its head-wise presses "
@@ -183,6 +184,10 @@ def write_report(records: list[dict], samples: dict[str, dict], out_dir: Path, t
         text += f"\nThe same {len(ids)} prompts for every method:\n\n" + same
     path = Path(out_dir) / "summary.md"
     path.write_text(text + "\n" + legend)
+    from kvcompress.ruler.report import plot  # found against compression, one line per method
+
+    plot([dict(row, average=100.0 * row["found"] / row["n"]) for row in rows], Path(out_dir) / "found_vs_ratio.png",
+         title, ylabel="prompts whose needle is found (%)")
     return path
 
 

@@ -108,7 +108,8 @@ def method_family(method: str) -> str:
     return parts[0]
 
 
-def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | None:
+def plot(rows: list[dict], path: str | Path, title: str = "RULER",
+         ylabel: str = "RULER accuracy (%), mean over shared tasks") -> Path | None:
     """Average accuracy against compression (reference bytes / method bytes), one line per method
     (:func:`method_family`) through its settings, the reference as a dashed level (needs matplotlib)."""
     plt = pyplot()
@@ -136,7 +137,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "RULER") -> Path | Non
             ax.annotate(_label(row["method"]), (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("times smaller than the reference cache (log scale)")
-    ax.set_ylabel("RULER accuracy (%), mean over shared tasks")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=7)
