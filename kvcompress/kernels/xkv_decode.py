@@ -99,7 +99,7 @@ except Exception:
     TensorDescriptor = None
 
 
-__all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
+__all__ = ["ExactPart", "FactoredPart", "SelectedPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
 
 
@@ -140,7 +140,32 @@ class FactoredPart:
         return self.key_factor.shape[-2]
 
 
-Part = ExactPart | FactoredPart
+@dataclass
+class SelectedPart:
+    """A compressed segment of which each KV head attends only some tokens (selective reconstruction,
+    :func:`kvcompress.kernels.xkv_select.select_chunks`): ``segment``'s tokens ``index [B, H, n]`` (int64,
+    segment-relative), attended where ``index_valid [B, H, n]`` (bool) is True.
+
+    Attention rebuilds exactly those tokens (``k = R(p_i) (U_k B_k)[i, h]``, ``v = (U_v B_v)[i, h]``) and
+    takes them in one softmax with the layer's other parts. ``length`` is the segment's (the columns of the
+    call's ``valid`` mask it spans, as for the :class:`FactoredPart`); those columns are not read:
+    ``index_valid`` already holds the mask of the selected tokens."""
+
+    segment: FactoredPart
+    index: torch.Tensor
+    index_valid: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.segment.length
+
+    @property
+    def selected(self) -> int:
+        """Tokens attended per KV head (``n``, masked ones included)."""
+        return self.index.shape[-1]
+
+
+Part = ExactPart | FactoredPart | SelectedPart
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -163,7 +188,12 @@ def _check(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | Non
                 raise ValueError(f"parts[{i}] has keys {tuple(part.keys.shape)} / values {tuple(part.values.shape)}; "
                                  f"the query gives batch={batch}, head_dim={head_dim}")
             tensors = (part.keys, part.values)
-        elif isinstance(part, FactoredPart):
+        elif isinstance(part, (FactoredPart, SelectedPart)):
+            selected = isinstance(part, SelectedPart)
+            if selected:
+                if not isinstance(part.segment, FactoredPart):
+                    raise TypeError(f"parts[{i}].segment must be a FactoredPart, got {type(part.segment).__name__}")
+                index, index_valid, part = part.index, part.index_valid, part.segment
             kf, kr, vf, vr = part.key_factor, part.key_right, part.value_factor, part.value_right
             if any(t.dim() != 3 for t in (kf, kr, vf, vr)):
                 raise ValueError(f"parts[{i}] factors must be 3-D: key_factor/value_factor [batch, tokens, rank], "
@@ -187,8 +217,14 @@ def _check(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | Non
                 raise ValueError(f"parts[{i}].cos/sin must be [tokens={kf.shape[1]}, rotary_dim <= {head_dim}, even], "
                                  f"got {tuple(part.cos.shape)} / {tuple(part.sin.shape)}")
             tensors = (kf, kr, vf, vr)
+            if selected and (not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 3
+                             or tuple(index.shape[:2]) != (batch, h) or index.device != query.device
+                             or not isinstance(index_valid, torch.Tensor) or index_valid.dtype != torch.bool
+                             or index_valid.shape != index.shape or index_valid.device != query.device):
+                raise ValueError(f"parts[{i}] (SelectedPart): index must be int64 [batch={batch}, kv_heads={h}, n] "
+                                 "and index_valid bool of the same shape, on the query's device")
         else:
-            raise TypeError(f"parts[{i}] must be an ExactPart or FactoredPart, got {type(part).__name__}")
+            raise TypeError(f"parts[{i}] must be an ExactPart, FactoredPart or SelectedPart, got {type(part).__name__}")
         if kv_heads is None:
             kv_heads, value_dim = h, dv
         elif (h, dv) != (kv_heads, value_dim):
@@ -255,10 +291,47 @@ def _rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
+def _selected_attention_reference(query: torch.Tensor, part: SelectedPart,
+                                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`part_attention_reference` of a :class:`SelectedPart`: the selected rows of each KV head rebuilt
+    (keys rotated at their own slots), then masked softmax attention over them."""
+    work = _work_dtype(query.dtype)
+    batch, q_heads, _, head_dim = query.shape
+    seg, index = part.segment, part.index
+    kv_heads, n = index.shape[1], index.shape[2]
+
+    def rows(factor: torch.Tensor) -> torch.Tensor:  # [B, T, r] -> [B, H, n, r]
+        r = factor.shape[-1]
+        return factor.to(work).gather(1, index.reshape(batch, -1, 1).expand(-1, -1, r)).view(batch, kv_heads, n, r)
+
+    def per_head(right: torch.Tensor) -> torch.Tensor:  # [B, r, H*d] -> [B, H, r, d]
+        return right.to(work).view(batch, right.shape[1], kv_heads, -1).permute(0, 2, 1, 3)
+
+    keys = torch.matmul(rows(seg.key_factor), per_head(seg.key_right))  # [B, H, n, d], pre-RoPE
+    if seg.cos is not None:
+        rotary_dim, half = seg.cos.shape[-1], seg.cos.shape[-1] // 2
+        cos, sin = seg.cos.to(work)[index], seg.sin.to(work)[index]  # [B, H, n, rotary_dim]
+        x1, x2 = keys[..., :half], keys[..., half:rotary_dim]
+        rotated = torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]), -1)
+        keys = torch.cat((rotated, keys[..., rotary_dim:]), dim=-1)
+    values = torch.matmul(rows(seg.value_factor), per_head(seg.value_right))  # [B, H, n, dv]
+    groups = q_heads // kv_heads
+    q = query[:, :, 0, :].to(work).view(batch, kv_heads, groups, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # [B, H, G, n]
+    scores = scores.masked_fill(~part.index_valid[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = torch.matmul(torch.exp(scores - safe[..., None]), values)  # [B, H, G, dv]
+    return out.reshape(batch, q_heads, -1), lse.reshape(batch, q_heads)
+
+
 def part_attention_reference(query: torch.Tensor, part: Part, scaling: float,
                              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One part's normalised output ``o [B, Hq, dv]`` and log-sum-exp ``lse [B, Hq]`` (float32, float64
-    for float64 inputs); ``valid [B, T_part]`` masks tokens. See the module docstring for the maths."""
+    for float64 inputs); ``valid [B, T_part]`` masks tokens (a :class:`SelectedPart` reads its own
+    ``index_valid`` instead). See the module docstring for the maths."""
+    if isinstance(part, SelectedPart):
+        return _selected_attention_reference(query, part, scaling)
     work = _work_dtype(query.dtype)
     batch, q_heads, _, head_dim = query.shape
     if isinstance(part, ExactPart):
@@ -686,6 +759,8 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
         return False
     if head_dim < 32 or not _pow2_at_least_16(head_dim) or not _pow2_at_least_16(value_dim):
         return False
+    if any(isinstance(part, SelectedPart) for part in parts):
+        return False
     return all(part.cos is None or part.cos.shape[-1] == head_dim for part in parts if isinstance(part, FactoredPart))
 
 
@@ -886,16 +961,19 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
 _OP_SCHEMA = (
     "(Tensor query, Tensor sink_keys, Tensor sink_values, Tensor tail_keys, Tensor tail_values, "
     "Tensor[] key_factors, Tensor[] key_rights, Tensor[] value_factors, Tensor[] value_rights, "
-    "Tensor[] cos, Tensor[] sin, float scaling, Tensor? valid, bool? use_triton) -> Tensor"
+    "Tensor[] cos, Tensor[] sin, Tensor[] select_index, Tensor[] select_valid, float scaling, Tensor? valid, "
+    "bool? use_triton) -> Tensor"
 )
 
 
 def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | None, kv_heads: int,
                value_dim: int) -> tuple:
     """``parts`` as the op's arguments after ``query``: ``(sink_keys, sink_values, tail_keys, tail_values,
-    key_factors, key_rights, value_factors, value_rights, cos, sin, valid)``. The first part is the sinks
-    when exact; every later exact part goes to the tail (joined if several). When an exact part lies
-    between segments, ``valid`` is permuted to the op's token order (softmax ignores token order)."""
+    key_factors, key_rights, value_factors, value_rights, cos, sin, select_index, select_valid, valid)``. The
+    first part is the sinks when exact; every later exact part goes to the tail (joined if several). When an
+    exact part lies between segments, ``valid`` is permuted to the op's token order (softmax ignores token
+    order). ``select_index``/``select_valid``: per segment its :class:`SelectedPart` index and mask, or a
+    0-element placeholder for a segment attended whole (both lists empty when no segment is selected)."""
     batch, _, _, head_dim = query.shape
     indexed, offset = [], 0
     for i, part in enumerate(parts):
@@ -903,7 +981,7 @@ def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor |
         offset += part.length
     sinks = indexed[0] if isinstance(parts[0], ExactPart) else None
     rest = indexed[1:] if sinks is not None else indexed
-    segments = [item for item in rest if isinstance(item[1], FactoredPart)]
+    segments = [item for item in rest if not isinstance(item[1], ExactPart)]
     tails = [item for item in rest if isinstance(item[1], ExactPart)]
     order = ([sinks] if sinks is not None else []) + segments + tails
     if valid is not None and [i for i, _, _ in order] != list(range(len(parts))):
@@ -921,7 +999,14 @@ def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor |
     else:
         tail_keys = query.new_empty(batch, kv_heads, 0, head_dim)
         tail_values = query.new_empty(batch, kv_heads, 0, value_dim)
-    segs = [p for _, p, _ in segments]
+    selections = [p for _, p, _ in segments]
+    segs = [p.segment if isinstance(p, SelectedPart) else p for p in selections]
+    select_index, select_valid = [], []
+    if any(isinstance(p, SelectedPart) for p in selections):
+        empty_index = query.new_empty(0, dtype=torch.int64)
+        empty_valid = query.new_empty(0, dtype=torch.bool)
+        select_index = [p.index if isinstance(p, SelectedPart) else empty_index for p in selections]
+        select_valid = [p.index_valid if isinstance(p, SelectedPart) else empty_valid for p in selections]
     cos, sin = [], []
     if any(p.cos is not None for p in segs):
         none = None if all(p.cos is not None for p in segs) else query.new_empty(0, 0, dtype=torch.float32)
@@ -929,19 +1014,22 @@ def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor |
         sin = [p.sin if p.sin is not None else none for p in segs]
     return (sink_keys, sink_values, tail_keys, tail_values, [p.key_factor for p in segs],
             [p.key_right for p in segs], [p.value_factor for p in segs], [p.value_right for p in segs],
-            cos, sin, valid)
+            cos, sin, select_index, select_valid, valid)
 
 
 def _op_impl(query: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor, tail_keys: torch.Tensor,
              tail_values: torch.Tensor, key_factors: list[torch.Tensor], key_rights: list[torch.Tensor],
              value_factors: list[torch.Tensor], value_rights: list[torch.Tensor], cos: list[torch.Tensor],
-             sin: list[torch.Tensor], scaling: float, valid: torch.Tensor | None,
-             use_triton: bool | None) -> torch.Tensor:
+             sin: list[torch.Tensor], select_index: list[torch.Tensor], select_valid: list[torch.Tensor],
+             scaling: float, valid: torch.Tensor | None, use_triton: bool | None) -> torch.Tensor:
     """The op's kernel: the parts rebuilt, then the eager path (the kernels or the reference)."""
     tables = list(zip(cos, sin)) if cos else [(None, None)] * len(key_factors)
     segments = [FactoredPart(kf, kr, vf, vr, c if c is not None and c.numel() else None,
                              s if s is not None and s.numel() else None)
                 for kf, kr, vf, vr, (c, s) in zip(key_factors, key_rights, value_factors, value_rights, tables)]
+    if select_index:
+        segments = [SelectedPart(seg, index, index_valid) if index.dim() == 3 else seg
+                    for seg, index, index_valid in zip(segments, select_index, select_valid)]
     parts = [ExactPart(sink_keys, sink_values), *segments, ExactPart(tail_keys, tail_values)]
     kv_heads, value_dim, total = _check(query, parts, valid)
     if use_triton and not _HAVE_TRITON:
