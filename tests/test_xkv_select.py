@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_config, tiny_model
 from test_mla_compile import check_compiled_steps, greedy, prompts
+from test_kernels_xkv import GPU_SHAPES, HAVE_TRITON, TESTS, run_interpreted
 from test_xkv_compile import SMALL
 from kvcompress.bench.spec import parse_method_specs
 from kvcompress.kernels import xkv_decode
@@ -360,3 +361,119 @@ def test_selected_part_reference_equals_naive_rebuild():
             s = q @ k.T * scaling
             torch.testing.assert_close(out[row, 4 * h:4 * h + 4].double(), s.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(lse[row, 4 * h:4 * h + 4].double(), s.logsumexp(-1), rtol=1e-5, atol=1e-5)
+
+
+# -- the Triton kernels (CPU interpreter in a subprocess; CUDA when present) ----------------------------------
+_INTERPRETER_SCRIPT = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+sys.path[:0] = [{tests!r}, {root!r}]
+import interpreter_compat  # Triton 3.6's interpreter under NumPy >= 2.4
+import torch
+from kvcompress.kernels import configure_kernels, xkv_decode
+from test_kernels_xkv import CASES, make_case, rel_err
+from test_xkv_select import random_selection, selective_generation_matches
+configure_kernels(poison_buffers=True)
+errors = {{}}
+for name, case in CASES.items():
+    query, parts, scaling, valid = make_case(**case, seed=3)
+    segments = [i for i, p in enumerate(parts) if isinstance(p, xkv_decode.FactoredPart)]
+    for which in ([segments[0]], segments) if segments else ():
+        selected = random_selection(query, list(parts), valid, set(which), 13, seed=5)
+        ref = xkv_decode.xkv_decode_attention(query, selected, scaling, valid, use_triton=False)
+        out = xkv_decode.xkv_decode_attention(query, selected, scaling, valid, use_triton=True)
+        errors[f"{{name}}_{{len(which)}}"] = rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
+launches = []
+original = xkv_decode._launch
+xkv_decode._launch = lambda kernel, *a, **k: (launches.append(kernel), original(kernel, *a, **k))[1]
+calls = selective_generation_matches()
+select_launches = sum(k is xkv_decode._xkv_select_pv_kernel for k in launches)
+print("RESULT " + json.dumps(dict(errors=errors, calls=calls, select_launches=select_launches)))
+"""
+
+
+def random_selection(query, parts, valid, which: set, n: int, seed: int):
+    """``parts`` with the factored parts at positions ``which`` replaced by SelectedParts of ``n`` random
+    tokens per KV head (duplicates possible), a quarter of them masked, and masked where ``valid`` is."""
+    g = torch.Generator().manual_seed(seed)
+    batch, offset = query.shape[0], 0
+    for i, part in enumerate(parts):
+        if i in which:
+            heads = part.key_right.shape[-1] // query.shape[-1]
+            index = torch.randint(0, part.length, (batch, heads, n), generator=g).to(query.device)
+            ok = (torch.rand(batch, heads, n, generator=g) > 0.25).to(query.device)
+            if valid is not None:
+                ok &= valid[:, offset:offset + part.length].gather(1, index.flatten(1)).view(batch, heads, n)
+            parts[i] = SelectedPart(part, index, ok)
+        offset += part.length
+    return parts
+
+
+def selective_generation_matches(device: str = "cpu") -> int:
+    """Patched greedy decode with a select budget, once through the kernels and once through the reference
+    (``use_triton`` forced off): the same tokens. Returns the selective decode calls made."""
+    from kvcompress.xkv import attention as xkv_attention
+
+    model = tiny_model("llama", hidden_size=128).to(device)  # head_dim 32: the kernels' smallest
+    model.config._attn_implementation = "sdpa"
+    ids, mask = (t.to(device) for t in prompts([70, 57]))
+    outs, calls = [], []
+    original = xkv_attention.xkv_decode_attention
+    for use_triton in (True, False):
+        def forced(query, parts, scaling, valid=None, use_triton_arg=None, _use=use_triton):
+            calls.append(any(isinstance(p, SelectedPart) for p in parts))
+            return original(query, parts, scaling, valid, use_triton=_use)
+        xkv_attention.xkv_decode_attention = forced
+        try:
+            with patch_xkv(model):
+                cache = XKVCache(model.config, select_budget=0.2, select_chunk=8, outliers=0.05, **SMALL)
+                outs.append(greedy(model, cache, ids, mask, new_tokens=4))
+        finally:
+            xkv_attention.xkv_decode_attention = original
+    assert torch.equal(outs[0], outs[1])
+    return sum(calls)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (the kernels run on GPUs with Triton)")
+def test_triton_interpreter_selected_parts_match_reference():
+    """The kernels with SelectedParts (one or every segment selected, GQA 1-8, no RoPE, padding, masked and
+    duplicate slots) under TRITON_INTERPRET=1 against the reference, and a patched selective generation
+    through the kernels giving the reference's tokens."""
+    result = run_interpreted(_INTERPRETER_SCRIPT.format(tests=str(TESTS), root=str(TESTS.parent)))
+    assert len(result["errors"]) >= 9
+    for name, error in result["errors"].items():
+        assert error <= 1e-4, (name, error)
+    assert result["calls"] > 0 and result["select_launches"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("shape", range(len(GPU_SHAPES)))
+def test_cuda_selected_parts_match_reference(dtype, tol, shape):
+    from test_kernels_xkv import make_case, rel_err
+
+    query, parts, scaling, valid = make_case(**GPU_SHAPES[shape], dtype=dtype, device="cuda", seed=2)
+    segments = {i for i, p in enumerate(parts) if isinstance(p, FactoredPart)}
+    parts = random_selection(query, parts, valid, segments, 200, seed=3)
+    ref = xkv_decode_attention(query, parts, scaling, valid, use_triton=False)
+    out = xkv_decode_attention(query, parts, scaling, valid, use_triton=True)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs CUDA and Triton")
+def test_cuda_selective_generation_and_reduce_overhead():
+    """On CUDA: the kernels' selective generation equals the reference's, and generate's reduce-overhead
+    compile (CUDA graphs) of the static selective cache gives the eager tokens without recompiles."""
+    from transformers import CompileConfig
+    from test_mla_compile import generate_compiled_twice
+
+    assert selective_generation_matches("cuda") > 0
+    model = tiny_model("llama").to("cuda")
+    model.config._attn_implementation = "sdpa"
+    ids, mask = prompts([40, 31], device="cuda")
+    params = dict(select_budget=0.3, select_chunk=4, **SMALL)
+    with patch_xkv(model):
+        generate_compiled_twice(model, lambda: XKVCache(model.config, max_cache_len=64, **params), ids, mask,
+                                CompileConfig(mode="reduce-overhead", fullgraph=True))

@@ -434,7 +434,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_scores_kernel(
-        Q, UK, BK, COS, SIN, VALID, S,
+        Q, UK, BK, COS, SIN, VALID, S, INDEX, IVALID,
         T, R, G, col0, valid_off,
         stride_qb, stride_qh, stride_qd,
         stride_ub, stride_ut, stride_ur,
@@ -442,16 +442,26 @@ if _HAVE_TRITON:
         stride_ct, stride_cd,
         stride_vb, stride_vt,
         stride_sb, stride_sh, stride_st,
+        stride_ib, stride_ih, stride_it,
         scale,
         HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
         HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
-        KEYS_IN_QUERY_DTYPE: tl.constexpr, USE_TMA: tl.constexpr,
+        KEYS_IN_QUERY_DTYPE: tl.constexpr, USE_TMA: tl.constexpr, HAS_INDEX: tl.constexpr = False,
     ):
+        """Grid ``(H, tiles, B)``: one tile of a segment's keys of KV head ``h`` rebuilt and scored into
+        columns ``col0..`` of ``S``. ``HAS_INDEX`` (a :class:`SelectedPart`): tile position ``j`` is the
+        segment's token ``INDEX[b, h, j]`` (rows gathered, rotated at their own slots), ``T`` the selected
+        count and ``IVALID[b, h, j]`` its mask (``VALID`` is not read)."""
         h = tl.program_id(0)
         tile = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
+        if HAS_INDEX:
+            index_ptr = b * stride_ib + h * stride_ih + offs_t * stride_it
+            rows = tl.load(INDEX + index_ptr, mask=t_ok, other=0)
+        else:
+            rows = offs_t
         offs_d = tl.arange(0, HALF)
         col = h * 2 * HALF + offs_d  # first half of head h's columns in B_k
         k1 = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
@@ -467,7 +477,7 @@ if _HAVE_TRITON:
             else:
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < R
-                u = tl.load(UK + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
+                u = tl.load(UK + b * stride_ub + rows[:, None] * stride_ut + offs_r[None, :] * stride_ur,
                             mask=t_ok[:, None] & r_ok[None, :], other=0.0)
                 b_rows = BK + b * stride_bb + offs_r[:, None] * stride_br
                 b1 = tl.load(b_rows + col[None, :] * stride_bc, mask=r_ok[:, None], other=0.0)
@@ -477,9 +487,9 @@ if _HAVE_TRITON:
         if HAS_ROPE:
             # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); both halves of the table are equal,
             # so only the first is read (a float16 table halves these reads again)
-            c = tl.load(COS + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
+            c = tl.load(COS + rows[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
                         other=0.0).to(tl.float32)
-            s = tl.load(SIN + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
+            s = tl.load(SIN + rows[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
                         other=0.0).to(tl.float32)
             r1 = k1 * c - k2 * s
             r2 = k2 * c + k1 * s
@@ -503,7 +513,9 @@ if _HAVE_TRITON:
             scores += tl.dot(q2.to(tl.float32), tl.trans(r2), input_precision=PRECISION)
         scores = scores * scale
         keep = t_ok
-        if HAS_VALID:
+        if HAS_INDEX:
+            keep = keep & (tl.load(IVALID + index_ptr, mask=t_ok, other=0) != 0)
+        elif HAS_VALID:
             keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_t) * stride_vt, mask=t_ok, other=0) != 0)
         scores = tl.where(keep[None, :], scores, float("-inf"))
         tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
@@ -608,6 +620,46 @@ if _HAVE_TRITON:
                  acc, mask=h_ok[:, None] & r_ok[None, :])
 
     @triton.jit
+    def _xkv_select_pv_kernel(
+        S, M, UV, INDEX, OUT,
+        N, RV, H, G, tiles_per_split, col0,
+        stride_sb, stride_sh, stride_st,
+        stride_mb, stride_mh,
+        stride_ub, stride_ut, stride_ur,
+        stride_ib, stride_ih, stride_it,
+        stride_ob, stride_os, stride_oh, stride_or,
+        BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Grid ``(r_v chunks, splits, B*H)``: a :class:`SelectedPart`'s split-K partial of ``softmax . U_v``
+        for the ``G`` query heads of KV head ``h``, over its selected tokens: the rows of ``U_v`` are gathered
+        by ``INDEX[b, h]`` (each KV head selects its own tokens, so ``U_v`` is no longer shared by all heads)."""
+        rc = tl.program_id(0)
+        split = tl.program_id(1)
+        bh = tl.program_id(2)
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        heads = h * G + offs_g
+        offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < RV
+        m = tl.load(M + b * stride_mb + heads * stride_mh, mask=g_ok, other=0.0)
+        acc = tl.zeros([BLOCK_G, BLOCK_R], dtype=tl.float32)
+        t_begin = split * tiles_per_split * BLOCK_T
+        for i in range(0, tiles_per_split):
+            offs_t = t_begin + i * BLOCK_T + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < N
+            rows = tl.load(INDEX + b * stride_ib + h * stride_ih + offs_t * stride_it, mask=t_ok, other=0)
+            s = tl.load(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
+                        mask=g_ok[:, None] & t_ok[None, :], other=float("-inf"))
+            p = tl.exp(s - m[:, None])  # masked (and padded) entries: 0
+            u = tl.load(UV + b * stride_ub + rows[:, None] * stride_ut + offs_r[None, :] * stride_ur,
+                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+            acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
+        tl.store(OUT + b * stride_ob + split * stride_os + heads[:, None] * stride_oh + offs_r[None, :] * stride_or,
+                 acc, mask=g_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
     def _exact_pv(acc, V, N, S, SHIFT_ROW, b, h, heads, g_ok, col0,
                   stride_vb, stride_vh, stride_vt, stride_vd, stride_sb, stride_sh, stride_st,
                   DV: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
@@ -694,7 +746,7 @@ if _HAVE_TRITON:
         for bt, br, w, st in ((32, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4),
                               (128, 32, 4, 4))
     ]
-    _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE"])(
+    _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE", "HAS_INDEX"])(
         _xkv_scores_kernel)
 
 
@@ -759,9 +811,8 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
         return False
     if head_dim < 32 or not _pow2_at_least_16(head_dim) or not _pow2_at_least_16(value_dim):
         return False
-    if any(isinstance(part, SelectedPart) for part in parts):
-        return False
-    return all(part.cos is None or part.cos.shape[-1] == head_dim for part in parts if isinstance(part, FactoredPart))
+    segments = [part.segment if isinstance(part, SelectedPart) else part for part in parts]
+    return all(part.cos is None or part.cos.shape[-1] == head_dim for part in segments if isinstance(part, FactoredPart))
 
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
@@ -799,7 +850,9 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         return _fused_triton(query, [exact[0][0], joined, *[p for p, _ in segments]], scaling, valid, kv_heads,
                              value_dim, total)
     n_exact = sum(p.length for p, _ in exact)
-    scores = torch.empty(batch, q_heads, total, device=device, dtype=torch.float32)
+    # a SelectedPart takes one column per selected slot, a whole segment one per token
+    width = n_exact + sum(p.selected if isinstance(p, SelectedPart) else p.length for p, _ in segments)
+    scores = torch.empty(batch, q_heads, width, device=device, dtype=torch.float32)
     shift = torch.empty(batch, q_heads, device=device, dtype=torch.float32)
     out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
     if kernel_options().poison_buffers:
@@ -820,14 +873,20 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
                                    dict(BLOCK_T=128, BLOCK_R=64, num_warps=4, num_stages=3))
     col = n_exact
     columns = []
-    for part, token0 in segments:
-        tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
+    for selection, token0 in segments:
+        selected = isinstance(selection, SelectedPart)
+        part = selection.segment if selected else selection
+        rank_k = part.key_factor.shape[2]
+        tokens = selection.selected if selected else part.key_factor.shape[1]  # columns (rows scored)
         has_rope = part.cos is not None
         cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
         sin = part.sin if has_rope else scores
         kf, kr = part.key_factor, part.key_right
+        index = selection.index if selected else scores  # never read without HAS_INDEX
+        index_valid = selection.index_valid if selected else scores
+        si = index.stride() if selected else (0, 0, 0)
         grid = lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch)  # noqa: E731
-        args = [query, kf, kr, cos, sin, valid_arg, scores,
+        args = [query, kf, kr, cos, sin, valid_arg, scores, index, index_valid,
                 tokens, rank_k, groups, col, token0,
                 sq[0], sq[1], sq[3],
                 kf.stride(0), kf.stride(1), kf.stride(2),
@@ -835,10 +894,11 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
                 cos.stride(0), cos.stride(1) if has_rope else 0,
                 stride_vb, stride_vt,
                 scores.stride(0), scores.stride(1), scores.stride(2),
+                si[0], si[1], si[2],
                 float(scaling)]
         constants = dict(HALF=head_dim // 2, BLOCK_G=block_g, HAS_ROPE=has_rope, HAS_VALID=has_valid,
-                         PRECISION=precision, KEYS_IN_QUERY_DTYPE=not wide, **tuning)
-        if _tma_usable(kf, kr):
+                         PRECISION=precision, KEYS_IN_QUERY_DTYPE=not wide, HAS_INDEX=selected, **tuning)
+        if not selected and _tma_usable(kf, kr):  # TMA loads tiles of consecutive rows: no gather
             block_t, block_r = tuning.get("BLOCK_T", 128), tuning.get("BLOCK_R", 64)  # the pre-hook resets them
             descriptors = [TensorDescriptor(kf, list(kf.shape), list(kf.stride()), [1, block_t, block_r]),
                            TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [1, block_r, head_dim // 2])]
@@ -863,7 +923,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     _launch(
         _xkv_exact_lse_kernel, (q_heads, batch),
         query, k1, k2, valid_arg, scores, shift,
-        n1, n2, total, groups, off1, off2,
+        n1, n2, width, groups, off1, off2,
         sq[0], sq[1], sq[3],
         s1[0], s1[1], s1[2], s1[3],
         s2[0], s2[1], s2[2], s2[3],
@@ -880,28 +940,47 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     # (H100: batch 8 x 32K 180 -> 164 us, batch 1 x 4K 26 -> 18 us)
     block_r, block_tv = (64, 32) if wide else (256, 32)
     partials = []
-    for (part, _), col0 in zip(segments, columns):
-        tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
+    for (selection, _), col0 in zip(segments, columns):
+        selected = isinstance(selection, SelectedPart)
+        part = selection.segment if selected else selection
+        tokens = selection.selected if selected else part.value_factor.shape[1]
+        rank_v = part.value_factor.shape[2]
         r_chunks = triton.cdiv(rank_v, block_r)
         tiles = triton.cdiv(tokens, block_tv)
-        splits = max(1, min(tiles, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
+        programs = r_chunks * batch * (kv_heads if selected else 1)
+        splits = max(1, min(tiles, math.ceil(2 * sm_count(device) / programs)))
         tiles_per_split = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, tiles_per_split)
         partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
         if kernel_options().poison_buffers:
             partial.fill_(float("nan"))
         vf = part.value_factor
-        _launch(
-            _xkv_latent_pv_kernel, (r_chunks, splits, batch),
-            scores, shift, vf, partial,
-            tokens, rank_v, q_heads, tiles_per_split, col0,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            shift.stride(0), shift.stride(1),
-            vf.stride(0), vf.stride(1), vf.stride(2),
-            partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
-            BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
-            num_warps=4,
-        )
+        if selected:
+            index = selection.index
+            _launch(
+                _xkv_select_pv_kernel, (r_chunks, splits, batch * kv_heads),
+                scores, shift, vf, index, partial,
+                tokens, rank_v, kv_heads, groups, tiles_per_split, col0,
+                scores.stride(0), scores.stride(1), scores.stride(2),
+                shift.stride(0), shift.stride(1),
+                vf.stride(0), vf.stride(1), vf.stride(2),
+                index.stride(0), index.stride(1), index.stride(2),
+                partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+                BLOCK_G=block_g, BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
+                num_warps=4,
+            )
+        else:
+            _launch(
+                _xkv_latent_pv_kernel, (r_chunks, splits, batch),
+                scores, shift, vf, partial,
+                tokens, rank_v, q_heads, tiles_per_split, col0,
+                scores.stride(0), scores.stride(1), scores.stride(2),
+                shift.stride(0), shift.stride(1),
+                vf.stride(0), vf.stride(1), vf.stride(2),
+                partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+                BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
+                num_warps=4,
+            )
         # The split-K sum as one reduction (deterministic); summing in the output kernel would be a serial
         # loop over up to ~2 * SMs splits at batch 1.
         if splits > 1:
@@ -920,7 +999,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     for i, (seg, partial_info) in enumerate(steps):
         if seg is not None:
             latent, sp, rank_v = partial_info
-            bv, sb = seg.value_right, seg.value_right.stride()
+            bv = seg.segment.value_right if isinstance(seg, SelectedPart) else seg.value_right
+            sb = bv.stride()
         else:
             latent, rank_v, bv, sp, sb = scores, 0, scores, (0, 0, 0), (0, 0, 0)
         last = i == len(steps) - 1
