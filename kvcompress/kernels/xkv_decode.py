@@ -62,6 +62,12 @@ Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)
 plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
 dominant term; the value side is ``2*B*T*Hq*r_v``). ``benchmarks/xkv_decode.py`` measures both ceilings.
 
+Selective reconstruction (:class:`SelectedPart`, chosen by :mod:`kvcompress.kernels.xkv_select`): a segment
+of which each KV head attends only the tokens ``index[b, h]``. Kernel 1 then gathers those factor rows and
+RoPE rows (``HAS_INDEX``) and scores them into one column each, kernel 3 is ``_xkv_select_pv_kernel``, grid
+``(r_v chunks, splits, B*H)``: the heads no longer share the rows of ``U_v``, so each KV head's ``G`` query
+heads gather their own; kernels 2 and 4 are unchanged (they read only ``S`` and the latent).
+
 Under ``torch.compile`` (``fullgraph=True``, ``mode="reduce-overhead"``: CUDA graphs),
 :func:`xkv_decode_attention` calls the custom op ``torch.ops.kvcompress.xkv_decode_attention`` with the parts
 flattened (sinks, the segments' factors and RoPE tables, tail); the op runs the same paths. Host code
