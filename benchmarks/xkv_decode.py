@@ -18,6 +18,12 @@ context ``T``: 4 sink tokens, one segment of ``T - 68`` tokens, a 64-token tail.
   stays in the latent and adds ``2 * B * T_seg * Hq * r_v``, counted too). Both ceilings are measured here:
   a 1 GiB device copy and an 8192^3 bf16 matmul.
 
+(c) ``--select-budgets F [F ...]`` (fractions of the segment, or token counts >= 1): selective reconstruction
+(``XKVCache(select_budget=F, select_chunk=--select-chunk)``) timed at the same shapes: a step's chunk
+selection (:func:`kvcompress.kernels.xkv_select.select_chunks`: landmark keys rebuilt, scored, ``topk``) plus
+the fused attention over the selected tokens (:class:`~kvcompress.kernels.xkv_decode.SelectedPart`), columns
+``select<F>_us``; the check also compares the selected kernels with the reference.
+
 Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs). About 2 minutes on an H100.
 
 Host work per fused call (printed as "per call: ..."): torch ops dispatched (views included) and Triton
@@ -28,6 +34,7 @@ of B_v) + 2 launches; after, 5 torch ops (4 allocations and the split-K sum) + 4
 
 GPU:
     PYTHONPATH=. python benchmarks/xkv_decode.py
+    PYTHONPATH=. python benchmarks/xkv_decode.py --select-budgets 0.05 0.1 0.25 --select-chunk 32
 CPU smoke run (reference path only, tiny shapes):
     PYTHONPATH=. python benchmarks/xkv_decode.py --device cpu --small
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -44,9 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from kvcompress.kernels import configure_kernels
-from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, xkv_decode_attention
+from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, SelectedPart, xkv_decode_attention
+from kvcompress.kernels.xkv_select import select_chunks
 from kvcompress.ops import apply_rope, rope_cos_sin
 from kvcompress.xkv import _rope_table_dtype
+from kvcompress.xkv.compression import chunk_count, chunk_means
 
 LLAMA8B = dict(q_heads=32, kv_heads=8, head_dim=128, rank_k=512, rank_v=768, theta=500000.0)
 SINK, TAIL = 4, 64
@@ -90,6 +100,24 @@ def materialise(parts) -> tuple[torch.Tensor, torch.Tensor]:
         keys.append(k.transpose(1, 2))
         values.append(torch.matmul(part.value_factor, part.value_right).view(b, t, -1, d).transpose(1, 2))
     return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+
+def selective_step(query, parts, scale, budget: float, chunk: int):
+    """A step's selective decode of ``parts`` (one segment at index 1): landmarks as XKVCache computes them
+    once per compression (chunk means of the key factor rows and of the cos/sin table), and the per-step
+    function ``step()``: select the top chunks per KV head, attend exactly over them, sinks and tail."""
+    seg = parts[1]
+    tokens = seg.length
+    landmarks = chunk_means(seg.key_factor, chunk, dim=1)
+    cos, sin = chunk_means(seg.cos, chunk, dim=0), chunk_means(seg.sin, chunk, dim=0)
+    wanted = budget if budget >= 1 else math.ceil(budget * tokens)
+    keep = min(chunk_count(tokens, chunk), max(1, chunk_count(int(wanted), chunk)))
+
+    def step(use_triton=None):
+        index, index_valid = select_chunks(query, landmarks, seg.key_right, cos, sin, scale, tokens, chunk, keep)
+        selected = [parts[0], SelectedPart(seg, index, index_valid), *parts[2:]]
+        return xkv_decode_attention(query, selected, scale, use_triton=use_triton)
+    return step, keep * chunk
 
 
 def sdpa(query, keys, values, scale):
@@ -146,6 +174,15 @@ def check(device: str) -> bool:
             ok &= good
             print(f"check {str(dtype):15s} batch={batch} segments={segments}: rel max err {err:.2e} "
                   f"(limit {limit:.0e}) {'ok' if good else 'FAIL'}", flush=True)
+        for batch, tokens, seed in ((1, 1401, 13), (3, 777, 14)):  # selected tokens of one segment
+            query, parts = make_layer(batch, tokens, shape, dtype, device, seed=seed)
+            step, _ = selective_step(query, parts, shape["head_dim"] ** -0.5, 0.1, 32)
+            ref, out = step(use_triton=False), step(use_triton=device == "cuda")
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            good = bool(torch.isfinite(out).all()) and err <= limit
+            ok &= good
+            print(f"check {str(dtype):15s} batch={batch} selected 10% of {tokens - SINK - TAIL}: rel max err "
+                  f"{err:.2e} (limit {limit:.0e}) {'ok' if good else 'FAIL'}", flush=True)
     return ok
 
 
@@ -202,11 +239,17 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 32768])
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--select-budgets", type=float, nargs="*", default=[],
+                        help="also time selective reconstruction at these budgets (fractions of the segment in "
+                        "(0, 1), or token counts >= 1)")
+    parser.add_argument("--select-chunk", type=int, default=32, help="tokens per landmark chunk (default 32)")
     parser.add_argument("--breakdown", action="store_true",
                         help="CUDA: time per kernel of one fused call at the largest batch x context (torch.profiler)")
     parser.add_argument("--sweep", action="store_true",
                         help="CUDA: fixed configurations of the key-rebuild kernel at the largest batch x context")
     args = parser.parse_args()
+    if any(b <= 0 for b in args.select_budgets) or args.select_chunk < 1:
+        parser.error("--select-budgets must be > 0 (fractions in (0, 1) or token counts >= 1); --select-chunk >= 1")
     device = args.device
     shape = dict(LLAMA8B)
     if args.small:
@@ -228,6 +271,11 @@ def main() -> None:
             stock = measure(lambda: sdpa(query, keys, values, scale))
             today = measure(lambda: sdpa(query, *materialise(parts), scale))
             fused = measure(lambda: xkv_decode_attention(query, parts, scale))
+            selective = {}
+            for budget in args.select_budgets:
+                step, kept = selective_step(query, parts, scale, budget, args.select_chunk)
+                selective[f"select{budget:g}_us"] = measure(step)
+                selective[f"select{budget:g}_tokens"] = kept
             if not rows:
                 n_ops, n_launches, by_name = count_call(lambda: xkv_decode_attention(query, parts, scale))
                 path = "Triton kernels" if n_launches else "reference path"
@@ -241,7 +289,8 @@ def main() -> None:
             stock_bytes = e * batch * tokens * 2 * h * d
             rows.append(dict(batch=batch, context=tokens, stock_us=stock, today_us=today, fused_us=fused,
                              floor_us=floor, bytes_floor_us=nbytes / bandwidth * 1e6,
-                             flops_floor_us=flops / flop_rate * 1e6, stock_bytes_floor_us=stock_bytes / bandwidth * 1e6))
+                             flops_floor_us=flops / flop_rate * 1e6, stock_bytes_floor_us=stock_bytes / bandwidth * 1e6,
+                             **selective))
             print(json.dumps(rows[-1]), flush=True)
             torch.cuda.empty_cache() if device == "cuda" else None
     extra = {}
@@ -270,6 +319,16 @@ def main() -> None:
         print(f"| {r['batch']} | {r['context']} | {r['stock_us']:.1f} | {r['today_us']:.1f} | {r['fused_us']:.1f} | "
               f"{r['floor_us']:.1f} ({r['bytes_floor_us']:.1f} / {r['flops_floor_us']:.1f}) | {r['stock_bytes_floor_us']:.1f} | "
               f"{r['stock_us'] / r['fused_us']:.2f}x | {r['today_us'] / r['fused_us']:.2f}x |")
+    if args.select_budgets:
+        print(f"\nselective reconstruction (select_chunk={args.select_chunk}): selection + fused attention over the "
+              "selected tokens, us; ratios against the full fused call and stock SDPA\n")
+        print("| batch | context | budget | tokens kept | selective | vs fused (full) | vs stock |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            for budget in args.select_budgets:
+                us = r[f"select{budget:g}_us"]
+                print(f"| {r['batch']} | {r['context']} | {budget:g} | {r[f'select{budget:g}_tokens']} | {us:.1f} | "
+                      f"{r['fused_us'] / us:.2f}x | {r['stock_us'] / us:.2f}x |")
     sys.exit(0 if ok else 1)
 
 

@@ -62,6 +62,12 @@ Floors per layer and step (one segment of ``T`` tokens): bytes ``B*T*(r_k + r_v)
 plus ``B*(r_k + r_v)*H*d*e`` for the right factors; flops ``2*B*T*r_k*H*d`` for the key rebuild (the
 dominant term; the value side is ``2*B*T*Hq*r_v``). ``benchmarks/xkv_decode.py`` measures both ceilings.
 
+Selective reconstruction (:class:`SelectedPart`, chosen by :mod:`kvcompress.kernels.xkv_select`): a segment
+of which each KV head attends only the tokens ``index[b, h]``. Kernel 1 then gathers those factor rows and
+RoPE rows (``HAS_INDEX``) and scores them into one column each, kernel 3 is ``_xkv_select_pv_kernel``, grid
+``(r_v chunks, splits, B*H)``: the heads no longer share the rows of ``U_v``, so each KV head's ``G`` query
+heads gather their own; kernels 2 and 4 are unchanged (they read only ``S`` and the latent).
+
 Under ``torch.compile`` (``fullgraph=True``, ``mode="reduce-overhead"``: CUDA graphs),
 :func:`xkv_decode_attention` calls the custom op ``torch.ops.kvcompress.xkv_decode_attention`` with the parts
 flattened (sinks, the segments' factors and RoPE tables, tail); the op runs the same paths. Host code
@@ -99,7 +105,7 @@ except Exception:
     TensorDescriptor = None
 
 
-__all__ = ["ExactPart", "FactoredPart", "xkv_decode_attention", "xkv_decode_attention_reference",
+__all__ = ["ExactPart", "FactoredPart", "SelectedPart", "xkv_decode_attention", "xkv_decode_attention_reference",
            "part_attention_reference", "merge_partials", "valid_mask_from_attention_mask"]
 
 
@@ -140,7 +146,32 @@ class FactoredPart:
         return self.key_factor.shape[-2]
 
 
-Part = ExactPart | FactoredPart
+@dataclass
+class SelectedPart:
+    """A compressed segment of which each KV head attends only some tokens (selective reconstruction,
+    :func:`kvcompress.kernels.xkv_select.select_chunks`): ``segment``'s tokens ``index [B, H, n]`` (int64,
+    segment-relative), attended where ``index_valid [B, H, n]`` (bool) is True.
+
+    Attention rebuilds exactly those tokens (``k = R(p_i) (U_k B_k)[i, h]``, ``v = (U_v B_v)[i, h]``) and
+    takes them in one softmax with the layer's other parts. ``length`` is the segment's (the columns of the
+    call's ``valid`` mask it spans, as for the :class:`FactoredPart`); those columns are not read:
+    ``index_valid`` already holds the mask of the selected tokens."""
+
+    segment: FactoredPart
+    index: torch.Tensor
+    index_valid: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.segment.length
+
+    @property
+    def selected(self) -> int:
+        """Tokens attended per KV head (``n``, masked ones included)."""
+        return self.index.shape[-1]
+
+
+Part = ExactPart | FactoredPart | SelectedPart
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -163,7 +194,12 @@ def _check(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | Non
                 raise ValueError(f"parts[{i}] has keys {tuple(part.keys.shape)} / values {tuple(part.values.shape)}; "
                                  f"the query gives batch={batch}, head_dim={head_dim}")
             tensors = (part.keys, part.values)
-        elif isinstance(part, FactoredPart):
+        elif isinstance(part, (FactoredPart, SelectedPart)):
+            selected = isinstance(part, SelectedPart)
+            if selected:
+                if not isinstance(part.segment, FactoredPart):
+                    raise TypeError(f"parts[{i}].segment must be a FactoredPart, got {type(part.segment).__name__}")
+                index, index_valid, part = part.index, part.index_valid, part.segment
             kf, kr, vf, vr = part.key_factor, part.key_right, part.value_factor, part.value_right
             if any(t.dim() != 3 for t in (kf, kr, vf, vr)):
                 raise ValueError(f"parts[{i}] factors must be 3-D: key_factor/value_factor [batch, tokens, rank], "
@@ -187,8 +223,14 @@ def _check(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | Non
                 raise ValueError(f"parts[{i}].cos/sin must be [tokens={kf.shape[1]}, rotary_dim <= {head_dim}, even], "
                                  f"got {tuple(part.cos.shape)} / {tuple(part.sin.shape)}")
             tensors = (kf, kr, vf, vr)
+            if selected and (not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 3
+                             or tuple(index.shape[:2]) != (batch, h) or index.device != query.device
+                             or not isinstance(index_valid, torch.Tensor) or index_valid.dtype != torch.bool
+                             or index_valid.shape != index.shape or index_valid.device != query.device):
+                raise ValueError(f"parts[{i}] (SelectedPart): index must be int64 [batch={batch}, kv_heads={h}, n] "
+                                 "and index_valid bool of the same shape, on the query's device")
         else:
-            raise TypeError(f"parts[{i}] must be an ExactPart or FactoredPart, got {type(part).__name__}")
+            raise TypeError(f"parts[{i}] must be an ExactPart, FactoredPart or SelectedPart, got {type(part).__name__}")
         if kv_heads is None:
             kv_heads, value_dim = h, dv
         elif (h, dv) != (kv_heads, value_dim):
@@ -255,10 +297,47 @@ def _rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
+def _selected_attention_reference(query: torch.Tensor, part: SelectedPart,
+                                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`part_attention_reference` of a :class:`SelectedPart`: the selected rows of each KV head rebuilt
+    (keys rotated at their own slots), then masked softmax attention over them."""
+    work = _work_dtype(query.dtype)
+    batch, q_heads, _, head_dim = query.shape
+    seg, index = part.segment, part.index
+    kv_heads, n = index.shape[1], index.shape[2]
+
+    def rows(factor: torch.Tensor) -> torch.Tensor:  # [B, T, r] -> [B, H, n, r]
+        r = factor.shape[-1]
+        return factor.to(work).gather(1, index.reshape(batch, -1, 1).expand(-1, -1, r)).view(batch, kv_heads, n, r)
+
+    def per_head(right: torch.Tensor) -> torch.Tensor:  # [B, r, H*d] -> [B, H, r, d]
+        return right.to(work).view(batch, right.shape[1], kv_heads, -1).permute(0, 2, 1, 3)
+
+    keys = torch.matmul(rows(seg.key_factor), per_head(seg.key_right))  # [B, H, n, d], pre-RoPE
+    if seg.cos is not None:
+        rotary_dim, half = seg.cos.shape[-1], seg.cos.shape[-1] // 2
+        cos, sin = seg.cos.to(work)[index], seg.sin.to(work)[index]  # [B, H, n, rotary_dim]
+        x1, x2 = keys[..., :half], keys[..., half:rotary_dim]
+        rotated = torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]), -1)
+        keys = torch.cat((rotated, keys[..., rotary_dim:]), dim=-1)
+    values = torch.matmul(rows(seg.value_factor), per_head(seg.value_right))  # [B, H, n, dv]
+    groups = q_heads // kv_heads
+    q = query[:, :, 0, :].to(work).view(batch, kv_heads, groups, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # [B, H, G, n]
+    scores = scores.masked_fill(~part.index_valid[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = torch.matmul(torch.exp(scores - safe[..., None]), values)  # [B, H, G, dv]
+    return out.reshape(batch, q_heads, -1), lse.reshape(batch, q_heads)
+
+
 def part_attention_reference(query: torch.Tensor, part: Part, scaling: float,
                              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One part's normalised output ``o [B, Hq, dv]`` and log-sum-exp ``lse [B, Hq]`` (float32, float64
-    for float64 inputs); ``valid [B, T_part]`` masks tokens. See the module docstring for the maths."""
+    for float64 inputs); ``valid [B, T_part]`` masks tokens (a :class:`SelectedPart` reads its own
+    ``index_valid`` instead). See the module docstring for the maths."""
+    if isinstance(part, SelectedPart):
+        return _selected_attention_reference(query, part, scaling)
     work = _work_dtype(query.dtype)
     batch, q_heads, _, head_dim = query.shape
     if isinstance(part, ExactPart):
@@ -361,7 +440,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _xkv_scores_kernel(
-        Q, UK, BK, COS, SIN, VALID, S,
+        Q, UK, BK, COS, SIN, VALID, S, INDEX, IVALID,
         T, R, G, col0, valid_off,
         stride_qb, stride_qh, stride_qd,
         stride_ub, stride_ut, stride_ur,
@@ -369,16 +448,26 @@ if _HAVE_TRITON:
         stride_ct, stride_cd,
         stride_vb, stride_vt,
         stride_sb, stride_sh, stride_st,
+        stride_ib, stride_ih, stride_it,
         scale,
         HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
         HAS_ROPE: tl.constexpr, HAS_VALID: tl.constexpr, PRECISION: tl.constexpr,
-        KEYS_IN_QUERY_DTYPE: tl.constexpr, USE_TMA: tl.constexpr,
+        KEYS_IN_QUERY_DTYPE: tl.constexpr, USE_TMA: tl.constexpr, HAS_INDEX: tl.constexpr = False,
     ):
+        """Grid ``(H, tiles, B)``: one tile of a segment's keys of KV head ``h`` rebuilt and scored into
+        columns ``col0..`` of ``S``. ``HAS_INDEX`` (a :class:`SelectedPart`): tile position ``j`` is the
+        segment's token ``INDEX[b, h, j]`` (rows gathered, rotated at their own slots), ``T`` the selected
+        count and ``IVALID[b, h, j]`` its mask (``VALID`` is not read)."""
         h = tl.program_id(0)
         tile = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
+        if HAS_INDEX:
+            index_ptr = b * stride_ib + h * stride_ih + offs_t * stride_it
+            rows = tl.load(INDEX + index_ptr, mask=t_ok, other=0)
+        else:
+            rows = offs_t
         offs_d = tl.arange(0, HALF)
         col = h * 2 * HALF + offs_d  # first half of head h's columns in B_k
         k1 = tl.zeros([BLOCK_T, HALF], dtype=tl.float32)
@@ -394,7 +483,7 @@ if _HAVE_TRITON:
             else:
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = offs_r < R
-                u = tl.load(UK + b * stride_ub + offs_t[:, None] * stride_ut + offs_r[None, :] * stride_ur,
+                u = tl.load(UK + b * stride_ub + rows[:, None] * stride_ut + offs_r[None, :] * stride_ur,
                             mask=t_ok[:, None] & r_ok[None, :], other=0.0)
                 b_rows = BK + b * stride_bb + offs_r[:, None] * stride_br
                 b1 = tl.load(b_rows + col[None, :] * stride_bc, mask=r_ok[:, None], other=0.0)
@@ -404,9 +493,9 @@ if _HAVE_TRITON:
         if HAS_ROPE:
             # rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); both halves of the table are equal,
             # so only the first is read (a float16 table halves these reads again)
-            c = tl.load(COS + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
+            c = tl.load(COS + rows[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
                         other=0.0).to(tl.float32)
-            s = tl.load(SIN + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
+            s = tl.load(SIN + rows[:, None] * stride_ct + offs_d[None, :] * stride_cd, mask=t_ok[:, None],
                         other=0.0).to(tl.float32)
             r1 = k1 * c - k2 * s
             r2 = k2 * c + k1 * s
@@ -430,7 +519,9 @@ if _HAVE_TRITON:
             scores += tl.dot(q2.to(tl.float32), tl.trans(r2), input_precision=PRECISION)
         scores = scores * scale
         keep = t_ok
-        if HAS_VALID:
+        if HAS_INDEX:
+            keep = keep & (tl.load(IVALID + index_ptr, mask=t_ok, other=0) != 0)
+        elif HAS_VALID:
             keep = keep & (tl.load(VALID + b * stride_vb + (valid_off + offs_t) * stride_vt, mask=t_ok, other=0) != 0)
         scores = tl.where(keep[None, :], scores, float("-inf"))
         tl.store(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st, scores,
@@ -535,6 +626,46 @@ if _HAVE_TRITON:
                  acc, mask=h_ok[:, None] & r_ok[None, :])
 
     @triton.jit
+    def _xkv_select_pv_kernel(
+        S, M, UV, INDEX, OUT,
+        N, RV, H, G, tiles_per_split, col0,
+        stride_sb, stride_sh, stride_st,
+        stride_mb, stride_mh,
+        stride_ub, stride_ut, stride_ur,
+        stride_ib, stride_ih, stride_it,
+        stride_ob, stride_os, stride_oh, stride_or,
+        BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Grid ``(r_v chunks, splits, B*H)``: a :class:`SelectedPart`'s split-K partial of ``softmax . U_v``
+        for the ``G`` query heads of KV head ``h``, over its selected tokens: the rows of ``U_v`` are gathered
+        by ``INDEX[b, h]`` (each KV head selects its own tokens, so ``U_v`` is no longer shared by all heads)."""
+        rc = tl.program_id(0)
+        split = tl.program_id(1)
+        bh = tl.program_id(2)
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        heads = h * G + offs_g
+        offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < RV
+        m = tl.load(M + b * stride_mb + heads * stride_mh, mask=g_ok, other=0.0)
+        acc = tl.zeros([BLOCK_G, BLOCK_R], dtype=tl.float32)
+        t_begin = split * tiles_per_split * BLOCK_T
+        for i in range(0, tiles_per_split):
+            offs_t = t_begin + i * BLOCK_T + tl.arange(0, BLOCK_T)
+            t_ok = offs_t < N
+            rows = tl.load(INDEX + b * stride_ib + h * stride_ih + offs_t * stride_it, mask=t_ok, other=0)
+            s = tl.load(S + b * stride_sb + heads[:, None] * stride_sh + (col0 + offs_t)[None, :] * stride_st,
+                        mask=g_ok[:, None] & t_ok[None, :], other=float("-inf"))
+            p = tl.exp(s - m[:, None])  # masked (and padded) entries: 0
+            u = tl.load(UV + b * stride_ub + rows[:, None] * stride_ut + offs_r[None, :] * stride_ur,
+                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+            acc += tl.dot(p.to(u.dtype), u, input_precision=PRECISION)
+        tl.store(OUT + b * stride_ob + split * stride_os + heads[:, None] * stride_oh + offs_r[None, :] * stride_or,
+                 acc, mask=g_ok[:, None] & r_ok[None, :])
+
+    @triton.jit
     def _exact_pv(acc, V, N, S, SHIFT_ROW, b, h, heads, g_ok, col0,
                   stride_vb, stride_vh, stride_vt, stride_vd, stride_sb, stride_sh, stride_st,
                   DV: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
@@ -621,7 +752,7 @@ if _HAVE_TRITON:
         for bt, br, w, st in ((32, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 4),
                               (128, 32, 4, 4))
     ]
-    _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE"])(
+    _xkv_scores_kernel_tuned = triton.autotune(configs=_SCORES_CONFIGS, key=["R", "G", "HALF", "HAS_ROPE", "HAS_INDEX"])(
         _xkv_scores_kernel)
 
 
@@ -686,7 +817,8 @@ def _kernel_supported(query: torch.Tensor, parts: Sequence[Part], value_dim: int
         return False
     if head_dim < 32 or not _pow2_at_least_16(head_dim) or not _pow2_at_least_16(value_dim):
         return False
-    return all(part.cos is None or part.cos.shape[-1] == head_dim for part in parts if isinstance(part, FactoredPart))
+    segments = [part.segment if isinstance(part, SelectedPart) else part for part in parts]
+    return all(part.cos is None or part.cos.shape[-1] == head_dim for part in segments if isinstance(part, FactoredPart))
 
 
 def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, valid: torch.Tensor | None,
@@ -724,7 +856,9 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
         return _fused_triton(query, [exact[0][0], joined, *[p for p, _ in segments]], scaling, valid, kv_heads,
                              value_dim, total)
     n_exact = sum(p.length for p, _ in exact)
-    scores = torch.empty(batch, q_heads, total, device=device, dtype=torch.float32)
+    # a SelectedPart takes one column per selected slot, a whole segment one per token
+    width = n_exact + sum(p.selected if isinstance(p, SelectedPart) else p.length for p, _ in segments)
+    scores = torch.empty(batch, q_heads, width, device=device, dtype=torch.float32)
     shift = torch.empty(batch, q_heads, device=device, dtype=torch.float32)
     out = torch.empty(batch, 1, q_heads, value_dim, device=device, dtype=query.dtype)
     if kernel_options().poison_buffers:
@@ -745,14 +879,20 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
                                    dict(BLOCK_T=128, BLOCK_R=64, num_warps=4, num_stages=3))
     col = n_exact
     columns = []
-    for part, token0 in segments:
-        tokens, rank_k = part.key_factor.shape[1], part.key_factor.shape[2]
+    for selection, token0 in segments:
+        selected = isinstance(selection, SelectedPart)
+        part = selection.segment if selected else selection
+        rank_k = part.key_factor.shape[2]
+        tokens = selection.selected if selected else part.key_factor.shape[1]  # columns (rows scored)
         has_rope = part.cos is not None
         cos = part.cos if has_rope else scores  # any tensor: never read when HAS_ROPE is False
         sin = part.sin if has_rope else scores
         kf, kr = part.key_factor, part.key_right
+        index = selection.index if selected else scores  # never read without HAS_INDEX
+        index_valid = selection.index_valid if selected else scores
+        si = index.stride() if selected else (0, 0, 0)
         grid = lambda meta, _t=tokens: (kv_heads, triton.cdiv(_t, meta["BLOCK_T"]), batch)  # noqa: E731
-        args = [query, kf, kr, cos, sin, valid_arg, scores,
+        args = [query, kf, kr, cos, sin, valid_arg, scores, index, index_valid,
                 tokens, rank_k, groups, col, token0,
                 sq[0], sq[1], sq[3],
                 kf.stride(0), kf.stride(1), kf.stride(2),
@@ -760,10 +900,11 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
                 cos.stride(0), cos.stride(1) if has_rope else 0,
                 stride_vb, stride_vt,
                 scores.stride(0), scores.stride(1), scores.stride(2),
+                si[0], si[1], si[2],
                 float(scaling)]
         constants = dict(HALF=head_dim // 2, BLOCK_G=block_g, HAS_ROPE=has_rope, HAS_VALID=has_valid,
-                         PRECISION=precision, KEYS_IN_QUERY_DTYPE=not wide, **tuning)
-        if _tma_usable(kf, kr):
+                         PRECISION=precision, KEYS_IN_QUERY_DTYPE=not wide, HAS_INDEX=selected, **tuning)
+        if not selected and _tma_usable(kf, kr):  # TMA loads tiles of consecutive rows: no gather
             block_t, block_r = tuning.get("BLOCK_T", 128), tuning.get("BLOCK_R", 64)  # the pre-hook resets them
             descriptors = [TensorDescriptor(kf, list(kf.shape), list(kf.stride()), [1, block_t, block_r]),
                            TensorDescriptor(kr, list(kr.shape), list(kr.stride()), [1, block_r, head_dim // 2])]
@@ -788,7 +929,7 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     _launch(
         _xkv_exact_lse_kernel, (q_heads, batch),
         query, k1, k2, valid_arg, scores, shift,
-        n1, n2, total, groups, off1, off2,
+        n1, n2, width, groups, off1, off2,
         sq[0], sq[1], sq[3],
         s1[0], s1[1], s1[2], s1[3],
         s2[0], s2[1], s2[2], s2[3],
@@ -805,28 +946,47 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     # (H100: batch 8 x 32K 180 -> 164 us, batch 1 x 4K 26 -> 18 us)
     block_r, block_tv = (64, 32) if wide else (256, 32)
     partials = []
-    for (part, _), col0 in zip(segments, columns):
-        tokens, rank_v = part.value_factor.shape[1], part.value_factor.shape[2]
+    for (selection, _), col0 in zip(segments, columns):
+        selected = isinstance(selection, SelectedPart)
+        part = selection.segment if selected else selection
+        tokens = selection.selected if selected else part.value_factor.shape[1]
+        rank_v = part.value_factor.shape[2]
         r_chunks = triton.cdiv(rank_v, block_r)
         tiles = triton.cdiv(tokens, block_tv)
-        splits = max(1, min(tiles, math.ceil(2 * sm_count(device) / (r_chunks * batch))))
+        programs = r_chunks * batch * (kv_heads if selected else 1)
+        splits = max(1, min(tiles, math.ceil(2 * sm_count(device) / programs)))
         tiles_per_split = triton.cdiv(tiles, splits)
         splits = triton.cdiv(tiles, tiles_per_split)
         partial = torch.empty(batch, splits, q_heads, rank_v, device=device, dtype=torch.float32)
         if kernel_options().poison_buffers:
             partial.fill_(float("nan"))
         vf = part.value_factor
-        _launch(
-            _xkv_latent_pv_kernel, (r_chunks, splits, batch),
-            scores, shift, vf, partial,
-            tokens, rank_v, q_heads, tiles_per_split, col0,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            shift.stride(0), shift.stride(1),
-            vf.stride(0), vf.stride(1), vf.stride(2),
-            partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
-            BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
-            num_warps=4,
-        )
+        if selected:
+            index = selection.index
+            _launch(
+                _xkv_select_pv_kernel, (r_chunks, splits, batch * kv_heads),
+                scores, shift, vf, index, partial,
+                tokens, rank_v, kv_heads, groups, tiles_per_split, col0,
+                scores.stride(0), scores.stride(1), scores.stride(2),
+                shift.stride(0), shift.stride(1),
+                vf.stride(0), vf.stride(1), vf.stride(2),
+                index.stride(0), index.stride(1), index.stride(2),
+                partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+                BLOCK_G=block_g, BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
+                num_warps=4,
+            )
+        else:
+            _launch(
+                _xkv_latent_pv_kernel, (r_chunks, splits, batch),
+                scores, shift, vf, partial,
+                tokens, rank_v, q_heads, tiles_per_split, col0,
+                scores.stride(0), scores.stride(1), scores.stride(2),
+                shift.stride(0), shift.stride(1),
+                vf.stride(0), vf.stride(1), vf.stride(2),
+                partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+                BLOCK_HQ=_pow2(q_heads), BLOCK_T=block_tv, BLOCK_R=block_r, PRECISION=precision,
+                num_warps=4,
+            )
         # The split-K sum as one reduction (deterministic); summing in the output kernel would be a serial
         # loop over up to ~2 * SMs splits at batch 1.
         if splits > 1:
@@ -845,7 +1005,8 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
     for i, (seg, partial_info) in enumerate(steps):
         if seg is not None:
             latent, sp, rank_v = partial_info
-            bv, sb = seg.value_right, seg.value_right.stride()
+            bv = seg.segment.value_right if isinstance(seg, SelectedPart) else seg.value_right
+            sb = bv.stride()
         else:
             latent, rank_v, bv, sp, sb = scores, 0, scores, (0, 0, 0), (0, 0, 0)
         last = i == len(steps) - 1
@@ -886,16 +1047,19 @@ def _fused_triton(query: torch.Tensor, parts: Sequence[Part], scaling: float, va
 _OP_SCHEMA = (
     "(Tensor query, Tensor sink_keys, Tensor sink_values, Tensor tail_keys, Tensor tail_values, "
     "Tensor[] key_factors, Tensor[] key_rights, Tensor[] value_factors, Tensor[] value_rights, "
-    "Tensor[] cos, Tensor[] sin, float scaling, Tensor? valid, bool? use_triton) -> Tensor"
+    "Tensor[] cos, Tensor[] sin, Tensor[] select_index, Tensor[] select_valid, float scaling, Tensor? valid, "
+    "bool? use_triton) -> Tensor"
 )
 
 
 def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor | None, kv_heads: int,
                value_dim: int) -> tuple:
     """``parts`` as the op's arguments after ``query``: ``(sink_keys, sink_values, tail_keys, tail_values,
-    key_factors, key_rights, value_factors, value_rights, cos, sin, valid)``. The first part is the sinks
-    when exact; every later exact part goes to the tail (joined if several). When an exact part lies
-    between segments, ``valid`` is permuted to the op's token order (softmax ignores token order)."""
+    key_factors, key_rights, value_factors, value_rights, cos, sin, select_index, select_valid, valid)``. The
+    first part is the sinks when exact; every later exact part goes to the tail (joined if several). When an
+    exact part lies between segments, ``valid`` is permuted to the op's token order (softmax ignores token
+    order). ``select_index``/``select_valid``: per segment its :class:`SelectedPart` index and mask, or a
+    0-element placeholder for a segment attended whole (both lists empty when no segment is selected)."""
     batch, _, _, head_dim = query.shape
     indexed, offset = [], 0
     for i, part in enumerate(parts):
@@ -903,7 +1067,7 @@ def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor |
         offset += part.length
     sinks = indexed[0] if isinstance(parts[0], ExactPart) else None
     rest = indexed[1:] if sinks is not None else indexed
-    segments = [item for item in rest if isinstance(item[1], FactoredPart)]
+    segments = [item for item in rest if not isinstance(item[1], ExactPart)]
     tails = [item for item in rest if isinstance(item[1], ExactPart)]
     order = ([sinks] if sinks is not None else []) + segments + tails
     if valid is not None and [i for i, _, _ in order] != list(range(len(parts))):
@@ -921,7 +1085,14 @@ def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor |
     else:
         tail_keys = query.new_empty(batch, kv_heads, 0, head_dim)
         tail_values = query.new_empty(batch, kv_heads, 0, value_dim)
-    segs = [p for _, p, _ in segments]
+    selections = [p for _, p, _ in segments]
+    segs = [p.segment if isinstance(p, SelectedPart) else p for p in selections]
+    select_index, select_valid = [], []
+    if any(isinstance(p, SelectedPart) for p in selections):
+        empty_index = query.new_empty(0, dtype=torch.int64)
+        empty_valid = query.new_empty(0, dtype=torch.bool)
+        select_index = [p.index if isinstance(p, SelectedPart) else empty_index for p in selections]
+        select_valid = [p.index_valid if isinstance(p, SelectedPart) else empty_valid for p in selections]
     cos, sin = [], []
     if any(p.cos is not None for p in segs):
         none = None if all(p.cos is not None for p in segs) else query.new_empty(0, 0, dtype=torch.float32)
@@ -929,19 +1100,22 @@ def _flat_args(query: torch.Tensor, parts: Sequence[Part], valid: torch.Tensor |
         sin = [p.sin if p.sin is not None else none for p in segs]
     return (sink_keys, sink_values, tail_keys, tail_values, [p.key_factor for p in segs],
             [p.key_right for p in segs], [p.value_factor for p in segs], [p.value_right for p in segs],
-            cos, sin, valid)
+            cos, sin, select_index, select_valid, valid)
 
 
 def _op_impl(query: torch.Tensor, sink_keys: torch.Tensor, sink_values: torch.Tensor, tail_keys: torch.Tensor,
              tail_values: torch.Tensor, key_factors: list[torch.Tensor], key_rights: list[torch.Tensor],
              value_factors: list[torch.Tensor], value_rights: list[torch.Tensor], cos: list[torch.Tensor],
-             sin: list[torch.Tensor], scaling: float, valid: torch.Tensor | None,
-             use_triton: bool | None) -> torch.Tensor:
+             sin: list[torch.Tensor], select_index: list[torch.Tensor], select_valid: list[torch.Tensor],
+             scaling: float, valid: torch.Tensor | None, use_triton: bool | None) -> torch.Tensor:
     """The op's kernel: the parts rebuilt, then the eager path (the kernels or the reference)."""
     tables = list(zip(cos, sin)) if cos else [(None, None)] * len(key_factors)
     segments = [FactoredPart(kf, kr, vf, vr, c if c is not None and c.numel() else None,
                              s if s is not None and s.numel() else None)
                 for kf, kr, vf, vr, (c, s) in zip(key_factors, key_rights, value_factors, value_rights, tables)]
+    if select_index:
+        segments = [SelectedPart(seg, index, index_valid) if index.dim() == 3 else seg
+                    for seg, index, index_valid in zip(segments, select_index, select_valid)]
     parts = [ExactPart(sink_keys, sink_values), *segments, ExactPart(tail_keys, tail_values)]
     kv_heads, value_dim, total = _check(query, parts, valid)
     if use_triton and not _HAVE_TRITON:

@@ -116,6 +116,7 @@ def xkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         valid = valid_mask_from_attention_mask(attention_mask, query.shape[0], total)
     valid = layer.decode_valid(valid, query.shape[0], total)  # outlier tokens: their own parts
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    parts = layer.select_parts(query, parts, valid, scale)  # select_budget: the best chunks of each segment
     return xkv_decode_attention(query, parts, scale, valid), None
 
 

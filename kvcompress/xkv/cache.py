@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
-from ..kernels.xkv_decode import ExactPart, FactoredPart
+from ..kernels.xkv_decode import ExactPart, FactoredPart, SelectedPart
 from ..models import text_config
 from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
 from ..registry import MethodParams, Range, param
 from ..storage import grown_capacity, stock_crop_length
-from .compression import (Rank, _Group, _Segment, _rope_table_dtype, default_group_size, dequantize_columns,
-                          plan_group_compression,
-                          resolve_rank)
+from ..kernels.xkv_select import select_chunks
+from .compression import (Rank, _Group, _Segment, _rope_table_dtype, chunk_count, chunk_landmarks, default_group_size,
+                          dequantize_columns, plan_group_compression, resolve_rank)
 
 _RANK = (Range(int, low=1), Range(float, low=0.0, high=1.0, low_open=True))
 
@@ -55,6 +56,13 @@ class XKVParams(MethodParams):
                                     "or as the states (None)", Range(int, choices=(8,)), none_ok=True)
     outliers: float = param(0.0, "fraction of each compression's tokens kept exact: those the group's "
                             "factors rebuild worst", Range(float, low=0.0, high=0.5))
+    select_budget: int | float | str | None = param(
+        None, "selective decode: tokens of each compressed segment rebuilt and attended per step and KV head "
+        "(int), or a fraction of the segment (float); None or 'all' = every token (full reconstruction)",
+        Range(int, low=1), Range(float, low=0.0, high=1.0, low_open=True), Range(str, choices=("all",)),
+        none_ok=True, note="chosen by chunk landmarks; needs the fused decode (patch_xkv)")
+    select_chunk: int = param(32, "selective decode: tokens per chunk, the unit that is scored and selected",
+                              Range(int, low=1, high=4096))
 
     def __getitem__(self, name: str):
         """``params["window"]``: the parameter's value (``XKVCache.params`` used to be a dict)."""
@@ -426,6 +434,28 @@ class XKVLayer(CacheLayerMixin):
                 parts.append(ExactPart(keys, values))
         return parts
 
+    def select_parts(self, query: torch.Tensor, parts: list, valid: torch.Tensor | None, scaling: float) -> list:
+        """:meth:`decode_parts` with selective reconstruction (``XKVCache(select_budget=...)``): each segment whose
+        budget keeps fewer chunks than it has becomes a :class:`~kvcompress.kernels.xkv_decode.SelectedPart` of
+        the chunks its landmarks score best for ``query`` (per KV head,
+        :func:`kvcompress.kernels.xkv_select.select_chunks`); ``valid`` is :meth:`decode_valid`'s mask (its
+        segment columns mask padding and outlier rows in the selection). Without a budget: ``parts`` itself."""
+        cache = self._cache
+        if not cache.selects:
+            return parts
+        parts, pos = list(parts), self.sink_keys.shape[-2]
+        for j, segment in enumerate(self.group.segments[: len(self.key_rights)]):
+            keep = cache.selected_chunks(segment.length)
+            if segment.key_landmarks is not None and keep < segment.key_landmarks.shape[-2]:
+                part = parts[1 + j]
+                part_valid = None if valid is None else valid[:, pos : pos + segment.length]
+                index, index_valid = select_chunks(query, segment.key_landmarks, part.key_right, segment.landmark_cos,
+                                                   segment.landmark_sin, scaling, segment.length,
+                                                   cache.params.select_chunk, keep, part_valid)
+                parts[1 + j] = SelectedPart(part, index, index_valid)
+            pos += segment.length
+        return parts
+
     def outlier_tokens(self) -> int:
         """Outlier tokens this layer holds exact copies of (the length of :meth:`decode_parts`' outlier parts)."""
         return sum(k.shape[-2] for k in self.outlier_keys[: len(self.key_rights)] if k is not None)
@@ -633,7 +663,8 @@ def _segment_row_bytes(segment: _Segment, group_size: int, layer_width: int, e: 
     (its share of the RoPE tables aside): ``T*(r_k*f_k + r_v*f_v)`` for the token factors (``f`` their entry
     size: 1 byte when quantised, plus ``e`` per row and per component scale), ``m*G*(r_k + r_v)*W`` for the
     matrices (``m`` = ``matrix_bytes``: ``e``, or 1 in 8 bits plus ``e`` per column scale), and per
-    outlier token its exact keys and values in every layer and its int64 slot, plus the one-byte keep mask."""
+    outlier token its exact keys and values in every layer and its int64 slot, plus the one-byte keep mask;
+    with selective decode, ``e*C*r_k`` for the ``C = ceil(T / select_chunk)`` landmark rows."""
     rk, rv, t = segment.key_factor.shape[-1], segment.value_factor.shape[-1], segment.length
     total = t * (rk * segment.key_factor.element_size() + rv * segment.value_factor.element_size())
     if segment.key_scale is not None:  # one scale per row and one per component, keys and values
@@ -642,7 +673,14 @@ def _segment_row_bytes(segment: _Segment, group_size: int, layer_width: int, e: 
     if matrix_bytes != e:  # int8 matrices: one scale per column, per layer, keys and values
         total += e * group_size * 2 * layer_width
     total += segment.num_outliers * (e * group_size * 2 * layer_width + 8) + (t if segment.keep is not None else 0)
+    if segment.key_landmarks is not None:  # selective decode: one mean factor row per chunk
+        total += e * segment.key_landmarks.shape[-2] * rk
     return total
+
+
+def _landmark_table_bytes(segment: _Segment) -> int:
+    """Bytes of a segment's chunk-mean cos/sin tables (selective decode with ``pre_rope``; not per batch row)."""
+    return tensor_nbytes(segment.landmark_cos, segment.landmark_sin)
 
 
 def _layer_types(cfg, num_layers: int) -> list[str]:
@@ -728,6 +766,20 @@ class XKVCache(Cache):
             the matrices (``G*(r_k + r_v)*H*d`` per layer and segment) cost about as much as int8 factors, so
             with ``factor_bits=8`` this buys another ~1.5x the rank under ``ratio=``. ``None``: in the states'
             dtype.
+        select_budget: selective reconstruction at decode. ``None`` (default) or ``"all"``: every decode step
+            rebuilds and attends every compressed token (today's results, bit for bit). An int ``n >= 1``: per
+            compressed segment, decode layer and KV head, only about ``n`` tokens -- the top
+            ``ceil(n / select_chunk)`` chunks by landmark score -- are rebuilt from the factors and attended,
+            exactly, in one softmax with the sinks, the exact window and decoded tail and the outlier tokens;
+            a float in (0, 1]: that fraction of each segment's tokens (rounded up). A budget that covers the
+            whole segment takes the full reconstruction. Landmarks (chunk means of the key factor rows, see
+            :func:`kvcompress.xkv.compression.chunk_landmarks`) are computed once per compression and counted
+            in ``nbytes()``. Applies to the fused decode (:func:`~kvcompress.xkv.patch_xkv`, installed by the
+            registered method); unpatched models rebuild every key and value (the model's own attention reads
+            them). See docs/xkv.md, "Selective reconstruction".
+        select_chunk: tokens per landmark chunk (>= 1, default 32): the unit that is scored and selected.
+            Smaller chunks select more precisely and cost more landmark bytes (``r_k / select_chunk`` elements
+            per token and group) and more scoring work per step.
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -760,13 +812,16 @@ class XKVCache(Cache):
         rank_allocation: str = XKVParams.rank_allocation,
         factor_bits: int | None = XKVParams.factor_bits,
         matrix_bits: int | None = XKVParams.matrix_bits,
+        select_budget: int | float | str | None = XKVParams.select_budget,
+        select_chunk: int = XKVParams.select_chunk,
     ):
         # every model-independent rule lives in XKVParams (TypeError/ValueError naming the parameter)
         self.params = params = XKVParams(
             group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink, pre_rope=pre_rope,
             min_compress_tokens=min_compress_tokens, svd_method=svd_method, max_cache_len=max_cache_len,
             merge_segments=merge_segments, outliers=outliers, ratio=ratio, rank_allocation=rank_allocation,
-            factor_bits=factor_bits, matrix_bits=matrix_bits)
+            factor_bits=factor_bits, matrix_bits=matrix_bits, select_budget=select_budget,
+            select_chunk=select_chunk)
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
             raise ValueError("XKVCache supports decoder-only models; got an encoder-decoder config")
@@ -836,6 +891,22 @@ class XKVCache(Cache):
     def max_cache_len(self) -> int | None:
         """The fixed capacity in tokens (``None``: the storage grows)."""
         return self._capacity
+
+    @property
+    def selects(self) -> bool:
+        """Whether decode reconstructs selectively (``select_budget`` is neither ``None`` nor ``"all"``)."""
+        return self.params.select_budget not in (None, "all")
+
+    def selected_chunks(self, tokens: int) -> int:
+        """Chunks of a ``tokens``-token segment that a selective decode step keeps per KV head: the budget in
+        tokens (an int, or ``ceil(select_budget * tokens)``) over ``select_chunk``, rounded up, at least 1 and at
+        most every chunk (then the step reconstructs the whole segment)."""
+        chunk, count = self.params.select_chunk, chunk_count(tokens, self.params.select_chunk)
+        budget = self.params.select_budget
+        if not self.selects:
+            return count
+        wanted = budget if isinstance(budget, int) else math.ceil(budget * tokens)
+        return min(count, max(1, chunk_count(wanted, chunk)))
 
     @property
     def rank_k(self) -> int:
@@ -954,6 +1025,8 @@ class XKVCache(Cache):
                     segment.key_channel, segment.value_channel = fn(segment.key_channel), fn(segment.value_channel)
                 if segment.outlier_index is not None:
                     segment.outlier_index, segment.keep = fn(segment.outlier_index), fn(segment.keep)
+                if segment.key_landmarks is not None:  # per batch row (the cos/sin means are per slot)
+                    segment.key_landmarks = fn(segment.key_landmarks)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -1000,6 +1073,9 @@ class XKVCache(Cache):
                     if segment.outlier_index is not None:
                         kept[("outlier_index", g, j)] = segment.outlier_index
                         kept[("keep", g, j)] = segment.keep
+                    for role in ("key_landmarks", "landmark_cos", "landmark_sin"):
+                        if getattr(segment, role) is not None:
+                            kept[(role, g, j)] = getattr(segment, role)
             for key, (cos, sin) in self._rope_tables.items():
                 kept[("cos", *key)], kept[("sin", *key)] = cos, sin
         super().reset()
@@ -1150,6 +1226,13 @@ class XKVCache(Cache):
             if new_segment.outlier_index is not None:
                 new_segment.outlier_index = self._reuse(("outlier_index", g, j), new_segment.outlier_index)
                 new_segment.keep = self._reuse(("keep", g, j), new_segment.keep)
+            if self.selects:  # once per compression, from the factors as stored (a merge: the whole new basis)
+                table = self._segment_rope_table(new_segment) if self.params.pre_rope else (None, None)
+                landmarks = chunk_landmarks(new_segment, self.params.select_chunk, *table)
+                new_segment.key_landmarks = self._reuse(("key_landmarks", g, j), landmarks[0])
+                if landmarks[1] is not None:
+                    new_segment.landmark_cos = self._reuse(("landmark_cos", g, j), landmarks[1])
+                    new_segment.landmark_sin = self._reuse(("landmark_sin", g, j), landmarks[2])
             group.segments.append(new_segment)
         if merge:
             # RoPE tables are shared by the groups and cached by (start, length): drop those no segment uses
@@ -1196,16 +1279,24 @@ class XKVCache(Cache):
         f = 1 if quantised else e  # bytes per factor entry
         m = self._matrix_bytes(e)  # bytes per reconstruction matrix entry
 
+        chunk = self.params.select_chunk if self.selects else 0
+
         def budget(tokens: int, outliers: int, merge: bool) -> int:
             previous = group.segments[:-1] if merge else group.segments
             others = sum(s.length for s in previous)
-            other_bytes = sum(_segment_row_bytes(s, g, w, e, m) + table_bytes * s.length for s in previous)
+            other_bytes = sum(_segment_row_bytes(s, g, w, e, m) + table_bytes * s.length
+                              + _landmark_table_bytes(s) / b for s in previous)
             exact = held - tokens - others
             room = 2 * g * w * e * held / ratio - 2 * g * w * e * exact - other_bytes
             room -= outliers * (2 * g * w * e + 8) + (tokens if outliers else 0) + table_bytes * tokens
             room -= 2 * e * tokens if quantised else 0  # the key and value row scales
             room -= 2 * e * g * w if m != e else 0  # the matrices' column scales
-            return int(room // (f * tokens + m * g * w + (e if quantised else 0)))
+            # selective decode: landmarks cost e*C per key component, counted per unit of r_k + r_v (r_k is
+            # at most the total: the ratio then holds with room to spare); their cos/sin means per segment
+            landmark = e * chunk_count(tokens, chunk) if chunk else 0
+            if chunk and rotary:
+                room -= _rope_table_dtype(first.keys.dtype).itemsize * 2 * rotary * chunk_count(tokens, chunk) / b
+            return int(room // (f * tokens + m * g * w + (e if quantised else 0) + landmark))
         return budget
 
     def _matrix_bytes(self, element_size: int) -> int:
@@ -1220,7 +1311,10 @@ class XKVCache(Cache):
         segment with ``n_s`` outlier tokens ``n_s*(e*G*2*H*d + 8) + T_s`` (their exact states, int64 slots and
         the one-byte keep mask),
         plus, with ``pre_rope``, one cos/sin table per segment shared by all layers:
-        ``t * 2 * T_s * rotary_dim`` with ``t`` = 2 bytes (float16) for 16-bit states, else 4 (float32).
+        ``t * 2 * T_s * rotary_dim`` with ``t`` = 2 bytes (float16) for 16-bit states, else 4 (float32);
+        plus, with selective decode (``select_budget``), per group and segment ``e*C_s*r_k,s`` per batch row for
+        the landmarks (``C_s = ceil(T_s / select_chunk)``) and, with ``pre_rope``, ``t * 2 * C_s * rotary_dim``
+        for their chunk-mean cos/sin.
         """
         total = 0
         if self.params.pre_rope:
@@ -1234,6 +1328,7 @@ class XKVCache(Cache):
             e, b, hd = layer.keys.element_size(), layer.batch_size, self.num_kv_heads * self.head_dim
             g = len(group.layer_indices)
             total += b * sum(_segment_row_bytes(s, g, hd, e, self._matrix_bytes(e)) for s in group.segments)
+            total += sum(_landmark_table_bytes(s) for s in group.segments)
             exact = layer.sink_keys.shape[-2] + layer.keys.shape[-2]
             total += e * b * g * exact * 2 * hd
         for layer in self.layers:

@@ -36,6 +36,12 @@ class _Segment:
     key_channel: torch.Tensor | None = None
     value_channel: torch.Tensor | None = None
     dtype: torch.dtype | None = None  # the states' dtype (what the factors stand for)
+    # Selective decode (XKVCache(select_budget=...)): per chunk of ``select_chunk`` tokens, the mean of its key
+    # factor rows ``[B, C, r_k]`` (states' dtype) and, keys compressed before RoPE, the chunk means of the
+    # segment's cos/sin table ``[C, rotary_dim]`` (:func:`chunk_landmarks`). None: the segment has no landmarks.
+    key_landmarks: torch.Tensor | None = None
+    landmark_cos: torch.Tensor | None = None
+    landmark_sin: torch.Tensor | None = None
 
     def key_left(self, a: int = 0, b: int | None = None) -> torch.Tensor:
         """The keys' token factor rows ``a:b`` in the states' dtype (dequantised when stored in 8 bits)."""
@@ -52,7 +58,8 @@ class _Segment:
     def tensors(self) -> list[torch.Tensor]:
         """The tensors the segment holds (for byte counts and batch operations)."""
         return [t for t in (self.key_factor, self.value_factor, self.outlier_index, self.keep, self.key_scale,
-                            self.value_scale, self.key_channel, self.value_channel) if t is not None]
+                            self.value_scale, self.key_channel, self.value_channel, self.key_landmarks,
+                            self.landmark_cos, self.landmark_sin) if t is not None]
 
 
 def _rows(factor: torch.Tensor, scale: torch.Tensor | None, channel: torch.Tensor | None, a: int, b: int | None,
@@ -61,6 +68,44 @@ def _rows(factor: torch.Tensor, scale: torch.Tensor | None, channel: torch.Tenso
     if scale is None:
         return rows
     return (rows.float() * scale[:, a:b].float() * channel.float()).to(dtype)
+
+
+def chunk_count(tokens: int, chunk: int) -> int:
+    """Chunks of ``chunk`` tokens covering ``tokens`` (the last one may be shorter)."""
+    return -(-tokens // chunk)
+
+
+def chunk_means(x: torch.Tensor, chunk: int, dim: int) -> torch.Tensor:
+    """Means of ``x`` over consecutive chunks of ``chunk`` entries along ``dim`` (the last chunk may be shorter:
+    its mean is over its own entries), computed in float32 and returned in ``x.dtype``."""
+    x = x.movedim(dim, -2)
+    tokens = x.shape[-2]
+    count = chunk_count(tokens, chunk)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, count * chunk - tokens))
+    sums = padded.unflatten(-2, (count, chunk)).sum(-2)
+    sizes = torch.full((count, 1), float(chunk), device=x.device)
+    sizes[-1] = tokens - (count - 1) * chunk
+    return (sums / sizes).to(x.dtype).movedim(-2, dim)
+
+
+def chunk_landmarks(segment: "_Segment", chunk: int, cos: torch.Tensor | None = None,
+                    sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A segment's landmarks for selective decode: per chunk ``c`` of ``chunk`` consecutive tokens (the last one
+    may be shorter) the mean of its key factor rows, ``Abar_c = mean_{t in c} A_k[t]`` ``[B, C, r_k]``, and,
+    keys compressed before RoPE (``cos``/``sin`` the segment's table ``[T, rotary_dim]``), the chunk means of the
+    table ``[C, rotary_dim]``.
+
+    Why these: layer ``l``'s mean key of the chunk is ``mean_t R(p_t) A_k[t] B_l``. Without RoPE that is exactly
+    ``Abar_c B_l`` (linear in the rows). With RoPE, ``mean_t R(p_t)`` is, per frequency, a rotation by the
+    chunk-mean angle scaled by ``|mean_t e^{i w p_t}|`` -- exactly the rotate-half matrix with the mean cos and
+    mean sin -- so ``M_c Abar_c B_l`` is the mean key up to the spread of the rows inside the chunk (exact when
+    they are equal); fast frequencies, whose rotations cancel over a chunk, are damped as in the true mean.
+    Quantised factors (``factor_bits=8``) are dequantised first: the landmark is the mean of what attention
+    rebuilds. Returns ``(landmarks, cos_means or None, sin_means or None)``."""
+    landmarks = chunk_means(segment.key_left(), chunk, dim=1)
+    if cos is None:
+        return landmarks, None, None
+    return landmarks, chunk_means(cos, chunk, dim=0), chunk_means(sin, chunk, dim=0)
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
