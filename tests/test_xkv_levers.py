@@ -143,7 +143,7 @@ def test_ratio_reaches_the_target_on_the_measured_bytes(ratio, allocation, outli
     model = tiny_model("llama", num_hidden_layers=8)
     ids = torch.randint(3, 160, (2, 800), generator=torch.Generator().manual_seed(2))
     stock = cache_nbytes(stock_states(model, ids[:, :-1]))
-    cache = XKVCache(model.config, group_size=2, window=16, ratio=ratio, rank_allocation=allocation,
+    cache = XKVCache(model.config, group_size=2, window=16, ratio=ratio, min_rank=1, rank_allocation=allocation,
                      outliers=outliers, **bits)
     prefill_and_step(model, cache, ids)  # the decode step adds one exact token: measure after the prefill
     cache.crop(-1)
@@ -156,10 +156,42 @@ def test_ratio_reaches_the_target_on_the_measured_bytes(ratio, allocation, outli
             assert abs(segment.key_factor.shape[-1] / segment.value_factor.shape[-1] - 2 / 3) < 0.2
 
 
+def test_ratio_on_a_short_prompt_stops_at_min_rank():
+    """A prompt too short for the ratio: the ranks stop at min_rank instead of falling to 1 + 1, and the cache
+    then holds more than 1/ratio; min_rank=1 gives the ratio's own ranks back."""
+    model = tiny_model("llama", num_hidden_layers=8)
+    ids = torch.randint(3, 160, (1, 200), generator=torch.Generator().manual_seed(3))
+    stock = cache_nbytes(stock_states(model, ids[:, :-1]))
+    floored = XKVCache(model.config, group_size=2, window=16, ratio=12.0, min_rank=8, **FLOAT)
+    free = XKVCache(model.config, group_size=2, window=16, ratio=12.0, min_rank=1, **FLOAT)
+    for cache in (floored, free):
+        prefill_and_step(model, cache, ids)
+        cache.crop(-1)
+        assert cache.nbytes() == cache.expected_nbytes()
+    low = [(s.key_factor.shape[-1], s.value_factor.shape[-1]) for g in free.groups for s in g.segments]
+    assert low and all(k + v < 16 for k, v in low), low  # the ratio alone asks for less than the floor
+    for group in floored.groups:
+        (segment,) = group.segments
+        assert min(segment.key_factor.shape[-1], segment.value_factor.shape[-1]) == 8
+    assert stock / floored.nbytes() < stock / free.nbytes()  # the floor holds more (neither reaches 12x here)
+
+
+def test_min_rank_keeps_tokens_exact_when_factors_would_not_save_memory():
+    model = tiny_model("llama", num_hidden_layers=8)
+    ids = torch.randint(3, 160, (1, 120), generator=torch.Generator().manual_seed(5))
+    width = 2 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads)
+    cache = XKVCache(model.config, group_size=2, window=16, ratio=12.0, min_rank=width, **FLOAT)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    assert all(not g.segments for g in cache.groups)  # full-width factors of 100 tokens cost more than them
+    layer = cache.layers[0]  # the sinks and the exact tail: every token, as the stock cache holds it
+    torch.testing.assert_close(torch.cat([layer.sink_keys, layer.keys], -2), stock_states(model, ids).layers[0].keys)
+
+
 def test_ratio_with_chunked_prefill_merges_and_keeps_the_target():
     model = tiny_model("llama", num_hidden_layers=8)
     ids = torch.randint(3, 160, (1, 700), generator=torch.Generator().manual_seed(4))
-    cache = XKVCache(model.config, group_size=2, window=16, ratio=4.0, outliers=0.02)
+    cache = XKVCache(model.config, group_size=2, window=16, ratio=4.0, min_rank=1, outliers=0.02)
     with torch.no_grad():
         for a in range(0, 700, 175):
             model(ids[:, a:a + 175], past_key_values=cache)
@@ -196,6 +228,8 @@ def test_full_rank_spectrum_allocation_is_exact():
     (dict(outliers="some"), TypeError, ["outliers"]),
     (dict(ratio=1.0), ValueError, ["ratio", "> 1"]),
     (dict(ratio=float("nan")), ValueError, ["ratio"]),
+    (dict(min_rank=0), ValueError, ["min_rank"]),
+    (dict(min_rank=1.5), ValueError, ["min_rank"]),
     (dict(rank_allocation="energy"), ValueError, ["rank_allocation", "'fixed'", "'spectrum'"]),
     (dict(factor_bits=4), ValueError, ["factor_bits", "8"]),
     (dict(matrix_bits=16), ValueError, ["matrix_bits", "8"]),
@@ -257,7 +291,7 @@ def test_int8_factors_bytes_formula_and_paths_agree(static, merge, matrix_bits):
     cut of the same bytes."""
     model = tiny_model("llama", num_hidden_layers=8)
     ids = torch.randint(3, 160, (2, 400), generator=torch.Generator().manual_seed(1))
-    params = dict(group_size=2, window=16, ratio=4.0, factor_bits=8, matrix_bits=matrix_bits, outliers=0.02,
+    params = dict(group_size=2, window=16, ratio=4.0, min_rank=1, factor_bits=8, matrix_bits=matrix_bits, outliers=0.02,
                   merge_segments=merge, max_cache_len=420 if static else None)
 
     def run(patched, **overrides):
@@ -306,13 +340,13 @@ def test_int8_matrices_survive_batch_operations():
     gives the reordered logits."""
     model = tiny_model("llama")
     ids = torch.randint(3, 160, (3, 90), generator=torch.Generator().manual_seed(5))
-    cache = XKVCache(model.config, ratio=3.0, factor_bits=8, matrix_bits=8, **SMALL)
+    cache = XKVCache(model.config, ratio=3.0, min_rank=1, factor_bits=8, matrix_bits=8, **SMALL)
     with torch.no_grad():
         model(ids[:, :-1], past_key_values=cache)
         order = torch.tensor([2, 0, 1])
         cache.reorder_cache(order)
         out = model(ids[order, -1:], past_key_values=cache).logits[:, -1]
-    fresh = XKVCache(model.config, ratio=3.0, factor_bits=8, matrix_bits=8, **SMALL)
+    fresh = XKVCache(model.config, ratio=3.0, min_rank=1, factor_bits=8, matrix_bits=8, **SMALL)
     with torch.no_grad():
         model(ids[order, :-1], past_key_values=fresh)
         ref = model(ids[order, -1:], past_key_values=fresh).logits[:, -1]

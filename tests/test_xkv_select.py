@@ -288,7 +288,7 @@ def test_landmarks_are_counted_and_follow_merges_and_batch_operations():
 def test_ratio_holds_with_landmarks(ratio):
     model = make_model()
     ids, mask = prompts([200, 180])
-    cache = _layer_case(model, ids, mask, group_size=2, ratio=ratio, select_budget=0.1, select_chunk=8)
+    cache = _layer_case(model, ids, mask, group_size=2, ratio=ratio, min_rank=1, select_budget=0.1, select_chunk=8)
     from transformers import DynamicCache
     stock = DynamicCache(config=model.config)
     with torch.no_grad():

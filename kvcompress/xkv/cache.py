@@ -47,6 +47,9 @@ class XKVParams(MethodParams):
     ratio: float | None = param(None, "target memory ratio DynamicCache/XKVCache: each compression takes the "
                                 "ranks that reach it (rank_k:rank_v, or the spectra, split them)",
                                 Range(float, low=1.0, low_open=True), none_ok=True)
+    min_rank: Rank = param(0.1, "with ratio=: the smallest rank keys and values may each take (absolute or "
+                           "fraction of the width); a prompt too short for the ratio holds less than it asks "
+                           "instead of falling to rank 1", *_RANK, note="int at most group_size*kv_heads*head_dim")
     rank_allocation: str = param("fixed", "split of the keys'/values' rank: fixed (rank_k:rank_v) or spectrum "
                                  "(the group's singular values, for the least relative error)",
                                  Range(str, choices=("fixed", "spectrum")))
@@ -750,8 +753,15 @@ class XKVCache(Cache):
             group's share of the RoPE tables, the exact sinks and window -- fit ``1/ratio`` of the group's
             exact bytes for the tokens it holds (:meth:`rank_budget`); ``rank_k:rank_v`` gives the split (or
             the spectra, see ``rank_allocation``). The exact window and sinks are part of the budget, so a
-            short prompt cannot reach a high ratio: its ranks then fall to 1 + 1. The ratio holds after the
-            compression; tokens decoded later are exact and lower it.
+            short prompt cannot reach a high ratio: its ranks then stop at ``min_rank`` and the cache holds
+            more than ``1/ratio`` (a compression whose factors at that rank would not save memory is skipped:
+            the tokens stay exact). The ratio holds after the compression; tokens decoded later are exact and
+            lower it.
+        min_rank: with ``ratio``, the smallest rank the keys and the values may each take: an int in
+            ``[1, group_size*kv_heads*head_dim]`` or a fraction of that width (default ``0.1``). On SmolLM2
+            (width 960) that is 96, which ``ratio=7`` exceeds from about 1k prompt tokens on; below that the
+            ratio's ranks would fall towards 1 + 1 and lose the prompt. ``1`` lets them. With
+            ``rank_allocation="spectrum"`` the floor is on their sum (``2*min_rank``).
         rank_allocation: ``"fixed"`` (default): the keys' and values' ranks as given (or, with ``ratio``, in
             the proportion ``rank_k:rank_v``); ``"spectrum"``: per group, the total rank is split between keys
             and values from their singular values, for the least sum of relative errors
@@ -809,6 +819,7 @@ class XKVCache(Cache):
         merge_segments: bool = XKVParams.merge_segments,
         outliers: float = XKVParams.outliers,
         ratio: float | None = XKVParams.ratio,
+        min_rank: Rank = XKVParams.min_rank,
         rank_allocation: str = XKVParams.rank_allocation,
         factor_bits: int | None = XKVParams.factor_bits,
         matrix_bits: int | None = XKVParams.matrix_bits,
@@ -819,8 +830,8 @@ class XKVCache(Cache):
         self.params = params = XKVParams(
             group_size=group_size, rank_k=rank_k, rank_v=rank_v, window=window, sink=sink, pre_rope=pre_rope,
             min_compress_tokens=min_compress_tokens, svd_method=svd_method, max_cache_len=max_cache_len,
-            merge_segments=merge_segments, outliers=outliers, ratio=ratio, rank_allocation=rank_allocation,
-            factor_bits=factor_bits, matrix_bits=matrix_bits, select_budget=select_budget,
+            merge_segments=merge_segments, outliers=outliers, ratio=ratio, min_rank=min_rank,
+            rank_allocation=rank_allocation, factor_bits=factor_bits, matrix_bits=matrix_bits, select_budget=select_budget,
             select_chunk=select_chunk)
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
@@ -863,6 +874,7 @@ class XKVCache(Cache):
         self.group_size = group_size  # resolved (params.group_size may be None)
         self.key_rank = resolve_rank("rank_k", rank_k, group_size * self.num_kv_heads * self.head_dim)
         self.value_rank = resolve_rank("rank_v", rank_v, group_size * self.num_kv_heads * self.value_head_dim)
+        self.min_rank = resolve_rank("min_rank", min_rank, group_size * self.num_kv_heads * self.head_dim)
         self._capacity = max_cache_len  # read through the max_cache_len property (transformers 5.17's Cache has one)
         self._inv_freq = rope_inv_freq(cfg) if pre_rope else None
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -1174,7 +1186,8 @@ class XKVCache(Cache):
             layer_width=self.num_kv_heads * self.head_dim,
             rope_table=(lambda start, k: self._rope_table(start, k.shape[1], k.device, _rope_table_dtype(k.dtype)))
             if self.params.pre_rope else None, drop_zero_components=not self.is_static,
-            rank_budget=self.rank_budget(group) if self.params.ratio is not None else None)
+            rank_budget=self.rank_budget(group) if self.params.ratio is not None else None,
+            min_rank=self.min_rank)
         if plan is None:
             return
         to_sink, new_segment, merge = plan.to_sink, plan.segment, plan.merge

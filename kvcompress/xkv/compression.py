@@ -319,6 +319,7 @@ def plan_group_compression(
     rope_table: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
     drop_zero_components: bool = True,
     rank_budget: Callable[[int, int, bool], int] | None = None,
+    min_rank: int = 1,
 ) -> GroupCompression | None:
     """Factorise what a group's exact tails (``[B, H, t, d]``, one per layer, in order) owe: every tail token
     older than ``params.window`` past the sinks (``held_sinks`` held, ``params.sink`` wanted).
@@ -334,7 +335,8 @@ def plan_group_compression(
     ``rank_budget(tokens, outliers, merge)`` (``XKVCache(ratio=...)``): the total rank ``r_k + r_v`` a segment of
     ``tokens`` tokens holding ``outliers`` exact tokens can afford; ``key_rank:value_rank`` then gives the split,
     or with ``params.rank_allocation == "spectrum"`` the singular values do (:func:`split_rank_by_spectrum`;
-    without a budget that redistributes ``key_rank + value_rank``).
+    without a budget that redistributes ``key_rank + value_rank``). Under a budget neither rank goes below
+    ``min_rank``; a new segment whose factors at the raised ranks would not save memory is not made.
     """
     tail = tail_keys[0].shape[-2]
     if any(k.shape[-2] != tail for k in tail_keys):
@@ -367,11 +369,20 @@ def plan_group_compression(
     width = group_size * layer_width
     count = outlier_count(params.outliers, to_compress)
     spectrum = params.rank_allocation == "spectrum"
-    if rank_budget is not None:  # ratio=: the ranks this segment can afford
+    if rank_budget is not None:  # ratio=: the ranks this segment can afford, but not below min_rank each
         total = max(rank_budget(length, count + (previous.num_outliers if merge else 0), merge), 2)
+        floor = min(min_rank, width)
         if not spectrum:
             key_rank = min(max(round(total * key_rank / (key_rank + value_rank)), 1), total - 1)
-            value_rank = total - key_rank
+            key_rank, value_rank = max(key_rank, floor), max(total - key_rank, floor)
+            total = key_rank + value_rank
+        else:
+            total = max(total, 2 * floor)
+        if total > 2 * floor or merge or full_rank:
+            pass  # the budget's own ranks, or a segment that exists already
+        elif not factors_save_memory(to_compress, group_size, total // 2, total - total // 2, layer_width, e,
+                                     1 if params.factor_bits == 8 else e, 1 if params.matrix_bits == 8 else e):
+            return GroupCompression(to_sink, 0) if to_sink else None
     else:
         total = key_rank + value_rank
     key_rank, value_rank = min(key_rank, width), min(value_rank, width)
