@@ -73,7 +73,7 @@ class XKVLatentParams(MethodParams):
 
     group_size: int | None = param(None, "adjacent layers sharing one SVD of their latents (None: divisor "
                                    "nearest 4)", Range(int, low=1), none_ok=True,
-                                   note="must divide num_hidden_layers")
+                                   note="must divide the number of full-attention layers")
     rank: Rank = param(0.5, "rank of the group's latent SVD: absolute, fraction of group_size*kv_lora_rank, "
                        "None = full", *_RANK, none_ok=True, note="int at most group_size*kv_lora_rank")
     rope_rank: Rank = param(None, "None: RoPE keys stay exact; else rank of the group's RoPE-key SVD (absolute "
