@@ -58,12 +58,12 @@ def parse_config(text: str) -> dict:
         return float(s) if "." in s else int(s)
 
     bits = int(parts[2]) if len(parts) == 3 else None
-    return dict(rank=rank(parts[0]), rope_rank=rank(parts[1]), factor_bits=bits, matrix_bits=bits)
+    return dict(latent_rank=rank(parts[0]), rope_rank=rank(parts[1]), factor_bits=bits, matrix_bits=bits)
 
 
 def config_name(cfg: dict) -> str:
     bits = f" int{cfg['factor_bits']}" if cfg.get("factor_bits") else ""
-    return f"xkv_mla r={cfg['rank']} rope={cfg['rope_rank']}{bits}"
+    return f"xkv_mla r={cfg['latent_rank']} rope={cfg['rope_rank']}{bits}"
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def tiny_part(args) -> list[dict]:
     with patch_xkv_mla(model):
         for group in args.tiny_groups:
             for fraction in args.tiny_ranks:
-                cache = XKVLatentCache(model.config, group_size=group, rank=fraction, window=0, min_compress_tokens=1)
+                cache = XKVLatentCache(model.config, group_size=group, latent_rank=fraction, window=0, min_compress_tokens=1)
                 model(ids[:, :-1], **{key: cache})
                 rebuilt = [layer.full_states()[0][:, 0] for layer in cache.layers]
                 num = math.sqrt(sum(((a - b).double().norm() ** 2).item() for a, b in zip(rebuilt, exact)))

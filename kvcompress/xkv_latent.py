@@ -74,7 +74,7 @@ class XKVLatentParams(MethodParams):
     group_size: int | None = param(None, "adjacent layers sharing one SVD of their latents (None: divisor "
                                    "nearest 4)", Range(int, low=1), none_ok=True,
                                    note="must divide the number of full-attention layers")
-    rank: Rank = param(0.5, "rank of the group's latent SVD: absolute, fraction of group_size*kv_lora_rank, "
+    latent_rank: Rank = param(0.5, "rank of the group's latent SVD: absolute, fraction of group_size*kv_lora_rank, "
                        "None = full", *_RANK, none_ok=True, note="int at most group_size*kv_lora_rank")
     rope_rank: Rank = param(None, "None: RoPE keys stay exact; else rank of the group's RoPE-key SVD (absolute "
                             "or fraction of group_size*qk_rope_head_dim)", *_RANK, none_ok=True,
@@ -358,7 +358,7 @@ class XKVLatentCache(CheckedLayersCache):
     directly), with ``patch_mla`` or with the stock model (both attend over the rebuilt latent)::
 
         handle = patch_xkv_mla(model)
-        cache = XKVLatentCache(model.config, group_size=2, rank=0.5)
+        cache = XKVLatentCache(model.config, group_size=2, latent_rank=0.5)
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
         print(cache.nbytes())
 
@@ -366,22 +366,22 @@ class XKVLatentCache(CheckedLayersCache):
         config: the model or its config (``model_type`` deepseek_v2 / deepseek_v3).
         group_size: adjacent layers sharing one SVD; must divide ``num_hidden_layers`` (None: the divisor
             nearest 4).
-        rank: rank ``r`` of a group's latent SVD: an int in ``1..group_size*kv_lora_rank``, a fraction of that
+        latent_rank: rank ``r`` of a group's latent SVD: an int in ``1..group_size*kv_lora_rank``, a fraction of that
             width, or None (full rank: exact up to rounding).
-        rope_rank: None (RoPE keys exact) or the rank of the group's RoPE-key SVD, as ``rank`` over
+        rope_rank: None (RoPE keys exact) or the rank of the group's RoPE-key SVD, as ``latent_rank`` over
             ``group_size*qk_rope_head_dim``.
         window, min_compress_tokens, merge_segments, svd_method, factor_bits, matrix_bits: see
             :class:`XKVLatentParams` and the module docstring.
     """
 
     def __init__(self, config, group_size: int | None = XKVLatentParams.group_size,
-                 rank: Rank = XKVLatentParams.rank, rope_rank: Rank = XKVLatentParams.rope_rank,
+                 latent_rank: Rank = XKVLatentParams.latent_rank, rope_rank: Rank = XKVLatentParams.rope_rank,
                  window: int = XKVLatentParams.window, min_compress_tokens: int = XKVLatentParams.min_compress_tokens,
                  merge_segments: bool = XKVLatentParams.merge_segments, svd_method: str = XKVLatentParams.svd_method,
                  factor_bits: int | None = XKVLatentParams.factor_bits,
                  matrix_bits: int | None = XKVLatentParams.matrix_bits):
         cfg = _mla_config(config, "XKVLatentCache")
-        self.params = XKVLatentParams(group_size=group_size, rank=rank, rope_rank=rope_rank, window=window,
+        self.params = XKVLatentParams(group_size=group_size, latent_rank=latent_rank, rope_rank=rope_rank, window=window,
                                       min_compress_tokens=min_compress_tokens, merge_segments=merge_segments,
                                       svd_method=svd_method, factor_bits=factor_bits, matrix_bits=matrix_bits)
         self.num_layers = cfg.num_hidden_layers
@@ -394,7 +394,7 @@ class XKVLatentCache(CheckedLayersCache):
             raise ValueError(f"group_size={group_size} does not divide num_hidden_layers={self.num_layers}; "
                              f"allowed: {divisors} (or None)")
         self.group_size = group_size
-        self.rank = resolve_latent_rank("rank", rank, group_size * self.kv_lora_rank, "group_size * kv_lora_rank")
+        self.rank = resolve_latent_rank("latent_rank", latent_rank, group_size * self.kv_lora_rank, "group_size * kv_lora_rank")
         self.rope_rank = None if rope_rank is None else resolve_latent_rank(
             "rope_rank", rope_rank, group_size * self.qk_rope_head_dim, "group_size * qk_rope_head_dim")
         self.groups = [_LatentGroup(list(range(g, g + group_size))) for g in range(0, self.num_layers, group_size)]

@@ -57,7 +57,7 @@ def test_full_rank_reproduces_the_latent_cache(family, patch):
     handle = patch(model) if patch else None
     try:
         ref = generate(model, MLALatentCache(model.config), ids)
-        cache = small(model, rank=None)
+        cache = small(model, latent_rank=None)
         out = generate(model, cache, ids)
     finally:
         if handle:
@@ -73,7 +73,7 @@ def test_factored_decode_runs_and_agrees_with_the_rebuilt_latent():
     and the rebuilt path attend over the same numbers, so they agree to rounding."""
     model = make_model()
     ids = prompt()
-    params = dict(rank=0.3, rope_rank=0.5, factor_bits=8, matrix_bits=8)
+    params = dict(latent_rank=0.3, rope_rank=0.5, factor_bits=8, matrix_bits=8)
     outs = []
     for patch in (patch_mla, patch_xkv_mla):
         with patch(model) as handle:
@@ -126,7 +126,7 @@ def test_lower_ranks_give_bounded_error_decreasing_with_rank():
         errors, latent_errors = [], []
         with patch_xkv_mla(model):
             for rank in (8, 16, 32, 48, 64):
-                cache = small(model, rank=rank)
+                cache = small(model, latent_rank=rank)
                 model(ids, **{cache_kwarg(model): cache})
                 logits = model(step, **{cache_kwarg(model): cache}).logits
                 errors.append((logits - ref_next).abs().max().item())
@@ -145,7 +145,7 @@ def test_lower_ranks_give_bounded_error_decreasing_with_rank():
 def test_nbytes_matches_an_independent_formula(bits, rope_rank):
     model = make_model()  # 4 layers, kv_lora_rank 32, rope 8, fp32
     ids = prompt(batch=2)
-    cache = small(model, rank=20, rope_rank=rope_rank, factor_bits=bits, matrix_bits=bits)
+    cache = small(model, latent_rank=20, rope_rank=rope_rank, factor_bits=bits, matrix_bits=bits)
     generate(model, cache, ids, new_tokens=3)
     B, G, groups, dc, p, e, r = 2, 2, 2, 32, 8, 4, 20
     L, tail = PROMPT - 4, 4 + 2  # 36 compressed tokens; window + 2 decoded tokens exact
@@ -166,7 +166,7 @@ def test_nbytes_matches_an_independent_formula(bits, rope_rank):
 def test_truncated_cache_is_smaller_than_the_latent_cache():
     model = make_model()
     ids = prompt(batch=1, length=200, seed=2)
-    ref, cache = MLALatentCache(model.config), small(model, rank=16, factor_bits=8, matrix_bits=8)
+    ref, cache = MLALatentCache(model.config), small(model, latent_rank=16, factor_bits=8, matrix_bits=8)
     generate(model, ref, ids, new_tokens=2)
     generate(model, cache, ids, new_tokens=2)
     assert cache.nbytes() * 3 < ref.nbytes()
@@ -178,11 +178,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"group_size=3 does not divide num_hidden_layers=4; allowed: \[1, 2, 4\]"):
         XKVLatentCache(model.config, group_size=3)
     with pytest.raises(ValueError, match=r"rank=65 is out of range: allowed ranks are 1..64"):
-        XKVLatentCache(model.config, group_size=2, rank=65)
+        XKVLatentCache(model.config, group_size=2, latent_rank=65)
     with pytest.raises(ValueError, match=r"rope_rank=17 is out of range: allowed ranks are 1..16"):
         XKVLatentCache(model.config, group_size=2, rope_rank=17)
-    with pytest.raises(ValueError, match="rank"):
-        XKVLatentCache(model.config, rank=1.5)
+    with pytest.raises(ValueError, match="latent_rank"):
+        XKVLatentCache(model.config, latent_rank=1.5)
     with pytest.raises(ValueError, match="factor_bits"):
         XKVLatentCache(model.config, factor_bits=4)
     with pytest.raises(ValueError, match="model_type"):
@@ -200,9 +200,9 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_registered_method_builds_and_patches():
     model = make_model()
-    cache = make_cache("xkv_mla", model, group_size=2, rank=16)
+    cache = make_cache("xkv_mla", model, group_size=2, latent_rank=16)
     assert isinstance(cache, XKVLatentCache) and cache.rank == 16
-    assert XKVLatentParams().rank == 0.5
+    assert XKVLatentParams().latent_rank == 0.5
     ids = prompt()
     from kvcompress import patch_model
 
