@@ -16,6 +16,7 @@ from .xkv import XKVCache, XKVParams, default_group_size, patch_xkv
 from .mla import MLALatentCache, MLAParams, absorbed_attention, patch_mla
 from .tpla import TPLACache, TPLAParams, patch_tpla
 from .quantized import CountedQuantizedCache, QuantizedParams
+from .xkv_latent import XKVLatentCache, XKVLatentParams, patch_xkv_mla
 from .transmla import convert_gqa_to_mla, distill_from_teacher, kv_elements_per_token, save_converted
 
 __version__ = "0.1.0"
@@ -27,5 +28,6 @@ __all__ = [
     "MLALatentCache", "MLAParams", "absorbed_attention", "patch_mla",
     "TPLACache", "TPLAParams", "patch_tpla",
     "CountedQuantizedCache", "QuantizedParams",
+    "XKVLatentCache", "XKVLatentParams", "patch_xkv_mla",
     "convert_gqa_to_mla", "distill_from_teacher", "kv_elements_per_token", "save_converted",
 ]
