@@ -72,7 +72,8 @@ def test_declared_defaults_are_the_signature_defaults(name):
     declared = get_method(name).defaults()
     targets = {"xkv": [kvcompress.XKVCache.__init__], "mla": [kvcompress.patch_mla, kvcompress.MLALatentCache.__init__],
                "tpla": [kvcompress.patch_tpla, kvcompress.TPLACache.__init__],
-               "quantized": [kvcompress.CountedQuantizedCache.__init__]}[name]
+               "quantized": [kvcompress.CountedQuantizedCache.__init__],
+               "xkv_mla": [kvcompress.patch_xkv_mla, kvcompress.XKVLatentCache.__init__]}[name]
     for target in targets:
         signature = inspect.signature(target).parameters
         shared = {n: p.default for n, p in signature.items() if n in declared}
