@@ -65,6 +65,29 @@ def stock_crop_length(length: int, tokens_to_remove: int) -> int:
     return probe.keys.shape[-2]
 
 
+class RowMapped:
+    """transformers' three batch operations (beam ``reorder_cache``, ``batch_repeat_interleave``,
+    ``batch_select_indices``) as one map over batch rows: after ``super()``'s own (the stock keys and
+    values), :meth:`_map_rows` applies the same row operation to every other per-row tensor the class
+    holds. Put it before the cache or layer base class."""
+
+    def _map_rows(self, fn) -> None:
+        """Apply ``fn`` (a tensor -> tensor row operation on dim 0) to every extra per-row tensor held."""
+        raise NotImplementedError(f"{type(self).__name__} must define _map_rows")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_rows(lambda t: t[indices])
+
+
 class GrowableLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` (``[B, n, T, d]``) live in preallocated storage.
 

@@ -58,7 +58,7 @@ from .hooks import PatchHandle, replace_forward, set_attribute
 from .mla import AbsorbedWeights, MLADecode, _mla_config, mla_attention_modules
 from .ops import SVD_METHODS, extend_truncated_svd, tensor_nbytes, truncated_svd
 from .registry import MethodParams, Range, param, register_method
-from .storage import GrowableLayer, stock_crop_length
+from .storage import GrowableLayer, RowMapped, stock_crop_length
 from .xkv.compression import Rank, default_group_size, dequantize_columns, quantize_columns, quantize_factor
 
 _STATE_ATTRIBUTE = "kvcompress_xkv_mla"
@@ -207,7 +207,7 @@ class LatentParts:
 
 
 # -- the layers ------------------------------------------------------------------------------------------
-class XKVLatentLayer(GrowableLayer):
+class XKVLatentLayer(RowMapped, GrowableLayer):
     """One layer of an :class:`XKVLatentCache`.
 
     ``keys``/``values`` (the ``cache_utils`` names) are the exact tail: latent ``[B, 1, t, d_c]`` and RoPE
@@ -321,22 +321,10 @@ class XKVLatentLayer(GrowableLayer):
         super().reset()
         self.rights, self.ropes, self.rope_rights = [], [], []
 
-    def _map(self, fn) -> None:
+    def _map_rows(self, fn) -> None:
         self.rights = [m.map(fn) for m in self.rights]
         self.ropes = [None if t is None else fn(t) for t in self.ropes]
         self.rope_rights = [None if m is None else m.map(fn) for m in self.rope_rights]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._map(lambda t: t[indices])
 
     def nbytes(self) -> int:
         """Bytes of the exact tail and of this layer's matrices and RoPE keys (the factors: the cache's)."""
@@ -351,7 +339,7 @@ class XKVLatentLayer(GrowableLayer):
         return tensor_nbytes(*tensors)
 
 
-class XKVLatentCache(CheckedLayersCache):
+class XKVLatentCache(RowMapped, CheckedLayersCache):
     """xKV's cross-layer SVD over the latent cache of a DeepSeek-V2/V3 (or TransMLA-converted) model.
 
     Use it with a model patched by :func:`patch_xkv_mla` (decode attends over the rank-``r`` factors
@@ -504,24 +492,12 @@ class XKVLatentCache(CheckedLayersCache):
                         layer.keys.element_size()
         return total
 
-    def _map_groups(self, fn) -> None:
+    def _map_rows(self, fn) -> None:
         for group in self.groups:
             for segment in group.segments:
                 segment.factor = segment.factor.map(fn)
                 if segment.rope_factor is not None:
                     segment.rope_factor = segment.rope_factor.map(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._map_groups(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map_groups(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._map_groups(lambda t: t[indices])
 
     def reset(self) -> None:
         super().reset()

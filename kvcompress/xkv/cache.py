@@ -13,7 +13,7 @@ from ..kernels.xkv_decode import ExactPart, FactoredPart, SelectedPart
 from ..models import text_config
 from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
 from ..registry import MethodParams, Range, param
-from ..storage import grown_capacity, stock_crop_length
+from ..storage import RowMapped, grown_capacity, stock_crop_length
 from ..kernels.xkv_select import select_chunks
 from .compression import (Rank, _Group, _Segment, _rope_table_dtype, chunk_count, chunk_landmarks, default_group_size,
                           dequantize_columns, plan_group_compression, resolve_rank)
@@ -698,7 +698,7 @@ def _layer_types(cfg, num_layers: int) -> list[str]:
     return ["full_attention"] * num_layers
 
 
-class XKVCache(Cache):
+class XKVCache(RowMapped, Cache):
     """Cross-layer SVD (xKV) KV cache: groups of adjacent layers share one low-rank token factor.
 
     Use it like any cache::
@@ -1028,7 +1028,7 @@ class XKVCache(Cache):
         return total
 
     # -- batch operations touch the shared factors once ---------------------------------------------
-    def _map_group_factors(self, fn) -> None:
+    def _map_rows(self, fn) -> None:
         for group in self.groups:
             for segment in group.segments:
                 segment.key_factor, segment.value_factor = fn(segment.key_factor), fn(segment.value_factor)
@@ -1039,18 +1039,6 @@ class XKVCache(Cache):
                     segment.outlier_index, segment.keep = fn(segment.outlier_index), fn(segment.keep)
                 if segment.key_landmarks is not None:  # per batch row (the cos/sin means are per slot)
                     segment.key_landmarks = fn(segment.key_landmarks)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._map_group_factors(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map_group_factors(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._map_group_factors(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop tokens of every layer exactly as ``DynamicCache.crop`` does (same arguments, same lengths,
