@@ -287,6 +287,7 @@ def test_report_counts_a_sample_once_and_groups_methods_into_lines(tmp_path):
     assert report.method_family("quantized:nbits=2") == "quantized quanto"
     assert report.method_family("quantized:backend=hqq:nbits=4") == "quantized hqq"
     assert report.method_family("kvpress:adakv_snapkv:0.85") == "kvpress adakv_snapkv"
+    assert report.method_family("xkv:ratio=7:select_budget=0.1") == "xkv select_budget=0.1"
     recs += [_rec("kvpress:kvzip:0.85", "vt", 0, 1.0, 15, "kvpress"), _rec("kvpress:kvzip:0.88", "vt", 0, 0.0, 12, "kvpress")]
     _, png = report.write_report(recs, tmp_path, "t")
     if png is not None:

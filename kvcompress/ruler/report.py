@@ -93,11 +93,16 @@ def _label(method: str) -> str:
     return text.replace("0.", ".")
 
 
+DECODE_PATH_PARAMS = ("select_budget",)  # parameters that change what decode reads, not the cache
+
+
 def method_family(method: str) -> str:
     """The line a method's point belongs to in the plot: one line per method, its settings as points.
 
     ``xkv:ratio=7`` -> ``xkv``; ``quantized:backend=hqq:nbits=2`` -> ``quantized hqq`` (the backend,
     default quanto, is part of the method); ``kvpress:adakv_snapkv:0.85`` -> ``kvpress adakv_snapkv``.
+    A decode-path parameter (``select_budget``: which tokens a step attends, not how the cache is stored)
+    starts a line of its own: ``xkv:ratio=7:select_budget=0.1`` -> ``xkv select_budget=0.1``.
     """
     parts = method.split(":")
     if parts[0] == "kvpress":
@@ -105,7 +110,19 @@ def method_family(method: str) -> str:
     if parts[0] == "quantized":
         backend = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("backend=")), "quanto")
         return f"quantized {backend}"
-    return parts[0]
+    path = [p for p in parts[1:] if p.split("=", 1)[0] in DECODE_PATH_PARAMS]
+    return " ".join([parts[0], *path])
+
+
+def _ratio_ticks(ax) -> None:
+    """Ticks a reader can use on the log axis (1x, 1.5x, 2x, 3x, ..., 8x, 10x, 12x, 16x, ...) over the data."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    low, high = ax.get_xlim()
+    ticks = [0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64, 96, 128]
+    ax.xaxis.set_major_locator(FixedLocator([t for t in ticks if low <= t <= high]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
 
 
 def plot(rows: list[dict], path: str | Path, title: str = "RULER",
@@ -136,6 +153,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "RULER",
         for x, y, row in zip(xs, ys, members):
             ax.annotate(_label(row["method"]), (x, y), fontsize=6, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
+    _ratio_ticks(ax)
     ax.set_xlabel("times smaller than the reference cache (log scale)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
