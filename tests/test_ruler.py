@@ -10,6 +10,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 
 from kvcompress.bench.spec import MethodSpec, install_method_needed, parse_method_specs
 from kvcompress.ruler import generate as G
@@ -234,6 +235,47 @@ def test_runner_resumes_after_interrupt(tiny, tmp_path, monkeypatch):
     assert sum(calls) == 2 * len(samples) - 2  # only the unfinished samples ran
     for recs in out.values():
         assert sorted(r["id"] for r in recs) == sorted(s["id"] for s in samples)
+
+
+def test_runner_splits_a_batch_that_runs_out_of_memory(tiny, tmp_path, monkeypatch):
+    model, tokenizer, samples = tiny
+    methods = parse_method_specs("dynamic")
+    single = runner.run_ruler(model, tokenizer, samples, methods, tmp_path / "one", max_new_tokens=3,
+                              progress=False)["dynamic"]
+    real = runner.generate_batch
+    sizes = []
+
+    def fits_one(*args, **kwargs):  # a device that holds one prompt at a time
+        sizes.append(len(args[2]))
+        if len(args[2]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 22.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_batch", fits_one)
+    split = runner.run_ruler(model, tokenizer, samples, methods, tmp_path / "split", batch_size=2,
+                             max_new_tokens=3, progress=False)["dynamic"]
+    assert sizes.count(2) == 2 and sizes.count(1) == len(samples)  # each failed pair ran again in halves
+    assert sorted(r["id"] for r in split) == sorted(s["id"] for s in samples)
+    assert all(r["batch_size"] == 1 for r in split)
+    # the halves are the batch-of-one runs: the same answers and bytes
+    assert {r["id"]: (r["prediction"], r["cache_bytes"]) for r in split} == \
+        {r["id"]: (r["prediction"], r["cache_bytes"]) for r in single}
+
+    def always(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(runner, "generate_batch", always)  # one sample that does not fit: the error stands
+    with pytest.raises(torch.OutOfMemoryError):
+        runner.run_ruler(model, tokenizer, samples, methods, tmp_path / "none", batch_size=2, max_new_tokens=3,
+                         progress=False)
+
+    def broken(*args, **kwargs):
+        raise ValueError("not a memory error")
+
+    monkeypatch.setattr(runner, "generate_batch", broken)  # any other error is not retried
+    with pytest.raises(ValueError, match="not a memory error"):
+        runner.run_ruler(model, tokenizer, samples, methods, tmp_path / "bad", batch_size=2, max_new_tokens=3,
+                         progress=False)
 
 
 def test_runner_rejects_bad_method_before_running(tiny, tmp_path):

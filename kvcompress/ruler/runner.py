@@ -116,14 +116,44 @@ def run_ruler(model, tokenizer, samples: list[dict], methods: list[MethodSpec], 
                 for start in range(0, len(group), batch_size):
                     batch = group[start : start + batch_size]
                     bar.set_postfix_str(f"{m.label} {batch[0]['task']}")
-                    records = _run_batch(model, tokenizer, batch, m, handle, chat_template, max_new_tokens)
-                    files[m.label].append(records)
-                    bar.update(len(batch))
+                    for records in _run_batch_or_split(model, tokenizer, batch, m, handle, chat_template,
+                                                       max_new_tokens, bar):
+                        files[m.label].append(records)
+                        bar.update(len(records))
         finally:
             if handle is not None:
                 handle.remove()
     bar.close()
     return {m.label: files[m.label].records() for m in methods}
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A device allocation failure (CUDA's ``OutOfMemoryError``, or the same message from another backend)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def _run_batch_or_split(model, tokenizer, batch: list[dict], m: MethodSpec, handle, chat_template,
+                        max_new_tokens, bar):
+    """Yield the records of ``batch``; when the device runs out of memory, free what the failed batch
+    held and run its two halves instead (down to one sample, which re-raises), so a long run survives a
+    batch that does not fit next to whatever else holds the device. Each record keeps the batch size it
+    actually ran with."""
+    try:
+        records = _run_batch(model, tokenizer, batch, m, handle, chat_template, max_new_tokens)
+    except Exception as error:
+        if len(batch) == 1 or not _out_of_memory(error):
+            raise
+        del error  # its traceback holds the failed batch's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = (len(batch) + 1) // 2
+        bar.write(f"{m.label}: out of memory at batch {len(batch)} ({batch[0]['task']}); running {half} + "
+                  f"{len(batch) - half}")
+        for part in (batch[:half], batch[half:]):
+            yield from _run_batch_or_split(model, tokenizer, part, m, handle, chat_template, max_new_tokens, bar)
+        return
+    yield records
 
 
 def _run_batch(model, tokenizer, batch: list[dict], m: MethodSpec, handle, chat_template, max_new_tokens) -> list[dict]:
