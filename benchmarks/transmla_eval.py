@@ -27,6 +27,14 @@ CPU smoke (a few recovery steps on short windows; minutes):
         --needle-lengths 2048 --needle-prompts 1 --calib-seqs 2 --calib-len 256 --recovery-steps 2 \
         --recovery-len 256 --recovery-batch 1 --skip-before --out smoke.json
 Perplexity only (no needle), e.g. to compare calibration sizes: ``--needle-prompts 0``.
+
+With ``--ruler-dataset`` (a JSONL of ``kvcompress ruler --generate-only``) every row also runs RULER
+(``ruler_average``: the mean of the task accuracies; per-sample records under ``--ruler-out``/results,
+resumed when cut short; summary.md there at the end): the source as ``dynamic``, converted models with
+``MLALatentCache`` and absorbed decode as ``transmla:<setting>``, e.g. for the 2x cache after recovery:
+    PYTHONPATH=. python benchmarks/transmla_eval.py --device cuda --settings 128:64 \
+        --rope-selection log_rotation --rope-context 4096 --recovery-tokens 3000000 --recovery-lr 3e-4 \
+        --skip-before --ruler-dataset results/r4k/dataset.jsonl --ruler-batch 20 --out transmla_2x.json
 """
 
 from __future__ import annotations
@@ -43,9 +51,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kvcompress.bench.spec import MethodSpec
 from kvcompress.mla import MLALatentCache, patch_mla
 from kvcompress.models import load_smollm2
 from kvcompress.needle import encode_chat, needle_prompt
+from kvcompress.ruler import report as ruler_report
+from kvcompress.ruler import results as ruler_results
+from kvcompress.ruler import runner as ruler_runner
+from kvcompress.ruler.generate import read_jsonl
 from kvcompress.transmla import (
     TRAIN_CHOICES,
     calibration_tokens,
@@ -109,7 +122,31 @@ def needle_accuracy(model, tokenizer, lengths, prompts, answer_tokens, device, l
     return results, cache_bytes
 
 
-def measure(name, model, tokenizer, args, heldout, latent_cache, source_elements, extra=None):
+def ruler_label(name: str) -> str:
+    """The RULER results label of a row: ``dynamic`` for the source (the report's reference), else
+    ``transmla:<setting>`` (one plot line through the settings), e.g. ``transmla:kv128_rope64_rec``."""
+    if name.startswith("source"):
+        return "dynamic"
+    return "transmla:" + name.replace("MLA ", "").replace(" +", "_").replace(" ", "_")
+
+
+def ruler_accuracy(model, tokenizer, name: str, samples: list[dict], args, latent_cache: bool) -> dict:
+    """RULER on ``samples`` (``kvcompress ruler``'s runner: chat template, greedy, per-sample records
+    appended to ``--ruler-out``/results, so a cut-short run resumes). Converted models decode with the
+    ``mla`` method (``MLALatentCache`` + absorbed decode), the source with ``DynamicCache``. Returns the
+    row's RULER fields: the mean over tasks of the task accuracies, the samples and per-task scores."""
+    label = ruler_label(name)
+    method = MethodSpec(label, "mla" if latent_cache else "dynamic", {})
+    results = Path(args.ruler_out) / "results"
+    records = ruler_runner.run_ruler(model, tokenizer, samples, [method], results, batch_size=args.ruler_batch,
+                                     max_new_tokens=args.ruler_max_new_tokens, desc=f"RULER {label}")[label]
+    (row,) = ruler_report.summarize(records)
+    every = list(row["tasks"].values())
+    return {"ruler_label": label, "ruler_samples": row["n"], "ruler_tasks": row["tasks"],
+            "ruler_average": sum(every) / len(every)}
+
+
+def measure(name, model, tokenizer, args, heldout, latent_cache, source_elements, extra=None, ruler=None):
     start = time.time()
     ppl = perplexity(model, heldout, args.window, args.device)
     if latent_cache:
@@ -126,9 +163,13 @@ def measure(name, model, tokenizer, args, heldout, latent_cache, source_elements
            "needle_prompts": args.needle_prompts,
            "mla_cache_bytes_last_prompt": cache_bytes, "seconds": time.time() - start}
     row.update(extra or {})
+    if ruler:
+        row.update(ruler_accuracy(model, tokenizer, name, ruler, args, latent_cache))
+        row["seconds"] = time.time() - start
     needle_text = " ".join(f"{k}:{v}/{args.needle_prompts}" for k, v in needle.items())
+    ruler_text = f"  RULER {row['ruler_average']:.1f} ({row['ruler_samples']} samples)" if ruler else ""
     print(f"{name:28s} {elements * element_size:6d} B/token  x{row['cache_ratio']:.2f}  ppl {ppl:8.3f}  "
-          f"needle {needle_text}", flush=True)
+          f"needle {needle_text}{ruler_text}", flush=True)
     return row
 
 
@@ -181,6 +222,12 @@ def main(argv=None) -> None:
     ev.add_argument("--window", type=int, default=512)
     ev.add_argument("--needle-lengths", type=int, nargs="+", default=[2048, 4096])
     ev.add_argument("--needle-prompts", type=int, default=8)
+    ev.add_argument("--ruler-dataset", default=None,
+                    help="also run RULER on every row: a JSONL from 'kvcompress ruler --generate-only'")
+    ev.add_argument("--ruler-out", default=None, help="RULER results directory (default: next to --out)")
+    ev.add_argument("--ruler-batch", type=int, default=8, help="RULER prompts per batch (default 8)")
+    ev.add_argument("--ruler-samples", type=int, default=None, help="first N samples of each task (default all)")
+    ev.add_argument("--ruler-max-new-tokens", type=int, default=None, help="cap on RULER answer tokens")
     ev.add_argument("--answer-tokens", type=int, default=24)
     ev.add_argument("--skip-source", action="store_true", help="do not measure the source model")
     ev.add_argument("--skip-before", action="store_true", help="do not measure settings before recovery")
@@ -207,6 +254,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", "--json", dest="out", default=None, help="write all rows to this JSON file")
     args = parser.parse_args(argv)
     recover = args.recovery_tokens > 0 or args.recovery_steps > 0
+    ruler = None
+    if args.ruler_dataset:
+        if args.ruler_batch < 1:
+            parser.error(f"--ruler-batch must be at least 1, got {args.ruler_batch}")
+        ruler = read_jsonl(args.ruler_dataset)
+        if args.ruler_samples is not None:
+            ruler = [x for x in ruler if x["index"] < args.ruler_samples]
+        if not ruler:
+            parser.error(f"--ruler-dataset {args.ruler_dataset}: no samples")
+        if args.ruler_out is None:
+            args.ruler_out = str(Path(args.out).with_suffix("") if args.out else Path("results")) + "_ruler"
     if args.recovery_tokens and args.recovery_steps:
         parser.error("give --recovery-tokens or --recovery-steps, not both")
 
@@ -227,7 +285,7 @@ def main(argv=None) -> None:
         print(f"recovery corpus: {train_tokens.shape[0]} windows of {train_tokens.shape[1]} tokens", flush=True)
     source_elements = kv_elements_per_token(model)
     if not args.skip_source:
-        rows.append(measure("source (GQA)", model, tokenizer, args, heldout, False, source_elements))
+        rows.append(measure("source (GQA)", model, tokenizer, args, heldout, False, source_elements, ruler=ruler))
         write(args.out, meta, rows)
     for kv_lora_rank, rope_dim, fold in tqdm(args.settings, desc="settings"):
         name = f"MLA kv{kv_lora_rank} rope{rope_dim}" + (f" fold{fold}" if fold > 1 else "")
@@ -239,7 +297,7 @@ def main(argv=None) -> None:
                 "convert_seconds": time.time() - start, "lossless": converted.transmla_info["lossless"],
                 "rope_slots_per_block": converted.transmla_info["rope_slots_per_block"], "recovery_tokens": 0}
         if not args.skip_before or not recover or info["lossless"]:
-            rows.append(measure(name, converted, tokenizer, args, heldout, True, source_elements, info))
+            rows.append(measure(name, converted, tokenizer, args, heldout, True, source_elements, info, ruler=ruler))
             write(args.out, meta, rows)
         if recover and not info["lossless"]:
             start = time.time()
@@ -263,12 +321,17 @@ def main(argv=None) -> None:
                         recovery_losses_every_10=losses[::10])
             print(f"recovery: {len(losses)} steps, {tokens_done} tokens, {info['recovery_seconds']:.0f} s, "
                   f"loss {info['recovery_loss_first']} -> {info['recovery_loss_last']}", flush=True)
-            rows.append(measure(name + " +rec", converted, tokenizer, args, heldout, True, source_elements, info))
+            rows.append(measure(name + " +rec", converted, tokenizer, args, heldout, True, source_elements, info,
+                                ruler=ruler))
             write(args.out, meta, rows)
         del converted
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     meta["total_seconds"] = time.time() - begin
+    if ruler:  # every row's RULER records in one table and plot (summary.md, accuracy_vs_ratio.png)
+        md, _ = ruler_report.write_report(ruler_results.read_all(Path(args.ruler_out) / "results"),
+                                          args.ruler_out, "RULER, SmolLM2 and its TransMLA conversions")
+        print(md.read_text())
     print(json.dumps(meta))
     write(args.out, meta, rows)
 

@@ -278,6 +278,28 @@ def test_runner_splits_a_batch_that_runs_out_of_memory(tiny, tmp_path, monkeypat
                          progress=False)
 
 
+def test_transmla_eval_runs_ruler_on_the_source_and_a_converted_model(tiny, tmp_path):
+    import argparse
+
+    from benchmarks import transmla_eval as E
+    from kvcompress.transmla import convert_gqa_to_mla
+
+    model, tokenizer, samples = tiny
+    args = argparse.Namespace(ruler_out=str(tmp_path), ruler_batch=2, ruler_max_new_tokens=4)
+    source = E.ruler_accuracy(model, tokenizer, "source (GQA)", samples, args, latent_cache=False)
+    converted = convert_gqa_to_mla(model, progress=False)  # the lossless setting: the same model
+    mla = E.ruler_accuracy(converted, tokenizer, "MLA kv32 rope16 +rec", samples, args, latent_cache=True)
+    assert source["ruler_label"] == "dynamic" and mla["ruler_label"] == "transmla:kv32_rope16_rec"
+    assert source["ruler_samples"] == mla["ruler_samples"] == len(samples)
+    assert set(source["ruler_tasks"]) == {"niah_single_1", "qa_1"}
+    assert source["ruler_average"] == sum(source["ruler_tasks"].values()) / 2
+    ours = {r["id"]: r for r in ResultsFile(tmp_path / "results", "transmla:kv32_rope16_rec").records()}
+    stock = {r["id"]: r for r in ResultsFile(tmp_path / "results", "dynamic").records()}
+    assert {i: r["prediction"] for i, r in ours.items()} == {i: r["prediction"] for i, r in stock.items()}
+    assert all(0 < ours[i]["cache_bytes"] < stock[i]["cache_bytes"] * 1.1 for i in ours)  # the latent cache
+    assert mla == E.ruler_accuracy(converted, tokenizer, "MLA kv32 rope16 +rec", samples, args, True)  # resumed
+
+
 def test_runner_rejects_bad_method_before_running(tiny, tmp_path):
     model, tokenizer, samples = tiny
     with pytest.raises(ValueError, match="unknown method"):
