@@ -1,6 +1,8 @@
 """Selective reconstruction at decode (``XKVCache(select_budget=..., select_chunk=...)``): the full budget is
-today's decode bit for bit, a smaller one equals masked attention over the same selected tokens, the selection
-finds a planted high-scoring key, landmarks are counted in the bytes, and the static cache compiles with it."""
+today's decode bit for bit, a smaller one equals masked attention over the same selected tokens (both scorers,
+``select_score``), token scores are each chunk's best token with the centre rotation, a left-padded row
+selects as the row alone, the selection finds a planted high-scoring key, landmarks are counted in the bytes,
+and the static cache compiles with it."""
 
 from __future__ import annotations
 

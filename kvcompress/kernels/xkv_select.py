@@ -127,7 +127,8 @@ def token_scores(query: torch.Tensor, key_factor: torch.Tensor, key_right: torch
         q = q[:, None]  # one folded query for every chunk
     right = key_right.float().view(batch, rank, kv_heads, head_dim)
     folded = torch.einsum("bchgd,brhd->bchgr", q, right) * scaling  # [B, C or 1, H, G, r_k]
-    rows = torch.nn.functional.pad(key_factor.float(), (0, 0, 0, chunks * chunk - tokens)).view(batch, chunks, chunk, rank)
+    rows = torch.nn.functional.pad(key_factor.float(), (0, 0, 0, chunks * chunk - tokens))
+    rows = rows.view(batch, chunks, chunk, rank)
     folded = folded.expand(batch, chunks, *folded.shape[2:])
     scores = torch.einsum("bcsr,bchgr->bhgcs", rows, folded)  # [B, H, G, C, chunk]
     mask = torch.arange(chunks * chunk, device=query.device) < tokens  # the short last chunk's missing slots

@@ -789,7 +789,8 @@ class XKVCache(RowMapped, Cache):
             ``ceil(n / select_chunk)`` chunks by score (``select_score``) -- are rebuilt from the factors and attended,
             exactly, in one softmax with the sinks, the exact window and decoded tail and the outlier tokens;
             a float in (0, 1]: that fraction of each segment's tokens (rounded up). A budget that covers the
-            whole segment takes the full reconstruction. Applies to the fused decode (:func:`~kvcompress.xkv.patch_xkv`, installed by the
+            whole segment takes the full reconstruction. Applies to the fused decode
+            (:func:`~kvcompress.xkv.patch_xkv`, installed by the
             registered method); unpatched models rebuild every key and value (the model's own attention reads
             them). See docs/xkv.md, "Selective reconstruction".
         select_chunk: tokens per chunk (>= 1, default 32): the unit that is scored and selected. Smaller
