@@ -20,7 +20,9 @@ context ``T``: 4 sink tokens, one segment of ``T - 68`` tokens, a 64-token tail.
 
 (c) ``--select-budgets F [F ...]`` (fractions of the segment, or token counts >= 1): selective reconstruction
 (``XKVCache(select_budget=F, select_chunk=--select-chunk)``) timed at the same shapes: a step's chunk
-selection (:func:`kvcompress.kernels.xkv_select.select_chunks`: landmark keys rebuilt, scored, ``topk``) plus
+selection (``--select-score tokens``: :func:`kvcompress.kernels.xkv_select.select_chunks_by_tokens`, every token
+scored in the factor space; ``landmarks``: :func:`~kvcompress.kernels.xkv_select.select_chunks`, landmark keys
+rebuilt and scored; then ``topk``) plus
 the fused attention over the selected tokens (:class:`~kvcompress.kernels.xkv_decode.SelectedPart`), columns
 ``select<F>_us``; the check also compares the selected kernels with the reference.
 
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 
 from kvcompress.kernels import configure_kernels
 from kvcompress.kernels.xkv_decode import ExactPart, FactoredPart, SelectedPart, xkv_decode_attention
-from kvcompress.kernels.xkv_select import select_chunks
+from kvcompress.kernels.xkv_select import select_chunks, select_chunks_by_tokens
 from kvcompress.ops import apply_rope, rope_cos_sin
 from kvcompress.xkv import _rope_table_dtype
 from kvcompress.xkv.compression import chunk_count, chunk_means
@@ -102,10 +104,11 @@ def materialise(parts) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
 
 
-def selective_step(query, parts, scale, budget: float, chunk: int):
-    """A step's selective decode of ``parts`` (one segment at index 1): landmarks as XKVCache computes them
-    once per compression (chunk means of the key factor rows and of the cos/sin table), and the per-step
-    function ``step()``: select the top chunks per KV head, attend exactly over them, sinks and tail."""
+def selective_step(query, parts, scale, budget: float, chunk: int, score: str = "tokens"):
+    """A step's selective decode of ``parts`` (one segment at index 1) as a function ``step()``: select the top
+    chunks per KV head, attend exactly over them, sinks and tail. ``score="tokens"``: each chunk's best token
+    score (:func:`kvcompress.kernels.xkv_select.select_chunks_by_tokens`); ``"landmarks"``: landmarks as
+    XKVCache computes them once per compression (chunk means of the key factor rows and of the cos/sin table)."""
     seg = parts[1]
     tokens = seg.length
     landmarks = chunk_means(seg.key_factor, chunk, dim=1)
@@ -114,7 +117,11 @@ def selective_step(query, parts, scale, budget: float, chunk: int):
     keep = min(chunk_count(tokens, chunk), max(1, chunk_count(int(wanted), chunk)))
 
     def step(use_triton=None):
-        index, index_valid = select_chunks(query, landmarks, seg.key_right, cos, sin, scale, tokens, chunk, keep)
+        if score == "tokens":
+            index, index_valid = select_chunks_by_tokens(query, seg.key_factor, seg.key_right, seg.cos, seg.sin, scale,
+                                                         chunk, keep)
+        else:
+            index, index_valid = select_chunks(query, landmarks, seg.key_right, cos, sin, scale, tokens, chunk, keep)
         selected = [parts[0], SelectedPart(seg, index, index_valid), *parts[2:]]
         return xkv_decode_attention(query, selected, scale, use_triton=use_triton)
     return step, keep * chunk
@@ -242,7 +249,9 @@ def main() -> None:
     parser.add_argument("--select-budgets", type=float, nargs="*", default=[],
                         help="also time selective reconstruction at these budgets (fractions of the segment in "
                         "(0, 1), or token counts >= 1)")
-    parser.add_argument("--select-chunk", type=int, default=32, help="tokens per landmark chunk (default 32)")
+    parser.add_argument("--select-chunk", type=int, default=32, help="tokens per chunk (default 32)")
+    parser.add_argument("--select-score", choices=("tokens", "landmarks"), default="tokens",
+                        help="how the selection ranks chunks (XKVCache(select_score=...), default tokens)")
     parser.add_argument("--breakdown", action="store_true",
                         help="CUDA: time per kernel of one fused call at the largest batch x context (torch.profiler)")
     parser.add_argument("--sweep", action="store_true",
@@ -273,7 +282,7 @@ def main() -> None:
             fused = measure(lambda: xkv_decode_attention(query, parts, scale))
             selective = {}
             for budget in args.select_budgets:
-                step, kept = selective_step(query, parts, scale, budget, args.select_chunk)
+                step, kept = selective_step(query, parts, scale, budget, args.select_chunk, args.select_score)
                 selective[f"select{budget:g}_us"] = measure(step)
                 selective[f"select{budget:g}_tokens"] = kept
             if not rows:
@@ -320,7 +329,7 @@ def main() -> None:
               f"{r['floor_us']:.1f} ({r['bytes_floor_us']:.1f} / {r['flops_floor_us']:.1f}) | {r['stock_bytes_floor_us']:.1f} | "
               f"{r['stock_us'] / r['fused_us']:.2f}x | {r['today_us'] / r['fused_us']:.2f}x |")
     if args.select_budgets:
-        print(f"\nselective reconstruction (select_chunk={args.select_chunk}): selection + fused attention over the "
+        print(f"\nselective reconstruction (select_chunk={args.select_chunk}, select_score={args.select_score}): selection + fused attention over the "
               "selected tokens, us; ratios against the full fused call and stock SDPA\n")
         print("| batch | context | budget | tokens kept | selective | vs fused (full) | vs stock |")
         print("|---|---|---|---|---|---|---|")

@@ -1,6 +1,8 @@
 """Selective reconstruction at decode (``XKVCache(select_budget=..., select_chunk=...)``): the full budget is
-today's decode bit for bit, a smaller one equals masked attention over the same selected tokens, the selection
-finds a planted high-scoring key, landmarks are counted in the bytes, and the static cache compiles with it."""
+today's decode bit for bit, a smaller one equals masked attention over the same selected tokens (both scorers,
+``select_score``), token scores are each chunk's best token with the centre rotation, a left-padded row
+selects as the row alone, the selection finds a planted high-scoring key, landmarks are counted in the bytes,
+and the static cache compiles with it."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from test_xkv_compile import SMALL
 from kvcompress.bench.spec import parse_method_specs
 from kvcompress.kernels import xkv_decode
 from kvcompress.kernels.xkv_decode import FactoredPart, SelectedPart, xkv_decode_attention
-from kvcompress.kernels.xkv_select import landmark_scores, select_chunks
+from kvcompress.kernels.xkv_select import landmark_scores, select_chunks, select_chunks_by_tokens, token_scores
 from kvcompress.ops import apply_rope, rope_cos_sin
 from kvcompress.xkv import XKVCache, patch_xkv
 from kvcompress.xkv.compression import chunk_landmarks, chunk_means
@@ -98,20 +100,21 @@ def test_landmark_is_the_chunk_mean_key_without_rope():
 
 
 # -- through the cache ----------------------------------------------------------------------------------
-def test_full_budget_is_todays_decode_bit_for_bit():
+@pytest.mark.parametrize("score", ["tokens", "landmarks"])
+def test_full_budget_is_todays_decode_bit_for_bit(score):
     """None, 'all', a fraction 1.0 and a token budget covering the segment: the same logits as the default cache
-    (torch.equal); None and 'all' also hold the same bytes (no landmarks)."""
+    (torch.equal); None and 'all' also hold the same bytes (no landmarks), and token scores never store any."""
     model = make_model()
     ids, mask = prompts([60, 47])
     with patch_xkv(model):
         ref_cache = XKVCache(model.config, **SMALL)
         ref = decode_logits(model, ref_cache, ids, mask)
         for budget in (None, "all", 1.0, 10_000):
-            cache = XKVCache(model.config, select_budget=budget, select_chunk=8, **SMALL)
+            cache = XKVCache(model.config, select_budget=budget, select_chunk=8, select_score=score, **SMALL)
             got = decode_logits(model, cache, ids, mask)
             assert all(torch.equal(a, b) for a, b in zip(ref, got)), budget
             assert cache.nbytes() == cache.expected_nbytes()
-            if budget in (None, "all"):
+            if budget in (None, "all") or score == "tokens":
                 assert cache.nbytes() == ref_cache.nbytes()
             else:
                 assert cache.nbytes() > ref_cache.nbytes()  # landmarks held
@@ -160,17 +163,19 @@ def _layer_case(model, ids, mask, **params):
 @pytest.mark.parametrize("bits", [8, None], ids=["int8", "float"])
 @pytest.mark.parametrize("pre_rope", [True, False])
 @pytest.mark.parametrize("outliers", [0.0, 0.1])
-def test_selected_decode_equals_masked_attention_over_the_selected_tokens(bits, pre_rope, outliers):
+@pytest.mark.parametrize("score", ["tokens", "landmarks"])
+def test_selected_decode_equals_masked_attention_over_the_selected_tokens(bits, pre_rope, outliers, score):
     """batch 2 (left padded), GQA (4 query heads, 2 KV heads), a segment whose last chunk is short: the
     selective decode equals dense float64 attention over the cache's rebuilt keys/values restricted, per KV
     head, to the sinks, tail, outliers and the selected tokens."""
     model = make_model()
     ids, mask = prompts([152, 121])
     cache = _layer_case(model, ids, mask, select_budget=0.25, select_chunk=7, pre_rope=pre_rope, outliers=outliers,
-                        factor_bits=bits, matrix_bits=bits)
+                        factor_bits=bits, matrix_bits=bits, select_score=score)
     layer = cache.layers[1]
     segment = layer.group.segments[0]
-    assert segment.length % 7 and segment.key_landmarks.shape[1] == -(-segment.length // 7)  # an uneven last chunk
+    assert segment.length % 7  # an uneven last chunk
+    assert (segment.key_landmarks is None) == (score == "tokens")
     g = torch.Generator().manual_seed(3)
     query = torch.randn(2, 4, 1, cache.head_dim, generator=g)
     total = layer.seq_tokens()
@@ -194,7 +199,7 @@ def test_selection_picks_the_top_landmark_chunks_without_rope():
     model = make_model()
     ids, mask = prompts([160, 160])
     cache = _layer_case(model, ids, mask, select_budget=24, select_chunk=8, pre_rope=False, factor_bits=None,
-                        matrix_bits=None)
+                        matrix_bits=None, select_score="landmarks")
     layer = cache.layers[0]
     segment = layer.group.segments[0]
     keep = cache.selected_chunks(segment.length)
@@ -210,13 +215,90 @@ def test_selection_picks_the_top_landmark_chunks_without_rope():
     assert torch.equal(got, want)
 
 
-def _planted_cache(batch=2, tokens=150, chunk=10, needles=((37, 101), (64, 12)), scale=30.0):
+# -- token scores ----------------------------------------------------------------------------------------
+def _token_case(pre_rope: bool, tokens: int = 29, chunk: int = 6):
+    g = torch.Generator().manual_seed(5)
+    batch, heads, q_heads, dim, rank = 2, 2, 4, 8, 5
+    factor = torch.randn(batch, tokens, rank, generator=g, dtype=torch.float64)
+    right = torch.randn(batch, rank, heads * dim, generator=g, dtype=torch.float64)
+    query = torch.randn(batch, q_heads, 1, dim, generator=g, dtype=torch.float64)
+    cos = sin = None
+    if pre_rope:
+        inv_freq = 1.0 / (50.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        cos, sin = rope_cos_sin(inv_freq, torch.arange(100, 100 + tokens))
+        cos, sin = cos.double(), sin.double()
+    return factor, right, query, cos, sin
+
+
+@pytest.mark.parametrize("pre_rope", [True, False])
+def test_token_scores_are_the_best_token_of_each_chunk_with_the_centre_rotation(pre_rope):
+    """Each chunk's score is the best query head's best token score ``q . R(m_c) (A B)[t, h]``, ``m_c`` the
+    chunk's centre slot (its own for the short last chunk), exact without RoPE; padding is masked per token."""
+    factor, right, query, cos, sin = _token_case(pre_rope)
+    tokens, chunk, scale = factor.shape[1], 6, 0.7
+    valid = torch.ones(2, tokens, dtype=torch.bool)
+    valid[1, :9] = False  # left padding inside chunk 1 of row 1
+    got = token_scores(query, factor, right, cos, sin, scale, chunk, valid)
+    keys = (factor @ right).view(2, tokens, 2, 8).transpose(1, 2)  # [B, H, T, d], not rotated
+    want = torch.full((2, 2, 5), float("-inf"), dtype=torch.float64)
+    for c in range(5):
+        a, b = c * chunk, min(tokens, (c + 1) * chunk)
+        k = keys[:, :, a:b]
+        if cos is not None:
+            m = a + (b - a) // 2
+            k = apply_rope(k, cos[m], sin[m])
+        s = torch.einsum("bhgd,bhtd->bhgt", query[:, :, 0].view(2, 2, 2, 8), k) * scale
+        s = s.masked_fill(~valid[:, None, None, a:b], float("-inf"))
+        want[..., c] = s.amax(-1).amax(2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.isinf(got[1, :, 0]).all() and torch.isfinite(got[1, :, 1]).all()
+
+
+def test_token_scores_with_one_token_chunks_are_the_exact_scores():
+    """``select_chunk=1``: every token is its chunk's centre, so the score is the exact ``q . k_t`` (RoPE at
+    the token's own slot), and selection is exact top-k over the rebuilt keys."""
+    factor, right, query, cos, sin = _token_case(True)
+    got = token_scores(query, factor, right, cos, sin, 1.0, 1)
+    keys = apply_rope((factor @ right).view(2, -1, 2, 8).transpose(1, 2), cos, sin)
+    want = torch.einsum("bhgd,bhtd->bhgt", query[:, :, 0].view(2, 2, 2, 8), keys).amax(2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    index, ok = select_chunks_by_tokens(query, factor, right, cos, sin, 1.0, 1, keep=4)
+    assert torch.equal(index, want.topk(4, dim=-1).indices.sort(-1).values) and ok.all()
+    with pytest.raises(ValueError, match="keep"):
+        select_chunks_by_tokens(query, factor, right, cos, sin, 1.0, 1, keep=30)
+
+
+@pytest.mark.parametrize("score", ["tokens", "landmarks"])
+def test_left_padded_batch_selects_as_each_row_alone(score):
+    """Row independence: a row left-padded by whole chunks (no sinks, so no slot holds padding exactly) decodes
+    with select_budget < 1 to the same logits and greedy tokens as the row alone -- its padding chunks are never
+    chosen and its real chunks and their scores are the row's own (lossless factors, float64)."""
+    model = make_model().double()
+    params = dict(sink=0, window=8, min_compress_tokens=4, rank_k=None, rank_v=None, factor_bits=None,
+                  matrix_bits=None, select_budget=16, select_chunk=8, select_score=score)
+    ids, mask = prompts([76, 44])  # row 1: 32 pads, 4 chunks
+    with patch_xkv(model):
+        cache = XKVCache(model.config, **params)
+        batch = decode_logits(model, cache, ids, mask, steps=4)
+        assert cache.selected_chunks(cache.groups[0].segments[0].length) == 2
+        batch_tokens = greedy(model, XKVCache(model.config, **params), ids, mask, new_tokens=6)
+        for row in range(2):
+            keep = mask[row].bool()
+            one_ids, one_mask = ids[row:row + 1, keep], mask[row:row + 1, keep]
+            alone = decode_logits(model, XKVCache(model.config, **params), one_ids, one_mask, steps=4)
+            for a, b in zip(batch, alone):
+                torch.testing.assert_close(a[row:row + 1], b, rtol=1e-6, atol=1e-6)  # the float64 Gram SVD: ~1e-8
+            tokens = greedy(model, XKVCache(model.config, **params), one_ids, one_mask, new_tokens=6)
+            assert torch.equal(batch_tokens[row, -6:], tokens[0, -6:])
+
+
+def _planted_cache(batch=2, tokens=150, chunk=10, needles=((37, 101), (64, 12)), scale=30.0, score="landmarks"):
     """A cache filled by direct updates (no model): random keys/values in every layer and, per batch row
     ``b`` and KV head ``h``, token ``needles[b][h]`` given a key ``scale`` times a fixed unit direction ``u_h``
     (post-RoPE). Returns the cache and the query ``u`` (every query head of KV head ``h`` along ``u_h``)."""
     cfg = tiny_config("llama")
     cache = XKVCache(cfg, group_size=2, rank_k=None, rank_v=None, sink=2, window=8, min_compress_tokens=4,
-                     select_budget=chunk, select_chunk=chunk)
+                     select_budget=chunk, select_chunk=chunk, select_score=score)
     g = torch.Generator().manual_seed(0)
     heads, dim = cache.num_kv_heads, cache.head_dim
     inv_freq = cache._inv_freq
@@ -234,14 +316,15 @@ def _planted_cache(batch=2, tokens=150, chunk=10, needles=((37, 101), (64, 12)),
     return cache, query.contiguous()
 
 
-def test_selection_finds_the_chunk_of_a_planted_key():
+@pytest.mark.parametrize("score", ["tokens", "landmarks"])
+def test_selection_finds_the_chunk_of_a_planted_key(score):
     """One chunk of 14 kept per KV head: each head of each row picks the chunk of its own planted key (a random
     choice would find all four with probability 14^-4)."""
     needles = ((37, 101), (64, 12))
-    cache, query = _planted_cache(needles=needles)
+    cache, query = _planted_cache(needles=needles, score=score)
     for layer in cache.layers:
         segment = layer.group.segments[0]
-        assert segment.start == 2 and cache.selected_chunks(segment.length) == 1 < segment.key_landmarks.shape[1]
+        assert segment.start == 2 and cache.selected_chunks(segment.length) == 1 < -(-segment.length // 10)
         parts = layer.select_parts(query, layer.decode_parts(), None, cache.head_dim ** -0.5)
         index = parts[1].index + segment.start  # slots
         for b, row in enumerate(needles):
@@ -274,7 +357,7 @@ def test_landmarks_are_counted_and_follow_merges_and_batch_operations():
     reorders the landmarks with the factors: the formula holds throughout."""
     model = make_model()
     ids, mask = prompts([90, 77])
-    cache = XKVCache(model.config, select_budget=0.2, select_chunk=8, **SMALL)
+    cache = XKVCache(model.config, select_budget=0.2, select_chunk=8, select_score="landmarks", **SMALL)
     with patch_xkv(model):
         greedy(model, cache, ids, mask, new_tokens=4, num_beams=2, prefill_chunk_size=32, disable_compile=True)
     segment = cache.groups[0].segments[0]
@@ -285,10 +368,12 @@ def test_landmarks_are_counted_and_follow_merges_and_batch_operations():
 
 
 @pytest.mark.parametrize("ratio", [3.0])
-def test_ratio_holds_with_landmarks(ratio):
+@pytest.mark.parametrize("score", ["tokens", "landmarks"])
+def test_ratio_holds_with_landmarks(ratio, score):
     model = make_model()
     ids, mask = prompts([200, 180])
-    cache = _layer_case(model, ids, mask, group_size=2, ratio=ratio, min_rank=1, select_budget=0.1, select_chunk=8)
+    cache = _layer_case(model, ids, mask, group_size=2, ratio=ratio, min_rank=1, select_budget=0.1, select_chunk=8,
+                        select_score=score)
     from transformers import DynamicCache
     stock = DynamicCache(config=model.config)
     with torch.no_grad():

@@ -1,7 +1,30 @@
 """Selective reconstruction for xKV decode: which chunks of a compressed segment a decode step rebuilds.
 
-The maths
----------
+Two scorers rank the chunks: **token scores** (``XKVCache(select_score="tokens")``, the default,
+:func:`select_chunks_by_tokens`) and **chunk-mean landmarks** (``select_score="landmarks"``,
+:func:`select_chunks`).
+
+Token scores
+------------
+A chunk's weight in the softmax is carried by its best tokens, so the score of chunk ``c`` is the best
+approximate score of its tokens. Keys compressed before RoPE are ``k_t = R(p_t) kt_t`` with
+``kt_t = (A_k B_l)[t, h]``; inside a chunk the slot ``p_t`` is within ``chunk/2`` of the chunk's centre slot
+``m_c``, and ``q . R(p_t) kt_t`` is approximated by ``q . R(m_c) kt_t = (R(m_c)^T q) . kt_t`` -- exact for
+every frequency ``w`` with ``w (p_t - m_c)`` small, that is the slow frequencies that carry content. The
+query rotated back to each chunk's centre is folded into the factor space once per chunk,
+``w_c = B_l[h] R(m_c)^T q_j`` (``r_k`` numbers per query head), and each token costs a dot product with its
+factor row::
+
+    score[h, c] = max_{j in heads of h} max_{t in c, valid} c_s * A_k[t] . w_c[j]
+
+That is ``r_k`` multiply-adds per token and query head, against ``r_k d`` per token and KV head for
+rebuilding its key (``G/d`` of the rebuild: 5% for ``G = 3`` query heads per KV head and ``d = 64``), with
+no landmark to store. Keys stored rotated (no RoPE table) make it exact: ``w = B_l[h] q_j`` for every chunk.
+Padding and outlier rows are masked per token, so a chunk that mixes padding and real tokens is scored by
+its real tokens only.
+
+Chunk-mean landmarks
+--------------------
 A segment of ``T`` tokens holds keys ``k_t = R(p_t) (A_k B_l)[t, h]`` (layer ``l``, KV head ``h``; ``R`` the
 rotate-half RoPE of the token's slot, absent when keys are stored rotated). Cut the segment into ``C``
 chunks of ``chunk`` consecutive tokens (the last one may be shorter). Each chunk has a landmark, computed
@@ -30,7 +53,7 @@ import torch
 
 from ..ops import apply_rope
 
-__all__ = ["landmark_scores", "select_chunks"]
+__all__ = ["landmark_scores", "select_chunks", "select_chunks_by_tokens", "token_scores"]
 
 
 def landmark_scores(query: torch.Tensor, landmarks: torch.Tensor, key_right: torch.Tensor,
@@ -73,6 +96,66 @@ def select_chunks(query: torch.Tensor, landmarks: torch.Tensor, key_right: torch
         padded = torch.nn.functional.pad(valid, (0, chunks * chunk - tokens))
         any_valid = padded.view(batch, chunks, chunk).any(dim=-1)  # [B, C]
         scores = scores.masked_fill(~any_valid[:, None, :], float("-inf"))
+    return _chunk_tokens(scores, tokens, chunk, keep, valid)
+
+
+def token_scores(query: torch.Tensor, key_factor: torch.Tensor, key_right: torch.Tensor, cos: torch.Tensor | None,
+                 sin: torch.Tensor | None, scaling: float, chunk: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``score [B, H, C]``: each chunk's best approximate token score for each KV head (float32; see "Token
+    scores" in the module docstring).
+
+    Args:
+        query: ``[B, Hq, 1, d]`` post-RoPE decode query.
+        key_factor: ``[B, T, r_k]`` the segment's key factor rows (states' dtype, dequantised).
+        key_right: ``[B, r_k, H*d]`` the layer's key reconstruction matrix.
+        cos, sin: ``[T, rotary_dim]`` the segment's RoPE table, or ``None`` (keys stored rotated).
+        scaling: the softmax scale.
+        chunk: tokens per chunk (the last chunk may be shorter).
+        valid: ``[B, T]`` which tokens may be attended (``None`` = all); a chunk without one scores ``-inf``.
+    """
+    batch, q_heads, _, head_dim = query.shape
+    tokens, rank = key_factor.shape[1:]
+    kv_heads = key_right.shape[-1] // head_dim
+    chunks = -(-tokens // chunk)
+    q = query[:, :, 0, :].float().view(batch, kv_heads, q_heads // kv_heads, head_dim)
+    if cos is not None:  # the query rotated back to each chunk's centre slot: [B, C, H, G, d]
+        starts = torch.arange(chunks, device=query.device) * chunk
+        centre = starts + (tokens - starts).clamp_max(chunk) // 2  # a short last chunk: its own centre
+        c, s = cos[centre].float(), sin[centre].float()  # [C, rotary_dim]
+        q = apply_rope(q[:, None].expand(batch, chunks, *q.shape[1:]), c[None, :, None, None], -s[None, :, None, None])
+    else:
+        q = q[:, None]  # one folded query for every chunk
+    right = key_right.float().view(batch, rank, kv_heads, head_dim)
+    folded = torch.einsum("bchgd,brhd->bchgr", q, right) * scaling  # [B, C or 1, H, G, r_k]
+    rows = torch.nn.functional.pad(key_factor.float(), (0, 0, 0, chunks * chunk - tokens))
+    rows = rows.view(batch, chunks, chunk, rank)
+    folded = folded.expand(batch, chunks, *folded.shape[2:])
+    scores = torch.einsum("bcsr,bchgr->bhgcs", rows, folded)  # [B, H, G, C, chunk]
+    mask = torch.arange(chunks * chunk, device=query.device) < tokens  # the short last chunk's missing slots
+    mask = mask.view(1, chunks, chunk).expand(batch, chunks, chunk)
+    if valid is not None:
+        mask = mask & torch.nn.functional.pad(valid, (0, chunks * chunk - tokens)).view(batch, chunks, chunk)
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    return scores.amax(dim=-1).amax(dim=2)
+
+
+def select_chunks_by_tokens(query: torch.Tensor, key_factor: torch.Tensor, key_right: torch.Tensor,
+                            cos: torch.Tensor | None, sin: torch.Tensor | None, scaling: float, chunk: int, keep: int,
+                            valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_chunks` with the chunks ranked by :func:`token_scores` (no landmarks): the tokens of the
+    ``keep`` best chunks of each KV head, ``(index, index_valid)``, both ``[B, H, keep*chunk]``."""
+    tokens = key_factor.shape[1]
+    chunks = -(-tokens // chunk)
+    if not 1 <= keep <= chunks:
+        raise ValueError(f"keep={keep} chunks is out of range; allowed: 1..{chunks} (the segment's chunks)")
+    scores = token_scores(query, key_factor, key_right, cos, sin, scaling, chunk, valid)
+    return _chunk_tokens(scores, tokens, chunk, keep, valid)
+
+
+def _chunk_tokens(scores: torch.Tensor, tokens: int, chunk: int, keep: int,
+                  valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token indices and validity of the ``keep`` best-scoring chunks per KV head (``scores [B, H, C]``)."""
+    batch = scores.shape[0]
     top = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, H, keep], in token order
     offsets = torch.arange(chunk, device=top.device)
     index = (top[..., None] * chunk + offsets).flatten(-2)  # [B, H, keep*chunk]

@@ -14,7 +14,7 @@ from ..models import text_config
 from ..ops import SVD_METHODS, apply_rope, rope_cos_sin, rope_inv_freq, row_blocks, tensor_nbytes
 from ..registry import MethodParams, Range, param
 from ..storage import RowMapped, grown_capacity, stock_crop_length
-from ..kernels.xkv_select import select_chunks
+from ..kernels.xkv_select import select_chunks, select_chunks_by_tokens
 from .compression import (Rank, _Group, _Segment, _rope_table_dtype, chunk_count, chunk_landmarks, default_group_size,
                           dequantize_columns, plan_group_compression, resolve_rank)
 
@@ -66,6 +66,9 @@ class XKVParams(MethodParams):
         none_ok=True, note="chosen by chunk landmarks; needs the fused decode (patch_xkv)")
     select_chunk: int = param(32, "selective decode: tokens per chunk, the unit that is scored and selected",
                               Range(int, low=1, high=4096))
+    select_score: str = param("tokens", "selective decode: how chunks are ranked: tokens (each chunk's best "
+                              "token score, the query rotated to the chunk's centre) or landmarks (chunk-mean "
+                              "keys, stored)", Range(str, choices=("tokens", "landmarks")))
 
     def __getitem__(self, name: str):
         """``params["window"]``: the parameter's value (``XKVCache.params`` used to be a dict)."""
@@ -448,13 +451,17 @@ class XKVLayer(CacheLayerMixin):
             return parts
         parts, pos = list(parts), self.sink_keys.shape[-2]
         for j, segment in enumerate(self.group.segments[: len(self.key_rights)]):
-            keep = cache.selected_chunks(segment.length)
-            if segment.key_landmarks is not None and keep < segment.key_landmarks.shape[-2]:
+            chunk, keep = cache.params.select_chunk, cache.selected_chunks(segment.length)
+            if keep < chunk_count(segment.length, chunk):
                 part = parts[1 + j]
                 part_valid = None if valid is None else valid[:, pos : pos + segment.length]
-                index, index_valid = select_chunks(query, segment.key_landmarks, part.key_right, segment.landmark_cos,
-                                                   segment.landmark_sin, scaling, segment.length,
-                                                   cache.params.select_chunk, keep, part_valid)
+                if segment.key_landmarks is None:  # select_score="tokens"
+                    index, index_valid = select_chunks_by_tokens(query, part.key_factor, part.key_right, part.cos,
+                                                                 part.sin, scaling, chunk, keep, part_valid)
+                else:
+                    index, index_valid = select_chunks(query, segment.key_landmarks, part.key_right,
+                                                       segment.landmark_cos, segment.landmark_sin, scaling,
+                                                       segment.length, chunk, keep, part_valid)
                 parts[1 + j] = SelectedPart(part, index, index_valid)
             pos += segment.length
         return parts
@@ -779,17 +786,23 @@ class XKVCache(RowMapped, Cache):
         select_budget: selective reconstruction at decode. ``None`` (default) or ``"all"``: every decode step
             rebuilds and attends every compressed token (today's results, bit for bit). An int ``n >= 1``: per
             compressed segment, decode layer and KV head, only about ``n`` tokens -- the top
-            ``ceil(n / select_chunk)`` chunks by landmark score -- are rebuilt from the factors and attended,
+            ``ceil(n / select_chunk)`` chunks by score (``select_score``) -- are rebuilt from the factors and attended,
             exactly, in one softmax with the sinks, the exact window and decoded tail and the outlier tokens;
             a float in (0, 1]: that fraction of each segment's tokens (rounded up). A budget that covers the
-            whole segment takes the full reconstruction. Landmarks (chunk means of the key factor rows, see
-            :func:`kvcompress.xkv.compression.chunk_landmarks`) are computed once per compression and counted
-            in ``nbytes()``. Applies to the fused decode (:func:`~kvcompress.xkv.patch_xkv`, installed by the
+            whole segment takes the full reconstruction. Applies to the fused decode
+            (:func:`~kvcompress.xkv.patch_xkv`, installed by the
             registered method); unpatched models rebuild every key and value (the model's own attention reads
             them). See docs/xkv.md, "Selective reconstruction".
-        select_chunk: tokens per landmark chunk (>= 1, default 32): the unit that is scored and selected.
-            Smaller chunks select more precisely and cost more landmark bytes (``r_k / select_chunk`` elements
-            per token and group) and more scoring work per step.
+        select_chunk: tokens per chunk (>= 1, default 32): the unit that is scored and selected. Smaller
+            chunks select more precisely (and, with landmarks, cost more bytes: ``r_k / select_chunk`` elements
+            per token and group).
+        select_score: how a selective step ranks the chunks. ``"tokens"`` (default): each chunk's best token
+            score, with the query rotated to the chunk's centre slot and folded into the factor space
+            (``r_k`` multiply-adds per token and query head; nothing stored,
+            :func:`kvcompress.kernels.xkv_select.token_scores`). ``"landmarks"``: chunk-mean keys
+            (:func:`kvcompress.xkv.compression.chunk_landmarks`), computed once per compression and counted in
+            ``nbytes()``; cheaper per step, but a mean dilutes a single matching token by ``1/select_chunk``
+            and ranks retrieval chunks poorly on real models (docs/xkv.md).
 
     Sliding-window layers (configs with ``layer_types``) are kept as stock
     ``DynamicSlidingWindowLayer``s and are not grouped.
@@ -825,6 +838,7 @@ class XKVCache(RowMapped, Cache):
         matrix_bits: int | None = XKVParams.matrix_bits,
         select_budget: int | float | str | None = XKVParams.select_budget,
         select_chunk: int = XKVParams.select_chunk,
+        select_score: str = XKVParams.select_score,
     ):
         # every model-independent rule lives in XKVParams (TypeError/ValueError naming the parameter)
         self.params = params = XKVParams(
@@ -832,7 +846,7 @@ class XKVCache(RowMapped, Cache):
             min_compress_tokens=min_compress_tokens, svd_method=svd_method, max_cache_len=max_cache_len,
             merge_segments=merge_segments, outliers=outliers, ratio=ratio, min_rank=min_rank,
             rank_allocation=rank_allocation, factor_bits=factor_bits, matrix_bits=matrix_bits, select_budget=select_budget,
-            select_chunk=select_chunk)
+            select_chunk=select_chunk, select_score=select_score)
         cfg = text_config(config)
         if getattr(cfg, "is_encoder_decoder", False):
             raise ValueError("XKVCache supports decoder-only models; got an encoder-decoder config")
@@ -908,6 +922,11 @@ class XKVCache(RowMapped, Cache):
     def selects(self) -> bool:
         """Whether decode reconstructs selectively (``select_budget`` is neither ``None`` nor ``"all"``)."""
         return self.params.select_budget not in (None, "all")
+
+    @property
+    def holds_landmarks(self) -> bool:
+        """Whether compressions store chunk-mean landmarks (selective decode with ``select_score="landmarks"``)."""
+        return self.selects and self.params.select_score == "landmarks"
 
     def selected_chunks(self, tokens: int) -> int:
         """Chunks of a ``tokens``-token segment that a selective decode step keeps per KV head: the budget in
@@ -1227,7 +1246,7 @@ class XKVCache(RowMapped, Cache):
             if new_segment.outlier_index is not None:
                 new_segment.outlier_index = self._reuse(("outlier_index", g, j), new_segment.outlier_index)
                 new_segment.keep = self._reuse(("keep", g, j), new_segment.keep)
-            if self.selects:  # once per compression, from the factors as stored (a merge: the whole new basis)
+            if self.holds_landmarks:  # once per compression, from the factors as stored (a merge: the whole new basis)
                 table = self._segment_rope_table(new_segment) if self.params.pre_rope else (None, None)
                 landmarks = chunk_landmarks(new_segment, self.params.select_chunk, *table)
                 new_segment.key_landmarks = self._reuse(("key_landmarks", g, j), landmarks[0])
@@ -1280,7 +1299,7 @@ class XKVCache(RowMapped, Cache):
         f = 1 if quantised else e  # bytes per factor entry
         m = self._matrix_bytes(e)  # bytes per reconstruction matrix entry
 
-        chunk = self.params.select_chunk if self.selects else 0
+        chunk = self.params.select_chunk if self.holds_landmarks else 0
 
         def budget(tokens: int, outliers: int, merge: bool) -> int:
             previous = group.segments[:-1] if merge else group.segments

@@ -36,8 +36,8 @@ class _Segment:
     key_channel: torch.Tensor | None = None
     value_channel: torch.Tensor | None = None
     dtype: torch.dtype | None = None  # the states' dtype (what the factors stand for)
-    # Selective decode (XKVCache(select_budget=...)): per chunk of ``select_chunk`` tokens, the mean of its key
-    # factor rows ``[B, C, r_k]`` (states' dtype) and, keys compressed before RoPE, the chunk means of the
+    # Selective decode with landmarks (XKVCache(select_budget=..., select_score="landmarks")): per chunk of
+    # ``select_chunk`` tokens, the mean of its key factor rows ``[B, C, r_k]`` (states' dtype) and, keys compressed before RoPE, the chunk means of the
     # segment's cos/sin table ``[C, rotary_dim]`` (:func:`chunk_landmarks`). None: the segment has no landmarks.
     key_landmarks: torch.Tensor | None = None
     landmark_cos: torch.Tensor | None = None
